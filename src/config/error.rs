@@ -1,0 +1,179 @@
+//! Config errors name the file, the line:column and the dotted key they are about, whether serde
+//! rejected the value or validation did. Both report a byte span; this module turns a span into
+//! `file:line:col: key: message` by walking the document's spanned tree.
+
+use std::fmt;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use toml::de::{DeTable, DeValue};
+use toml::Spanned;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    /// 1-based; 0 when the error is about the file as a whole (e.g. it cannot be read).
+    pub line: usize,
+    pub column: usize,
+    /// Dotted path such as `routes[1].upstream`; empty for the file as a whole.
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if self.line > 0 {
+            write!(f, ":{}:{}", self.line, self.column)?;
+        }
+        if !self.key.is_empty() {
+            write!(f, ": {}", self.key)?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl ConfigError {
+    pub fn whole_file(file: &Path, message: impl Into<String>) -> Self {
+        ConfigError {
+            file: file.to_owned(),
+            line: 0,
+            column: 0,
+            key: String::new(),
+            message: message.into(),
+        }
+    }
+
+    /// An error at `span` of `source`. An empty span at 0 (a defaulted value) falls back to
+    /// `fallback_key`, so that a missing key is still named.
+    pub fn at(
+        file: &Path,
+        source: &str,
+        span: Range<usize>,
+        fallback_key: &str,
+        message: impl Into<String>,
+    ) -> Self {
+        let (line, column, key) = if span.is_empty() && span.start == 0 {
+            (0, 0, fallback_key.to_owned())
+        } else {
+            let (line, column) = line_column(source, span.start);
+            let key = key_path(source, span.start).unwrap_or_else(|| fallback_key.to_owned());
+            (line, column, key)
+        };
+        ConfigError {
+            file: file.to_owned(),
+            line,
+            column,
+            key,
+            message: message.into(),
+        }
+    }
+
+    pub fn from_toml(file: &Path, source: &str, err: &toml::de::Error) -> Self {
+        let span = err.span().unwrap_or(0..0);
+        let mut e = Self::at(file, source, span.clone(), "", err.message().trim());
+        if e.line == 0 {
+            // serde reports some errors (e.g. a missing field) without a span.
+            e.line = 1;
+            e.column = 1;
+        }
+        e
+    }
+}
+
+/// 1-based line and column (in characters) of byte `offset`.
+fn line_column(source: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(source.len());
+    let before = &source[..offset];
+    let line = before.bytes().filter(|&b| b == b'\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let column = before[line_start..].chars().count() + 1;
+    (line, column)
+}
+
+/// The dotted key whose key or value covers byte `offset`, deepest first.
+fn key_path(source: &str, offset: usize) -> Option<String> {
+    let (doc, _) = DeTable::parse_recoverable(source);
+    let mut path = String::new();
+    walk_table(doc.get_ref(), offset, &mut path);
+    (!path.is_empty()).then_some(path)
+}
+
+fn walk_table(table: &DeTable<'_>, offset: usize, path: &mut String) -> bool {
+    for (key, value) in table.iter() {
+        let in_key = key.span().contains(&offset);
+        let in_value = contains(value, offset);
+        if !(in_key || in_value) {
+            continue;
+        }
+        if !path.is_empty() {
+            path.push('.');
+        }
+        path.push_str(key.get_ref());
+        if in_value {
+            walk_value(value.get_ref(), offset, path);
+        }
+        return true;
+    }
+    false
+}
+
+fn walk_value(value: &DeValue<'_>, offset: usize, path: &mut String) {
+    match value {
+        DeValue::Table(t) => {
+            walk_table(t, offset, path);
+        }
+        DeValue::Array(items) => {
+            // An array of tables spans from its first header; find the element whose table
+            // holds the offset, or the last one that starts before it.
+            let mut chosen = None;
+            for (i, item) in items.iter().enumerate() {
+                if contains(item, offset) || item.span().start <= offset {
+                    chosen = Some(i);
+                }
+            }
+            if let Some(i) = chosen {
+                path.push_str(&format!("[{i}]"));
+                walk_value(items[i].get_ref(), offset, path);
+            }
+        }
+        _ => {}
+    }
+}
+
+fn contains(value: &Spanned<DeValue<'_>>, offset: usize) -> bool {
+    if value.span().contains(&offset) {
+        return true;
+    }
+    // Tables from `[header]` sections have a span that covers only the header; look inside.
+    match value.get_ref() {
+        DeValue::Table(t) => t
+            .iter()
+            .any(|(k, v)| k.span().contains(&offset) || contains(v, offset)),
+        DeValue::Array(items) => items.iter().any(|v| contains(v, offset)),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DOC: &str = "[runtime]\nworkers = 2\n\n[[routes]]\nname = \"a\"\n\n[[routes]]\nname = \"b\"\nupstream = \"x\"\n";
+
+    #[test]
+    fn key_path_names_array_element_and_field() {
+        let at = DOC.find("\"x\"").unwrap();
+        assert_eq!(key_path(DOC, at).as_deref(), Some("routes[1].upstream"));
+        let at = DOC.find("2").unwrap();
+        assert_eq!(key_path(DOC, at).as_deref(), Some("runtime.workers"));
+    }
+
+    #[test]
+    fn line_and_column_are_one_based() {
+        let at = DOC.find("\"x\"").unwrap();
+        assert_eq!(line_column(DOC, at), (9, 12));
+    }
+}

@@ -1,0 +1,304 @@
+//! The TOML file as serde sees it. Every table denies unknown keys, and every value that later
+//! validation may reject is `Spanned`, so that its error can name the file, line, column and key.
+//! Nothing here is used after start-up: `config::validate` turns it into the checked `Config`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::de::{self, Deserializer, SeqAccess, Visitor};
+use serde::Deserialize;
+use toml::Spanned;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct File {
+    #[serde(default)]
+    pub runtime: RuntimeFile,
+    pub admin: Option<AdminFile>,
+    #[serde(default)]
+    pub limits: LimitsFile,
+    #[serde(default)]
+    pub listeners: Vec<ListenerFile>,
+    #[serde(default)]
+    pub upstreams: Vec<UpstreamFile>,
+    #[serde(default)]
+    pub routes: Vec<RouteFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeFile {
+    #[serde(default = "d_workers")]
+    pub workers: Spanned<Workers>,
+    #[serde(default = "d_pin_cores")]
+    pub pin_cores: Spanned<PinCores>,
+    #[serde(default)]
+    pub driver: DriverChoice,
+    #[serde(default = "default_ring_entries")]
+    pub ring_entries: Spanned<u32>,
+    #[serde(default = "default_drain_timeout_ms")]
+    pub drain_timeout_ms: u64,
+}
+
+impl Default for RuntimeFile {
+    fn default() -> Self {
+        RuntimeFile {
+            workers: d_workers(),
+            pin_cores: d_pin_cores(),
+            driver: DriverChoice::Auto,
+            ring_entries: default_ring_entries(),
+            drain_timeout_ms: default_drain_timeout_ms(),
+        }
+    }
+}
+
+fn d_workers() -> Spanned<Workers> {
+    Spanned::new(0..0, Workers::Auto)
+}
+fn d_pin_cores() -> Spanned<PinCores> {
+    Spanned::new(0..0, PinCores::All(true))
+}
+fn default_ring_entries() -> Spanned<u32> {
+    Spanned::new(0..0, 4096)
+}
+fn default_drain_timeout_ms() -> u64 {
+    10_000
+}
+
+/// `workers = "auto"` or a positive count.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Workers {
+    #[default]
+    Auto,
+    Count(usize),
+}
+
+impl<'de> Deserialize<'de> for Workers {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Workers;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("\"auto\" or a number of workers from 1 to 1024")
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Workers, E> {
+                if s == "auto" {
+                    Ok(Workers::Auto)
+                } else {
+                    Err(E::invalid_value(de::Unexpected::Str(s), &self))
+                }
+            }
+            fn visit_i64<E: de::Error>(self, n: i64) -> Result<Workers, E> {
+                match usize::try_from(n) {
+                    Ok(n @ 1..=1024) => Ok(Workers::Count(n)),
+                    _ => Err(E::invalid_value(de::Unexpected::Signed(n), &self)),
+                }
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// `pin_cores = true | false | [core, ...]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PinCores {
+    All(bool),
+    List(Vec<usize>),
+}
+
+impl Default for PinCores {
+    fn default() -> Self {
+        PinCores::All(true)
+    }
+}
+
+impl<'de> Deserialize<'de> for PinCores {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = PinCores;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("true, false, or a list of core ids such as [0, 1]")
+            }
+            fn visit_bool<E: de::Error>(self, b: bool) -> Result<PinCores, E> {
+                Ok(PinCores::All(b))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<PinCores, A::Error> {
+                let mut cores = Vec::new();
+                while let Some(core) = seq.next_element::<usize>()? {
+                    cores.push(core);
+                }
+                Ok(PinCores::List(cores))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DriverChoice {
+    /// io_uring, falling back to epoll with a warning when the kernel refuses io_uring.
+    #[default]
+    Auto,
+    IoUring,
+    Legacy,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminFile {
+    pub address: Spanned<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsFile {
+    #[serde(default = "d_request_line")]
+    pub max_request_line_bytes: Spanned<usize>,
+    #[serde(default = "d_header_bytes")]
+    pub max_header_bytes: Spanned<usize>,
+    #[serde(default = "d_headers")]
+    pub max_headers: Spanned<usize>,
+    #[serde(default = "d_chunk_ext")]
+    pub max_chunk_extension_bytes: Spanned<usize>,
+    #[serde(default = "d_trailers")]
+    pub max_trailer_bytes: Spanned<usize>,
+    #[serde(default = "d_header_read_timeout")]
+    pub header_read_timeout_ms: Spanned<u64>,
+    #[serde(default = "d_body_read_timeout")]
+    pub body_read_timeout_ms: Spanned<u64>,
+    #[serde(default = "d_keepalive_timeout")]
+    pub keepalive_timeout_ms: Spanned<u64>,
+    #[serde(default = "d_write_timeout")]
+    pub write_timeout_ms: Spanned<u64>,
+    #[serde(default = "d_tunnel_idle_timeout")]
+    pub tunnel_idle_timeout_ms: Spanned<u64>,
+}
+
+impl Default for LimitsFile {
+    fn default() -> Self {
+        LimitsFile {
+            max_request_line_bytes: d_request_line(),
+            max_header_bytes: d_header_bytes(),
+            max_headers: d_headers(),
+            max_chunk_extension_bytes: d_chunk_ext(),
+            max_trailer_bytes: d_trailers(),
+            header_read_timeout_ms: d_header_read_timeout(),
+            body_read_timeout_ms: d_body_read_timeout(),
+            keepalive_timeout_ms: d_keepalive_timeout(),
+            write_timeout_ms: d_write_timeout(),
+            tunnel_idle_timeout_ms: d_tunnel_idle_timeout(),
+        }
+    }
+}
+
+fn d_request_line() -> Spanned<usize> {
+    Spanned::new(0..0, 8 * 1024)
+}
+fn d_header_bytes() -> Spanned<usize> {
+    Spanned::new(0..0, 32 * 1024)
+}
+fn d_headers() -> Spanned<usize> {
+    Spanned::new(0..0, 100)
+}
+fn d_chunk_ext() -> Spanned<usize> {
+    Spanned::new(0..0, 4 * 1024)
+}
+fn d_trailers() -> Spanned<usize> {
+    Spanned::new(0..0, 16 * 1024)
+}
+fn d_header_read_timeout() -> Spanned<u64> {
+    Spanned::new(0..0, 10_000)
+}
+fn d_body_read_timeout() -> Spanned<u64> {
+    Spanned::new(0..0, 30_000)
+}
+fn d_keepalive_timeout() -> Spanned<u64> {
+    Spanned::new(0..0, 60_000)
+}
+fn d_write_timeout() -> Spanned<u64> {
+    Spanned::new(0..0, 30_000)
+}
+fn d_tunnel_idle_timeout() -> Spanned<u64> {
+    Spanned::new(0..0, 600_000)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerFile {
+    pub name: Spanned<String>,
+    pub address: Spanned<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamFile {
+    pub name: Spanned<String>,
+    pub targets: Spanned<Vec<Spanned<String>>>,
+    #[serde(default)]
+    pub balance: Balance,
+    pub hash_key: Option<Spanned<String>>,
+    #[serde(default = "d_connect_timeout")]
+    pub connect_timeout_ms: Spanned<u64>,
+    #[serde(default = "d_request_timeout")]
+    pub request_timeout_ms: Spanned<u64>,
+    #[serde(default = "d_idle_timeout")]
+    pub idle_timeout_ms: u64,
+    #[serde(default = "d_max_idle")]
+    pub max_idle_per_target: usize,
+    #[serde(default = "d_fail_timeout")]
+    pub fail_timeout_ms: u64,
+}
+
+fn d_connect_timeout() -> Spanned<u64> {
+    Spanned::new(0..0, 1_000)
+}
+fn d_request_timeout() -> Spanned<u64> {
+    Spanned::new(0..0, 15_000)
+}
+fn d_idle_timeout() -> u64 {
+    60_000
+}
+fn d_max_idle() -> usize {
+    64
+}
+fn d_fail_timeout() -> u64 {
+    10_000
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Balance {
+    #[default]
+    RoundRobin,
+    LeastRequest,
+    Random,
+    ConsistentHash,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteFile {
+    pub name: Spanned<String>,
+    pub listener: Spanned<String>,
+    pub host: Option<Spanned<String>>,
+    pub path: Option<Spanned<String>>,
+    pub path_prefix: Option<Spanned<String>>,
+    pub path_regex: Option<Spanned<String>>,
+    pub methods: Option<Vec<Spanned<String>>>,
+    pub strip_prefix: Option<Spanned<String>>,
+    pub upstream: Option<Spanned<String>>,
+    pub respond: Option<Spanned<RespondFile>>,
+    pub max_body_bytes: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RespondFile {
+    pub status: Spanned<u16>,
+    #[serde(default)]
+    pub body: String,
+    #[serde(default)]
+    pub headers: BTreeMap<String, Spanned<String>>,
+}

@@ -1,0 +1,738 @@
+//! Configuration: the TOML file is a public interface. `load` reads it, lets serde reject unknown
+//! keys and ill-typed values, then validates everything that serde cannot (references between
+//! sections, addresses, regexes, ranges) before anything starts. The result, `Config`, is plain
+//! data with references resolved to ids; each worker builds its own runtime state from it.
+
+mod error;
+mod file;
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use error::ConfigError;
+pub use file::{Balance, DriverChoice};
+use file::{File, PinCores, RespondFile, RouteFile, UpstreamFile, Workers};
+use toml::Spanned;
+
+/// Index of a listener in `Config::listeners`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ListenerId(pub u16);
+
+/// Index of an upstream in `Config::upstreams`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct UpstreamId(pub u16);
+
+/// Index of a route in `Config::routes`, which is also the file order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RouteId(pub u16);
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub path: PathBuf,
+    pub runtime: RuntimeSettings,
+    pub admin: Option<SocketAddr>,
+    pub limits: Limits,
+    pub listeners: Vec<Listener>,
+    pub upstreams: Vec<Upstream>,
+    pub routes: Vec<Route>,
+}
+
+#[derive(Debug, Clone)]
+pub struct RuntimeSettings {
+    pub workers: usize,
+    /// The core each worker is pinned to, or `None` for no pinning.
+    pub cores: Vec<Option<usize>>,
+    pub driver: DriverChoice,
+    pub ring_entries: u32,
+    pub drain_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_request_line_bytes: usize,
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+    pub max_chunk_extension_bytes: usize,
+    pub max_trailer_bytes: usize,
+    pub header_read_timeout: Duration,
+    pub body_read_timeout: Duration,
+    pub keepalive_timeout: Duration,
+    pub write_timeout: Duration,
+    pub tunnel_idle_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        let f = file::LimitsFile::default();
+        Limits {
+            max_request_line_bytes: *f.max_request_line_bytes.get_ref(),
+            max_header_bytes: *f.max_header_bytes.get_ref(),
+            max_headers: *f.max_headers.get_ref(),
+            max_chunk_extension_bytes: *f.max_chunk_extension_bytes.get_ref(),
+            max_trailer_bytes: *f.max_trailer_bytes.get_ref(),
+            header_read_timeout: ms(*f.header_read_timeout_ms.get_ref()),
+            body_read_timeout: ms(*f.body_read_timeout_ms.get_ref()),
+            keepalive_timeout: ms(*f.keepalive_timeout_ms.get_ref()),
+            write_timeout: ms(*f.write_timeout_ms.get_ref()),
+            tunnel_idle_timeout: ms(*f.tunnel_idle_timeout_ms.get_ref()),
+        }
+    }
+}
+
+/// The most headers a request or response may have, whatever `max_headers` says: the parser
+/// keeps its header table on the stack.
+pub const MAX_HEADERS_CEILING: usize = 256;
+
+#[derive(Debug, Clone)]
+pub struct Listener {
+    pub name: String,
+    pub addr: SocketAddr,
+}
+
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    pub name: String,
+    pub targets: Vec<Target>,
+    pub balance: Balance,
+    pub hash_key: HashKey,
+    pub connect_timeout: Duration,
+    pub request_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_idle_per_target: usize,
+    pub fail_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// As written in the config (`host:port`); also what consistent hashing hashes.
+    pub name: String,
+    pub addr: SocketAddr,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HashKey {
+    ClientIp,
+    /// A request header, lower-cased.
+    Header(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub name: String,
+    pub listener: ListenerId,
+    pub host: HostMatch,
+    pub path: PathMatch,
+    pub methods: Option<Vec<String>>,
+    pub strip_prefix: Option<String>,
+    pub action: RouteAction,
+    pub max_body_bytes: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostMatch {
+    Any,
+    /// Lower-case host without port.
+    Exact(String),
+    /// `*.example.com` is stored as `.example.com`.
+    Suffix(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PathMatch {
+    Exact(String),
+    Prefix(String),
+    Regex(String),
+}
+
+#[derive(Debug, Clone)]
+pub enum RouteAction {
+    Proxy(UpstreamId),
+    Respond(Respond),
+}
+
+#[derive(Debug, Clone)]
+pub struct Respond {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+fn ms(v: u64) -> Duration {
+    Duration::from_millis(v)
+}
+
+/// Reads and validates the config at `path`.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let source = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError::whole_file(path, format!("cannot read config: {e}")))?;
+    parse(path, &source)
+}
+
+/// Validates `source` as if it had been read from `path`.
+pub fn parse(path: &Path, source: &str) -> Result<Config, ConfigError> {
+    let file: File =
+        toml::from_str(source).map_err(|e| ConfigError::from_toml(path, source, &e))?;
+    Validator { path, source }.validate(file)
+}
+
+struct Validator<'a> {
+    path: &'a Path,
+    source: &'a str,
+}
+
+impl Validator<'_> {
+    fn err(&self, span: Range<usize>, key: &str, message: impl Into<String>) -> ConfigError {
+        ConfigError::at(self.path, self.source, span, key, message)
+    }
+
+    fn validate(&self, f: File) -> Result<Config, ConfigError> {
+        let runtime = self.runtime(&f.runtime)?;
+        let admin = match &f.admin {
+            Some(a) => Some(self.socket_addr(&a.address, "admin.address")?),
+            None => None,
+        };
+        let limits = self.limits(&f.limits)?;
+
+        let mut listeners: Vec<Listener> = Vec::with_capacity(f.listeners.len());
+        for (i, l) in f.listeners.iter().enumerate() {
+            let key = format!("listeners[{i}]");
+            let name = self.name(&l.name, &format!("{key}.name"))?;
+            if listeners.iter().any(|o| o.name == name) {
+                return Err(self.err(
+                    l.name.span(),
+                    "",
+                    format!("duplicate listener name {name:?}"),
+                ));
+            }
+            let addr = self.socket_addr(&l.address, &format!("{key}.address"))?;
+            if addr.port() != 0 && listeners.iter().any(|o| o.addr == addr) {
+                return Err(self.err(
+                    l.address.span(),
+                    "",
+                    format!("address {addr} is already used by another listener"),
+                ));
+            }
+            listeners.push(Listener { name, addr });
+        }
+        if listeners.is_empty() {
+            return Err(ConfigError::whole_file(
+                self.path,
+                "no [[listeners]]: ringway needs at least one",
+            ));
+        }
+
+        let mut upstreams: Vec<Upstream> = Vec::with_capacity(f.upstreams.len());
+        for (i, u) in f.upstreams.iter().enumerate() {
+            let up = self.upstream(i, u)?;
+            if upstreams.iter().any(|o| o.name == up.name) {
+                return Err(self.err(
+                    u.name.span(),
+                    "",
+                    format!("duplicate upstream name {:?}", up.name),
+                ));
+            }
+            upstreams.push(up);
+        }
+
+        let mut routes: Vec<Route> = Vec::with_capacity(f.routes.len());
+        for (i, r) in f.routes.iter().enumerate() {
+            let route = self.route(i, r, &listeners, &upstreams)?;
+            if routes.iter().any(|o| o.name == route.name) {
+                return Err(self.err(
+                    r.name.span(),
+                    "",
+                    format!("duplicate route name {:?}", route.name),
+                ));
+            }
+            routes.push(route);
+        }
+        if routes.len() > usize::from(u16::MAX) {
+            return Err(ConfigError::whole_file(self.path, "more than 65535 routes"));
+        }
+
+        Ok(Config {
+            path: self.path.to_owned(),
+            runtime,
+            admin,
+            limits,
+            listeners,
+            upstreams,
+            routes,
+        })
+    }
+
+    fn runtime(&self, r: &file::RuntimeFile) -> Result<RuntimeSettings, ConfigError> {
+        let available = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let core_ids: Vec<usize> = core_affinity::get_core_ids()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|c| c.id)
+            .collect();
+        let workers = match (*r.workers.get_ref(), r.pin_cores.get_ref()) {
+            (Workers::Count(n), _) => n,
+            (Workers::Auto, PinCores::List(list)) if !list.is_empty() => list.len(),
+            (Workers::Auto, _) => available,
+        };
+        let cores = match r.pin_cores.get_ref() {
+            PinCores::All(false) => vec![None; workers],
+            PinCores::All(true) if core_ids.is_empty() => vec![None; workers],
+            PinCores::All(true) => (0..workers)
+                .map(|i| Some(core_ids[i % core_ids.len()]))
+                .collect(),
+            PinCores::List(list) => {
+                if list.is_empty() {
+                    return Err(self.err(
+                        r.pin_cores.span(),
+                        "runtime.pin_cores",
+                        "an empty core list; use false to disable pinning",
+                    ));
+                }
+                if let Some(bad) = list.iter().find(|c| !core_ids.contains(c)) {
+                    return Err(self.err(
+                        r.pin_cores.span(),
+                        "runtime.pin_cores",
+                        format!("core {bad} does not exist here (cores: {core_ids:?})"),
+                    ));
+                }
+                (0..workers).map(|i| Some(list[i % list.len()])).collect()
+            }
+        };
+        let ring_entries = *r.ring_entries.get_ref();
+        if !(256..=32768).contains(&ring_entries) {
+            return Err(self.err(
+                r.ring_entries.span(),
+                "runtime.ring_entries",
+                "must be between 256 and 32768",
+            ));
+        }
+        Ok(RuntimeSettings {
+            workers,
+            cores,
+            driver: r.driver,
+            ring_entries,
+            drain_timeout: ms(r.drain_timeout_ms),
+        })
+    }
+
+    fn limits(&self, l: &file::LimitsFile) -> Result<Limits, ConfigError> {
+        let range = |v: &Spanned<usize>, key: &str, lo: usize, hi: usize| {
+            if (lo..=hi).contains(v.get_ref()) {
+                Ok(*v.get_ref())
+            } else {
+                Err(self.err(
+                    v.span(),
+                    &format!("limits.{key}"),
+                    format!("must be between {lo} and {hi}"),
+                ))
+            }
+        };
+        let positive = |v: &Spanned<u64>, key: &str| {
+            if *v.get_ref() > 0 {
+                Ok(ms(*v.get_ref()))
+            } else {
+                Err(self.err(v.span(), &format!("limits.{key}"), "must be greater than 0"))
+            }
+        };
+        Ok(Limits {
+            max_request_line_bytes: range(
+                &l.max_request_line_bytes,
+                "max_request_line_bytes",
+                64,
+                1 << 20,
+            )?,
+            max_header_bytes: range(&l.max_header_bytes, "max_header_bytes", 1024, 1 << 20)?,
+            max_headers: range(&l.max_headers, "max_headers", 1, MAX_HEADERS_CEILING)?,
+            max_chunk_extension_bytes: range(
+                &l.max_chunk_extension_bytes,
+                "max_chunk_extension_bytes",
+                0,
+                1 << 20,
+            )?,
+            max_trailer_bytes: range(&l.max_trailer_bytes, "max_trailer_bytes", 0, 1 << 20)?,
+            header_read_timeout: positive(&l.header_read_timeout_ms, "header_read_timeout_ms")?,
+            body_read_timeout: positive(&l.body_read_timeout_ms, "body_read_timeout_ms")?,
+            keepalive_timeout: positive(&l.keepalive_timeout_ms, "keepalive_timeout_ms")?,
+            write_timeout: positive(&l.write_timeout_ms, "write_timeout_ms")?,
+            tunnel_idle_timeout: positive(&l.tunnel_idle_timeout_ms, "tunnel_idle_timeout_ms")?,
+        })
+    }
+
+    fn name(&self, v: &Spanned<String>, key: &str) -> Result<String, ConfigError> {
+        let s = v.get_ref();
+        let ok = !s.is_empty()
+            && s.len() <= 64
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+        if ok {
+            Ok(s.clone())
+        } else {
+            Err(self.err(
+                v.span(),
+                key,
+                format!("{s:?} is not a valid name (1-64 of A-Z a-z 0-9 - _ .)"),
+            ))
+        }
+    }
+
+    fn socket_addr(&self, v: &Spanned<String>, key: &str) -> Result<SocketAddr, ConfigError> {
+        let s = v.get_ref();
+        if let Ok(addr) = s.parse::<SocketAddr>() {
+            return Ok(addr);
+        }
+        match s.to_socket_addrs() {
+            Ok(mut addrs) => addrs
+                .next()
+                .ok_or_else(|| self.err(v.span(), key, format!("{s:?} resolves to no address"))),
+            Err(e) => Err(self.err(
+                v.span(),
+                key,
+                format!("{s:?} is not a host:port address ({e})"),
+            )),
+        }
+    }
+
+    fn upstream(&self, i: usize, u: &UpstreamFile) -> Result<Upstream, ConfigError> {
+        let key = format!("upstreams[{i}]");
+        let name = self.name(&u.name, &format!("{key}.name"))?;
+        if u.targets.get_ref().is_empty() {
+            return Err(self.err(
+                u.targets.span(),
+                &format!("{key}.targets"),
+                "an upstream needs at least one target",
+            ));
+        }
+        let mut targets = Vec::with_capacity(u.targets.get_ref().len());
+        for (j, t) in u.targets.get_ref().iter().enumerate() {
+            let addr = self.socket_addr(t, &format!("{key}.targets[{j}]"))?;
+            targets.push(Target {
+                name: t.get_ref().clone(),
+                addr,
+            });
+        }
+        // Only consistent_hash uses the key; the documented example sets it on round_robin.
+        let hash_key = match &u.hash_key {
+            None => HashKey::ClientIp,
+            Some(h) => match h.get_ref().as_str() {
+                "client_ip" => HashKey::ClientIp,
+                s => match s.strip_prefix("header:") {
+                    Some(name) if crate::http::is_token(name.as_bytes()) => {
+                        HashKey::Header(name.to_ascii_lowercase())
+                    }
+                    _ => {
+                        return Err(self.err(
+                            h.span(),
+                            &format!("{key}.hash_key"),
+                            format!("{s:?}: expected \"client_ip\" or \"header:NAME\""),
+                        ))
+                    }
+                },
+            },
+        };
+        for (v, field) in [
+            (&u.connect_timeout_ms, "connect_timeout_ms"),
+            (&u.request_timeout_ms, "request_timeout_ms"),
+        ] {
+            if *v.get_ref() == 0 {
+                return Err(self.err(
+                    v.span(),
+                    &format!("{key}.{field}"),
+                    "must be greater than 0",
+                ));
+            }
+        }
+        Ok(Upstream {
+            name,
+            targets,
+            balance: u.balance,
+            hash_key,
+            connect_timeout: ms(*u.connect_timeout_ms.get_ref()),
+            request_timeout: ms(*u.request_timeout_ms.get_ref()),
+            idle_timeout: ms(u.idle_timeout_ms),
+            max_idle_per_target: u.max_idle_per_target,
+            fail_timeout: ms(u.fail_timeout_ms),
+        })
+    }
+
+    fn route(
+        &self,
+        i: usize,
+        r: &RouteFile,
+        listeners: &[Listener],
+        upstreams: &[Upstream],
+    ) -> Result<Route, ConfigError> {
+        let key = format!("routes[{i}]");
+        let name = self.name(&r.name, &format!("{key}.name"))?;
+        let listener = listeners
+            .iter()
+            .position(|l| &l.name == r.listener.get_ref())
+            .ok_or_else(|| {
+                self.err(
+                    r.listener.span(),
+                    &format!("{key}.listener"),
+                    format!("unknown listener {:?}", r.listener.get_ref()),
+                )
+            })?;
+
+        let host = match &r.host {
+            None => HostMatch::Any,
+            Some(h) => self.host(h, &format!("{key}.host"))?,
+        };
+
+        let path = match (&r.path, &r.path_prefix, &r.path_regex) {
+            (None, None, None) => PathMatch::Prefix("/".to_owned()),
+            (Some(p), None, None) => PathMatch::Exact(self.path(p, &format!("{key}.path"))?),
+            (None, Some(p), None) => {
+                PathMatch::Prefix(self.path(p, &format!("{key}.path_prefix"))?)
+            }
+            (None, None, Some(p)) => {
+                if let Err(e) = regex_automata::meta::Regex::new(p.get_ref()) {
+                    return Err(self.err(
+                        p.span(),
+                        &format!("{key}.path_regex"),
+                        format!("invalid regex: {e}"),
+                    ));
+                }
+                PathMatch::Regex(p.get_ref().clone())
+            }
+            _ => {
+                return Err(self.err(
+                    r.name.span(),
+                    &key,
+                    "give at most one of path, path_prefix and path_regex",
+                ))
+            }
+        };
+
+        let methods = match &r.methods {
+            None => None,
+            Some(list) if list.is_empty() => {
+                return Err(self.err(
+                    r.name.span(),
+                    &format!("{key}.methods"),
+                    "an empty methods list matches nothing; omit it to allow every method",
+                ))
+            }
+            Some(list) => {
+                let mut out = Vec::with_capacity(list.len());
+                for m in list {
+                    if !crate::http::is_token(m.get_ref().as_bytes()) {
+                        return Err(self.err(
+                            m.span(),
+                            &format!("{key}.methods"),
+                            format!("{:?} is not a valid method", m.get_ref()),
+                        ));
+                    }
+                    out.push(m.get_ref().clone());
+                }
+                Some(out)
+            }
+        };
+
+        let strip_prefix = match &r.strip_prefix {
+            None => None,
+            Some(p) => Some(self.path(p, &format!("{key}.strip_prefix"))?),
+        };
+
+        let action = match (&r.upstream, &r.respond) {
+            (Some(u), None) => {
+                let id = upstreams
+                    .iter()
+                    .position(|o| &o.name == u.get_ref())
+                    .ok_or_else(|| {
+                        self.err(
+                            u.span(),
+                            &format!("{key}.upstream"),
+                            format!("unknown upstream {:?}", u.get_ref()),
+                        )
+                    })?;
+                RouteAction::Proxy(UpstreamId(id as u16))
+            }
+            (None, Some(resp)) => RouteAction::Respond(self.respond(resp, &key)?),
+            _ => {
+                return Err(self.err(
+                    r.name.span(),
+                    &key,
+                    "a route needs exactly one of upstream and respond",
+                ))
+            }
+        };
+
+        Ok(Route {
+            name,
+            listener: ListenerId(listener as u16),
+            host,
+            path,
+            methods,
+            strip_prefix,
+            action,
+            max_body_bytes: r.max_body_bytes,
+        })
+    }
+
+    fn host(&self, h: &Spanned<String>, key: &str) -> Result<HostMatch, ConfigError> {
+        let s = h.get_ref().to_ascii_lowercase();
+        let (wild, rest) = match s.strip_prefix("*.") {
+            Some(rest) => (true, rest),
+            None => (false, s.as_str()),
+        };
+        let valid = !rest.is_empty()
+            && rest
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'));
+        if !valid {
+            return Err(self.err(
+                h.span(),
+                key,
+                format!(
+                    "{:?} is not a host name or \"*.domain\" (hosts are matched without a port)",
+                    h.get_ref()
+                ),
+            ));
+        }
+        Ok(if wild {
+            HostMatch::Suffix(format!(".{rest}"))
+        } else {
+            HostMatch::Exact(rest.to_owned())
+        })
+    }
+
+    fn path(&self, p: &Spanned<String>, key: &str) -> Result<String, ConfigError> {
+        let s = p.get_ref();
+        if s.starts_with('/') && s.bytes().all(|b| b.is_ascii_graphic()) {
+            Ok(s.clone())
+        } else {
+            Err(self.err(
+                p.span(),
+                key,
+                format!("{s:?} must start with '/' and contain no spaces"),
+            ))
+        }
+    }
+
+    fn respond(&self, r: &Spanned<RespondFile>, key: &str) -> Result<Respond, ConfigError> {
+        let resp = r.get_ref();
+        let status = *resp.status.get_ref();
+        if !(200..=599).contains(&status) {
+            return Err(self.err(
+                resp.status.span(),
+                &format!("{key}.respond.status"),
+                "must be between 200 and 599",
+            ));
+        }
+        if matches!(status, 204 | 304) && !resp.body.is_empty() {
+            return Err(self.err(
+                resp.status.span(),
+                &format!("{key}.respond.body"),
+                format!("a {status} response cannot have a body"),
+            ));
+        }
+        let mut headers = Vec::with_capacity(resp.headers.len());
+        for (name, value) in &resp.headers {
+            let hkey = format!("{key}.respond.headers");
+            if !crate::http::is_token(name.as_bytes()) {
+                return Err(self.err(
+                    value.span(),
+                    &hkey,
+                    format!("{name:?} is not a valid header name"),
+                ));
+            }
+            let lower = name.to_ascii_lowercase();
+            if matches!(
+                lower.as_str(),
+                "content-length" | "transfer-encoding" | "connection" | "x-request-id"
+            ) {
+                return Err(self.err(
+                    value.span(),
+                    &hkey,
+                    format!("{name} is set by ringway and cannot be configured"),
+                ));
+            }
+            if value
+                .get_ref()
+                .bytes()
+                .any(|b| b.is_ascii_control() && b != b'\t')
+            {
+                return Err(self.err(
+                    value.span(),
+                    &hkey,
+                    "header values cannot contain control characters",
+                ));
+            }
+            headers.push((lower, value.get_ref().clone()));
+        }
+        Ok(Respond {
+            status,
+            headers,
+            body: resp.body.clone(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_str(s: &str) -> Result<Config, ConfigError> {
+        parse(Path::new("test.toml"), s)
+    }
+
+    const MINIMAL: &str = r#"
+[[listeners]]
+name = "public"
+address = "127.0.0.1:0"
+
+[[upstreams]]
+name = "app"
+targets = ["127.0.0.1:9"]
+"#;
+
+    #[test]
+    fn defaults_apply() {
+        let c = parse_str(MINIMAL).unwrap();
+        assert_eq!(c.limits.max_headers, 100);
+        assert_eq!(c.upstreams[0].balance, Balance::RoundRobin);
+        assert_eq!(c.runtime.ring_entries, 4096);
+    }
+
+    #[test]
+    fn unknown_route_upstream_is_located() {
+        let src = format!(
+            "{MINIMAL}\n[[routes]]\nname = \"r\"\nlistener = \"public\"\nupstream = \"nope\"\n"
+        );
+        let e = parse_str(&src).unwrap_err();
+        assert_eq!(e.key, "routes[0].upstream");
+        assert_eq!(e.line, 13);
+        assert!(e.message.contains("unknown upstream \"nope\""), "{e}");
+    }
+
+    #[test]
+    fn unknown_key_is_located() {
+        let e = parse_str(&format!("{MINIMAL}\n[runtime]\nworkerz = 2\n")).unwrap_err();
+        assert_eq!(e.key, "runtime.workerz");
+        assert_eq!((e.line, e.column), (11, 1));
+        assert!(e.message.contains("unknown field"), "{e}");
+    }
+
+    #[test]
+    fn hash_key_is_checked() {
+        let src = MINIMAL.replace("targets", "hash_key = \"cookie:x\"\ntargets");
+        let e = parse_str(&src).unwrap_err();
+        assert_eq!(e.key, "upstreams[0].hash_key");
+        let src = MINIMAL.replace("targets", "hash_key = \"header:X-User\"\ntargets");
+        assert_eq!(
+            parse_str(&src).unwrap().upstreams[0].hash_key,
+            HashKey::Header("x-user".into())
+        );
+    }
+
+    #[test]
+    fn wildcard_host_becomes_suffix() {
+        let src = format!(
+            "{MINIMAL}\n[[routes]]\nname = \"r\"\nlistener = \"public\"\nhost = \"*.Example.com\"\nupstream = \"app\"\n"
+        );
+        let c = parse_str(&src).unwrap();
+        assert_eq!(c.routes[0].host, HostMatch::Suffix(".example.com".into()));
+    }
+}

@@ -1,0 +1,257 @@
+//! The HTTP/1.1 codec: parsing request and response heads (httparse, no allocation, header
+//! names and values kept as spans of the caller's read buffer), deciding message framing
+//! strictly per RFC 9112 §6, the chunked coding, and writing heads. It knows nothing of routes
+//! or upstreams; `proxy` drives it.
+
+pub mod chunked;
+mod request;
+mod response;
+pub mod write;
+
+pub use request::{parse_request, Method, RequestError, RequestHead};
+pub use response::{parse_response, ResponseError, ResponseHead};
+
+/// A byte range of the buffer a head was parsed from, relative to the head's first byte.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Span {
+    pub start: u32,
+    pub end: u32,
+}
+
+impl Span {
+    pub const EMPTY: Span = Span { start: 0, end: 0 };
+
+    /// The span of `part`, which must be a sub-slice of `base`.
+    #[inline]
+    pub fn of(base: &[u8], part: &[u8]) -> Span {
+        let start = part.as_ptr() as usize - base.as_ptr() as usize;
+        Span {
+            start: start as u32,
+            end: (start + part.len()) as u32,
+        }
+    }
+
+    #[inline]
+    pub fn get<'a>(&self, buf: &'a [u8]) -> &'a [u8] {
+        &buf[self.start as usize..self.end as usize]
+    }
+
+    #[inline]
+    pub fn is_empty(&self) -> bool {
+        self.start == self.end
+    }
+
+    #[inline]
+    pub fn len(&self) -> usize {
+        (self.end - self.start) as usize
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Version {
+    Http10,
+    Http11,
+}
+
+/// How long a message body is, decided from its head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyLength {
+    None,
+    Length(u64),
+    Chunked,
+    /// Responses only: the body runs until the upstream closes the connection.
+    UntilClose,
+}
+
+/// Headers the proxy treats specially, recognised once while parsing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeaderKind {
+    Other,
+    Host,
+    ContentLength,
+    TransferEncoding,
+    Connection,
+    KeepAlive,
+    ProxyConnection,
+    Te,
+    Trailer,
+    Upgrade,
+    Expect,
+    XForwardedFor,
+    XForwardedProto,
+    XForwardedHost,
+    XRequestId,
+}
+
+impl HeaderKind {
+    /// Hop-by-hop fields (RFC 9110 §7.6.1) plus the framing fields the gateway always rewrites.
+    #[inline]
+    pub fn is_hop_by_hop(self) -> bool {
+        matches!(
+            self,
+            HeaderKind::ContentLength
+                | HeaderKind::TransferEncoding
+                | HeaderKind::Connection
+                | HeaderKind::KeepAlive
+                | HeaderKind::ProxyConnection
+                | HeaderKind::Te
+                | HeaderKind::Trailer
+                | HeaderKind::Upgrade
+        )
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Header {
+    pub kind: HeaderKind,
+    pub name: Span,
+    pub value: Span,
+}
+
+/// Recognises the headers in `HeaderKind`, case-insensitively.
+#[inline]
+pub fn classify(name: &[u8]) -> HeaderKind {
+    let is = |s: &str| name.eq_ignore_ascii_case(s.as_bytes());
+    match name.len() {
+        2 if is("te") => HeaderKind::Te,
+        4 if is("host") => HeaderKind::Host,
+        6 if is("expect") => HeaderKind::Expect,
+        7 if is("upgrade") => HeaderKind::Upgrade,
+        7 if is("trailer") => HeaderKind::Trailer,
+        10 if is("connection") => HeaderKind::Connection,
+        10 if is("keep-alive") => HeaderKind::KeepAlive,
+        12 if is("x-request-id") => HeaderKind::XRequestId,
+        14 if is("content-length") => HeaderKind::ContentLength,
+        15 if is("x-forwarded-for") => HeaderKind::XForwardedFor,
+        16 if is("proxy-connection") => HeaderKind::ProxyConnection,
+        16 if is("x-forwarded-host") => HeaderKind::XForwardedHost,
+        17 if is("transfer-encoding") => HeaderKind::TransferEncoding,
+        17 if is("x-forwarded-proto") => HeaderKind::XForwardedProto,
+        _ => HeaderKind::Other,
+    }
+}
+
+/// RFC 9110 `token`.
+pub fn is_token(s: &[u8]) -> bool {
+    !s.is_empty()
+        && s.iter().all(|&b| {
+            b.is_ascii_alphanumeric()
+                || matches!(
+                    b,
+                    b'!' | b'#'
+                        | b'$'
+                        | b'%'
+                        | b'&'
+                        | b'\''
+                        | b'*'
+                        | b'+'
+                        | b'-'
+                        | b'.'
+                        | b'^'
+                        | b'_'
+                        | b'`'
+                        | b'|'
+                        | b'~'
+                )
+        })
+}
+
+/// Splits a comma-separated field value into trimmed, non-empty elements.
+pub fn list_items(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value
+        .split(|&b| b == b',')
+        .map(|item| item.trim_ascii())
+        .filter(|item| !item.is_empty())
+}
+
+/// The names listed in a `Connection` header: fields that must not be forwarded.
+/// Bounded so that a hostile header cannot make removal quadratic.
+#[derive(Debug, Clone, Default)]
+pub struct ConnectionOptions {
+    names: [Span; Self::MAX],
+    len: u8,
+}
+
+impl ConnectionOptions {
+    pub const MAX: usize = 8;
+
+    pub fn clear(&mut self) {
+        self.len = 0;
+    }
+
+    /// Records `name`; false when there are already `MAX` names.
+    pub fn push(&mut self, name: Span) -> bool {
+        if usize::from(self.len) == Self::MAX {
+            return false;
+        }
+        self.names[usize::from(self.len)] = name;
+        self.len += 1;
+        true
+    }
+
+    /// Whether the header `name` was listed in `Connection`.
+    #[inline]
+    pub fn names(&self, head: &[u8], name: &[u8]) -> bool {
+        self.names[..usize::from(self.len)]
+            .iter()
+            .any(|s| s.get(head).eq_ignore_ascii_case(name))
+    }
+}
+
+/// Whether every line end in `head` is CRLF (no bare CR or bare LF), as RFC 9112 §2.2 allows
+/// a recipient to insist on; a proxy must, or two hops may disagree about where lines end.
+pub fn line_ends_are_crlf(head: &[u8]) -> bool {
+    let mut prev = 0u8;
+    for (i, &b) in head.iter().enumerate() {
+        match b {
+            b'\n' if prev != b'\r' => return false,
+            b'\r' if head.get(i + 1) != Some(&b'\n') => return false,
+            _ => {}
+        }
+        prev = b;
+    }
+    true
+}
+
+/// Parses a Content-Length value: ASCII digits only, no sign, no overflow.
+pub fn parse_content_length(v: &[u8]) -> Option<u64> {
+    if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    v.iter().try_fold(0u64, |n, &d| {
+        n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classify_is_case_insensitive() {
+        assert_eq!(classify(b"Content-Length"), HeaderKind::ContentLength);
+        assert_eq!(classify(b"TE"), HeaderKind::Te);
+        assert_eq!(classify(b"X-Forwarded-Proto"), HeaderKind::XForwardedProto);
+        assert_eq!(classify(b"content-lengthx"), HeaderKind::Other);
+    }
+
+    #[test]
+    fn content_length_is_strict() {
+        assert_eq!(parse_content_length(b"0"), Some(0));
+        assert_eq!(parse_content_length(b"18446744073709551615"), None);
+        assert_eq!(
+            parse_content_length(b"1234567890123456789"),
+            Some(1234567890123456789)
+        );
+        assert_eq!(parse_content_length(b"+5"), None);
+        assert_eq!(parse_content_length(b"5 "), None);
+        assert_eq!(parse_content_length(b""), None);
+    }
+
+    #[test]
+    fn bare_line_ends_are_found() {
+        assert!(line_ends_are_crlf(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"));
+        assert!(!line_ends_are_crlf(b"GET / HTTP/1.1\nHost: a\r\n\r\n"));
+        assert!(!line_ends_are_crlf(b"GET / HTTP/1.1\r\nHost: a\rb\r\n\r\n"));
+    }
+}

@@ -1,0 +1,313 @@
+//! Writing heads. The head sent upstream is copied field by field from spans of the client's
+//! read buffer (never rebuilt from owned strings), minus hop-by-hop fields, plus the forwarding
+//! fields and exactly one framing field chosen by the gateway.
+
+use super::{BodyLength, HeaderKind, RequestHead, ResponseHead, Span, Version};
+
+/// What the gateway adds to a forwarded request.
+pub struct Forwarding<'a> {
+    pub client_ip: &'a [u8],
+    pub proto: &'a [u8],
+    pub request_id: &'a [u8],
+    /// `Host` for an HTTP/1.0 request that had none (upstreams speak HTTP/1.1).
+    pub fallback_host: &'a [u8],
+    /// Removed from the start of the path before forwarding.
+    pub strip_prefix: Option<&'a [u8]>,
+}
+
+#[inline]
+fn field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+#[inline]
+fn content_length(out: &mut Vec<u8>, n: u64) {
+    let mut b = itoa::Buffer::new();
+    field(out, b"content-length", b.format(n).as_bytes());
+}
+
+/// The path to send upstream after `strip_prefix`; "/" stands in for an empty path.
+pub fn upstream_path<'a>(path: &'a [u8], strip_prefix: Option<&[u8]>) -> (&'static [u8], &'a [u8]) {
+    let rest = match strip_prefix {
+        Some(p) if path.starts_with(p) => &path[p.len()..],
+        _ => path,
+    };
+    if rest.first() == Some(&b'/') || rest == b"*" {
+        (b"", rest)
+    } else {
+        (b"/", rest)
+    }
+}
+
+/// Appends the request head to send upstream. `buf` is the buffer `head` was parsed from.
+pub fn upstream_request(out: &mut Vec<u8>, buf: &[u8], head: &RequestHead, fwd: &Forwarding<'_>) {
+    out.extend_from_slice(head.method_span.get(buf));
+    out.push(b' ');
+    let (slash, path) = upstream_path(head.path.get(buf), fwd.strip_prefix);
+    out.extend_from_slice(slash);
+    out.extend_from_slice(path);
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+
+    let mut xff_seen = false;
+    for h in &head.headers {
+        match h.kind {
+            HeaderKind::Upgrade if head.upgrade => {}
+            HeaderKind::Host
+            | HeaderKind::Expect
+            | HeaderKind::XForwardedProto
+            | HeaderKind::XForwardedHost
+            | HeaderKind::XRequestId => continue,
+            HeaderKind::XForwardedFor => {
+                xff_seen = true;
+                continue;
+            }
+            kind if kind.is_hop_by_hop() => continue,
+            _ => {}
+        }
+        let name = h.name.get(buf);
+        if head.connection.names(buf, name) {
+            continue;
+        }
+        field(out, name, h.value.get(buf));
+    }
+
+    let host = head.host.map_or(fwd.fallback_host, |h| h.get(buf));
+    field(out, b"host", host);
+    out.extend_from_slice(b"x-forwarded-for: ");
+    if xff_seen {
+        for h in head
+            .headers
+            .iter()
+            .filter(|h| h.kind == HeaderKind::XForwardedFor)
+        {
+            out.extend_from_slice(h.value.get(buf));
+            out.extend_from_slice(b", ");
+        }
+    }
+    out.extend_from_slice(fwd.client_ip);
+    out.extend_from_slice(b"\r\n");
+    field(out, b"x-forwarded-proto", fwd.proto);
+    if let Some(h) = head.host {
+        field(out, b"x-forwarded-host", h.get(buf));
+    }
+    field(out, b"x-request-id", fwd.request_id);
+    if head.upgrade {
+        out.extend_from_slice(b"connection: upgrade\r\n");
+    }
+    match head.body {
+        BodyLength::Length(n) => content_length(out, n),
+        BodyLength::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        BodyLength::None | BodyLength::UntilClose => {}
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// How the response body is framed towards the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientFraming {
+    /// No body (HEAD, 1xx, 204, 304): pass Content-Length through untouched, as it describes
+    /// the representation rather than this message.
+    Bodiless,
+    Length(u64),
+    Chunked,
+    /// Ends when the connection closes.
+    Close,
+}
+
+/// Appends the response head for the client from the upstream's.
+pub fn client_response(
+    out: &mut Vec<u8>,
+    buf: &[u8],
+    resp: &ResponseHead,
+    framing: ClientFraming,
+    client_version: Version,
+    keep_alive: bool,
+    request_id: &[u8],
+) {
+    status_line(out, resp.status, resp.reason.get(buf));
+    let upgrade = resp.status == 101;
+    for h in &resp.headers {
+        match h.kind {
+            HeaderKind::XRequestId => continue,
+            HeaderKind::Upgrade if upgrade => {}
+            HeaderKind::ContentLength
+                if framing == ClientFraming::Bodiless
+                    && resp.status != 204
+                    && resp.status >= 200 => {}
+            kind if kind.is_hop_by_hop() => continue,
+            _ => {}
+        }
+        let name = h.name.get(buf);
+        if resp.connection.names(buf, name) {
+            continue;
+        }
+        field(out, name, h.value.get(buf));
+    }
+    field(out, b"x-request-id", request_id);
+    match framing {
+        ClientFraming::Length(n) => content_length(out, n),
+        ClientFraming::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        ClientFraming::Bodiless | ClientFraming::Close => {}
+    }
+    connection(out, upgrade, keep_alive, client_version);
+    out.extend_from_slice(b"\r\n");
+}
+
+fn connection(out: &mut Vec<u8>, upgrade: bool, keep_alive: bool, client_version: Version) {
+    if upgrade {
+        out.extend_from_slice(b"connection: upgrade\r\n");
+    } else if !keep_alive {
+        out.extend_from_slice(b"connection: close\r\n");
+    } else if client_version == Version::Http10 {
+        out.extend_from_slice(b"connection: keep-alive\r\n");
+    }
+}
+
+/// An interim (1xx) response passed through to an HTTP/1.1 client, e.g. 103 Early Hints.
+pub fn interim_response(out: &mut Vec<u8>, buf: &[u8], resp: &ResponseHead) {
+    status_line(out, resp.status, resp.reason.get(buf));
+    for h in resp.headers.iter().filter(|h| !h.kind.is_hop_by_hop()) {
+        field(out, h.name.get(buf), h.value.get(buf));
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+fn status_line(out: &mut Vec<u8>, status: u16, reason: &[u8]) {
+    out.extend_from_slice(b"HTTP/1.1 ");
+    let mut b = itoa::Buffer::new();
+    out.extend_from_slice(b.format(status).as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(reason);
+    out.extend_from_slice(b"\r\n");
+}
+
+pub const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
+
+/// A response generated by the gateway itself: an error, or a `respond` route's fixed answer.
+pub struct Generated<'a> {
+    pub status: u16,
+    /// Extra header lines, each ending in CRLF.
+    pub headers: &'a [u8],
+    pub body: &'a [u8],
+    /// The request was HEAD: send the length but not the body.
+    pub head_only: bool,
+    pub keep_alive: bool,
+    pub client_version: Version,
+    pub request_id: &'a [u8],
+}
+
+pub fn generated_response(out: &mut Vec<u8>, r: &Generated<'_>) {
+    status_line(out, r.status, reason_phrase(r.status).as_bytes());
+    out.extend_from_slice(r.headers);
+    field(out, b"x-request-id", r.request_id);
+    content_length(out, r.body.len() as u64);
+    connection(out, false, r.keep_alive, r.client_version);
+    out.extend_from_slice(b"\r\n");
+    if !r.head_only {
+        out.extend_from_slice(r.body);
+    }
+}
+
+/// The standard reason phrase, or "" for codes without one here.
+pub fn reason_phrase(status: u16) -> &'static str {
+    match status {
+        100 => "Continue",
+        101 => "Switching Protocols",
+        200 => "OK",
+        201 => "Created",
+        202 => "Accepted",
+        204 => "No Content",
+        206 => "Partial Content",
+        301 => "Moved Permanently",
+        302 => "Found",
+        303 => "See Other",
+        304 => "Not Modified",
+        307 => "Temporary Redirect",
+        308 => "Permanent Redirect",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        409 => "Conflict",
+        410 => "Gone",
+        413 => "Content Too Large",
+        414 => "URI Too Long",
+        415 => "Unsupported Media Type",
+        417 => "Expectation Failed",
+        429 => "Too Many Requests",
+        431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
+        501 => "Not Implemented",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        504 => "Gateway Timeout",
+        505 => "HTTP Version Not Supported",
+        _ => "",
+    }
+}
+
+/// Whether `span` of `buf` equals `s`, ignoring ASCII case.
+pub fn span_eq_ignore_case(buf: &[u8], span: Span, s: &[u8]) -> bool {
+    span.get(buf).eq_ignore_ascii_case(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Limits;
+    use crate::http::parse_request;
+
+    fn forwarded(raw: &[u8], strip: Option<&[u8]>) -> String {
+        let mut head = RequestHead::default();
+        assert!(parse_request(raw, &Limits::default(), &mut head).unwrap());
+        let mut out = Vec::new();
+        upstream_request(
+            &mut out,
+            raw,
+            &head,
+            &Forwarding {
+                client_ip: b"10.0.0.1",
+                proto: b"http",
+                request_id: b"rid",
+                fallback_host: b"backend:80",
+                strip_prefix: strip,
+            },
+        );
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn hop_by_hop_fields_are_removed_and_forwarding_added() {
+        let s = forwarded(
+            b"POST /api/x HTTP/1.1\r\nHost: h\r\nConnection: keep-alive, X-Secret\r\nX-Secret: 1\r\nKeep-Alive: 5\r\nTE: trailers\r\nX-Forwarded-For: 1.1.1.1\r\nContent-Length: 3\r\nAccept: */*\r\n\r\n",
+            Some(b"/api"),
+        );
+        assert!(s.starts_with("POST /x HTTP/1.1\r\n"), "{s}");
+        for gone in ["X-Secret", "Keep-Alive", "TE:", "Connection"] {
+            assert!(!s.contains(gone), "{gone} in {s}");
+        }
+        assert!(s.contains("x-forwarded-for: 1.1.1.1, 10.0.0.1\r\n"), "{s}");
+        assert!(s.contains("Accept: */*\r\n"));
+        assert!(s.contains("content-length: 3\r\n"));
+        assert!(s.contains("x-forwarded-host: h\r\n"));
+        assert!(s.ends_with("\r\n\r\n"));
+    }
+
+    #[test]
+    fn strip_prefix_keeps_a_leading_slash() {
+        assert_eq!(upstream_path(b"/api", Some(b"/api")), (&b"/"[..], &b""[..]));
+        assert_eq!(
+            upstream_path(b"/api?q", Some(b"/api")),
+            (&b"/"[..], &b"?q"[..])
+        );
+        assert_eq!(
+            upstream_path(b"/apix", Some(b"/api/")),
+            (&b""[..], &b"/apix"[..])
+        );
+    }
+}

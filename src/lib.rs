@@ -1,0 +1,26 @@
+//! ringway: a thread-per-core HTTP/1.1 API gateway on monoio (io_uring).
+//!
+//! The binary is thin (`main.rs`: CLI → `config::load` → `runtime::run`). The request path
+//! reads top to bottom in `proxy`. Modules by concern:
+//!
+//! - `config`: the TOML file, validated into plain data.
+//! - `runtime`: threads, core pinning, drivers, SO_REUSEPORT listeners, signals and drain.
+//! - `worker`: what each worker thread owns.
+//! - `http`: the HTTP/1.1 codec (parse, framing, chunked, write).
+//! - `router`: route selection.
+//! - `upstream`: per-worker pools, balancers and passive health.
+//! - `body`, `buffer`: streaming bodies through bounded buffers.
+//! - `admin`: the admin listener on its own thread.
+
+pub mod admin;
+pub mod body;
+pub mod buffer;
+pub mod config;
+pub mod error;
+pub mod http;
+pub mod proxy;
+pub mod rng;
+pub mod router;
+pub mod runtime;
+pub mod upstream;
+pub mod worker;

@@ -1,0 +1,377 @@
+//! Threads, cores, drivers, listeners and shutdown. The main thread binds every listener once
+//! per worker (SO_REUSEPORT, so the kernel spreads connections across workers), starts one
+//! thread per worker, each pinned to its core and running its own monoio runtime, waits for
+//! them to report in, then waits for SIGTERM/SIGINT. Workers hear from the main thread only
+//! through a crossbeam channel that they poll on a timer; nothing else crosses threads.
+
+use std::io;
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+use monoio::io::{CancelHandle, Canceller};
+use monoio::net::TcpListener;
+use monoio::{IoUringDriver, LegacyDriver, RuntimeBuilder};
+use socket2::{Domain, Protocol, Socket, Type};
+use tracing::{error, info, warn};
+
+use crate::admin::{self, AdminState};
+use crate::config::{Config, DriverChoice, ListenerId};
+use crate::proxy;
+use crate::worker::Worker;
+
+/// How often a worker looks at its control channel and does upkeep.
+const CONTROL_TICK: Duration = Duration::from_millis(25);
+/// Idle upstream connections past their timeout are closed this often.
+const SWEEP_EVERY: u32 = 40;
+const BACKLOG: i32 = 4096;
+
+#[derive(Debug)]
+pub enum StartError {
+    Bind {
+        listener: String,
+        addr: SocketAddr,
+        error: io::Error,
+    },
+    Worker(String),
+    Signals(io::Error),
+}
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StartError::Bind {
+                listener,
+                addr,
+                error,
+            } if error.kind() == io::ErrorKind::AddrInUse => write!(
+                f,
+                "listener {listener:?}: address in use: {addr} is already held by another process"
+            ),
+            StartError::Bind {
+                listener,
+                addr,
+                error,
+            } => write!(f, "listener {listener:?}: cannot listen on {addr}: {error}"),
+            StartError::Worker(e) => write!(f, "worker failed to start: {e}"),
+            StartError::Signals(e) => write!(f, "cannot install signal handlers: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for StartError {}
+
+enum Control {
+    Drain,
+}
+
+enum Event {
+    Started,
+    Failed(String),
+    Stopped { worker: usize, unfinished: usize },
+}
+
+/// Runs the gateway until a signal has drained it. Returns once every worker has stopped.
+pub fn run(config: Config) -> Result<(), StartError> {
+    let workers = config.runtime.workers;
+    let mut sockets: Vec<Vec<(ListenerId, StdListener)>> =
+        (0..workers).map(|_| Vec::new()).collect();
+    for (i, l) in config.listeners.iter().enumerate() {
+        let bound = bind_reuseport(l.addr, workers).map_err(|error| StartError::Bind {
+            listener: l.name.clone(),
+            addr: l.addr,
+            error,
+        })?;
+        let addr = bound[0].local_addr().unwrap_or(l.addr);
+        info!(listener = %l.name, address = %addr, sockets = workers, "listening");
+        for (w, s) in bound.into_iter().enumerate() {
+            sockets[w].push((ListenerId(i as u16), s));
+        }
+    }
+    let admin_socket = match config.admin {
+        Some(addr) => {
+            let s = StdListener::bind(addr).map_err(|error| StartError::Bind {
+                listener: "admin".into(),
+                addr,
+                error,
+            })?;
+            info!(address = %s.local_addr().unwrap_or(addr), "admin listening");
+            Some(s)
+        }
+        None => None,
+    };
+
+    let signals = signal_channel()?;
+    let config = Arc::new(config);
+    let (events_tx, events) = crossbeam_channel::unbounded();
+    let mut controls = Vec::with_capacity(workers);
+    for (id, listeners) in sockets.into_iter().enumerate() {
+        let (tx, rx) = crossbeam_channel::bounded(4);
+        controls.push(tx);
+        let config = Arc::clone(&config);
+        let events_tx = events_tx.clone();
+        thread::Builder::new()
+            .name(format!("ringway-w{id}"))
+            .spawn(move || worker_thread(id, &config, listeners, rx, events_tx))
+            .map_err(|e| StartError::Worker(e.to_string()))?;
+    }
+    drop(events_tx);
+
+    for _ in 0..workers {
+        match events.recv() {
+            Ok(Event::Started) => {}
+            Ok(Event::Failed(e)) => return Err(StartError::Worker(e)),
+            Ok(Event::Stopped { worker, .. }) => {
+                return Err(StartError::Worker(format!(
+                    "worker {worker} stopped at start-up"
+                )))
+            }
+            Err(_) => return Err(StartError::Worker("a worker thread died".into())),
+        }
+    }
+    let admin_state = Arc::new(AdminState::new());
+    if let Some(s) = admin_socket {
+        admin::spawn(s, Arc::clone(&admin_state)).map_err(|e| StartError::Worker(e.to_string()))?;
+    }
+    admin_state.set_ready();
+    info!(workers, "ready");
+
+    crossbeam_channel::select! {
+        recv(signals) -> sig => info!(signal = sig.unwrap_or_default(), "draining"),
+        recv(events) -> ev => {
+            if let Ok(Event::Stopped { worker, .. }) = ev {
+                error!(worker, "worker stopped unexpectedly; shutting down");
+            }
+        }
+    }
+    admin_state.set_draining();
+    for c in &controls {
+        let _ = c.send(Control::Drain);
+    }
+    let deadline = Instant::now() + config.runtime.drain_timeout + Duration::from_secs(1);
+    let mut stopped = 0;
+    while stopped < workers {
+        crossbeam_channel::select! {
+            recv(events) -> ev => match ev {
+                Ok(Event::Stopped { worker, unfinished }) => {
+                    stopped += 1;
+                    if unfinished > 0 {
+                        warn!(worker, unfinished, "drain timeout: abandoning requests in flight");
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => break,
+            },
+            recv(signals) -> _ => {
+                warn!("second signal: exiting without waiting");
+                break;
+            },
+            default(deadline.saturating_duration_since(Instant::now())) => {
+                warn!("workers did not stop in time");
+                break;
+            }
+        }
+    }
+    info!("stopped");
+    Ok(())
+}
+
+fn signal_channel() -> Result<Receiver<i32>, StartError> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals =
+        signal_hook::iterator::Signals::new([SIGTERM, SIGINT]).map_err(StartError::Signals)?;
+    let (tx, rx) = crossbeam_channel::bounded(4);
+    thread::Builder::new()
+        .name("ringway-signals".into())
+        .spawn(move || {
+            for sig in signals.forever() {
+                if tx.send(sig).is_err() {
+                    break;
+                }
+            }
+        })
+        .map_err(StartError::Signals)?;
+    Ok(rx)
+}
+
+/// Binds `count` sockets to `addr` with SO_REUSEPORT. The first binds before the option is
+/// set, so that it fails with "address in use" if anyone already holds the address — even a
+/// leftover process that set SO_REUSEPORT itself and would otherwise silently share the port.
+pub fn bind_reuseport(addr: SocketAddr, count: usize) -> io::Result<Vec<StdListener>> {
+    let socket = |reuse_port: bool, addr: SocketAddr| -> io::Result<Socket> {
+        let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        s.set_reuse_address(true)?;
+        if reuse_port {
+            s.set_reuse_port(true)?;
+        }
+        s.bind(&addr.into())?;
+        Ok(s)
+    };
+    let first = socket(false, addr)?;
+    first.set_reuse_port(true)?;
+    first.listen(BACKLOG)?;
+    let actual = first
+        .local_addr()?
+        .as_socket()
+        .ok_or_else(|| io::Error::other("listener has no IP address"))?;
+    let mut out = vec![first];
+    for _ in 1..count {
+        let s = socket(true, actual)?;
+        s.listen(BACKLOG)?;
+        out.push(s);
+    }
+    out.into_iter()
+        .map(|s| {
+            s.set_nonblocking(true)?;
+            Ok(s.into())
+        })
+        .collect()
+}
+
+fn worker_thread(
+    id: usize,
+    config: &Config,
+    listeners: Vec<(ListenerId, StdListener)>,
+    control: Receiver<Control>,
+    events: Sender<Event>,
+) {
+    let core = config.runtime.cores[id];
+    let pinned = match core {
+        Some(c) => core_affinity::set_for_current(core_affinity::CoreId { id: c }),
+        None => false,
+    };
+    if core.is_some() && !pinned {
+        warn!(worker = id, core = ?core, "could not pin worker to its core");
+    }
+    let entries = config.runtime.ring_entries;
+    let ctx = WorkerStart {
+        id,
+        core: core.filter(|_| pinned),
+        config,
+        listeners,
+        control,
+        events: events.clone(),
+    };
+    let uring = || {
+        RuntimeBuilder::<IoUringDriver>::new()
+            .with_entries(entries)
+            .enable_timer()
+            .build()
+    };
+    let result = match config.runtime.driver {
+        DriverChoice::Legacy => legacy(ctx),
+        DriverChoice::IoUring => match uring() {
+            Ok(mut rt) => {
+                rt.block_on(worker_main(ctx, "io_uring"));
+                Ok(())
+            }
+            Err(e) => Err(format!("io_uring unavailable (driver = \"io_uring\"): {e}")),
+        },
+        DriverChoice::Auto => match uring() {
+            Ok(mut rt) => {
+                rt.block_on(worker_main(ctx, "io_uring"));
+                Ok(())
+            }
+            Err(e) => {
+                warn!(worker = id, error = %e, "io_uring unavailable; falling back to the epoll (legacy) driver");
+                legacy(ctx)
+            }
+        },
+    };
+    if let Err(e) = result {
+        error!(worker = id, "{e}");
+        let _ = events.send(Event::Failed(e));
+    }
+}
+
+fn legacy(ctx: WorkerStart<'_>) -> Result<(), String> {
+    let mut rt = RuntimeBuilder::<LegacyDriver>::new()
+        .enable_timer()
+        .build()
+        .map_err(|e| format!("cannot start the epoll driver: {e}"))?;
+    rt.block_on(worker_main(ctx, "legacy"));
+    Ok(())
+}
+
+struct WorkerStart<'a> {
+    id: usize,
+    core: Option<usize>,
+    config: &'a Config,
+    listeners: Vec<(ListenerId, StdListener)>,
+    control: Receiver<Control>,
+    events: Sender<Event>,
+}
+
+async fn worker_main(ctx: WorkerStart<'_>, driver: &'static str) {
+    let worker = Rc::new(Worker::new(ctx.id, ctx.config));
+    let mut canceller = Canceller::new();
+    for (id, socket) in ctx.listeners {
+        match TcpListener::from_std(socket) {
+            Ok(l) => {
+                monoio::spawn(accept_loop(l, id, Rc::clone(&worker), canceller.handle()));
+            }
+            Err(e) => {
+                let _ = ctx.events.send(Event::Failed(format!("listener: {e}")));
+                return;
+            }
+        }
+    }
+    info!(worker = ctx.id, core = ?ctx.core, driver, "worker started");
+    let _ = ctx.events.send(Event::Started);
+
+    let mut ticks = 0u32;
+    let mut drain_deadline: Option<Instant> = None;
+    loop {
+        monoio::time::sleep(CONTROL_TICK).await;
+        ticks = ticks.wrapping_add(1);
+        if ticks % SWEEP_EVERY == 0 {
+            for up in &worker.upstreams {
+                up.sweep_idle();
+            }
+        }
+        if drain_deadline.is_none() {
+            let drain = match ctx.control.try_recv() {
+                Ok(Control::Drain) | Err(crossbeam_channel::TryRecvError::Disconnected) => true,
+                Err(crossbeam_channel::TryRecvError::Empty) => false,
+            };
+            if drain {
+                worker.draining.set(true);
+                canceller = std::mem::take(&mut canceller).cancel();
+                drain_deadline = Some(Instant::now() + ctx.config.runtime.drain_timeout);
+            }
+        }
+        if let Some(deadline) = drain_deadline {
+            if worker.inflight() == 0 || Instant::now() >= deadline {
+                break;
+            }
+        }
+    }
+    let _ = ctx.events.send(Event::Stopped {
+        worker: ctx.id,
+        unfinished: worker.inflight(),
+    });
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    id: ListenerId,
+    worker: Rc<Worker>,
+    cancel: CancelHandle,
+) {
+    loop {
+        match listener.cancelable_accept(cancel.clone()).await {
+            Ok((stream, peer)) => {
+                monoio::spawn(proxy::serve(stream, peer, id, Rc::clone(&worker)));
+            }
+            Err(_) if worker.draining.get() => break,
+            Err(e) => {
+                warn!(worker = worker.id, error = %e, "accept failed");
+                // Out of descriptors or memory: back off rather than spin.
+                monoio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}

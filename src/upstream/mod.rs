@@ -1,0 +1,204 @@
+//! Upstreams as one worker sees them: its own balancer, its own view of which targets are
+//! down, its own in-flight counts and its own idle keep-alive connections per target. Nothing
+//! here is shared with another worker, so nothing here locks.
+//!
+//! A target that refuses or times out a connect is skipped by this worker for `fail_timeout`
+//! (passive health checking); when every target is skipped the upstream is unavailable (503).
+
+mod balancer;
+
+use std::cell::{Cell, RefCell};
+use std::io;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use monoio::io::{OwnedReadHalf, OwnedWriteHalf, Splitable};
+use monoio::net::TcpStream;
+
+pub use balancer::stable_hash;
+use balancer::{Balancer, Targets};
+
+use crate::buffer::ReadBuf;
+use crate::config::{HashKey, Upstream};
+use crate::rng::Rng;
+
+/// Index of a target within its upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TargetId(pub usize);
+
+/// A connection to a target, split so that a request body can stream up while the response
+/// streams down.
+pub struct UpstreamConn {
+    pub r: OwnedReadHalf<TcpStream>,
+    pub w: OwnedWriteHalf<TcpStream>,
+    pub rbuf: ReadBuf,
+    /// Taken from the idle pool rather than freshly connected: the peer may have closed it.
+    pub reused: bool,
+}
+
+pub struct UpstreamState {
+    pub name: String,
+    pub targets: Vec<TargetState>,
+    balancer: Balancer,
+    pub hash_key: HashKey,
+    pub connect_timeout: Duration,
+    pub request_timeout: Duration,
+    idle_timeout: Duration,
+    max_idle: usize,
+    fail_timeout: Duration,
+}
+
+pub struct TargetState {
+    pub name: String,
+    pub addr: SocketAddr,
+    inflight: Cell<u32>,
+    down_until: Cell<Option<Instant>>,
+    /// Most recently used last: reuse takes the warmest connection.
+    idle: RefCell<Vec<(UpstreamConn, Instant)>>,
+}
+
+#[derive(Debug)]
+pub enum ConnectError {
+    Refused(io::Error),
+    TimedOut,
+}
+
+impl Targets for [TargetState] {
+    fn len(&self) -> usize {
+        <[TargetState]>::len(self)
+    }
+    fn is_up(&self, i: usize) -> bool {
+        self[i]
+            .down_until
+            .get()
+            .is_none_or(|until| Instant::now() >= until)
+    }
+    fn inflight(&self, i: usize) -> u32 {
+        self[i].inflight.get()
+    }
+}
+
+impl UpstreamState {
+    pub fn new(cfg: &Upstream) -> UpstreamState {
+        UpstreamState {
+            name: cfg.name.clone(),
+            targets: cfg
+                .targets
+                .iter()
+                .map(|t| TargetState {
+                    name: t.name.clone(),
+                    addr: t.addr,
+                    inflight: Cell::new(0),
+                    down_until: Cell::new(None),
+                    idle: RefCell::new(Vec::new()),
+                })
+                .collect(),
+            balancer: Balancer::new(cfg),
+            hash_key: cfg.hash_key.clone(),
+            connect_timeout: cfg.connect_timeout,
+            request_timeout: cfg.request_timeout,
+            idle_timeout: cfg.idle_timeout,
+            max_idle: cfg.max_idle_per_target,
+            fail_timeout: cfg.fail_timeout,
+        }
+    }
+
+    /// Chooses a target that is up; `key` is the request's hash for consistent hashing.
+    pub fn pick(&self, rng: &Rng, key: u64) -> Option<TargetId> {
+        self.balancer
+            .pick(self.targets.as_slice(), rng, key)
+            .map(TargetId)
+    }
+
+    /// Whether `pick` uses its key (consistent hashing only), so that others skip hashing.
+    pub fn needs_key(&self) -> bool {
+        matches!(self.balancer, Balancer::ConsistentHash { .. })
+    }
+
+    pub fn target(&self, t: TargetId) -> &TargetState {
+        &self.targets[t.0]
+    }
+
+    /// An idle connection to `t` that has not outlived `idle_timeout`.
+    pub fn checkout(&self, t: TargetId) -> Option<UpstreamConn> {
+        let mut idle = self.targets[t.0].idle.borrow_mut();
+        while let Some((mut conn, since)) = idle.pop() {
+            if since.elapsed() < self.idle_timeout {
+                conn.reused = true;
+                return Some(conn);
+            }
+        }
+        None
+    }
+
+    /// Returns a connection whose last exchange completed cleanly to the idle pool.
+    pub fn checkin(&self, t: TargetId, conn: UpstreamConn) {
+        if !conn.rbuf.is_empty() {
+            // The upstream sent bytes after its response: not a connection to reuse.
+            return;
+        }
+        let mut idle = self.targets[t.0].idle.borrow_mut();
+        if idle.len() < self.max_idle {
+            idle.push((conn, Instant::now()));
+        }
+    }
+
+    pub async fn connect(&self, t: TargetId) -> Result<UpstreamConn, ConnectError> {
+        let addr = self.targets[t.0].addr;
+        let stream = match monoio::time::timeout(
+            self.connect_timeout,
+            TcpStream::connect_addr(addr),
+        )
+        .await
+        {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Err(ConnectError::Refused(e)),
+            Err(_) => return Err(ConnectError::TimedOut),
+        };
+        // Latency matters more than packet count: heads and bodies go out in one write anyway.
+        let _ = stream.set_nodelay(true);
+        let (r, w) = stream.into_split();
+        Ok(UpstreamConn {
+            r,
+            w,
+            rbuf: ReadBuf::new(),
+            reused: false,
+        })
+    }
+
+    pub fn mark_down(&self, t: TargetId) {
+        let target = &self.targets[t.0];
+        target
+            .down_until
+            .set(Some(Instant::now() + self.fail_timeout));
+        target.idle.borrow_mut().clear();
+    }
+
+    pub fn mark_up(&self, t: TargetId) {
+        self.targets[t.0].down_until.set(None);
+    }
+
+    pub fn begin_request(&self, t: TargetId) {
+        let c = &self.targets[t.0].inflight;
+        c.set(c.get() + 1);
+    }
+
+    pub fn end_request(&self, t: TargetId) {
+        let c = &self.targets[t.0].inflight;
+        c.set(c.get().saturating_sub(1));
+    }
+
+    /// Closes idle connections that have outlived `idle_timeout`.
+    pub fn sweep_idle(&self) {
+        for target in &self.targets {
+            target
+                .idle
+                .borrow_mut()
+                .retain(|(_, since)| since.elapsed() < self.idle_timeout);
+        }
+    }
+
+    pub fn idle_connections(&self) -> usize {
+        self.targets.iter().map(|t| t.idle.borrow().len()).sum()
+    }
+}

@@ -1,0 +1,111 @@
+//! Everything one worker thread owns: its router, its route actions, its upstream pools and
+//! balancers, its random numbers, and its drain state. Built from the config on the worker's
+//! own thread and reached through an `Rc`, so the request path never synchronises.
+
+use std::cell::Cell;
+
+use crate::config::{Config, Limits, RouteAction, RouteId, UpstreamId};
+use crate::rng::Rng;
+use crate::router::Router;
+use crate::upstream::UpstreamState;
+
+pub struct Worker {
+    pub id: usize,
+    pub limits: Limits,
+    pub router: Router,
+    pub routes: Vec<RouteEntry>,
+    pub upstreams: Vec<UpstreamState>,
+    pub rng: Rng,
+    /// Set when shutdown begins: finish what is in flight, take nothing new.
+    pub draining: Cell<bool>,
+    inflight: Cell<usize>,
+}
+
+pub struct RouteEntry {
+    pub name: String,
+    pub action: Action,
+    pub max_body_bytes: Option<u64>,
+}
+
+pub enum Action {
+    Proxy {
+        upstream: UpstreamId,
+        strip_prefix: Option<Box<[u8]>>,
+    },
+    /// A fixed response; `headers` are ready-made header lines.
+    Respond {
+        status: u16,
+        headers: Box<[u8]>,
+        body: Box<[u8]>,
+    },
+}
+
+impl Worker {
+    pub fn new(id: usize, config: &Config) -> Worker {
+        let routes = config
+            .routes
+            .iter()
+            .map(|r| RouteEntry {
+                name: r.name.clone(),
+                action: match &r.action {
+                    RouteAction::Proxy(upstream) => Action::Proxy {
+                        upstream: *upstream,
+                        strip_prefix: r.strip_prefix.as_ref().map(|p| p.as_bytes().into()),
+                    },
+                    RouteAction::Respond(resp) => {
+                        let mut headers = Vec::new();
+                        for (name, value) in &resp.headers {
+                            headers.extend_from_slice(name.as_bytes());
+                            headers.extend_from_slice(b": ");
+                            headers.extend_from_slice(value.as_bytes());
+                            headers.extend_from_slice(b"\r\n");
+                        }
+                        Action::Respond {
+                            status: resp.status,
+                            headers: headers.into(),
+                            body: resp.body.as_bytes().into(),
+                        }
+                    }
+                },
+                max_body_bytes: r.max_body_bytes,
+            })
+            .collect();
+        Worker {
+            id,
+            limits: config.limits.clone(),
+            router: Router::new(config),
+            routes,
+            upstreams: config.upstreams.iter().map(UpstreamState::new).collect(),
+            rng: Rng::from_os(),
+            draining: Cell::new(false),
+            inflight: Cell::new(0),
+        }
+    }
+
+    pub fn route(&self, id: RouteId) -> &RouteEntry {
+        &self.routes[usize::from(id.0)]
+    }
+
+    pub fn upstream(&self, id: UpstreamId) -> &UpstreamState {
+        &self.upstreams[usize::from(id.0)]
+    }
+
+    /// Requests between a complete head and the end of their response.
+    pub fn inflight(&self) -> usize {
+        self.inflight.get()
+    }
+
+    pub fn begin_request(&self) -> InflightGuard<'_> {
+        self.inflight.set(self.inflight.get() + 1);
+        InflightGuard(&self.inflight)
+    }
+}
+
+/// Counts a request as in flight until dropped, however its future ends.
+pub struct InflightGuard<'a>(&'a Cell<usize>);
+
+impl Drop for InflightGuard<'_> {
+    fn drop(&mut self) {
+        self.0.set(self.0.get() - 1);
+    }
+}
