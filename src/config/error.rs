@@ -46,21 +46,24 @@ impl ConfigError {
         }
     }
 
-    /// An error at `span` of `source`. An empty span at 0 (a defaulted value) falls back to
-    /// `fallback_key`, so that a missing key is still named.
+    /// An error at `span` of `source` about `key`; an empty `key` is found from the span.
+    /// An empty span at 0 is a defaulted value: only the key can be named.
     pub fn at(
         file: &Path,
         source: &str,
         span: Range<usize>,
-        fallback_key: &str,
+        key: &str,
         message: impl Into<String>,
     ) -> Self {
-        let (line, column, key) = if span.is_empty() && span.start == 0 {
-            (0, 0, fallback_key.to_owned())
+        let (line, column) = if span.is_empty() && span.start == 0 {
+            (0, 0)
         } else {
-            let (line, column) = line_column(source, span.start);
-            let key = key_path(source, span.start).unwrap_or_else(|| fallback_key.to_owned());
-            (line, column, key)
+            line_column(source, span.start)
+        };
+        let key = if key.is_empty() {
+            key_path(source, span.start).unwrap_or_default()
+        } else {
+            key.to_owned()
         };
         ConfigError {
             file: file.to_owned(),

@@ -529,12 +529,12 @@ fn serve_upstream(
     stream.set_read_timeout(Some(TIMEOUT)).unwrap();
     let mut reader = RequestReader::new(stream);
     while let Some(req) = reader.read_request(id) {
-        let reply = handler(&req);
         {
             let (lock, cv) = received;
             lock.lock().unwrap().push(req.clone());
             cv.notify_all();
         }
+        let reply = handler(&req);
         let mut out = format!("HTTP/1.1 {} X\r\n", reply.status).into_bytes();
         for (k, v) in &reply.headers {
             out.extend_from_slice(format!("{k}: {v}\r\n").as_bytes());
