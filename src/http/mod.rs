@@ -198,19 +198,19 @@ impl ConnectionOptions {
     }
 }
 
-/// Whether every line end in `head` is CRLF (no bare CR or bare LF), as RFC 9112 §2.2 allows
-/// a recipient to insist on; a proxy must, or two hops may disagree about where lines end.
+/// Whether every line end in a head that httparse accepted is CRLF. httparse refuses a CR that
+/// is not followed by LF but accepts a bare LF (RFC 9112 §2.2 lets a recipient do either); a
+/// proxy must not, or two hops may disagree about where lines end. With no bare CR, there is no
+/// bare LF exactly when the counts match.
 pub fn line_ends_are_crlf(head: &[u8]) -> bool {
-    let mut prev = 0u8;
-    for (i, &b) in head.iter().enumerate() {
-        match b {
-            b'\n' if prev != b'\r' => return false,
-            b'\r' if head.get(i + 1) != Some(&b'\n') => return false,
-            _ => {}
-        }
-        prev = b;
-    }
-    true
+    // Per-block u8 counters (at most 255 per block) let the loop run 16 bytes at a time.
+    let (lf, cr) = head.chunks(255).fold((0usize, 0usize), |(lf, cr), block| {
+        let (l, c) = block.iter().fold((0u8, 0u8), |(l, c), &b| {
+            (l + u8::from(b == b'\n'), c + u8::from(b == b'\r'))
+        });
+        (lf + usize::from(l), cr + usize::from(c))
+    });
+    lf == cr
 }
 
 /// Parses a Content-Length value: ASCII digits only, no sign, no overflow.
@@ -252,6 +252,24 @@ mod tests {
     fn bare_line_ends_are_found() {
         assert!(line_ends_are_crlf(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"));
         assert!(!line_ends_are_crlf(b"GET / HTTP/1.1\nHost: a\r\n\r\n"));
-        assert!(!line_ends_are_crlf(b"GET / HTTP/1.1\r\nHost: a\rb\r\n\r\n"));
+        assert!(!line_ends_are_crlf(b"GET / HTTP/1.1\r\nHost: a\r\n\n"));
+        // Long heads are counted in blocks; a CRLF across a block boundary is still one.
+        let long = format!("GET / HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(235));
+        assert_eq!(long.find("\r\n\r\n"), Some(254));
+        assert!(line_ends_are_crlf(long.as_bytes()));
+    }
+
+    #[test]
+    fn httparse_refuses_bare_cr_so_counting_suffices() {
+        for raw in [
+            &b"GET / HTTP/1.1\r\nHost: a\rb\r\n\r\n"[..],
+            b"GET / HTTP/1.1\rHost: a\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a\r\n\r\r\n",
+            b"GET /\r HTTP/1.1\r\nHost: a\r\n\r\n",
+        ] {
+            let mut headers = [httparse::EMPTY_HEADER; 8];
+            let parsed = httparse::Request::new(&mut headers).parse(raw);
+            assert!(parsed.is_err(), "{:?}", String::from_utf8_lossy(raw));
+        }
     }
 }

@@ -150,7 +150,7 @@ pub fn parse_request(
         return Err(RequestError::Malformed("incomplete request line"));
     };
 
-    let line_end = head_bytes.iter().position(|&b| b == b'\n').unwrap_or(len);
+    let line_end = memchr::memchr(b'\n', head_bytes).unwrap_or(len);
     if line_end > limits.max_request_line_bytes {
         return Err(RequestError::UriTooLong);
     }
@@ -380,7 +380,7 @@ fn is_authority(v: &[u8]) -> bool {
 
 /// A partial head is refused as soon as it is already over a limit.
 fn check_partial_size(buf: &[u8], limits: &Limits) -> Result<(), RequestError> {
-    let line_end = buf.iter().position(|&b| b == b'\n');
+    let line_end = memchr::memchr(b'\n', buf);
     match line_end {
         None if buf.len() > limits.max_request_line_bytes => Err(RequestError::UriTooLong),
         Some(end) if end > limits.max_request_line_bytes => Err(RequestError::UriTooLong),

@@ -1,0 +1,109 @@
+//! Microbenchmarks of the per-request hot pieces: head parsing with framing checks, writing the
+//! upstream head, route matching with 10 and 1000 routes, and each balancer's pick.
+//! `cargo bench` runs them; they are not part of CI beyond being built.
+
+use std::hint::black_box;
+use std::path::Path;
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use ringway::config::{self, Limits, ListenerId};
+use ringway::http::write::{upstream_request, Forwarding};
+use ringway::http::{parse_request, parse_response, RequestHead, ResponseHead};
+use ringway::rng::Rng;
+use ringway::router::{RouteMatch, Router};
+use ringway::upstream::UpstreamState;
+
+const REQUEST: &[u8] = b"GET /api/v1/users/42?expand=orders HTTP/1.1\r\nHost: api.example.com\r\nUser-Agent: Mozilla/5.0 (X11; Linux x86_64) Gecko/20100101 Firefox/120.0\r\nAccept: application/json\r\nAccept-Encoding: gzip, deflate, br\r\nAccept-Language: en-US,en;q=0.5\r\nConnection: keep-alive\r\nCookie: session=4f2b1c9a7e; theme=dark\r\nX-Forwarded-For: 203.0.113.7\r\n\r\n";
+const RESPONSE: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 13\r\nDate: Sat, 28 Nov 2026 06:46:41 GMT\r\nServer: origin\r\n\r\n{\"ok\":true}\r\n";
+
+fn config_with_routes(n: usize) -> config::Config {
+    let mut src = String::from(
+        "[[listeners]]\nname = \"public\"\naddress = \"127.0.0.1:0\"\n[[upstreams]]\nname = \"app\"\ntargets = [\"127.0.0.1:9\", \"127.0.0.2:9\", \"127.0.0.3:9\", \"127.0.0.4:9\"]\n",
+    );
+    for i in 0..n {
+        let matcher = match i % 3 {
+            0 => format!("path = \"/svc{i}/exact\""),
+            1 => format!("path_prefix = \"/svc{i}/\""),
+            _ => format!("path_prefix = \"/api/v1/svc{i}/\""),
+        };
+        src.push_str(&format!(
+            "[[routes]]\nname = \"r{i}\"\nlistener = \"public\"\n{matcher}\nupstream = \"app\"\n"
+        ));
+    }
+    src.push_str("[[routes]]\nname = \"users\"\nlistener = \"public\"\npath_prefix = \"/api/v1/users/\"\nupstream = \"app\"\n");
+    config::parse(Path::new("bench.toml"), &src).expect("bench config")
+}
+
+fn parse(c: &mut Criterion) {
+    let limits = Limits::default();
+    let mut head = RequestHead::default();
+    c.bench_function("parse_request_head_9_headers", |b| {
+        b.iter(|| {
+            assert!(parse_request(black_box(REQUEST), &limits, &mut head).unwrap());
+        })
+    });
+    let mut resp = ResponseHead::default();
+    c.bench_function("parse_response_head", |b| {
+        b.iter(|| {
+            assert!(parse_response(black_box(RESPONSE), false, 40_000, 100, &mut resp).unwrap());
+        })
+    });
+    assert!(parse_request(REQUEST, &limits, &mut head).unwrap());
+    let mut out = Vec::with_capacity(1024);
+    c.bench_function("write_upstream_head", |b| {
+        b.iter(|| {
+            out.clear();
+            upstream_request(
+                &mut out,
+                black_box(REQUEST),
+                &head,
+                &Forwarding {
+                    client_ip: b"127.0.0.1",
+                    proto: b"http",
+                    request_id: b"0123456789abcdef0123456789abcdef",
+                    fallback_host: b"127.0.0.1:9",
+                    strip_prefix: Some(b"/api"),
+                },
+            );
+            black_box(out.len())
+        })
+    });
+}
+
+fn route(c: &mut Criterion) {
+    for n in [10, 1000] {
+        let router = Router::new(&config_with_routes(n));
+        c.bench_function(&format!("route_match_{n}_routes"), |b| {
+            b.iter(|| {
+                let m = router.route(
+                    ListenerId(0),
+                    Some(black_box(b"api.example.com")),
+                    black_box(b"/api/v1/users/42?expand=orders"),
+                    b"GET",
+                );
+                assert!(matches!(m, RouteMatch::Found(_)));
+            })
+        });
+    }
+}
+
+fn balance(c: &mut Criterion) {
+    let rng = Rng::from_os();
+    for balance in ["round_robin", "least_request", "random", "consistent_hash"] {
+        let src = format!(
+            "[[listeners]]\nname = \"p\"\naddress = \"127.0.0.1:0\"\n[[upstreams]]\nname = \"app\"\nbalance = \"{balance}\"\ntargets = [\"127.0.0.1:9\", \"127.0.0.2:9\", \"127.0.0.3:9\", \"127.0.0.4:9\"]\n"
+        );
+        let cfg = config::parse(Path::new("bench.toml"), &src).unwrap();
+        let up = UpstreamState::new(&cfg.upstreams[0]);
+        let mut key = 0u64;
+        c.bench_function(&format!("pick_{balance}"), |b| {
+            b.iter(|| {
+                key = key.wrapping_add(0x9e37_79b9_7f4a_7c15);
+                black_box(up.pick(&rng, black_box(key)))
+            })
+        });
+    }
+}
+
+criterion_group!(benches, parse, route, balance);
+criterion_main!(benches);
