@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use monoio::io::{AsyncReadRent, AsyncWriteRent};
 
-use crate::buffer::{send, ReadBuf, STREAMING_CAPACITY};
+use crate::buffer::{send, timed, ReadBuf, STREAMING_CAPACITY};
 use crate::config::Limits;
 use crate::http::chunked::{write_chunk_header, ChunkError, ChunkedDecoder, Decoded, LAST_CHUNK};
 use crate::http::BodyLength;
@@ -171,7 +171,7 @@ pub async fn copy_body<R: AsyncReadRent, W: AsyncWriteRent>(
             rbuf.reserve_for_streaming();
             streaming = true;
         }
-        match monoio::time::timeout(t.read_timeout, rbuf.fill(src, STREAMING_CAPACITY)).await {
+        match timed(t.read_timeout, rbuf.fill(src, STREAMING_CAPACITY)).await {
             Err(_) => return Err(BodyError::ReadTimeout),
             Ok(Ok(0)) if matches!(body, BodyReader::UntilClose) => {
                 *body = BodyReader::Done;

@@ -2,10 +2,13 @@
 //! from and bodies stream through, and writes bounded by a timeout. Buffers are owned by a
 //! connection and reused for every request on it, so a keep-alive request allocates nothing here.
 
+use std::future::Future;
 use std::io;
+use std::task::Poll;
 use std::time::Duration;
 
 use monoio::buf::{IoBuf, IoBufMut};
+use monoio::time::error::Elapsed;
 use monoio::io::{
     AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, CancelableAsyncReadRent, Canceller,
 };
@@ -153,7 +156,7 @@ impl ReadBuf {
     ) -> io::Result<()> {
         let buf = std::mem::take(&mut self.buf);
         let (pos, end) = (self.pos, buf.len());
-        match monoio::time::timeout(timeout, w.write_all(buf.slice(pos..end))).await {
+        match timed(timeout, w.write_all(buf.slice(pos..end))).await {
             Ok((res, slice)) => {
                 self.buf = slice.into_inner();
                 self.buf.clear();
@@ -168,21 +171,35 @@ impl ReadBuf {
     }
 }
 
-/// Writes all of `out`, or fails after `timeout`. The buffer comes back unchanged (on timeout,
-/// empty: the connection is unusable then anyway).
+/// Writes all of `out`. The buffer comes back unchanged.
+pub async fn write_out<W: AsyncWriteRent>(w: &mut W, out: &mut Vec<u8>) -> io::Result<()> {
+    let (res, buf) = w.write_all(std::mem::take(out)).await;
+    *out = buf;
+    res.map(drop)
+}
+
+/// Writes all of `out`, or fails after `timeout` (the buffer is then lost: the connection is
+/// unusable anyway).
 pub async fn send<W: AsyncWriteRent>(
     w: &mut W,
     out: &mut Vec<u8>,
     timeout: Duration,
 ) -> io::Result<()> {
-    let buf = std::mem::take(out);
-    match monoio::time::timeout(timeout, w.write_all(buf)).await {
-        Ok((res, buf)) => {
-            *out = buf;
-            res.map(drop)
-        }
+    match timed(timeout, write_out(w, out)).await {
+        Ok(res) => res,
         Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "write timed out")),
     }
+}
+
+/// `monoio::time::timeout`, except that the timer is armed only if `fut` is still pending after
+/// its first poll. With the epoll driver most socket writes (and reads of data already
+/// arrived) complete on that poll, so the common case pays for no timer at all.
+pub async fn timed<F: Future>(limit: Duration, fut: F) -> Result<F::Output, Elapsed> {
+    let mut fut = std::pin::pin!(fut);
+    if let Poll::Ready(v) = std::future::poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx))).await {
+        return Ok(v);
+    }
+    monoio::time::timeout(limit, fut).await
 }
 
 #[cfg(test)]

@@ -28,7 +28,7 @@ use monoio::net::TcpStream;
 use tracing::debug;
 
 use crate::body::{copy_body, BodyError, BodyReader, Reframe, Transfer};
-use crate::buffer::{send, ReadBuf, STREAMING_CAPACITY};
+use crate::buffer::{send, timed, write_out, ReadBuf, STREAMING_CAPACITY};
 use crate::config::{HashKey, ListenerId};
 use crate::error::ProxyError;
 use crate::http::write::{self, ClientFraming, Forwarding, Generated};
@@ -245,7 +245,7 @@ async fn read_request_head(c: &mut Client, w: &Worker) -> HeadRead {
             None if c.served == 0 => limits.header_read_timeout,
             None => limits.keepalive_timeout,
         };
-        match monoio::time::timeout(wait, c.rbuf.fill(&mut c.r, max_buf)).await {
+        match timed(wait, c.rbuf.fill(&mut c.r, max_buf)).await {
             Err(_) if deadline.is_some() => {
                 debug!("request head timed out");
                 return HeadRead::Failed(ProxyError::RequestTimeout);
@@ -394,7 +394,7 @@ async fn acquire<'a>(
         let Some(t) = up.pick(&w.rng, key) else {
             return Err(last);
         };
-        let conn = match up.checkout(t) {
+        let conn = match up.checkout(t, w.now()) {
             Some(conn) => conn,
             None => match up.connect(t).await {
                 Ok(conn) => {
@@ -540,7 +540,7 @@ async fn proxy(
             r
         };
         let response = async {
-            read_final_head(ur, urbuf, cw, out, resp, &ctx).await?;
+            read_final_head(ur, urbuf, cw, out, resp, &ctx, HeadWait::AfterBody).await?;
             send_response(ur, urbuf, cw, out, resp, &ctx).await
         };
         match full_duplex(pump, response).await {
@@ -560,7 +560,7 @@ async fn proxy(
         return Ok(Next::Close);
     }
     if done.upstream_reusable && body_complete {
-        up.checkin(lease.target, conn);
+        up.checkin(lease.target, conn, w.now());
     }
     Ok(if done.client_keep_alive && body_complete {
         Next::KeepAlive
@@ -637,15 +637,18 @@ async fn exchange(
 ) -> Result<ResponseDone, ResponseFailure> {
     let mut retried = false;
     loop {
-        let sent = send(&mut conn.w, up_out, ctx.write_timeout).await;
-        ctx.sent_at.set(Some(Instant::now()));
-        let result = match sent {
-            Err(_) => Err(ResponseFailure {
-                error: ProxyError::UpstreamUnreachable("write failed"),
-                closed_early: true,
-            }),
-            Ok(()) => read_final_head(&mut conn.r, &mut conn.rbuf, cw, out, resp, ctx).await,
-        };
+        // One timer covers sending the request and waiting for the response head.
+        let attempt = timed(ctx.request_timeout, async {
+            if write_out(&mut conn.w, up_out).await.is_err() {
+                return Err(ResponseFailure {
+                    error: ProxyError::UpstreamUnreachable("write failed"),
+                    closed_early: true,
+                });
+            }
+            read_final_head(&mut conn.r, &mut conn.rbuf, cw, out, resp, ctx, HeadWait::Caller).await
+        })
+        .await;
+        let result = attempt.unwrap_or(Err(ResponseFailure::new(ProxyError::UpstreamTimeout)));
         match result {
             Err(f) if f.closed_early && conn.reused && idempotent && !retried => {
                 debug!(upstream = %up.name, "pooled connection was closed; retrying on a new one");
@@ -669,6 +672,16 @@ async fn exchange(
     }
 }
 
+/// Who bounds the wait for a response head.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum HeadWait {
+    /// The caller's timer covers the whole exchange.
+    Caller,
+    /// The request body is streaming up concurrently: no limit until it is complete
+    /// (`ResponseCtx::sent_at`), then `request_timeout` from then.
+    AfterBody,
+}
+
 /// Reads the upstream's final response head into `resp`. Interim responses are passed to an
 /// HTTP/1.1 client, except `100 Continue`, which the gateway already answered itself.
 async fn read_final_head(
@@ -678,6 +691,7 @@ async fn read_final_head(
     out: &mut Vec<u8>,
     resp: &mut ResponseHead,
     ctx: &ResponseCtx<'_>,
+    wait: HeadWait,
 ) -> Result<(), ResponseFailure> {
     let limits = &ctx.worker.limits;
     let max_head = limits.max_request_line_bytes + limits.max_header_bytes;
@@ -721,24 +735,24 @@ async fn read_final_head(
                 }
             }
         }
-        let read = match ctx.sent_at.get() {
-            Some(at) => {
+        let read = match (wait, ctx.sent_at.get()) {
+            (HeadWait::Caller, _) => urbuf.fill(ur, max_head + 1).await,
+            (HeadWait::AfterBody, Some(at)) => {
                 let left = ctx.request_timeout.saturating_sub(at.elapsed());
-                match monoio::time::timeout(left, urbuf.fill(ur, max_head + 1)).await {
+                match timed(left, urbuf.fill(ur, max_head + 1)).await {
                     Ok(r) => r,
                     Err(_) => return Err(ResponseFailure::new(ProxyError::UpstreamTimeout)),
                 }
             }
             // The request body is still streaming up: the upstream may answer whenever it
             // likes, and the clock starts only once the request is complete.
-            None => match urbuf
-                .fill_or_idle(ur, max_head + 1, ctx.request_timeout)
-                .await
-            {
-                Ok(Some(n)) => Ok(n),
-                Ok(None) => continue,
-                Err(e) => Err(e),
-            },
+            (HeadWait::AfterBody, None) => {
+                match urbuf.fill_or_idle(ur, max_head + 1, ctx.request_timeout).await {
+                    Ok(Some(n)) => Ok(n),
+                    Ok(None) => continue,
+                    Err(e) => Err(e),
+                }
+            }
         };
         match read {
             Ok(0) if !received => {
@@ -911,7 +925,7 @@ async fn linger(c: &mut Client) {
         c.rbuf.consume(n);
         discarded += n;
         let left = deadline.saturating_duration_since(Instant::now());
-        match monoio::time::timeout(left, c.rbuf.fill(&mut c.r, STREAMING_CAPACITY)).await {
+        match timed(left, c.rbuf.fill(&mut c.r, STREAMING_CAPACITY)).await {
             Ok(Ok(n)) if n > 0 => {}
             _ => break,
         }

@@ -35,13 +35,13 @@ impl Rng {
     /// 32 lower-case hex digits: a request id.
     pub fn hex_id(&self, out: &mut Vec<u8>) {
         const HEX: &[u8; 16] = b"0123456789abcdef";
-        for _ in 0..2 {
-            let mut v = self.next_u64();
-            for _ in 0..16 {
-                out.push(HEX[(v & 0xf) as usize]);
-                v >>= 4;
-            }
+        let mut id = [0u8; 32];
+        let (a, b) = (self.next_u64(), self.next_u64());
+        for (i, digit) in id.iter_mut().enumerate() {
+            let v = if i < 16 { a } else { b };
+            *digit = HEX[((v >> ((i % 16) * 4)) & 0xf) as usize];
         }
+        out.extend_from_slice(&id);
     }
 }
 

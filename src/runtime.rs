@@ -327,9 +327,10 @@ async fn worker_main(ctx: WorkerStart<'_>, driver: &'static str) {
     loop {
         monoio::time::sleep(CONTROL_TICK).await;
         ticks = ticks.wrapping_add(1);
+        worker.advance_clock();
         if ticks % SWEEP_EVERY == 0 {
             for up in &worker.upstreams {
-                up.sweep_idle();
+                up.sweep_idle(worker.now());
             }
         }
         if drain_deadline.is_none() {

@@ -3,6 +3,7 @@
 //! own thread and reached through an `Rc`, so the request path never synchronises.
 
 use std::cell::Cell;
+use std::time::Instant;
 
 use crate::config::{Config, Limits, RouteAction, RouteId, UpstreamId};
 use crate::rng::Rng;
@@ -19,6 +20,9 @@ pub struct Worker {
     /// Set when shutdown begins: finish what is in flight, take nothing new.
     pub draining: Cell<bool>,
     inflight: Cell<usize>,
+    /// A coarse clock, advanced by the worker's control tick, for bookkeeping that does not
+    /// need a fresh reading per request (idle pool ages).
+    clock: Cell<Instant>,
 }
 
 pub struct RouteEntry {
@@ -79,6 +83,7 @@ impl Worker {
             rng: Rng::from_os(),
             draining: Cell::new(false),
             inflight: Cell::new(0),
+            clock: Cell::new(Instant::now()),
         }
     }
 
@@ -88,6 +93,14 @@ impl Worker {
 
     pub fn upstream(&self, id: UpstreamId) -> &UpstreamState {
         &self.upstreams[usize::from(id.0)]
+    }
+
+    pub fn now(&self) -> Instant {
+        self.clock.get()
+    }
+
+    pub fn advance_clock(&self) {
+        self.clock.set(Instant::now());
     }
 
     /// Requests between a complete head and the end of their response.

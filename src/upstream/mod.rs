@@ -119,11 +119,12 @@ impl UpstreamState {
         &self.targets[t.0]
     }
 
-    /// An idle connection to `t` that has not outlived `idle_timeout`.
-    pub fn checkout(&self, t: TargetId) -> Option<UpstreamConn> {
+    /// An idle connection to `t` that has not outlived `idle_timeout`. `now` may be the
+    /// worker's coarse clock: idle timeouts do not need better than its tick.
+    pub fn checkout(&self, t: TargetId, now: Instant) -> Option<UpstreamConn> {
         let mut idle = self.targets[t.0].idle.borrow_mut();
         while let Some((mut conn, since)) = idle.pop() {
-            if since.elapsed() < self.idle_timeout {
+            if now.saturating_duration_since(since) < self.idle_timeout {
                 conn.reused = true;
                 return Some(conn);
             }
@@ -132,14 +133,14 @@ impl UpstreamState {
     }
 
     /// Returns a connection whose last exchange completed cleanly to the idle pool.
-    pub fn checkin(&self, t: TargetId, conn: UpstreamConn) {
+    pub fn checkin(&self, t: TargetId, conn: UpstreamConn, now: Instant) {
         if !conn.rbuf.is_empty() {
             // The upstream sent bytes after its response: not a connection to reuse.
             return;
         }
         let mut idle = self.targets[t.0].idle.borrow_mut();
         if idle.len() < self.max_idle {
-            idle.push((conn, Instant::now()));
+            idle.push((conn, now));
         }
     }
 
@@ -189,12 +190,12 @@ impl UpstreamState {
     }
 
     /// Closes idle connections that have outlived `idle_timeout`.
-    pub fn sweep_idle(&self) {
+    pub fn sweep_idle(&self, now: Instant) {
         for target in &self.targets {
             target
                 .idle
                 .borrow_mut()
-                .retain(|(_, since)| since.elapsed() < self.idle_timeout);
+                .retain(|(_, since)| now.saturating_duration_since(*since) < self.idle_timeout);
         }
     }
 
