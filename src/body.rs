@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use monoio::io::{AsyncReadRent, AsyncWriteRent};
 
-use crate::buffer::{send, timed, ReadBuf, STREAMING_CAPACITY};
+use crate::buffer::{send, ReadBuf, STREAMING_CAPACITY};
+use crate::deadline::Deadline;
 use crate::config::Limits;
 use crate::http::chunked::{write_chunk_header, ChunkError, ChunkedDecoder, Decoded, LAST_CHUNK};
 use crate::http::BodyLength;
@@ -154,6 +155,7 @@ pub async fn copy_body<R: AsyncReadRent, W: AsyncWriteRent>(
     reframe: Reframe,
     seen: &mut u64,
     t: &Transfer,
+    deadline: &Deadline<'_>,
 ) -> Result<(), BodyError> {
     let mut streaming = false;
     loop {
@@ -162,7 +164,7 @@ pub async fn copy_body<R: AsyncReadRent, W: AsyncWriteRent>(
             break;
         }
         if !out.is_empty() {
-            send(dst, out, t.write_timeout)
+            send(dst, out, deadline, t.write_timeout)
                 .await
                 .map_err(BodyError::Write)?;
             out.clear();
@@ -171,7 +173,10 @@ pub async fn copy_body<R: AsyncReadRent, W: AsyncWriteRent>(
             rbuf.reserve_for_streaming();
             streaming = true;
         }
-        match timed(t.read_timeout, rbuf.fill(src, STREAMING_CAPACITY)).await {
+        match deadline
+            .within(t.read_timeout, rbuf.fill(src, STREAMING_CAPACITY))
+            .await
+        {
             Err(_) => return Err(BodyError::ReadTimeout),
             Ok(Ok(0)) if matches!(body, BodyReader::UntilClose) => {
                 *body = BodyReader::Done;
@@ -183,7 +188,7 @@ pub async fn copy_body<R: AsyncReadRent, W: AsyncWriteRent>(
         }
     }
     if !out.is_empty() {
-        send(dst, out, t.write_timeout)
+        send(dst, out, deadline, t.write_timeout)
             .await
             .map_err(BodyError::Write)?;
         out.clear();

@@ -4,14 +4,16 @@
 
 use std::future::Future;
 use std::io;
+use std::pin::pin;
 use std::task::Poll;
 use std::time::Duration;
 
 use monoio::buf::{IoBuf, IoBufMut};
-use monoio::time::error::Elapsed;
 use monoio::io::{
     AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, CancelableAsyncReadRent, Canceller,
 };
+
+use crate::deadline::{Deadline, TimedOut};
 
 /// Initial capacity of every read buffer.
 pub const INITIAL_CAPACITY: usize = 8 * 1024;
@@ -110,64 +112,56 @@ impl ReadBuf {
         res
     }
 
-    /// Like `fill`, but gives up after `idle` without losing bytes that arrive as it does:
-    /// the read is cancelled and then awaited, so whatever it read is kept. Ok(None): idle.
-    pub async fn fill_or_idle<R: CancelableAsyncReadRent>(
+    /// Like `fill`, but gives up when `deadline` (armed by the caller) passes, without losing
+    /// bytes that arrive as it does: the read is cancelled and then awaited, so whatever it
+    /// read is kept. Ok(None): the deadline passed with nothing read.
+    pub async fn fill_until<R: CancelableAsyncReadRent>(
         &mut self,
         r: &mut R,
         max: usize,
-        idle: Duration,
+        deadline: &Deadline<'_>,
     ) -> io::Result<Option<usize>> {
         if !self.make_room(max) {
-            return Err(io::Error::new(
-                io::ErrorKind::OutOfMemory,
-                "read buffer full",
-            ));
+            return Err(io::Error::new(io::ErrorKind::OutOfMemory, "read buffer full"));
         }
         let buf = std::mem::take(&mut self.buf);
         let len = buf.len();
         let canceller = Canceller::new();
-        let read = r.cancelable_read(buf.slice_mut(len..), canceller.handle());
-        let mut read = std::pin::pin!(read);
-        let (res, slice) = monoio::select! {
-            done = &mut read => done,
-            _ = monoio::time::sleep(idle) => {
-                canceller.cancel();
-                let (res, slice) = read.await;
-                self.buf = slice.into_inner();
-                return match res {
-                    Ok(n) => Ok(Some(n)),
-                    Err(e) if e.raw_os_error() == Some(libc::ECANCELED) => Ok(None),
-                    Err(e) => Err(e),
-                };
+        let mut read = pin!(r.cancelable_read(buf.slice_mut(len..), canceller.handle()));
+        let mut canceller = Some(canceller);
+        let (res, slice) = std::future::poll_fn(|cx| {
+            if let Poll::Ready(done) = read.as_mut().poll(cx) {
+                return Poll::Ready(done);
             }
-        };
+            if deadline.fired() {
+                if let Some(c) = canceller.take() {
+                    c.cancel();
+                }
+                return read.as_mut().poll(cx);
+            }
+            deadline.register(cx.waker());
+            Poll::Pending
+        })
+        .await;
         self.buf = slice.into_inner();
-        res.map(Some)
+        match res {
+            Ok(n) => Ok(Some(n)),
+            Err(e) if e.raw_os_error() == Some(libc::ECANCELED) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 }
 
 impl ReadBuf {
     /// Writes every unconsumed byte to `w` straight from the buffer, then empties it.
-    pub async fn write_all_to<W: AsyncWriteRent>(
-        &mut self,
-        w: &mut W,
-        timeout: Duration,
-    ) -> io::Result<()> {
+    pub async fn write_all_to<W: AsyncWriteRent>(&mut self, w: &mut W) -> io::Result<()> {
         let buf = std::mem::take(&mut self.buf);
         let (pos, end) = (self.pos, buf.len());
-        match timed(timeout, w.write_all(buf.slice(pos..end))).await {
-            Ok((res, slice)) => {
-                self.buf = slice.into_inner();
-                self.buf.clear();
-                self.pos = 0;
-                res.map(drop)
-            }
-            Err(_) => {
-                self.pos = 0;
-                Err(io::Error::new(io::ErrorKind::TimedOut, "write timed out"))
-            }
-        }
+        let (res, slice) = w.write_all(buf.slice(pos..end)).await;
+        self.buf = slice.into_inner();
+        self.buf.clear();
+        self.pos = 0;
+        res.map(drop)
     }
 }
 
@@ -178,28 +172,18 @@ pub async fn write_out<W: AsyncWriteRent>(w: &mut W, out: &mut Vec<u8>) -> io::R
     res.map(drop)
 }
 
-/// Writes all of `out`, or fails after `timeout` (the buffer is then lost: the connection is
-/// unusable anyway).
+/// Writes all of `out`, or fails once `limit` has passed (the buffer is then lost: the
+/// connection is unusable anyway).
 pub async fn send<W: AsyncWriteRent>(
     w: &mut W,
     out: &mut Vec<u8>,
-    timeout: Duration,
+    deadline: &Deadline<'_>,
+    limit: Duration,
 ) -> io::Result<()> {
-    match timed(timeout, write_out(w, out)).await {
+    match deadline.within(limit, write_out(w, out)).await {
         Ok(res) => res,
-        Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "write timed out")),
+        Err(TimedOut) => Err(io::Error::new(io::ErrorKind::TimedOut, "write timed out")),
     }
-}
-
-/// `monoio::time::timeout`, except that the timer is armed only if `fut` is still pending after
-/// its first poll. With the epoll driver most socket writes (and reads of data already
-/// arrived) complete on that poll, so the common case pays for no timer at all.
-pub async fn timed<F: Future>(limit: Duration, fut: F) -> Result<F::Output, Elapsed> {
-    let mut fut = std::pin::pin!(fut);
-    if let Poll::Ready(v) = std::future::poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx))).await {
-        return Ok(v);
-    }
-    monoio::time::timeout(limit, fut).await
 }
 
 #[cfg(test)]

@@ -10,12 +10,14 @@
 //! - `router`: route selection.
 //! - `upstream`: per-worker pools, balancers and passive health.
 //! - `body`, `buffer`: streaming bodies through bounded buffers.
+//! - `deadline`: coarse per-connection timeouts, woken by the worker's tick.
 //! - `admin`: the admin listener on its own thread.
 
 pub mod admin;
 pub mod body;
 pub mod buffer;
 pub mod config;
+pub mod deadline;
 pub mod error;
 pub mod http;
 pub mod proxy;

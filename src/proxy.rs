@@ -28,7 +28,8 @@ use monoio::net::TcpStream;
 use tracing::debug;
 
 use crate::body::{copy_body, BodyError, BodyReader, Reframe, Transfer};
-use crate::buffer::{send, timed, write_out, ReadBuf, STREAMING_CAPACITY};
+use crate::buffer::{send, write_out, ReadBuf, STREAMING_CAPACITY};
+use crate::deadline::{Deadline, TimedOut};
 use crate::config::{HashKey, ListenerId};
 use crate::error::ProxyError;
 use crate::http::write::{self, ClientFraming, Forwarding, Generated};
@@ -48,7 +49,9 @@ const LINGER: Duration = Duration::from_secs(2);
 const LINGER_BYTES: usize = 1 << 20;
 
 /// One client connection's state, reused by every request on it.
-struct Client {
+struct Client<'w> {
+    /// Times this connection's pending operation.
+    deadline: Deadline<'w>,
     r: OwnedReadHalf<TcpStream>,
     w: OwnedWriteHalf<TcpStream>,
     rbuf: ReadBuf,
@@ -112,11 +115,10 @@ struct ResponseCtx<'a> {
     request_id: &'a [u8],
     request_timeout: Duration,
     write_timeout: Duration,
-    /// When the request finished going upstream; `None` while its body is still streaming,
-    /// during which the wait for the response head does not time out.
-    sent_at: &'a Cell<Option<Instant>>,
     /// Set once any response byte has gone to the client.
     head_sent: &'a Cell<bool>,
+    /// Times the response side's operations.
+    deadline: &'a Deadline<'a>,
     worker: &'a Worker,
 }
 
@@ -146,6 +148,7 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, listener: ListenerId, w:
     let _ = stream.set_nodelay(true);
     let (r, wr) = stream.into_split();
     let mut c = Client {
+        deadline: w.deadlines.slot(),
         r,
         w: wr,
         rbuf: ReadBuf::new(),
@@ -162,7 +165,7 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, listener: ListenerId, w:
     }
 }
 
-async fn serve_request(c: &mut Client, w: &Worker, listener: ListenerId) -> Next {
+async fn serve_request(c: &mut Client<'_>, w: &Worker, listener: ListenerId) -> Next {
     if w.draining.get() && c.rbuf.is_empty() {
         return Next::Close;
     }
@@ -224,7 +227,7 @@ enum HeadRead {
     Failed(ProxyError),
 }
 
-async fn read_request_head(c: &mut Client, w: &Worker) -> HeadRead {
+async fn read_request_head(c: &mut Client<'_>, w: &Worker) -> HeadRead {
     let limits = &w.limits;
     let max_buf = limits.max_request_line_bytes + limits.max_header_bytes + 4096;
     let mut deadline: Option<Instant> = None;
@@ -245,7 +248,7 @@ async fn read_request_head(c: &mut Client, w: &Worker) -> HeadRead {
             None if c.served == 0 => limits.header_read_timeout,
             None => limits.keepalive_timeout,
         };
-        match timed(wait, c.rbuf.fill(&mut c.r, max_buf)).await {
+        match c.deadline.within(wait, c.rbuf.fill(&mut c.r, max_buf)).await {
             Err(_) if deadline.is_some() => {
                 debug!("request head timed out");
                 return HeadRead::Failed(ProxyError::RequestTimeout);
@@ -256,7 +259,7 @@ async fn read_request_head(c: &mut Client, w: &Worker) -> HeadRead {
     }
 }
 
-async fn handle(c: &mut Client, w: &Worker, listener: ListenerId) -> Result<Next, Failure> {
+async fn handle(c: &mut Client<'_>, w: &Worker, listener: ListenerId) -> Result<Next, Failure> {
     let buf = c.rbuf.data();
     let head = &c.head;
     let found = w.router.route(
@@ -292,7 +295,7 @@ async fn handle(c: &mut Client, w: &Worker, listener: ListenerId) -> Result<Next
 
 /// A `respond` route: the fixed response, after reading and discarding any request body.
 async fn respond(
-    c: &mut Client,
+    c: &mut Client<'_>,
     w: &Worker,
     route: &RouteEntry,
     status: u16,
@@ -330,7 +333,7 @@ async fn respond(
             request_id: &c.request_id,
         },
     );
-    if send(&mut c.w, &mut c.out, w.limits.write_timeout)
+    if send(&mut c.w, &mut c.out, &c.deadline, w.limits.write_timeout)
         .await
         .is_err()
     {
@@ -353,7 +356,7 @@ fn body_failure(e: BodyError) -> Failure {
 }
 
 /// The hash consistent hashing places this request by.
-fn balance_key(up: &UpstreamState, c: &Client) -> u64 {
+fn balance_key(up: &UpstreamState, c: &Client<'_>) -> u64 {
     if !up.needs_key() {
         return 0;
     }
@@ -388,6 +391,7 @@ async fn acquire<'a>(
     up: &'a UpstreamState,
     w: &Worker,
     key: u64,
+    deadline: &Deadline<'_>,
 ) -> Result<(TargetLease<'a>, UpstreamConn), ProxyError> {
     let mut last = ProxyError::NoHealthyTarget;
     for _ in 0..MAX_CONNECT_ATTEMPTS {
@@ -396,7 +400,7 @@ async fn acquire<'a>(
         };
         let conn = match up.checkout(t, w.now()) {
             Some(conn) => conn,
-            None => match up.connect(t).await {
+            None => match up.connect(t, deadline).await {
                 Ok(conn) => {
                     up.mark_up(t);
                     conn
@@ -421,14 +425,16 @@ async fn acquire<'a>(
 }
 
 async fn proxy(
-    c: &mut Client,
+    c: &mut Client<'_>,
     w: &Worker,
     route: &RouteEntry,
     up: &UpstreamState,
     strip_prefix: Option<&[u8]>,
 ) -> Result<Next, Failure> {
     let key = balance_key(up, c);
-    let (lease, mut conn) = acquire(up, w, key).await.map_err(Failure::BeforeBody)?;
+    let (lease, mut conn) = acquire(up, w, key, &c.deadline)
+        .await
+        .map_err(Failure::BeforeBody)?;
     let head = &c.head;
     let buf = c.rbuf.data();
     c.up_out.clear();
@@ -462,7 +468,6 @@ async fn proxy(
     )
     .map_err(body_failure)?;
 
-    let sent_at = Cell::new(None);
     let head_sent = Cell::new(false);
     let ctx = ResponseCtx {
         to_head: method == Method::Head,
@@ -472,8 +477,8 @@ async fn proxy(
         request_id: &c.request_id,
         request_timeout: up.request_timeout,
         write_timeout: w.limits.write_timeout,
-        sent_at: &sent_at,
         head_sent: &head_sent,
+        deadline: &c.deadline,
         worker: w,
     };
 
@@ -496,11 +501,11 @@ async fn proxy(
         if expect_continue {
             c.out.clear();
             c.out.extend_from_slice(write::CONTINUE);
-            send(&mut c.w, &mut c.out, w.limits.write_timeout)
+            send(&mut c.w, &mut c.out, &c.deadline, w.limits.write_timeout)
                 .await
                 .map_err(|_| Failure::Abort)?;
         }
-        if send(&mut conn.w, &mut c.up_out, w.limits.write_timeout)
+        if send(&mut conn.w, &mut c.up_out, &c.deadline, w.limits.write_timeout)
             .await
             .is_err()
         {
@@ -529,13 +534,23 @@ async fn proxy(
             rbuf: urbuf,
             ..
         } = &mut conn;
+        let pump_deadline = w.deadlines.slot();
         let pump = async {
             let r = copy_body(
-                cr, crbuf, uw, up_out, &mut body, reframe, &mut seen, &transfer,
+                cr,
+                crbuf,
+                uw,
+                up_out,
+                &mut body,
+                reframe,
+                &mut seen,
+                &transfer,
+                &pump_deadline,
             )
             .await;
             if r.is_ok() {
-                sent_at.set(Some(Instant::now()));
+                // The request is complete: the wait for the response head starts now.
+                ctx.deadline.arm(ctx.request_timeout);
             }
             r
         };
@@ -556,7 +571,7 @@ async fn proxy(
     };
 
     if done.upgrade {
-        tunnel(c, &mut conn, w.limits.tunnel_idle_timeout).await;
+        tunnel(c, w, &mut conn, w.limits.tunnel_idle_timeout).await;
         return Ok(Next::Close);
     }
     if done.upstream_reusable && body_complete {
@@ -638,7 +653,7 @@ async fn exchange(
     let mut retried = false;
     loop {
         // One timer covers sending the request and waiting for the response head.
-        let attempt = timed(ctx.request_timeout, async {
+        let attempt = ctx.deadline.within(ctx.request_timeout, async {
             if write_out(&mut conn.w, up_out).await.is_err() {
                 return Err(ResponseFailure {
                     error: ProxyError::UpstreamUnreachable("write failed"),
@@ -653,7 +668,7 @@ async fn exchange(
             Err(f) if f.closed_early && conn.reused && idempotent && !retried => {
                 debug!(upstream = %up.name, "pooled connection was closed; retrying on a new one");
                 retried = true;
-                *conn = match up.connect(target).await {
+                *conn = match up.connect(target, ctx.deadline).await {
                     Ok(fresh) => fresh,
                     Err(ConnectError::TimedOut) => {
                         return Err(ResponseFailure::new(ProxyError::UpstreamTimeout))
@@ -675,10 +690,10 @@ async fn exchange(
 /// Who bounds the wait for a response head.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum HeadWait {
-    /// The caller's timer covers the whole exchange.
+    /// The caller's deadline covers the whole exchange.
     Caller,
-    /// The request body is streaming up concurrently: no limit until it is complete
-    /// (`ResponseCtx::sent_at`), then `request_timeout` from then.
+    /// The request body is streaming up concurrently: no limit until it is complete, when the
+    /// pump arms `ctx.deadline` with `request_timeout`.
     AfterBody,
 }
 
@@ -717,7 +732,17 @@ async fn read_final_head(
                         out.clear();
                         write::interim_response(out, urbuf.data(), resp);
                         ctx.head_sent.set(true);
-                        send(cw, out, ctx.write_timeout).await.map_err(|_| {
+                        // Bounded by the caller's deadline, or (streaming) by the one the
+                        // request body arms when it is done; re-arming here would lose it.
+                        let sent = match wait {
+                            HeadWait::Caller => write_out(cw, out).await,
+                            HeadWait::AfterBody => ctx
+                                .deadline
+                                .until_fired(write_out(cw, out))
+                                .await
+                                .unwrap_or(Err(io::ErrorKind::TimedOut.into())),
+                        };
+                        sent.map_err(|_| {
                             ResponseFailure::new(ProxyError::UpstreamUnreachable("client gone"))
                         })?;
                     }
@@ -735,22 +760,14 @@ async fn read_final_head(
                 }
             }
         }
-        let read = match (wait, ctx.sent_at.get()) {
-            (HeadWait::Caller, _) => urbuf.fill(ur, max_head + 1).await,
-            (HeadWait::AfterBody, Some(at)) => {
-                let left = ctx.request_timeout.saturating_sub(at.elapsed());
-                match timed(left, urbuf.fill(ur, max_head + 1)).await {
+        let read = match wait {
+            HeadWait::Caller => urbuf.fill(ur, max_head + 1).await,
+            HeadWait::AfterBody => {
+                match ctx.deadline.until_fired(urbuf.fill(ur, max_head + 1)).await {
                     Ok(r) => r,
-                    Err(_) => return Err(ResponseFailure::new(ProxyError::UpstreamTimeout)),
-                }
-            }
-            // The request body is still streaming up: the upstream may answer whenever it
-            // likes, and the clock starts only once the request is complete.
-            (HeadWait::AfterBody, None) => {
-                match urbuf.fill_or_idle(ur, max_head + 1, ctx.request_timeout).await {
-                    Ok(Some(n)) => Ok(n),
-                    Ok(None) => continue,
-                    Err(e) => Err(e),
+                    Err(TimedOut) => {
+                        return Err(ResponseFailure::new(ProxyError::UpstreamTimeout))
+                    }
                 }
             }
         };
@@ -822,7 +839,7 @@ async fn send_response(
     urbuf.consume(resp.len);
     ctx.head_sent.set(true);
     if upgrade {
-        send(cw, out, ctx.write_timeout)
+        send(cw, out, ctx.deadline, ctx.write_timeout)
             .await
             .map_err(|_| ResponseFailure::new(ProxyError::UpstreamUnreachable("client gone")))?;
         return Ok(ResponseDone {
@@ -837,7 +854,19 @@ async fn send_response(
         max: None,
     };
     let mut seen = 0;
-    if let Err(e) = copy_body(ur, urbuf, cw, out, &mut body, reframe, &mut seen, &transfer).await {
+    if let Err(e) = copy_body(
+        ur,
+        urbuf,
+        cw,
+        out,
+        &mut body,
+        reframe,
+        &mut seen,
+        &transfer,
+        ctx.deadline,
+    )
+    .await
+    {
         debug!(error = ?e, "response body failed; closing the client connection");
         return Err(ResponseFailure::new(ProxyError::UpstreamUnreachable(
             "response body failed",
@@ -851,28 +880,39 @@ async fn send_response(
 }
 
 /// After a 101: bytes flow both ways untouched until both sides close or the pair goes idle.
-async fn tunnel(c: &mut Client, conn: &mut UpstreamConn, idle: Duration) {
+async fn tunnel(c: &mut Client<'_>, w: &Worker, conn: &mut UpstreamConn, idle: Duration) {
     let last = Cell::new(Instant::now());
-    let up = relay(&mut c.r, &mut c.rbuf, &mut conn.w, &last, idle);
-    let down = relay(&mut conn.r, &mut conn.rbuf, &mut c.w, &last, idle);
+    let (up_deadline, down_deadline) = (w.deadlines.slot(), w.deadlines.slot());
+    let up = relay(&mut c.r, &mut c.rbuf, &mut conn.w, &last, idle, &up_deadline);
+    let down = relay(&mut conn.r, &mut conn.rbuf, &mut c.w, &last, idle, &down_deadline);
     monoio::join!(up, down);
 }
 
-async fn relay<R, W>(r: &mut R, rbuf: &mut ReadBuf, w: &mut W, last: &Cell<Instant>, idle: Duration)
-where
+async fn relay<R, W>(
+    r: &mut R,
+    rbuf: &mut ReadBuf,
+    w: &mut W,
+    last: &Cell<Instant>,
+    idle: Duration,
+    deadline: &Deadline<'_>,
+) where
     R: CancelableAsyncReadRent,
     W: AsyncWriteRent,
 {
     loop {
         if !rbuf.is_empty() {
-            if rbuf.write_all_to(w, idle).await.is_err() {
+            if !matches!(deadline.within(idle, rbuf.write_all_to(w)).await, Ok(Ok(()))) {
                 break;
             }
             last.set(Instant::now());
         }
-        match rbuf.fill_or_idle(r, STREAMING_CAPACITY, idle).await {
+        deadline.arm(idle);
+        let read = rbuf.fill_until(r, STREAMING_CAPACITY, deadline).await;
+        deadline.disarm();
+        match read {
             Ok(Some(0)) | Err(_) => break,
             Ok(Some(_)) => last.set(Instant::now()),
+            // Idle this way; the pair is idle only if the other way is too.
             Ok(None) if last.get().elapsed() >= idle => break,
             Ok(None) => {}
         }
@@ -881,7 +921,7 @@ where
 }
 
 /// Writes a gateway-generated error response. Returns whether it was written.
-async fn reply_error(c: &mut Client, w: &Worker, e: &ProxyError, keep_alive: bool) -> bool {
+async fn reply_error(c: &mut Client<'_>, w: &Worker, e: &ProxyError, keep_alive: bool) -> bool {
     let status = e.status();
     debug!(status, error = %e.message(), worker = w.id, "request failed");
     let mut headers = Vec::with_capacity(64);
@@ -909,25 +949,29 @@ async fn reply_error(c: &mut Client, w: &Worker, e: &ProxyError, keep_alive: boo
             request_id: &c.request_id,
         },
     );
-    send(&mut c.w, &mut c.out, w.limits.write_timeout)
+    send(&mut c.w, &mut c.out, &c.deadline, w.limits.write_timeout)
         .await
         .is_ok()
 }
 
 /// Half-closes and drains what the client still sends, briefly, before the connection is
 /// dropped: closing a socket with unread data resets it, and the reset can overtake the reply.
-async fn linger(c: &mut Client) {
+async fn linger(c: &mut Client<'_>) {
     let _ = c.w.shutdown().await;
-    let deadline = Instant::now() + LINGER;
+    c.deadline.arm(LINGER);
     let mut discarded = 0;
     while discarded < LINGER_BYTES {
         let n = c.rbuf.len();
         c.rbuf.consume(n);
         discarded += n;
-        let left = deadline.saturating_duration_since(Instant::now());
-        match timed(left, c.rbuf.fill(&mut c.r, STREAMING_CAPACITY)).await {
+        match c
+            .deadline
+            .until_fired(c.rbuf.fill(&mut c.r, STREAMING_CAPACITY))
+            .await
+        {
             Ok(Ok(n)) if n > 0 => {}
             _ => break,
         }
     }
+    c.deadline.disarm();
 }

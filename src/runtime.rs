@@ -327,7 +327,7 @@ async fn worker_main(ctx: WorkerStart<'_>, driver: &'static str) {
     loop {
         monoio::time::sleep(CONTROL_TICK).await;
         ticks = ticks.wrapping_add(1);
-        worker.advance_clock();
+        worker.deadlines.tick();
         if ticks % SWEEP_EVERY == 0 {
             for up in &worker.upstreams {
                 up.sweep_idle(worker.now());

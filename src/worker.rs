@@ -6,6 +6,7 @@ use std::cell::Cell;
 use std::time::Instant;
 
 use crate::config::{Config, Limits, RouteAction, RouteId, UpstreamId};
+use crate::deadline::Deadlines;
 use crate::rng::Rng;
 use crate::router::Router;
 use crate::upstream::UpstreamState;
@@ -20,9 +21,8 @@ pub struct Worker {
     /// Set when shutdown begins: finish what is in flight, take nothing new.
     pub draining: Cell<bool>,
     inflight: Cell<usize>,
-    /// A coarse clock, advanced by the worker's control tick, for bookkeeping that does not
-    /// need a fresh reading per request (idle pool ages).
-    clock: Cell<Instant>,
+    /// Deadlines of every connection's pending operation, and the worker's coarse clock.
+    pub deadlines: Deadlines,
 }
 
 pub struct RouteEntry {
@@ -83,7 +83,7 @@ impl Worker {
             rng: Rng::from_os(),
             draining: Cell::new(false),
             inflight: Cell::new(0),
-            clock: Cell::new(Instant::now()),
+            deadlines: Deadlines::default(),
         }
     }
 
@@ -95,12 +95,9 @@ impl Worker {
         &self.upstreams[usize::from(id.0)]
     }
 
+    /// The coarse clock, good to a control tick: for bookkeeping such as idle pool ages.
     pub fn now(&self) -> Instant {
-        self.clock.get()
-    }
-
-    pub fn advance_clock(&self) {
-        self.clock.set(Instant::now());
+        self.deadlines.now()
     }
 
     /// Requests between a complete head and the end of their response.

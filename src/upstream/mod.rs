@@ -20,6 +20,7 @@ use balancer::{Balancer, Targets};
 
 use crate::buffer::ReadBuf;
 use crate::config::{HashKey, Upstream};
+use crate::deadline::Deadline;
 use crate::rng::Rng;
 
 /// Index of a target within its upstream.
@@ -144,13 +145,15 @@ impl UpstreamState {
         }
     }
 
-    pub async fn connect(&self, t: TargetId) -> Result<UpstreamConn, ConnectError> {
+    pub async fn connect(
+        &self,
+        t: TargetId,
+        deadline: &Deadline<'_>,
+    ) -> Result<UpstreamConn, ConnectError> {
         let addr = self.targets[t.0].addr;
-        let stream = match monoio::time::timeout(
-            self.connect_timeout,
-            TcpStream::connect_addr(addr),
-        )
-        .await
+        let stream = match deadline
+            .within(self.connect_timeout, TcpStream::connect_addr(addr))
+            .await
         {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => return Err(ConnectError::Refused(e)),
