@@ -9,8 +9,8 @@ use std::time::Duration;
 use monoio::io::{AsyncReadRent, AsyncWriteRent};
 
 use crate::buffer::{send, ReadBuf, STREAMING_CAPACITY};
-use crate::deadline::Deadline;
 use crate::config::Limits;
+use crate::deadline::Deadline;
 use crate::http::chunked::{write_chunk_header, ChunkError, ChunkedDecoder, Decoded, LAST_CHUNK};
 use crate::http::BodyLength;
 

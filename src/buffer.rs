@@ -122,7 +122,10 @@ impl ReadBuf {
         deadline: &Deadline<'_>,
     ) -> io::Result<Option<usize>> {
         if !self.make_room(max) {
-            return Err(io::Error::new(io::ErrorKind::OutOfMemory, "read buffer full"));
+            return Err(io::Error::new(
+                io::ErrorKind::OutOfMemory,
+                "read buffer full",
+            ));
         }
         let buf = std::mem::take(&mut self.buf);
         let len = buf.len();

@@ -7,10 +7,11 @@
 
 use std::cell::{Cell, RefCell};
 use std::future::Future;
-use std::pin::pin;
-use std::task::{Poll, Waker};
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
+use pin_project_lite::pin_project;
 use slab::Slab;
 
 /// The operation did not finish before its deadline.
@@ -79,30 +80,25 @@ pub struct Deadline<'a> {
     key: usize,
 }
 
-impl Deadline<'_> {
+impl<'a> Deadline<'a> {
     /// Runs `fut` to completion, or gives up (dropping it) once `limit` has passed.
-    pub async fn within<F: Future>(&self, limit: Duration, fut: F) -> Result<F::Output, TimedOut> {
+    pub fn within<'s, F: Future>(&'s self, limit: Duration, fut: F) -> UntilFired<'s, 'a, F> {
         self.arm(limit);
-        let out = self.until_fired(fut).await;
-        self.disarm();
-        out
+        UntilFired {
+            fut,
+            deadline: self,
+            disarm: true,
+        }
     }
 
     /// Runs `fut` until it completes or the deadline, as it is armed now or later (by another
     /// branch of the same task, say), passes. An unarmed deadline never passes.
-    pub async fn until_fired<F: Future>(&self, fut: F) -> Result<F::Output, TimedOut> {
-        let mut fut = pin!(fut);
-        std::future::poll_fn(|cx| {
-            if let Poll::Ready(v) = fut.as_mut().poll(cx) {
-                return Poll::Ready(Ok(v));
-            }
-            if self.fired() {
-                return Poll::Ready(Err(TimedOut));
-            }
-            self.register(cx.waker());
-            Poll::Pending
-        })
-        .await
+    pub fn until_fired<'s, F: Future>(&'s self, fut: F) -> UntilFired<'s, 'a, F> {
+        UntilFired {
+            fut,
+            deadline: self,
+            disarm: false,
+        }
     }
 
     /// Arms the deadline without running anything: `fired` says whether it has passed.
@@ -129,6 +125,37 @@ impl Deadline<'_> {
             Some(w) if w.will_wake(waker) => {}
             _ => slot.waker = Some(waker.clone()),
         }
+    }
+}
+
+pin_project! {
+    /// A future bounded by a `Deadline`; a plain struct rather than an `async fn` so that the
+    /// wrapped future is not moved once more on the way in.
+    pub struct UntilFired<'s, 'a, F> {
+        #[pin]
+        fut: F,
+        deadline: &'s Deadline<'a>,
+        disarm: bool,
+    }
+}
+
+impl<F: Future> Future for UntilFired<'_, '_, F> {
+    type Output = Result<F::Output, TimedOut>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let done = match this.fut.poll(cx) {
+            Poll::Ready(v) => Ok(v),
+            Poll::Pending if this.deadline.fired() => Err(TimedOut),
+            Poll::Pending => {
+                this.deadline.register(cx.waker());
+                return Poll::Pending;
+            }
+        };
+        if *this.disarm {
+            this.deadline.disarm();
+        }
+        Poll::Ready(done)
     }
 }
 

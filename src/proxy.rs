@@ -29,8 +29,8 @@ use tracing::debug;
 
 use crate::body::{copy_body, BodyError, BodyReader, Reframe, Transfer};
 use crate::buffer::{send, write_out, ReadBuf, STREAMING_CAPACITY};
-use crate::deadline::{Deadline, TimedOut};
 use crate::config::{HashKey, ListenerId};
+use crate::deadline::{Deadline, TimedOut};
 use crate::error::ProxyError;
 use crate::http::write::{self, ClientFraming, Forwarding, Generated};
 use crate::http::{
@@ -248,7 +248,11 @@ async fn read_request_head(c: &mut Client<'_>, w: &Worker) -> HeadRead {
             None if c.served == 0 => limits.header_read_timeout,
             None => limits.keepalive_timeout,
         };
-        match c.deadline.within(wait, c.rbuf.fill(&mut c.r, max_buf)).await {
+        match c
+            .deadline
+            .within(wait, c.rbuf.fill(&mut c.r, max_buf))
+            .await
+        {
             Err(_) if deadline.is_some() => {
                 debug!("request head timed out");
                 return HeadRead::Failed(ProxyError::RequestTimeout);
@@ -505,9 +509,14 @@ async fn proxy(
                 .await
                 .map_err(|_| Failure::Abort)?;
         }
-        if send(&mut conn.w, &mut c.up_out, &c.deadline, w.limits.write_timeout)
-            .await
-            .is_err()
+        if send(
+            &mut conn.w,
+            &mut c.up_out,
+            &c.deadline,
+            w.limits.write_timeout,
+        )
+        .await
+        .is_err()
         {
             return Err(Failure::MidBody(ProxyError::UpstreamUnreachable(
                 "write failed",
@@ -653,16 +662,27 @@ async fn exchange(
     let mut retried = false;
     loop {
         // One timer covers sending the request and waiting for the response head.
-        let attempt = ctx.deadline.within(ctx.request_timeout, async {
-            if write_out(&mut conn.w, up_out).await.is_err() {
-                return Err(ResponseFailure {
-                    error: ProxyError::UpstreamUnreachable("write failed"),
-                    closed_early: true,
-                });
-            }
-            read_final_head(&mut conn.r, &mut conn.rbuf, cw, out, resp, ctx, HeadWait::Caller).await
-        })
-        .await;
+        let attempt = ctx
+            .deadline
+            .within(ctx.request_timeout, async {
+                if write_out(&mut conn.w, up_out).await.is_err() {
+                    return Err(ResponseFailure {
+                        error: ProxyError::UpstreamUnreachable("write failed"),
+                        closed_early: true,
+                    });
+                }
+                read_final_head(
+                    &mut conn.r,
+                    &mut conn.rbuf,
+                    cw,
+                    out,
+                    resp,
+                    ctx,
+                    HeadWait::Caller,
+                )
+                .await
+            })
+            .await;
         let result = attempt.unwrap_or(Err(ResponseFailure::new(ProxyError::UpstreamTimeout)));
         match result {
             Err(f) if f.closed_early && conn.reused && idempotent && !retried => {
@@ -765,9 +785,7 @@ async fn read_final_head(
             HeadWait::AfterBody => {
                 match ctx.deadline.until_fired(urbuf.fill(ur, max_head + 1)).await {
                     Ok(r) => r,
-                    Err(TimedOut) => {
-                        return Err(ResponseFailure::new(ProxyError::UpstreamTimeout))
-                    }
+                    Err(TimedOut) => return Err(ResponseFailure::new(ProxyError::UpstreamTimeout)),
                 }
             }
         };
@@ -883,8 +901,22 @@ async fn send_response(
 async fn tunnel(c: &mut Client<'_>, w: &Worker, conn: &mut UpstreamConn, idle: Duration) {
     let last = Cell::new(Instant::now());
     let (up_deadline, down_deadline) = (w.deadlines.slot(), w.deadlines.slot());
-    let up = relay(&mut c.r, &mut c.rbuf, &mut conn.w, &last, idle, &up_deadline);
-    let down = relay(&mut conn.r, &mut conn.rbuf, &mut c.w, &last, idle, &down_deadline);
+    let up = relay(
+        &mut c.r,
+        &mut c.rbuf,
+        &mut conn.w,
+        &last,
+        idle,
+        &up_deadline,
+    );
+    let down = relay(
+        &mut conn.r,
+        &mut conn.rbuf,
+        &mut c.w,
+        &last,
+        idle,
+        &down_deadline,
+    );
     monoio::join!(up, down);
 }
 
@@ -901,7 +933,10 @@ async fn relay<R, W>(
 {
     loop {
         if !rbuf.is_empty() {
-            if !matches!(deadline.within(idle, rbuf.write_all_to(w)).await, Ok(Ok(()))) {
+            if !matches!(
+                deadline.within(idle, rbuf.write_all_to(w)).await,
+                Ok(Ok(()))
+            ) {
                 break;
             }
             last.set(Instant::now());

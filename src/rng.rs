@@ -34,12 +34,21 @@ impl Rng {
 
     /// 32 lower-case hex digits: a request id.
     pub fn hex_id(&self, out: &mut Vec<u8>) {
-        const HEX: &[u8; 16] = b"0123456789abcdef";
+        /// Each byte's two hex digits.
+        static HEX_PAIRS: [[u8; 2]; 256] = {
+            const HEX: &[u8; 16] = b"0123456789abcdef";
+            let mut t = [[0u8; 2]; 256];
+            let mut i = 0;
+            while i < 256 {
+                t[i] = [HEX[i >> 4], HEX[i & 0xf]];
+                i += 1;
+            }
+            t
+        };
+        let bytes = (u128::from(self.next_u64()) << 64 | u128::from(self.next_u64())).to_le_bytes();
         let mut id = [0u8; 32];
-        let (a, b) = (self.next_u64(), self.next_u64());
-        for (i, digit) in id.iter_mut().enumerate() {
-            let v = if i < 16 { a } else { b };
-            *digit = HEX[((v >> ((i % 16) * 4)) & 0xf) as usize];
+        for (pair, b) in id.chunks_exact_mut(2).zip(bytes) {
+            pair.copy_from_slice(&HEX_PAIRS[usize::from(b)]);
         }
         out.extend_from_slice(&id);
     }

@@ -352,30 +352,38 @@ fn strip_prefix_ignore_case<'a>(s: &'a [u8], prefix: &[u8]) -> Option<&'a [u8]> 
 
 /// RFC 3986 `host [ ":" port ]`, loosely: the characters a reg-name, IP literal or port may use.
 fn is_authority(v: &[u8]) -> bool {
-    v.iter().all(|&b| {
-        b.is_ascii_alphanumeric()
-            || matches!(
-                b,
-                b'-' | b'.'
-                    | b'_'
-                    | b'~'
-                    | b'!'
-                    | b'$'
-                    | b'&'
-                    | b'\''
-                    | b'('
-                    | b')'
-                    | b'*'
-                    | b'+'
-                    | b','
-                    | b';'
-                    | b'='
-                    | b'%'
-                    | b':'
-                    | b'['
-                    | b']'
-            )
-    })
+    static ALLOWED: [bool; 256] = {
+        let mut t = [false; 256];
+        let mut b = 0;
+        while b < 256 {
+            let c = b as u8;
+            t[b] = c.is_ascii_alphanumeric()
+                || matches!(
+                    c,
+                    b'-' | b'.'
+                        | b'_'
+                        | b'~'
+                        | b'!'
+                        | b'$'
+                        | b'&'
+                        | b'\''
+                        | b'('
+                        | b')'
+                        | b'*'
+                        | b'+'
+                        | b','
+                        | b';'
+                        | b'='
+                        | b'%'
+                        | b':'
+                        | b'['
+                        | b']'
+                );
+            b += 1;
+        }
+        t
+    };
+    v.iter().all(|&b| ALLOWED[usize::from(b)])
 }
 
 /// A partial head is refused as soon as it is already over a limit.

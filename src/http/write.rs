@@ -1,8 +1,9 @@
-//! Writing heads. The head sent upstream is copied field by field from spans of the client's
-//! read buffer (never rebuilt from owned strings), minus hop-by-hop fields, plus the forwarding
-//! fields and exactly one framing field chosen by the gateway.
+//! Writing heads. The head sent upstream is copied from the client's read buffer (never rebuilt
+//! from owned strings): each run of header lines that passes is copied as received, in one
+//! piece; hop-by-hop lines are left out; then come the forwarding fields and exactly one framing
+//! field chosen by the gateway.
 
-use super::{BodyLength, HeaderKind, RequestHead, ResponseHead, Span, Version};
+use super::{BodyLength, Header, HeaderKind, RequestHead, ResponseHead, Span, Version};
 
 /// What the gateway adds to a forwarded request.
 pub struct Forwarding<'a> {
@@ -29,6 +30,31 @@ fn content_length(out: &mut Vec<u8>, n: u64) {
     field(out, b"content-length", b.format(n).as_bytes());
 }
 
+/// Copies the header lines that `keep` accepts exactly as received, each run of consecutive
+/// kept lines in one piece. `head_len` is the head's length, blank line included. Lines are
+/// consecutive (the parser refuses obs-fold and bare LF), so line `i` is the bytes from its
+/// name to the next line's name.
+fn copy_lines(
+    out: &mut Vec<u8>,
+    buf: &[u8],
+    headers: &[Header],
+    head_len: usize,
+    mut keep: impl FnMut(&Header) -> bool,
+) {
+    let mut run: Option<usize> = None;
+    for h in headers {
+        let line = h.name.start as usize;
+        if keep(h) {
+            run.get_or_insert(line);
+        } else if let Some(start) = run.take() {
+            out.extend_from_slice(&buf[start..line]);
+        }
+    }
+    if let Some(start) = run {
+        out.extend_from_slice(&buf[start..head_len - 2]);
+    }
+}
+
 /// The path to send upstream after `strip_prefix`; "/" stands in for an empty path.
 pub fn upstream_path<'a>(path: &'a [u8], strip_prefix: Option<&[u8]>) -> (&'static [u8], &'a [u8]) {
     let rest = match strip_prefix {
@@ -52,27 +78,20 @@ pub fn upstream_request(out: &mut Vec<u8>, buf: &[u8], head: &RequestHead, fwd: 
     out.extend_from_slice(b" HTTP/1.1\r\n");
 
     let mut xff_seen = false;
-    for h in &head.headers {
-        match h.kind {
-            HeaderKind::Upgrade if head.upgrade => {}
-            HeaderKind::Host
-            | HeaderKind::Expect
-            | HeaderKind::XForwardedProto
-            | HeaderKind::XForwardedHost
-            | HeaderKind::XRequestId => continue,
-            HeaderKind::XForwardedFor => {
-                xff_seen = true;
-                continue;
-            }
-            kind if kind.is_hop_by_hop() => continue,
-            _ => {}
+    copy_lines(out, buf, &head.headers, head.len, |h| match h.kind {
+        HeaderKind::Upgrade if head.upgrade => true,
+        HeaderKind::Host
+        | HeaderKind::Expect
+        | HeaderKind::XForwardedProto
+        | HeaderKind::XForwardedHost
+        | HeaderKind::XRequestId => false,
+        HeaderKind::XForwardedFor => {
+            xff_seen = true;
+            false
         }
-        let name = h.name.get(buf);
-        if head.connection.names(buf, name) {
-            continue;
-        }
-        field(out, name, h.value.get(buf));
-    }
+        kind if kind.is_hop_by_hop() => false,
+        _ => !head.connection.names(buf, h.name.get(buf)),
+    });
 
     let host = head.host.map_or(fwd.fallback_host, |h| h.get(buf));
     field(out, b"host", host);
@@ -129,23 +148,14 @@ pub fn client_response(
 ) {
     status_line(out, resp.status, resp.reason.get(buf));
     let upgrade = resp.status == 101;
-    for h in &resp.headers {
-        match h.kind {
-            HeaderKind::XRequestId => continue,
-            HeaderKind::Upgrade if upgrade => {}
-            HeaderKind::ContentLength
-                if framing == ClientFraming::Bodiless
-                    && resp.status != 204
-                    && resp.status >= 200 => {}
-            kind if kind.is_hop_by_hop() => continue,
-            _ => {}
-        }
-        let name = h.name.get(buf);
-        if resp.connection.names(buf, name) {
-            continue;
-        }
-        field(out, name, h.value.get(buf));
-    }
+    let bodiless = framing == ClientFraming::Bodiless && resp.status != 204 && resp.status >= 200;
+    copy_lines(out, buf, &resp.headers, resp.len, |h| match h.kind {
+        HeaderKind::XRequestId => false,
+        HeaderKind::Upgrade if upgrade => true,
+        HeaderKind::ContentLength if bodiless => true,
+        kind if kind.is_hop_by_hop() => false,
+        _ => !resp.connection.names(buf, h.name.get(buf)),
+    });
     field(out, b"x-request-id", request_id);
     match framing {
         ClientFraming::Length(n) => content_length(out, n),
@@ -169,9 +179,9 @@ fn connection(out: &mut Vec<u8>, upgrade: bool, keep_alive: bool, client_version
 /// An interim (1xx) response passed through to an HTTP/1.1 client, e.g. 103 Early Hints.
 pub fn interim_response(out: &mut Vec<u8>, buf: &[u8], resp: &ResponseHead) {
     status_line(out, resp.status, resp.reason.get(buf));
-    for h in resp.headers.iter().filter(|h| !h.kind.is_hop_by_hop()) {
-        field(out, h.name.get(buf), h.value.get(buf));
-    }
+    copy_lines(out, buf, &resp.headers, resp.len, |h| {
+        !h.kind.is_hop_by_hop()
+    });
     out.extend_from_slice(b"\r\n");
 }
 
@@ -296,6 +306,18 @@ mod tests {
         assert!(s.contains("content-length: 3\r\n"));
         assert!(s.contains("x-forwarded-host: h\r\n"));
         assert!(s.ends_with("\r\n\r\n"));
+    }
+
+    #[test]
+    fn kept_lines_are_copied_as_received_including_empty_values() {
+        let s = forwarded(
+            b"GET / HTTP/1.1\r\nHost: h\r\nX-Empty:\r\nX-A:  spaced \r\nTE: x\r\nX-B: b\r\n\r\n",
+            None,
+        );
+        assert!(
+            s.contains("\r\nX-Empty:\r\nX-A:  spaced \r\nX-B: b\r\nhost: h\r\n"),
+            "{s}"
+        );
     }
 
     #[test]
