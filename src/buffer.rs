@@ -183,8 +183,11 @@ pub async fn send<W: AsyncWriteRent>(
     deadline: &Deadline<'_>,
     limit: Duration,
 ) -> io::Result<()> {
-    match deadline.within(limit, write_out(w, out)).await {
-        Ok(res) => res,
+    match deadline.within(limit, w.write_all(std::mem::take(out))).await {
+        Ok((res, buf)) => {
+            *out = buf;
+            res.map(drop)
+        }
         Err(TimedOut) => Err(io::Error::new(io::ErrorKind::TimedOut, "write timed out")),
     }
 }

@@ -194,7 +194,7 @@ impl ConnectionOptions {
     }
 
     /// Whether the header `name` was listed in `Connection`.
-    #[inline]
+    #[inline(always)]
     pub fn names(&self, head: &[u8], name: &[u8]) -> bool {
         self.len > 0
             && self.names[..usize::from(self.len)]

@@ -94,21 +94,19 @@ pub fn upstream_request(out: &mut Vec<u8>, buf: &[u8], head: &RequestHead, fwd: 
     });
 
     let host = head.host.map_or(fwd.fallback_host, |h| h.get(buf));
-    field(out, b"host", host);
-    out.extend_from_slice(b"x-forwarded-for: ");
+    out.extend_from_slice(b"host: ");
+    out.extend_from_slice(host);
+    out.extend_from_slice(b"\r\nx-forwarded-for: ");
     if xff_seen {
-        for h in head
-            .headers
-            .iter()
-            .filter(|h| h.kind == HeaderKind::XForwardedFor)
-        {
+        for h in head.headers.iter().filter(|h| h.kind == HeaderKind::XForwardedFor) {
             out.extend_from_slice(h.value.get(buf));
             out.extend_from_slice(b", ");
         }
     }
     out.extend_from_slice(fwd.client_ip);
+    out.extend_from_slice(b"\r\nx-forwarded-proto: ");
+    out.extend_from_slice(fwd.proto);
     out.extend_from_slice(b"\r\n");
-    field(out, b"x-forwarded-proto", fwd.proto);
     if let Some(h) = head.host {
         field(out, b"x-forwarded-host", h.get(buf));
     }
