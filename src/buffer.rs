@@ -183,7 +183,10 @@ pub async fn send<W: AsyncWriteRent>(
     deadline: &Deadline<'_>,
     limit: Duration,
 ) -> io::Result<()> {
-    match deadline.within(limit, w.write_all(std::mem::take(out))).await {
+    match deadline
+        .within(limit, w.write_all(std::mem::take(out)))
+        .await
+    {
         Ok((res, buf)) => {
             *out = buf;
             res.map(drop)

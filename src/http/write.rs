@@ -98,7 +98,11 @@ pub fn upstream_request(out: &mut Vec<u8>, buf: &[u8], head: &RequestHead, fwd: 
     out.extend_from_slice(host);
     out.extend_from_slice(b"\r\nx-forwarded-for: ");
     if xff_seen {
-        for h in head.headers.iter().filter(|h| h.kind == HeaderKind::XForwardedFor) {
+        for h in head
+            .headers
+            .iter()
+            .filter(|h| h.kind == HeaderKind::XForwardedFor)
+        {
             out.extend_from_slice(h.value.get(buf));
             out.extend_from_slice(b", ");
         }
