@@ -3,6 +3,7 @@
 //! next hop sees framing the gateway wrote), close-delimited response bodies until EOF. Memory
 //! per transfer is bounded by the read buffer's capacity, whatever the body's size.
 
+use std::cell::Cell;
 use std::io;
 use std::time::Duration;
 
@@ -139,11 +140,14 @@ impl BodyReader {
 /// Up to this many bytes of a sized body are gathered before the first write.
 const COALESCE_BYTES: u64 = 16 * 1024;
 
-pub struct Transfer {
+pub struct Transfer<'a> {
     /// Longest wait for the next bytes from the sender.
     pub read_timeout: Duration,
     pub write_timeout: Duration,
     pub max: Option<u64>,
+    pub deadline: &'a Deadline<'a>,
+    /// Set once anything has been written to the receiver.
+    pub sent: &'a Cell<bool>,
 }
 
 /// Streams the rest of a body from `src` to `dst`. `out` may hold bytes to send first (a head);
@@ -157,8 +161,7 @@ pub async fn copy_body<R: AsyncReadRent, W: AsyncWriteRent>(
     body: &mut BodyReader,
     reframe: Reframe,
     seen: &mut u64,
-    t: &Transfer,
-    deadline: &Deadline<'_>,
+    t: &Transfer<'_>,
 ) -> Result<(), BodyError> {
     let mut streaming = false;
     loop {
@@ -172,7 +175,8 @@ pub async fn copy_body<R: AsyncReadRent, W: AsyncWriteRent>(
         let rest_is_small =
             matches!(body, BodyReader::Length(n) if out.len() as u64 + *n <= COALESCE_BYTES);
         if !out.is_empty() && !rest_is_small {
-            send(dst, out, deadline, t.write_timeout)
+            t.sent.set(true);
+            send(dst, out, t.deadline, t.write_timeout)
                 .await
                 .map_err(BodyError::Write)?;
             out.clear();
@@ -181,7 +185,8 @@ pub async fn copy_body<R: AsyncReadRent, W: AsyncWriteRent>(
             rbuf.reserve_for_streaming();
             streaming = true;
         }
-        match deadline
+        match t
+            .deadline
             .within(t.read_timeout, rbuf.fill(src, STREAMING_CAPACITY))
             .await
         {
@@ -196,7 +201,8 @@ pub async fn copy_body<R: AsyncReadRent, W: AsyncWriteRent>(
         }
     }
     if !out.is_empty() {
-        send(dst, out, deadline, t.write_timeout)
+        t.sent.set(true);
+        send(dst, out, t.deadline, t.write_timeout)
             .await
             .map_err(BodyError::Write)?;
         out.clear();

@@ -8,10 +8,14 @@ use crate::http::RequestError;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ProxyError {
-    /// The request is malformed (framing, syntax, a body that breaks its framing).
+    /// The request head is malformed (syntax, framing headers, Host, request-target).
     BadRequest(&'static str),
-    /// The client was too slow sending its head or body.
-    RequestTimeout,
+    /// The request body breaks its chunked coding.
+    BadChunk(&'static str),
+    /// The client was too slow sending its head.
+    HeadTimeout,
+    /// The client was too slow sending its body.
+    BodyTimeout,
     NoRoute,
     /// The path matched but not the method; holds the `Allow` value.
     MethodNotAllowed(String),
@@ -34,10 +38,10 @@ pub enum ProxyError {
 impl ProxyError {
     pub fn status(&self) -> u16 {
         match self {
-            ProxyError::BadRequest(_) => 400,
+            ProxyError::BadRequest(_) | ProxyError::BadChunk(_) => 400,
             ProxyError::NoRoute => 404,
             ProxyError::MethodNotAllowed(_) => 405,
-            ProxyError::RequestTimeout => 408,
+            ProxyError::HeadTimeout | ProxyError::BodyTimeout => 408,
             ProxyError::PayloadTooLarge => 413,
             ProxyError::UriTooLong => 414,
             ProxyError::ExpectationFailed => 417,
@@ -52,8 +56,10 @@ impl ProxyError {
 
     pub fn message(&self) -> Cow<'static, str> {
         match self {
-            ProxyError::BadRequest(why) => Cow::Owned(format!("bad request: {why}")),
-            ProxyError::RequestTimeout => "request timed out".into(),
+            ProxyError::BadRequest(why) | ProxyError::BadChunk(why) => {
+                Cow::Owned(format!("bad request: {why}"))
+            }
+            ProxyError::HeadTimeout | ProxyError::BodyTimeout => "request timed out".into(),
             ProxyError::NoRoute => "no route".into(),
             ProxyError::MethodNotAllowed(_) => "method not allowed".into(),
             ProxyError::PayloadTooLarge => "request body too large".into(),
@@ -89,6 +95,76 @@ impl From<RequestError> for ProxyError {
 
 impl From<ChunkError> for ProxyError {
     fn from(e: ChunkError) -> Self {
-        ProxyError::BadRequest(e.reason())
+        ProxyError::BadChunk(e.reason())
+    }
+}
+
+impl ProxyError {
+    /// The rejection this error counts as, if the client's input was refused (routing misses
+    /// and upstream failures are not rejections).
+    pub fn rejection(&self) -> Option<Reject> {
+        Some(match self {
+            ProxyError::BadRequest(_) => Reject::MalformedHead,
+            ProxyError::BadChunk(_) => Reject::MalformedBody,
+            ProxyError::HeadTimeout => Reject::HeadTimeout,
+            ProxyError::BodyTimeout => Reject::BodyTimeout,
+            ProxyError::PayloadTooLarge => Reject::BodyTooLarge,
+            ProxyError::UriTooLong => Reject::RequestLineTooLong,
+            ProxyError::HeadersTooLarge => Reject::HeadersTooLarge,
+            ProxyError::ExpectationFailed => Reject::UnsupportedExpect,
+            ProxyError::NotImplemented(_) => Reject::UnsupportedMethod,
+            ProxyError::VersionNotSupported => Reject::UnsupportedVersion,
+            _ => return None,
+        })
+    }
+}
+
+/// Why hostile or malformed input was refused; each is counted per worker and exported as
+/// `ringway_rejected_requests_total{reason}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reject {
+    MalformedHead,
+    MalformedBody,
+    HeadTimeout,
+    BodyTimeout,
+    BodyTooLarge,
+    RequestLineTooLong,
+    HeadersTooLarge,
+    UnsupportedExpect,
+    UnsupportedMethod,
+    UnsupportedVersion,
+    /// A connection closed at accept: the worker was at `max_connections`.
+    ConnectionLimit,
+}
+
+impl Reject {
+    pub const ALL: [Reject; 11] = [
+        Reject::MalformedHead,
+        Reject::MalformedBody,
+        Reject::HeadTimeout,
+        Reject::BodyTimeout,
+        Reject::BodyTooLarge,
+        Reject::RequestLineTooLong,
+        Reject::HeadersTooLarge,
+        Reject::UnsupportedExpect,
+        Reject::UnsupportedMethod,
+        Reject::UnsupportedVersion,
+        Reject::ConnectionLimit,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Reject::MalformedHead => "malformed_head",
+            Reject::MalformedBody => "malformed_body",
+            Reject::HeadTimeout => "head_timeout",
+            Reject::BodyTimeout => "body_timeout",
+            Reject::BodyTooLarge => "body_too_large",
+            Reject::RequestLineTooLong => "request_line_too_long",
+            Reject::HeadersTooLarge => "headers_too_large",
+            Reject::UnsupportedExpect => "unsupported_expect",
+            Reject::UnsupportedMethod => "unsupported_method",
+            Reject::UnsupportedVersion => "unsupported_version",
+            Reject::ConnectionLimit => "connection_limit",
+        }
     }
 }

@@ -145,6 +145,10 @@ impl ResponseFailure {
 }
 
 pub async fn serve(stream: TcpStream, peer: SocketAddr, listener: ListenerId, w: Rc<Worker>) {
+    let Some(_active) = w.admit_connection() else {
+        debug!(worker = w.id, reason = "connection_limit", %peer, "connection rejected at accept");
+        return;
+    };
     let _ = stream.set_nodelay(true);
     let (r, wr) = stream.into_split();
     let mut c = Client {
@@ -255,7 +259,7 @@ async fn read_request_head(c: &mut Client<'_>, w: &Worker) -> HeadRead {
         {
             Err(_) if deadline.is_some() => {
                 debug!("request head timed out");
-                return HeadRead::Failed(ProxyError::RequestTimeout);
+                return HeadRead::Failed(ProxyError::HeadTimeout);
             }
             Err(_) | Ok(Ok(0)) | Ok(Err(_)) => return HeadRead::Closed,
             Ok(Ok(_)) => {}
@@ -353,7 +357,7 @@ fn body_failure(e: BodyError) -> Failure {
     match e {
         BodyError::Framing(e) => Failure::MidBody(e.into()),
         BodyError::TooLarge => Failure::MidBody(ProxyError::PayloadTooLarge),
-        BodyError::ReadTimeout => Failure::MidBody(ProxyError::RequestTimeout),
+        BodyError::ReadTimeout => Failure::MidBody(ProxyError::BodyTimeout),
         BodyError::Truncated | BodyError::Read(_) => Failure::Abort,
         BodyError::Write(_) => Failure::MidBody(ProxyError::UpstreamUnreachable("write failed")),
     }
@@ -523,10 +527,14 @@ async fn proxy(
             )));
         }
         c.up_out.clear();
+        let pump_deadline = w.deadlines.slot();
+        let pump_sent = Cell::new(false);
         let transfer = Transfer {
             read_timeout: w.limits.body_read_timeout,
             write_timeout: w.limits.write_timeout,
             max: route.max_body_bytes,
+            deadline: &pump_deadline,
+            sent: &pump_sent,
         };
         // Async blocks capture whole variables: hand each side its own fields.
         let (cr, cw, crbuf, out, up_out, resp) = (
@@ -543,18 +551,9 @@ async fn proxy(
             rbuf: urbuf,
             ..
         } = &mut conn;
-        let pump_deadline = w.deadlines.slot();
         let pump = async {
             let r = copy_body(
-                cr,
-                crbuf,
-                uw,
-                up_out,
-                &mut body,
-                reframe,
-                &mut seen,
-                &transfer,
-                &pump_deadline,
+                cr, crbuf, uw, up_out, &mut body, reframe, &mut seen, &transfer,
             )
             .await;
             if r.is_ok() {
@@ -855,8 +854,8 @@ async fn send_response(
     );
     let mut body = BodyReader::new(resp.body, &ctx.worker.limits);
     urbuf.consume(resp.len);
-    ctx.head_sent.set(true);
     if upgrade {
+        ctx.head_sent.set(true);
         send(cw, out, ctx.deadline, ctx.write_timeout)
             .await
             .map_err(|_| ResponseFailure::new(ProxyError::UpstreamUnreachable("client gone")))?;
@@ -866,28 +865,20 @@ async fn send_response(
             upgrade: true,
         });
     }
+    // The head goes out with the first write of the body (or with all of a small one): until
+    // then a failure can still become a clean 502.
     let transfer = Transfer {
         read_timeout: ctx.request_timeout,
         write_timeout: ctx.write_timeout,
         max: None,
+        deadline: ctx.deadline,
+        sent: ctx.head_sent,
     };
     let mut seen = 0;
-    if let Err(e) = copy_body(
-        ur,
-        urbuf,
-        cw,
-        out,
-        &mut body,
-        reframe,
-        &mut seen,
-        &transfer,
-        ctx.deadline,
-    )
-    .await
-    {
-        debug!(error = ?e, "response body failed; closing the client connection");
+    if let Err(e) = copy_body(ur, urbuf, cw, out, &mut body, reframe, &mut seen, &transfer).await {
+        debug!(error = ?e, "response body failed");
         return Err(ResponseFailure::new(ProxyError::UpstreamUnreachable(
-            "response body failed",
+            "closed inside the response body",
         )));
     }
     Ok(ResponseDone {
@@ -958,7 +949,13 @@ async fn relay<R, W>(
 /// Writes a gateway-generated error response. Returns whether it was written.
 async fn reply_error(c: &mut Client<'_>, w: &Worker, e: &ProxyError, keep_alive: bool) -> bool {
     let status = e.status();
-    debug!(status, error = %e.message(), worker = w.id, "request failed");
+    match e.rejection() {
+        Some(r) => {
+            w.count_rejection(r);
+            debug!(status, reason = r.label(), error = %e.message(), worker = w.id, "request rejected");
+        }
+        None => debug!(status, error = %e.message(), worker = w.id, "request failed"),
+    }
     let mut headers = Vec::with_capacity(64);
     headers.extend_from_slice(b"content-type: application/json\r\n");
     if let ProxyError::MethodNotAllowed(allow) = e {

@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use crate::config::{Config, Limits, RouteAction, RouteId, UpstreamId};
 use crate::deadline::Deadlines;
+use crate::error::Reject;
 use crate::rng::Rng;
 use crate::router::Router;
 use crate::upstream::UpstreamState;
@@ -23,6 +24,9 @@ pub struct Worker {
     inflight: Cell<usize>,
     /// Deadlines of every connection's pending operation, and the worker's coarse clock.
     pub deadlines: Deadlines,
+    rejections: [Cell<u64>; Reject::ALL.len()],
+    connections_active: Cell<usize>,
+    connections_total: Cell<u64>,
 }
 
 pub struct RouteEntry {
@@ -84,6 +88,9 @@ impl Worker {
             draining: Cell::new(false),
             inflight: Cell::new(0),
             deadlines: Deadlines::default(),
+            rejections: Default::default(),
+            connections_active: Cell::new(0),
+            connections_total: Cell::new(0),
         }
     }
 
@@ -100,6 +107,36 @@ impl Worker {
         self.deadlines.now()
     }
 
+    pub fn count_rejection(&self, r: Reject) {
+        let c = &self.rejections[r as usize];
+        c.set(c.get() + 1);
+    }
+
+    pub fn rejections(&self, r: Reject) -> u64 {
+        self.rejections[r as usize].get()
+    }
+
+    /// Takes an accepted connection unless the worker is at `max_connections`; the guard
+    /// counts it as active until dropped.
+    pub fn admit_connection(&self) -> Option<ConnectionGuard<'_>> {
+        if self.connections_active.get() >= self.limits.max_connections {
+            self.count_rejection(Reject::ConnectionLimit);
+            return None;
+        }
+        self.connections_active
+            .set(self.connections_active.get() + 1);
+        self.connections_total.set(self.connections_total.get() + 1);
+        Some(ConnectionGuard(&self.connections_active))
+    }
+
+    pub fn connections_active(&self) -> usize {
+        self.connections_active.get()
+    }
+
+    pub fn connections_total(&self) -> u64 {
+        self.connections_total.get()
+    }
+
     /// Requests between a complete head and the end of their response.
     pub fn inflight(&self) -> usize {
         self.inflight.get()
@@ -108,6 +145,15 @@ impl Worker {
     pub fn begin_request(&self) -> InflightGuard<'_> {
         self.inflight.set(self.inflight.get() + 1);
         InflightGuard(&self.inflight)
+    }
+}
+
+/// Counts a connection as active until dropped.
+pub struct ConnectionGuard<'a>(&'a Cell<usize>);
+
+impl Drop for ConnectionGuard<'_> {
+    fn drop(&mut self) {
+        self.0.set(self.0.get() - 1);
     }
 }
 

@@ -164,6 +164,8 @@ pub struct LimitsFile {
     pub max_chunk_extension_bytes: Spanned<usize>,
     #[serde(default = "d_trailers")]
     pub max_trailer_bytes: Spanned<usize>,
+    #[serde(default = "d_max_connections")]
+    pub max_connections: Spanned<usize>,
     #[serde(default = "d_header_read_timeout")]
     pub header_read_timeout_ms: Spanned<u64>,
     #[serde(default = "d_body_read_timeout")]
@@ -184,6 +186,7 @@ impl Default for LimitsFile {
             max_headers: d_headers(),
             max_chunk_extension_bytes: d_chunk_ext(),
             max_trailer_bytes: d_trailers(),
+            max_connections: d_max_connections(),
             header_read_timeout_ms: d_header_read_timeout(),
             body_read_timeout_ms: d_body_read_timeout(),
             keepalive_timeout_ms: d_keepalive_timeout(),
@@ -207,6 +210,9 @@ fn d_chunk_ext() -> Spanned<usize> {
 }
 fn d_trailers() -> Spanned<usize> {
     Spanned::new(0..0, 16 * 1024)
+}
+fn d_max_connections() -> Spanned<usize> {
+    Spanned::new(0..0, 10_000)
 }
 fn d_header_read_timeout() -> Spanned<u64> {
     Spanned::new(0..0, 10_000)

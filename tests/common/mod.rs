@@ -247,6 +247,7 @@ pub fn connect(addr: SocketAddr) -> TcpStream {
 pub struct ResponseReader {
     pub stream: TcpStream,
     buf: Vec<u8>,
+    record: Option<Arc<Mutex<Vec<u8>>>>,
 }
 
 impl ResponseReader {
@@ -254,6 +255,7 @@ impl ResponseReader {
         ResponseReader {
             stream,
             buf: Vec::new(),
+            record: None,
         }
     }
 
@@ -261,7 +263,16 @@ impl ResponseReader {
         let mut chunk = [0u8; 65536];
         let n = self.stream.read(&mut chunk).unwrap_or(0);
         self.buf.extend_from_slice(&chunk[..n]);
+        if let Some(r) = &self.record {
+            r.lock().unwrap().extend_from_slice(&chunk[..n]);
+        }
         n
+    }
+
+    /// Everything received after the last complete response, waiting for EOF.
+    pub fn read_to_close(&mut self) -> Vec<u8> {
+        while self.fill() > 0 {}
+        std::mem::take(&mut self.buf)
     }
 
     pub fn read_response(&mut self, head_request: bool) -> Option<Response> {
@@ -456,6 +467,8 @@ pub struct Upstream {
     pub addr: SocketAddr,
     received: Arc<(Mutex<Vec<Received>>, Condvar)>,
     connections: Arc<AtomicUsize>,
+    /// Every byte received, on any connection, in arrival order.
+    raw: Arc<Mutex<Vec<u8>>>,
 }
 
 impl Upstream {
@@ -477,20 +490,27 @@ impl Upstream {
         let addr = listener.local_addr().unwrap();
         let received: Arc<(Mutex<Vec<Received>>, Condvar)> = Arc::default();
         let connections = Arc::new(AtomicUsize::new(0));
+        let raw: Arc<Mutex<Vec<u8>>> = Arc::default();
         let handler: Arc<Handler> = Arc::new(handler);
-        let (rec, conns) = (Arc::clone(&received), Arc::clone(&connections));
+        let (rec, conns, bytes) = (
+            Arc::clone(&received),
+            Arc::clone(&connections),
+            Arc::clone(&raw),
+        );
         thread::spawn(move || {
             for stream in listener.incoming() {
                 let Ok(stream) = stream else { break };
                 let id = conns.fetch_add(1, Ordering::SeqCst);
-                let (rec, handler) = (Arc::clone(&rec), Arc::clone(&handler));
-                thread::spawn(move || serve_upstream(stream, id, &rec, &*handler));
+                let (rec, handler, bytes) =
+                    (Arc::clone(&rec), Arc::clone(&handler), Arc::clone(&bytes));
+                thread::spawn(move || serve_upstream(stream, id, &rec, &*handler, bytes));
             }
         });
         Upstream {
             addr,
             received,
             connections,
+            raw,
         }
     }
 
@@ -518,6 +538,11 @@ impl Upstream {
     pub fn connections(&self) -> usize {
         self.connections.load(Ordering::SeqCst)
     }
+
+    /// Every byte the upstream has received so far.
+    pub fn raw(&self) -> Vec<u8> {
+        self.raw.lock().unwrap().clone()
+    }
 }
 
 fn serve_upstream(
@@ -525,9 +550,11 @@ fn serve_upstream(
     id: usize,
     received: &(Mutex<Vec<Received>>, Condvar),
     handler: &Handler,
+    raw: Arc<Mutex<Vec<u8>>>,
 ) {
     stream.set_read_timeout(Some(TIMEOUT)).unwrap();
     let mut reader = RequestReader::new(stream);
+    reader.record = Some(raw);
     while let Some(req) = reader.read_request(id) {
         {
             let (lock, cv) = received;
@@ -576,6 +603,8 @@ fn serve_upstream(
 pub struct RequestReader {
     pub stream: TcpStream,
     buf: Vec<u8>,
+    /// Where to copy every byte read, if anywhere.
+    pub record: Option<Arc<Mutex<Vec<u8>>>>,
 }
 
 impl RequestReader {
@@ -583,6 +612,7 @@ impl RequestReader {
         RequestReader {
             stream,
             buf: Vec::new(),
+            record: None,
         }
     }
 
@@ -590,6 +620,9 @@ impl RequestReader {
         let mut chunk = [0u8; 65536];
         let n = self.stream.read(&mut chunk).unwrap_or(0);
         self.buf.extend_from_slice(&chunk[..n]);
+        if let Some(r) = &self.record {
+            r.lock().unwrap().extend_from_slice(&chunk[..n]);
+        }
         n
     }
 
@@ -626,6 +659,7 @@ impl RequestReader {
                         let mut r = ResponseReader {
                             stream: self.stream.try_clone().unwrap(),
                             buf: std::mem::take(&mut self.buf),
+                            record: self.record.clone(),
                         };
                         let body = r.read_chunked();
                         self.buf = r.buf;
