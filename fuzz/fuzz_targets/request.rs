@@ -1,0 +1,54 @@
+//! Fuzzes the request path's codec: the head parser, the upstream head writer and the chunked
+//! decoder, with the input split in two at a point the input chooses, as reads split it.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use ringway::config::Limits;
+use ringway::http::chunked::{ChunkedDecoder, Decoded};
+use ringway::http::write::{upstream_request, Forwarding};
+use ringway::http::{parse_request, BodyLength, RequestHead};
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&cut, data)) = data.split_first() else { return };
+    let cut = usize::from(cut).min(data.len());
+    let limits = Limits::default();
+    let mut head = RequestHead::default();
+    let complete = match parse_request(&data[..cut], &limits, &mut head) {
+        Ok(true) => true,
+        Ok(false) => matches!(parse_request(data, &limits, &mut head), Ok(true)),
+        Err(_) => false,
+    };
+    if !complete {
+        return;
+    }
+    let buf = if head.len <= cut { &data[..cut] } else { data };
+    let mut out = Vec::new();
+    upstream_request(
+        &mut out,
+        buf,
+        &head,
+        &Forwarding {
+            client_ip: b"10.0.0.1",
+            proto: b"http",
+            request_id: b"id",
+            fallback_host: b"up",
+            strip_prefix: Some(b"/a"),
+        },
+    );
+    if head.body == BodyLength::Chunked {
+        let mut decoder = ChunkedDecoder::new(limits.max_chunk_extension_bytes, limits.max_trailer_bytes);
+        let mut rest = &data[head.len.min(data.len())..];
+        // Every call consumes input or ends: bounded by the input length.
+        for _ in 0..=rest.len() {
+            match decoder.decode(rest) {
+                Ok((used, Decoded::Data(_))) | Ok((used, Decoded::NeedMore)) => {
+                    rest = &rest[used..];
+                    if rest.is_empty() {
+                        break;
+                    }
+                }
+                _ => break,
+            }
+        }
+    }
+});
