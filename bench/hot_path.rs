@@ -1,17 +1,20 @@
 //! Microbenchmarks of the per-request hot pieces: head parsing with framing checks, writing the
-//! upstream head, route matching with 10 and 1000 routes, and each balancer's pick.
+//! upstream head, route matching with 10 and 1000 routes, each balancer's pick, and recording a
+//! request's metrics.
 //! `cargo bench` runs them; they are not part of CI beyond being built.
 
 use std::hint::black_box;
 use std::path::Path;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use ringway::config::{self, Limits, ListenerId};
+use ringway::config::{self, Limits, ListenerId, RouteId, UpstreamId};
 use ringway::http::write::{upstream_request, Forwarding};
+use ringway::http::Method;
 use ringway::http::{parse_request, parse_response, RequestHead, ResponseHead};
+use ringway::metrics::{RequestRecord, UpstreamOutcome, WorkerMetrics};
 use ringway::rng::Rng;
 use ringway::router::{RouteMatch, Router};
-use ringway::upstream::UpstreamState;
+use ringway::upstream::{TargetId, UpstreamState};
 
 const REQUEST: &[u8] = b"GET /api/v1/users/42?expand=orders HTTP/1.1\r\nHost: api.example.com\r\nUser-Agent: Mozilla/5.0 (X11; Linux x86_64) Gecko/20100101 Firefox/120.0\r\nAccept: application/json\r\nAccept-Encoding: gzip, deflate, br\r\nAccept-Language: en-US,en;q=0.5\r\nConnection: keep-alive\r\nCookie: session=4f2b1c9a7e; theme=dark\r\nX-Forwarded-For: 203.0.113.7\r\n\r\n";
 const RESPONSE: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 13\r\nDate: Sat, 28 Nov 2026 06:46:41 GMT\r\nServer: origin\r\n\r\n{\"ok\":true}\r\n";
@@ -63,6 +66,7 @@ fn parse(c: &mut Criterion) {
                     request_id: b"0123456789abcdef0123456789abcdef",
                     fallback_host: b"127.0.0.1:9",
                     strip_prefix: Some(b"/api"),
+                    traceparent: b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
                 },
             );
             black_box(out.len())
@@ -94,7 +98,7 @@ fn balance(c: &mut Criterion) {
             "[[listeners]]\nname = \"p\"\naddress = \"127.0.0.1:0\"\n[[upstreams]]\nname = \"app\"\nbalance = \"{balance}\"\ntargets = [\"127.0.0.1:9\", \"127.0.0.2:9\", \"127.0.0.3:9\", \"127.0.0.4:9\"]\n"
         );
         let cfg = config::parse(Path::new("bench.toml"), &src).unwrap();
-        let up = UpstreamState::new(&cfg.upstreams[0]);
+        let up = UpstreamState::new(UpstreamId(0), &cfg.upstreams[0]);
         let mut key = 0u64;
         c.bench_function(&format!("pick_{balance}"), |b| {
             b.iter(|| {
@@ -105,5 +109,27 @@ fn balance(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, parse, route, balance);
+fn record(c: &mut Criterion) {
+    let mut m = WorkerMetrics::new(100, &[4]);
+    let mut us = 1u64;
+    c.bench_function("metrics_record_request_and_upstream", |b| {
+        b.iter(|| {
+            us = us * 7 % 100_003 + 1;
+            m.record_request(black_box(&RequestRecord {
+                route: Some(RouteId(42)),
+                method: Method::Get,
+                status: 200,
+                total_us: us,
+            }));
+            m.record_upstream(
+                UpstreamId(0),
+                TargetId(1),
+                UpstreamOutcome::Response,
+                Some(us / 2),
+            );
+        })
+    });
+}
+
+criterion_group!(benches, parse, route, balance, record);
 criterion_main!(benches);

@@ -1,28 +1,43 @@
 //! The admin listener runs on its own thread with its own (epoll) runtime, so that a scrape or
-//! a probe never takes time from a worker. It answers `GET /healthz` (the process is alive) and
-//! `GET /readyz` (every worker has bound its listeners and the gateway is not draining).
+//! a probe never takes time from a worker. It also hosts the metrics aggregator, which drains
+//! the workers' snapshots from their crossbeam channel.
+//!
+//! - `GET /healthz`: the process is alive.
+//! - `GET /readyz`: every worker has bound its listeners and the gateway is not draining.
+//! - `GET /metrics`: Prometheus text exposition format 0.0.4.
+//! - `GET /metrics/hdr?route=NAME`: a route's latency in HdrHistogram's percentile text.
+//! - `GET /status`: JSON with per-worker and merged figures.
+//!
 //! One request per connection.
 
+use std::cell::RefCell;
 use std::net::TcpListener as StdListener;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
+use crossbeam_channel::Receiver;
 use monoio::io::AsyncWriteRentExt;
 use monoio::net::{TcpListener, TcpStream};
 use monoio::{LegacyDriver, RuntimeBuilder};
 use tracing::warn;
 
 use crate::buffer::ReadBuf;
-use crate::config::Limits;
+use crate::config::{Config, Limits};
 use crate::http::write::{generated_response, Generated};
 use crate::http::{parse_request, RequestHead, Version};
+use crate::metrics::aggregate::Aggregate;
+use crate::metrics::render::{self, Process};
+use crate::metrics::Snapshot;
 
 const STARTING: u8 = 0;
 const READY: u8 = 1;
 const DRAINING: u8 = 2;
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often the aggregator drains the workers' snapshots.
+const DRAIN_EVERY: Duration = Duration::from_millis(10);
 
 /// Lifecycle state shared between the main thread and the admin thread (never a worker).
 pub struct AdminState(AtomicU8);
@@ -51,21 +66,31 @@ impl Default for AdminState {
     }
 }
 
-pub fn spawn(listener: StdListener, state: Arc<AdminState>) -> std::io::Result<()> {
+pub fn spawn(
+    listener: StdListener,
+    state: Arc<AdminState>,
+    config: Arc<Config>,
+    snapshots: Receiver<Snapshot>,
+) -> std::io::Result<()> {
     listener.set_nonblocking(true)?;
     thread::Builder::new()
         .name("ringway-admin".into())
         .spawn(move || {
             let rt = RuntimeBuilder::<LegacyDriver>::new().enable_timer().build();
             match rt {
-                Ok(mut rt) => rt.block_on(serve(listener, state)),
+                Ok(mut rt) => rt.block_on(serve(listener, state, &config, snapshots)),
                 Err(e) => warn!(error = %e, "admin runtime failed to start"),
             }
         })?;
     Ok(())
 }
 
-async fn serve(listener: StdListener, state: Arc<AdminState>) {
+async fn serve(
+    listener: StdListener,
+    state: Arc<AdminState>,
+    config: &Config,
+    snapshots: Receiver<Snapshot>,
+) {
     let listener = match TcpListener::from_std(listener) {
         Ok(l) => l,
         Err(e) => {
@@ -73,10 +98,21 @@ async fn serve(listener: StdListener, state: Arc<AdminState>) {
             return;
         }
     };
+    let aggregate = Rc::new(RefCell::new(Aggregate::new(config)));
+    let agg = Rc::clone(&aggregate);
+    monoio::spawn(async move {
+        loop {
+            monoio::time::sleep(DRAIN_EVERY).await;
+            let mut agg = agg.borrow_mut();
+            for snapshot in snapshots.try_iter() {
+                agg.merge(snapshot);
+            }
+        }
+    });
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
-                monoio::spawn(handle(stream, Arc::clone(&state)));
+                monoio::spawn(handle(stream, Arc::clone(&state), Rc::clone(&aggregate)));
             }
             Err(e) => {
                 warn!(error = %e, "admin accept failed");
@@ -86,7 +122,7 @@ async fn serve(listener: StdListener, state: Arc<AdminState>) {
     }
 }
 
-async fn handle(mut stream: TcpStream, state: Arc<AdminState>) {
+async fn handle(mut stream: TcpStream, state: Arc<AdminState>, aggregate: Rc<RefCell<Aggregate>>) {
     let limits = Limits::default();
     let mut rbuf = ReadBuf::new();
     let mut head = RequestHead::default();
@@ -102,28 +138,66 @@ async fn handle(mut stream: TcpStream, state: Arc<AdminState>) {
             Err(_) => break false,
         }
     };
-    let path = head.path.get(rbuf.data());
-    let path = path.split(|&b| b == b'?').next().unwrap_or(path);
-    let (status, body): (u16, &[u8]) = if !parsed {
-        (400, b"{\"error\":\"bad request\"}")
+    let target = head.path.get(rbuf.data());
+    let (path, query) = match target.iter().position(|&b| b == b'?') {
+        Some(q) => (&target[..q], &target[q + 1..]),
+        None => (target, &b""[..]),
+    };
+    let json = b"content-type: application/json\r\n";
+    let text = b"content-type: text/plain; version=0.0.4; charset=utf-8\r\n";
+    let (status, content_type, body): (u16, &[u8], Vec<u8>) = if !parsed {
+        (400, json, br#"{"error":"bad request"}"#.to_vec())
     } else {
         match path {
-            b"/healthz" => (200, b"{\"status\":\"ok\"}"),
+            b"/healthz" => (200, json, br#"{"status":"ok"}"#.to_vec()),
             b"/readyz" => match state.get() {
-                READY => (200, b"{\"status\":\"ready\"}"),
-                DRAINING => (503, b"{\"status\":\"draining\"}"),
-                _ => (503, b"{\"status\":\"starting\"}"),
+                READY => (200, json, br#"{"status":"ready"}"#.to_vec()),
+                DRAINING => (503, json, br#"{"status":"draining"}"#.to_vec()),
+                _ => (503, json, br#"{"status":"starting"}"#.to_vec()),
             },
-            _ => (404, b"{\"error\":\"not found\"}"),
+            b"/metrics" => {
+                let agg = aggregate.borrow();
+                let body = render::prometheus(&agg, &Process::read(&agg));
+                (200, text, body.into_bytes())
+            }
+            b"/metrics/hdr" => {
+                let route = query
+                    .split(|&b| b == b'&')
+                    .find_map(|kv| kv.strip_prefix(b"route="))
+                    .map(String::from_utf8_lossy);
+                let agg = aggregate.borrow();
+                match route.as_deref().and_then(|r| agg.route_latency(r)) {
+                    Some(h) => (
+                        200,
+                        b"content-type: text/plain\r\n",
+                        render::hdr_distribution(h).into_bytes(),
+                    ),
+                    None => (
+                        404,
+                        json,
+                        br#"{"error":"no latency recorded for that route (?route=NAME)"}"#.to_vec(),
+                    ),
+                }
+            }
+            b"/status" => {
+                let agg = aggregate.borrow();
+                let value = render::status(&agg, &Process::read(&agg));
+                (
+                    200,
+                    json,
+                    serde_json::to_vec_pretty(&value).unwrap_or_default(),
+                )
+            }
+            _ => (404, json, br#"{"error":"not found"}"#.to_vec()),
         }
     };
-    let mut out = Vec::with_capacity(256);
+    let mut out = Vec::with_capacity(body.len() + 256);
     generated_response(
         &mut out,
         &Generated {
             status,
-            headers: b"content-type: application/json\r\n",
-            body,
+            headers: content_type,
+            body: &body,
             head_only: false,
             keep_alive: false,
             client_version: Version::Http11,

@@ -146,8 +146,8 @@ pub struct Transfer<'a> {
     pub write_timeout: Duration,
     pub max: Option<u64>,
     pub deadline: &'a Deadline<'a>,
-    /// Set once anything has been written to the receiver.
-    pub sent: &'a Cell<bool>,
+    /// Bytes written to the receiver, counted as they go.
+    pub sent: &'a Cell<u64>,
 }
 
 /// Streams the rest of a body from `src` to `dst`. `out` may hold bytes to send first (a head);
@@ -175,7 +175,7 @@ pub async fn copy_body<R: AsyncReadRent, W: AsyncWriteRent>(
         let rest_is_small =
             matches!(body, BodyReader::Length(n) if out.len() as u64 + *n <= COALESCE_BYTES);
         if !out.is_empty() && !rest_is_small {
-            t.sent.set(true);
+            t.sent.set(t.sent.get() + out.len() as u64);
             send(dst, out, t.deadline, t.write_timeout)
                 .await
                 .map_err(BodyError::Write)?;
@@ -201,7 +201,7 @@ pub async fn copy_body<R: AsyncReadRent, W: AsyncWriteRent>(
         }
     }
     if !out.is_empty() {
-        t.sent.set(true);
+        t.sent.set(t.sent.get() + out.len() as u64);
         send(dst, out, t.deadline, t.write_timeout)
             .await
             .map_err(BodyError::Write)?;

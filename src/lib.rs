@@ -11,8 +11,12 @@
 //! - `upstream`: per-worker pools, balancers and passive health.
 //! - `body`, `buffer`: streaming bodies through bounded buffers.
 //! - `deadline`: coarse per-connection timeouts, woken by the worker's tick.
+//! - `metrics`: per-worker recording, merged on the admin thread; Prometheus and JSON.
+//! - `access_log`: per-worker buffered access log lines, written by their own thread.
+//! - `trace`: W3C trace context.
 //! - `admin`: the admin listener on its own thread.
 
+pub mod access_log;
 pub mod admin;
 pub mod body;
 pub mod buffer;
@@ -20,9 +24,11 @@ pub mod config;
 pub mod deadline;
 pub mod error;
 pub mod http;
+pub mod metrics;
 pub mod proxy;
 pub mod rng;
 pub mod router;
 pub mod runtime;
+pub mod trace;
 pub mod upstream;
 pub mod worker;

@@ -27,9 +27,10 @@ use monoio::io::{
 use monoio::net::TcpStream;
 use tracing::debug;
 
+use crate::access_log::Entry;
 use crate::body::{copy_body, BodyError, BodyReader, Reframe, Transfer};
 use crate::buffer::{send, write_out, ReadBuf, STREAMING_CAPACITY};
-use crate::config::{HashKey, ListenerId};
+use crate::config::{HashKey, ListenerId, RouteId, UpstreamId};
 use crate::deadline::{Deadline, TimedOut};
 use crate::error::ProxyError;
 use crate::http::write::{self, ClientFraming, Forwarding, Generated};
@@ -37,7 +38,9 @@ use crate::http::{
     parse_request, parse_response, BodyLength, Method, RequestHead, ResponseError, ResponseHead,
     Version,
 };
+use crate::metrics::{RequestRecord, UpstreamOutcome};
 use crate::router::RouteMatch;
+use crate::trace::Trace;
 use crate::upstream::{stable_hash, ConnectError, TargetId, UpstreamConn, UpstreamState};
 use crate::worker::{Action, RouteEntry, Worker};
 
@@ -64,6 +67,81 @@ struct Client<'w> {
     client_ip: IpText,
     request_id: Vec<u8>,
     served: u32,
+    /// What the current request did, for metrics and the access log.
+    log: RequestLog,
+    /// The request's method, target, Referer and User-Agent, copied for the access log (only
+    /// when it is on) before the head's buffer is reused.
+    log_text: LogText,
+}
+
+#[derive(Default)]
+struct LogText {
+    bytes: Vec<u8>,
+    /// Ends of method, target, referer and user-agent within `bytes`.
+    ends: [usize; 4],
+}
+
+impl LogText {
+    fn capture(&mut self, buf: &[u8], head: &RequestHead) {
+        self.bytes.clear();
+        let header = |name: &str| {
+            head.headers
+                .iter()
+                .find(|h| h.name.get(buf).eq_ignore_ascii_case(name.as_bytes()))
+                .map_or(&b""[..], |h| h.value.get(buf))
+        };
+        for (i, part) in [
+            head.method_span.get(buf),
+            head.target.get(buf),
+            header("referer"),
+            header("user-agent"),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            self.bytes.extend_from_slice(part);
+            self.ends[i] = self.bytes.len();
+        }
+    }
+
+    fn clear(&mut self) {
+        self.bytes.clear();
+        self.ends = [0; 4];
+    }
+
+    fn part(&self, i: usize) -> &[u8] {
+        let start = if i == 0 { 0 } else { self.ends[i - 1] };
+        &self.bytes[start..self.ends[i]]
+    }
+}
+
+/// The facts about one request that metrics and the access log record when it ends.
+struct RequestLog {
+    start: Instant,
+    route: Option<RouteId>,
+    /// The status sent; 0 while none has been.
+    status: u16,
+    upstream: Option<(UpstreamId, TargetId)>,
+    upstream_us: Option<u64>,
+    bytes_in: u64,
+    bytes_out: Cell<u64>,
+    /// Set when the request was forwarded (or logged).
+    trace: Option<Trace>,
+}
+
+impl RequestLog {
+    fn new() -> RequestLog {
+        RequestLog {
+            start: Instant::now(),
+            route: None,
+            status: 0,
+            upstream: None,
+            upstream_us: None,
+            bytes_in: 0,
+            bytes_out: Cell::new(0),
+            trace: None,
+        }
+    }
 }
 
 /// The client's address, formatted once per connection.
@@ -106,6 +184,22 @@ enum Failure {
     Abort,
 }
 
+impl Failure {
+    /// How the upstream exchange ended, if the failure was the upstream's.
+    fn upstream_outcome(&self) -> Option<UpstreamOutcome> {
+        let e = match self {
+            Failure::BeforeBody(e) | Failure::AfterBody(e) | Failure::MidBody(e) => e,
+            Failure::Abort => return None,
+        };
+        match e {
+            ProxyError::UpstreamTimeout => Some(UpstreamOutcome::Timeout),
+            ProxyError::UpstreamInvalid(_) => Some(UpstreamOutcome::InvalidResponse),
+            ProxyError::UpstreamUnreachable(_) => Some(UpstreamOutcome::Failed),
+            _ => None,
+        }
+    }
+}
+
 /// What the response side needs to know about the request.
 struct ResponseCtx<'a> {
     to_head: bool,
@@ -115,8 +209,10 @@ struct ResponseCtx<'a> {
     request_id: &'a [u8],
     request_timeout: Duration,
     write_timeout: Duration,
-    /// Set once any response byte has gone to the client.
-    head_sent: &'a Cell<bool>,
+    /// Bytes of response sent to the client so far.
+    sent: &'a Cell<u64>,
+    /// When the final response head arrived.
+    head_at: &'a Cell<Option<Instant>>,
     /// Times the response side's operations.
     deadline: &'a Deadline<'a>,
     worker: &'a Worker,
@@ -163,6 +259,8 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, listener: ListenerId, w:
         client_ip: IpText::new(peer),
         request_id: Vec::with_capacity(64),
         served: 0,
+        log: RequestLog::new(),
+        log_text: LogText::default(),
     };
     while serve_request(&mut c, &w, listener).await == Next::KeepAlive {
         c.served += 1;
@@ -173,26 +271,44 @@ async fn serve_request(c: &mut Client<'_>, w: &Worker, listener: ListenerId) -> 
     if w.draining.get() && c.rbuf.is_empty() {
         return Next::Close;
     }
-    match read_request_head(c, w).await {
-        HeadRead::Ready => {}
+    let ready = read_request_head(c, w).await;
+    c.log = RequestLog::new();
+    let next = match ready {
+        HeadRead::Ready => {
+            let _inflight = w.begin_request();
+            if w.access_log.is_some() {
+                let buf = c.rbuf.data();
+                c.log_text.capture(buf, &c.head);
+                let incoming = c.head.traceparent.map(|t| t.get(buf));
+                c.log.trace = Some(Trace::new(incoming, &w.rng));
+            }
+            c.request_id.clear();
+            match c.head.request_id {
+                Some(id) => c.request_id.extend_from_slice(id.get(c.rbuf.data())),
+                None => w.rng.hex_id(&mut c.request_id),
+            }
+            let result = handle(c, w, listener).await;
+            conclude(c, w, result).await
+        }
         HeadRead::Closed => return Next::Close,
         HeadRead::Failed(e) => {
+            c.log_text.clear();
             c.request_id.clear();
             w.rng.hex_id(&mut c.request_id);
             c.head.version = Version::Http11;
-            c.head.method = Method::Get;
+            c.head.method = Method::Other;
             reply_error(c, w, &e, false).await;
             linger(c).await;
-            return Next::Close;
+            Next::Close
         }
-    }
-    let _inflight = w.begin_request();
-    c.request_id.clear();
-    match c.head.request_id {
-        Some(id) => c.request_id.extend_from_slice(id.get(c.rbuf.data())),
-        None => w.rng.hex_id(&mut c.request_id),
-    }
-    let failure = match handle(c, w, listener).await {
+    };
+    finish(c, w);
+    next
+}
+
+/// Turns a request's result into what happens to the connection, answering failures.
+async fn conclude(c: &mut Client<'_>, w: &Worker, result: Result<Next, Failure>) -> Next {
+    let failure = match result {
         Ok(next) => return next,
         Err(f) => f,
     };
@@ -221,6 +337,45 @@ async fn serve_request(c: &mut Client<'_>, w: &Worker, listener: ListenerId) -> 
             linger(c).await;
             Next::Close
         }
+    }
+}
+
+/// Records the finished request: metrics, and the access log line.
+fn finish(c: &mut Client<'_>, w: &Worker) {
+    let total_us = c.log.start.elapsed().as_micros() as u64;
+    // A request abandoned before any response: the client went away (nginx's 499).
+    let status = if c.log.status == 0 { 499 } else { c.log.status };
+    w.metrics.borrow_mut().record_request(&RequestRecord {
+        route: c.log.route,
+        method: c.head.method,
+        status,
+        total_us,
+    });
+    let Some(log) = &w.access_log else { return };
+    let trace = c.log.trace.unwrap_or_else(|| Trace::new(None, &w.rng));
+    let dropped = log.write(&Entry {
+        worker: w.id,
+        client_ip: c.client_ip.as_bytes(),
+        method: c.log_text.part(0),
+        target: c.log_text.part(1),
+        http10: c.head.version == Version::Http10,
+        status,
+        bytes_in: c.log.bytes_in,
+        bytes_out: c.log.bytes_out.get(),
+        route: c.log.route.map_or("", |id| w.route(id).name.as_str()),
+        upstream: c
+            .log
+            .upstream
+            .map_or("", |(u, t)| w.upstream(u).target(t).name.as_str()),
+        upstream_us: c.log.upstream_us,
+        total_us,
+        request_id: &c.request_id,
+        trace_id: trace.trace_id(),
+        referer: c.log_text.part(2),
+        user_agent: c.log_text.part(3),
+    });
+    if dropped > 0 {
+        w.metrics.borrow_mut().record_access_log_dropped(dropped);
     }
 }
 
@@ -277,7 +432,10 @@ async fn handle(c: &mut Client<'_>, w: &Worker, listener: ListenerId) -> Result<
         head.method_span.get(buf),
     );
     let route = match found {
-        RouteMatch::Found(id) => w.route(id),
+        RouteMatch::Found(id) => {
+            c.log.route = Some(id);
+            w.route(id)
+        }
         RouteMatch::MethodNotAllowed(allow) => {
             return Err(Failure::BeforeBody(ProxyError::MethodNotAllowed(allow)))
         }
@@ -341,6 +499,9 @@ async fn respond(
             request_id: &c.request_id,
         },
     );
+    c.log.status = status;
+    c.log.bytes_in = c.head.len as u64 + seen;
+    c.log.bytes_out.set(c.out.len() as u64);
     if send(&mut c.w, &mut c.out, &c.deadline, w.limits.write_timeout)
         .await
         .is_err()
@@ -415,6 +576,12 @@ async fn acquire<'a>(
                 }
                 Err(e) => {
                     debug!(upstream = %up.name, target = %up.target(t).name, error = ?e, "connect failed; target marked down");
+                    w.metrics.borrow_mut().record_upstream(
+                        up.id,
+                        t,
+                        UpstreamOutcome::ConnectFailed,
+                        None,
+                    );
                     up.mark_down(t);
                     last = match e {
                         ConnectError::Refused(_) => {
@@ -440,11 +607,48 @@ async fn proxy(
     strip_prefix: Option<&[u8]>,
 ) -> Result<Next, Failure> {
     let key = balance_key(up, c);
-    let (lease, mut conn) = acquire(up, w, key, &c.deadline)
+    let (lease, conn) = acquire(up, w, key, &c.deadline)
         .await
         .map_err(Failure::BeforeBody)?;
+    let started = Instant::now();
+    let head_at = Cell::new(None);
+    let result = forward(c, w, route, up, strip_prefix, &lease, conn, &head_at).await;
+    let latency_us = head_at
+        .get()
+        .map(|at: Instant| at.saturating_duration_since(started).as_micros() as u64);
+    let outcome = match (&result, latency_us) {
+        (_, Some(_)) => Some(UpstreamOutcome::Response),
+        (Err(f), None) => f.upstream_outcome(),
+        (Ok(_), None) => None,
+    };
+    if let Some(outcome) = outcome {
+        w.metrics
+            .borrow_mut()
+            .record_upstream(up.id, lease.target, outcome, latency_us);
+    }
+    c.log.upstream = Some((up.id, lease.target));
+    c.log.upstream_us = latency_us;
+    result
+}
+
+/// Sends the request on `conn` and the response back: the body of `proxy`.
+#[allow(clippy::too_many_arguments)]
+async fn forward(
+    c: &mut Client<'_>,
+    w: &Worker,
+    route: &RouteEntry,
+    up: &UpstreamState,
+    strip_prefix: Option<&[u8]>,
+    lease: &TargetLease<'_>,
+    mut conn: UpstreamConn,
+    head_at: &Cell<Option<Instant>>,
+) -> Result<Next, Failure> {
     let head = &c.head;
     let buf = c.rbuf.data();
+    let trace = *c
+        .log
+        .trace
+        .get_or_insert_with(|| Trace::new(head.traceparent.map(|t| t.get(buf)), &w.rng));
     c.up_out.clear();
     write::upstream_request(
         &mut c.up_out,
@@ -456,6 +660,7 @@ async fn proxy(
             request_id: &c.request_id,
             fallback_host: up.target(lease.target).name.as_bytes(),
             strip_prefix,
+            traceparent: &trace.header,
         },
     );
     let method = head.method;
@@ -465,6 +670,7 @@ async fn proxy(
         _ => Reframe::AsIs,
     };
     let mut body = BodyReader::new(head.body, &w.limits);
+    let head_len = head.len as u64;
     c.rbuf.consume(head.len);
     let mut seen = 0u64;
     body.take_buffered(
@@ -476,7 +682,6 @@ async fn proxy(
     )
     .map_err(body_failure)?;
 
-    let head_sent = Cell::new(false);
     let ctx = ResponseCtx {
         to_head: method == Method::Head,
         client_version: c.head.version,
@@ -485,7 +690,8 @@ async fn proxy(
         request_id: &c.request_id,
         request_timeout: up.request_timeout,
         write_timeout: w.limits.write_timeout,
-        head_sent: &head_sent,
+        sent: &c.log.bytes_out,
+        head_at,
         deadline: &c.deadline,
         worker: w,
     };
@@ -528,7 +734,7 @@ async fn proxy(
         }
         c.up_out.clear();
         let pump_deadline = w.deadlines.slot();
-        let pump_sent = Cell::new(false);
+        let pump_sent = Cell::new(0);
         let transfer = Transfer {
             read_timeout: w.limits.body_read_timeout,
             write_timeout: w.limits.write_timeout,
@@ -569,7 +775,7 @@ async fn proxy(
         match full_duplex(pump, response).await {
             (pumped, Some(Ok(done))) => (done, matches!(pumped, Some(Ok(())))),
             (_, Some(Err(f))) => return Err(response_failure(f, &ctx, false)),
-            (Some(Err(e)), None) if head_sent.get() => {
+            (Some(Err(e)), None) if ctx.sent.get() > 0 => {
                 debug!(error = ?e, "request body failed after the response began");
                 return Err(Failure::Abort);
             }
@@ -578,6 +784,8 @@ async fn proxy(
         }
     };
 
+    c.log.status = c.resp.status;
+    c.log.bytes_in = head_len + seen;
     if done.upgrade {
         tunnel(c, w, &mut conn, w.limits.tunnel_idle_timeout).await;
         return Ok(Next::Close);
@@ -594,7 +802,7 @@ async fn proxy(
 
 fn response_failure(f: ResponseFailure, ctx: &ResponseCtx<'_>, body_complete: bool) -> Failure {
     debug!(error = ?f.error, "upstream exchange failed");
-    if ctx.head_sent.get() {
+    if ctx.sent.get() > 0 {
         Failure::Abort
     } else if body_complete {
         Failure::AfterBody(f.error)
@@ -750,7 +958,7 @@ async fn read_final_head(
                     if resp.status != 100 && ctx.client_version == Version::Http11 {
                         out.clear();
                         write::interim_response(out, urbuf.data(), resp);
-                        ctx.head_sent.set(true);
+                        ctx.sent.set(ctx.sent.get() + out.len() as u64);
                         // Bounded by the caller's deadline, or (streaming) by the one the
                         // request body arms when it is done; re-arming here would lose it.
                         let sent = match wait {
@@ -768,7 +976,10 @@ async fn read_final_head(
                     urbuf.consume(resp.len);
                     continue;
                 }
-                Ok(true) => return Ok(()),
+                Ok(true) => {
+                    ctx.head_at.set(Some(Instant::now()));
+                    return Ok(());
+                }
                 Err(ResponseError::TooLarge) => {
                     return Err(ResponseFailure::new(ProxyError::UpstreamInvalid(
                         "response head too large",
@@ -855,7 +1066,7 @@ async fn send_response(
     let mut body = BodyReader::new(resp.body, &ctx.worker.limits);
     urbuf.consume(resp.len);
     if upgrade {
-        ctx.head_sent.set(true);
+        ctx.sent.set(ctx.sent.get() + out.len() as u64);
         send(cw, out, ctx.deadline, ctx.write_timeout)
             .await
             .map_err(|_| ResponseFailure::new(ProxyError::UpstreamUnreachable("client gone")))?;
@@ -872,7 +1083,7 @@ async fn send_response(
         write_timeout: ctx.write_timeout,
         max: None,
         deadline: ctx.deadline,
-        sent: ctx.head_sent,
+        sent: ctx.sent,
     };
     let mut seen = 0;
     if let Err(e) = copy_body(ur, urbuf, cw, out, &mut body, reframe, &mut seen, &transfer).await {
@@ -968,6 +1179,7 @@ async fn reply_error(c: &mut Client<'_>, w: &Worker, e: &ProxyError, keep_alive:
         "request_id": String::from_utf8_lossy(&c.request_id),
     }))
     .unwrap_or_default();
+    c.log.status = status;
     c.out.clear();
     write::generated_response(
         &mut c.out,
@@ -981,6 +1193,9 @@ async fn reply_error(c: &mut Client<'_>, w: &Worker, e: &ProxyError, keep_alive:
             request_id: &c.request_id,
         },
     );
+    c.log
+        .bytes_out
+        .set(c.log.bytes_out.get() + c.out.len() as u64);
     send(&mut c.w, &mut c.out, &c.deadline, w.limits.write_timeout)
         .await
         .is_ok()

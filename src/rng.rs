@@ -34,6 +34,13 @@ impl Rng {
 
     /// 32 lower-case hex digits: a request id.
     pub fn hex_id(&self, out: &mut Vec<u8>) {
+        let mut id = [0u8; 32];
+        self.fill_hex(&mut id);
+        out.extend_from_slice(&id);
+    }
+
+    /// Fills `out` with random lower-case hex digits.
+    pub fn fill_hex(&self, out: &mut [u8]) {
         /// Each byte's two hex digits.
         static HEX_PAIRS: [[u8; 2]; 256] = {
             const HEX: &[u8; 16] = b"0123456789abcdef";
@@ -45,12 +52,12 @@ impl Rng {
             }
             t
         };
-        let bytes = (u128::from(self.next_u64()) << 64 | u128::from(self.next_u64())).to_le_bytes();
-        let mut id = [0u8; 32];
-        for (pair, b) in id.chunks_exact_mut(2).zip(bytes) {
-            pair.copy_from_slice(&HEX_PAIRS[usize::from(b)]);
+        for block in out.chunks_mut(16) {
+            let bytes = self.next_u64().to_le_bytes();
+            for (pair, b) in block.chunks_mut(2).zip(bytes) {
+                pair.copy_from_slice(&HEX_PAIRS[usize::from(b)][..pair.len()]);
+            }
         }
-        out.extend_from_slice(&id);
     }
 }
 

@@ -18,8 +18,10 @@ use monoio::{IoUringDriver, LegacyDriver, RuntimeBuilder};
 use socket2::{Domain, Protocol, Socket, Type};
 use tracing::{error, info, warn};
 
+use crate::access_log::{self, AccessLog};
 use crate::admin::{self, AdminState};
 use crate::config::{Config, DriverChoice, ListenerId};
+use crate::metrics::Snapshot;
 use crate::proxy;
 use crate::worker::Worker;
 
@@ -38,6 +40,7 @@ pub enum StartError {
     },
     Worker(String),
     Signals(io::Error),
+    AccessLog(String, io::Error),
 }
 
 impl std::fmt::Display for StartError {
@@ -58,6 +61,7 @@ impl std::fmt::Display for StartError {
             } => write!(f, "listener {listener:?}: cannot listen on {addr}: {error}"),
             StartError::Worker(e) => write!(f, "worker failed to start: {e}"),
             StartError::Signals(e) => write!(f, "cannot install signal handlers: {e}"),
+            StartError::AccessLog(path, e) => write!(f, "access log {path:?}: {e}"),
         }
     }
 }
@@ -105,20 +109,38 @@ pub fn run(config: Config) -> Result<(), StartError> {
     };
 
     let signals = signal_channel()?;
+    let access_log = match &config.access_log {
+        Some(cfg) => Some(
+            access_log::spawn_writer(cfg)
+                .map_err(|e| StartError::AccessLog(cfg.path.clone(), e))?,
+        ),
+        None => None,
+    };
     let config = Arc::new(config);
     let (events_tx, events) = crossbeam_channel::unbounded();
+    // Snapshots go to the aggregator on the admin thread; without an admin listener there is
+    // nobody to read them. Bounded: a stalled aggregator loses snapshots, not memory.
+    let (metrics_tx, metrics_rx) = crossbeam_channel::bounded(workers * 64);
+    let metrics_tx = admin_socket.as_ref().map(|_| metrics_tx);
     let mut controls = Vec::with_capacity(workers);
     for (id, listeners) in sockets.into_iter().enumerate() {
         let (tx, rx) = crossbeam_channel::bounded(4);
         controls.push(tx);
         let config = Arc::clone(&config);
-        let events_tx = events_tx.clone();
+        let channels = Channels {
+            control: rx,
+            events: events_tx.clone(),
+            metrics: metrics_tx.clone(),
+            access_log: access_log.as_ref().map(|(tx, _)| tx.clone()),
+        };
         thread::Builder::new()
             .name(format!("ringway-w{id}"))
-            .spawn(move || worker_thread(id, &config, listeners, rx, events_tx))
+            .spawn(move || worker_thread(id, &config, listeners, channels))
             .map_err(|e| StartError::Worker(e.to_string()))?;
     }
     drop(events_tx);
+    drop(metrics_tx);
+    let log_writer = access_log.map(|(_, handle)| handle);
 
     for _ in 0..workers {
         match events.recv() {
@@ -134,7 +156,8 @@ pub fn run(config: Config) -> Result<(), StartError> {
     }
     let admin_state = Arc::new(AdminState::new());
     if let Some(s) = admin_socket {
-        admin::spawn(s, Arc::clone(&admin_state)).map_err(|e| StartError::Worker(e.to_string()))?;
+        admin::spawn(s, Arc::clone(&admin_state), Arc::clone(&config), metrics_rx)
+            .map_err(|e| StartError::Worker(e.to_string()))?;
     }
     admin_state.set_ready();
     info!(workers, "ready");
@@ -173,6 +196,14 @@ pub fn run(config: Config) -> Result<(), StartError> {
                 warn!("workers did not stop in time");
                 break;
             }
+        }
+    }
+    // The access log writer ends when every worker has dropped its sender; give it a moment
+    // to write what they flushed on the way out.
+    if let Some(handle) = log_writer {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while !handle.is_finished() && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(5));
         }
     }
     info!("stopped");
@@ -231,13 +262,22 @@ pub fn bind_reuseport(addr: SocketAddr, count: usize) -> io::Result<Vec<StdListe
         .collect()
 }
 
+/// A worker's links to the rest of the process, all crossbeam channels read or written on
+/// the worker's tick.
+struct Channels {
+    control: Receiver<Control>,
+    events: Sender<Event>,
+    metrics: Option<Sender<Snapshot>>,
+    access_log: Option<Sender<Vec<u8>>>,
+}
+
 fn worker_thread(
     id: usize,
     config: &Config,
     listeners: Vec<(ListenerId, StdListener)>,
-    control: Receiver<Control>,
-    events: Sender<Event>,
+    channels: Channels,
 ) {
+    let events = channels.events.clone();
     let core = config.runtime.cores[id];
     let pinned = match core {
         Some(c) => core_affinity::set_for_current(core_affinity::CoreId { id: c }),
@@ -252,8 +292,7 @@ fn worker_thread(
         core: core.filter(|_| pinned),
         config,
         listeners,
-        control,
-        events: events.clone(),
+        channels,
     };
     let uring = || {
         RuntimeBuilder::<IoUringDriver>::new()
@@ -301,12 +340,17 @@ struct WorkerStart<'a> {
     core: Option<usize>,
     config: &'a Config,
     listeners: Vec<(ListenerId, StdListener)>,
-    control: Receiver<Control>,
-    events: Sender<Event>,
+    channels: Channels,
 }
 
 async fn worker_main(ctx: WorkerStart<'_>, driver: &'static str) {
-    let worker = Rc::new(Worker::new(ctx.id, ctx.config));
+    let access_log = ctx
+        .config
+        .access_log
+        .as_ref()
+        .zip(ctx.channels.access_log.clone())
+        .map(|(cfg, tx)| AccessLog::new(cfg.format, tx));
+    let worker = Rc::new(Worker::new(ctx.id, ctx.config, access_log));
     let mut canceller = Canceller::new();
     for (id, socket) in ctx.listeners {
         match TcpListener::from_std(socket) {
@@ -314,16 +358,20 @@ async fn worker_main(ctx: WorkerStart<'_>, driver: &'static str) {
                 monoio::spawn(accept_loop(l, id, Rc::clone(&worker), canceller.handle()));
             }
             Err(e) => {
-                let _ = ctx.events.send(Event::Failed(format!("listener: {e}")));
+                let _ = ctx
+                    .channels
+                    .events
+                    .send(Event::Failed(format!("listener: {e}")));
                 return;
             }
         }
     }
     info!(worker = ctx.id, core = ?ctx.core, driver, "worker started");
-    let _ = ctx.events.send(Event::Started);
+    let _ = ctx.channels.events.send(Event::Started);
 
     let mut ticks = 0u32;
     let mut drain_deadline: Option<Instant> = None;
+    let mut last_snapshot = Instant::now();
     loop {
         monoio::time::sleep(CONTROL_TICK).await;
         ticks = ticks.wrapping_add(1);
@@ -333,8 +381,17 @@ async fn worker_main(ctx: WorkerStart<'_>, driver: &'static str) {
                 up.sweep_idle(worker.now());
             }
         }
+        worker.flush_access_log();
+        if let Some(tx) = &ctx.channels.metrics {
+            let now = worker.now();
+            let interval = now.saturating_duration_since(last_snapshot);
+            if interval >= ctx.config.metrics_interval {
+                last_snapshot = now;
+                let _ = tx.try_send(worker.snapshot(interval));
+            }
+        }
         if drain_deadline.is_none() {
-            let drain = match ctx.control.try_recv() {
+            let drain = match ctx.channels.control.try_recv() {
                 Ok(Control::Drain) | Err(crossbeam_channel::TryRecvError::Disconnected) => true,
                 Err(crossbeam_channel::TryRecvError::Empty) => false,
             };
@@ -350,7 +407,8 @@ async fn worker_main(ctx: WorkerStart<'_>, driver: &'static str) {
             }
         }
     }
-    let _ = ctx.events.send(Event::Stopped {
+    worker.flush_access_log();
+    let _ = ctx.channels.events.send(Event::Stopped {
         worker: ctx.id,
         unfinished: worker.inflight(),
     });

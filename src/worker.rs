@@ -2,12 +2,14 @@
 //! balancers, its random numbers, and its drain state. Built from the config on the worker's
 //! own thread and reached through an `Rc`, so the request path never synchronises.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::time::Instant;
 
+use crate::access_log::AccessLog;
 use crate::config::{Config, Limits, RouteAction, RouteId, UpstreamId};
 use crate::deadline::Deadlines;
 use crate::error::Reject;
+use crate::metrics::{Gauges, Snapshot, WorkerMetrics};
 use crate::rng::Rng;
 use crate::router::Router;
 use crate::upstream::UpstreamState;
@@ -24,7 +26,9 @@ pub struct Worker {
     inflight: Cell<usize>,
     /// Deadlines of every connection's pending operation, and the worker's coarse clock.
     pub deadlines: Deadlines,
-    rejections: [Cell<u64>; Reject::ALL.len()],
+    /// What this worker has recorded since its last metrics snapshot.
+    pub metrics: RefCell<WorkerMetrics>,
+    pub access_log: Option<AccessLog>,
     connections_active: Cell<usize>,
     connections_total: Cell<u64>,
 }
@@ -49,7 +53,7 @@ pub enum Action {
 }
 
 impl Worker {
-    pub fn new(id: usize, config: &Config) -> Worker {
+    pub fn new(id: usize, config: &Config, access_log: Option<AccessLog>) -> Worker {
         let routes = config
             .routes
             .iter()
@@ -83,12 +87,25 @@ impl Worker {
             limits: config.limits.clone(),
             router: Router::new(config),
             routes,
-            upstreams: config.upstreams.iter().map(UpstreamState::new).collect(),
+            upstreams: config
+                .upstreams
+                .iter()
+                .enumerate()
+                .map(|(i, u)| UpstreamState::new(UpstreamId(i as u16), u))
+                .collect(),
             rng: Rng::from_os(),
             draining: Cell::new(false),
             inflight: Cell::new(0),
             deadlines: Deadlines::default(),
-            rejections: Default::default(),
+            metrics: RefCell::new(WorkerMetrics::new(
+                config.routes.len(),
+                &config
+                    .upstreams
+                    .iter()
+                    .map(|u| u.targets.len())
+                    .collect::<Vec<_>>(),
+            )),
+            access_log,
             connections_active: Cell::new(0),
             connections_total: Cell::new(0),
         }
@@ -107,13 +124,34 @@ impl Worker {
         self.deadlines.now()
     }
 
-    pub fn count_rejection(&self, r: Reject) {
-        let c = &self.rejections[r as usize];
-        c.set(c.get() + 1);
+    /// What this worker recorded since the last call, with its gauges.
+    pub fn snapshot(&self, interval: std::time::Duration) -> Snapshot {
+        let gauges = Gauges {
+            connections_active: self.connections_active.get(),
+            connections_total: self.connections_total.get(),
+            idle_per_upstream: self
+                .upstreams
+                .iter()
+                .map(|u| u.idle_connections())
+                .collect(),
+        };
+        self.metrics
+            .borrow_mut()
+            .snapshot(self.id, interval, gauges)
     }
 
-    pub fn rejections(&self, r: Reject) -> u64 {
-        self.rejections[r as usize].get()
+    /// Hands buffered access log lines to the writer, counting any it had to drop.
+    pub fn flush_access_log(&self) {
+        if let Some(log) = &self.access_log {
+            let dropped = log.flush();
+            if dropped > 0 {
+                self.metrics.borrow_mut().record_access_log_dropped(dropped);
+            }
+        }
+    }
+
+    pub fn count_rejection(&self, r: Reject) {
+        self.metrics.borrow_mut().record_rejection(r);
     }
 
     /// Takes an accepted connection unless the worker is at `max_connections`; the guard

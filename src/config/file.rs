@@ -18,6 +18,9 @@ pub struct File {
     #[serde(default)]
     pub limits: LimitsFile,
     #[serde(default)]
+    pub metrics: MetricsFile,
+    pub access_log: Option<AccessLogFile>,
+    #[serde(default)]
     pub listeners: Vec<ListenerFile>,
     #[serde(default)]
     pub upstreams: Vec<UpstreamFile>,
@@ -228,6 +231,41 @@ fn d_write_timeout() -> Spanned<u64> {
 }
 fn d_tunnel_idle_timeout() -> Spanned<u64> {
     Spanned::new(0..0, 600_000)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessLogFile {
+    pub path: Spanned<String>,
+    #[serde(default)]
+    pub format: AccessLogFormat,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AccessLogFormat {
+    #[default]
+    Json,
+    Combined,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsFile {
+    #[serde(default = "d_metrics_interval")]
+    pub interval_ms: Spanned<u64>,
+}
+
+impl Default for MetricsFile {
+    fn default() -> Self {
+        MetricsFile {
+            interval_ms: d_metrics_interval(),
+        }
+    }
+}
+
+fn d_metrics_interval() -> Spanned<u64> {
+    Spanned::new(0..0, 1000)
 }
 
 #[derive(Debug, Deserialize)]

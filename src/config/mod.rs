@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use error::ConfigError;
-pub use file::{Balance, DriverChoice};
+pub use file::{AccessLogFormat, Balance, DriverChoice};
 use file::{File, PinCores, RespondFile, RouteFile, UpstreamFile, Workers};
 use toml::Spanned;
 
@@ -34,6 +34,9 @@ pub struct Config {
     pub runtime: RuntimeSettings,
     pub admin: Option<SocketAddr>,
     pub limits: Limits,
+    /// How often workers send their metrics to the aggregator.
+    pub metrics_interval: Duration,
+    pub access_log: Option<AccessLogConfig>,
     pub listeners: Vec<Listener>,
     pub upstreams: Vec<Upstream>,
     pub routes: Vec<Route>,
@@ -87,6 +90,13 @@ impl Default for Limits {
 /// The most headers a request or response may have, whatever `max_headers` says: the parser
 /// keeps its header table on the stack.
 pub const MAX_HEADERS_CEILING: usize = 256;
+
+#[derive(Debug, Clone)]
+pub struct AccessLogConfig {
+    /// `"stdout"` or a file, opened for appending.
+    pub path: String,
+    pub format: AccessLogFormat,
+}
 
 #[derive(Debug, Clone)]
 pub struct Listener {
@@ -197,6 +207,14 @@ impl Validator<'_> {
             None => None,
         };
         let limits = self.limits(&f.limits)?;
+        let interval = &f.metrics.interval_ms;
+        if !(10..=60_000).contains(interval.get_ref()) {
+            return Err(self.err(
+                interval.span(),
+                "metrics.interval_ms",
+                "must be between 10 and 60000",
+            ));
+        }
 
         let mut listeners: Vec<Listener> = Vec::with_capacity(f.listeners.len());
         for (i, l) in f.listeners.iter().enumerate() {
@@ -260,6 +278,21 @@ impl Validator<'_> {
             runtime,
             admin,
             limits,
+            metrics_interval: ms(*interval.get_ref()),
+            access_log: match &f.access_log {
+                None => None,
+                Some(a) if a.path.get_ref().is_empty() => {
+                    return Err(self.err(
+                        a.path.span(),
+                        "access_log.path",
+                        "give \"stdout\" or a file path; omit [access_log] to turn it off",
+                    ))
+                }
+                Some(a) => Some(AccessLogConfig {
+                    path: a.path.get_ref().clone(),
+                    format: a.format,
+                }),
+            },
             listeners,
             upstreams,
             routes,

@@ -81,6 +81,7 @@ pub enum HeaderKind {
     XForwardedProto,
     XForwardedHost,
     XRequestId,
+    TraceParent,
 }
 
 impl HeaderKind {
@@ -124,6 +125,7 @@ pub fn classify(name: &[u8]) -> HeaderKind {
         (7, b't') if is("trailer") => HeaderKind::Trailer,
         (10, b'c') if is("connection") => HeaderKind::Connection,
         (10, b'k') if is("keep-alive") => HeaderKind::KeepAlive,
+        (11, b't') if is("traceparent") => HeaderKind::TraceParent,
         (12, b'x') if is("x-request-id") => HeaderKind::XRequestId,
         (14, b'c') if is("content-length") => HeaderKind::ContentLength,
         (15, b'x') if is("x-forwarded-for") => HeaderKind::XForwardedFor,

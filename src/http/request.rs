@@ -94,6 +94,8 @@ pub struct RequestHead {
     pub upgrade: bool,
     pub connection: ConnectionOptions,
     pub request_id: Option<Span>,
+    /// The first `traceparent`, if any (checked when the trace is joined).
+    pub traceparent: Option<Span>,
 }
 
 impl Default for RequestHead {
@@ -113,6 +115,7 @@ impl Default for RequestHead {
             upgrade: false,
             connection: ConnectionOptions::default(),
             request_id: None,
+            traceparent: None,
         }
     }
 }
@@ -173,6 +176,7 @@ pub fn parse_request(
     head.headers.clear();
     head.connection.clear();
     head.request_id = None;
+    head.traceparent = None;
     head.expect_continue = false;
 
     let authority = parse_target(head, buf, target.as_bytes())?;
@@ -251,6 +255,9 @@ pub fn parse_request(
                 }
             }
             HeaderKind::Upgrade => upgrade_header = true,
+            HeaderKind::TraceParent if head.traceparent.is_none() => {
+                head.traceparent = Some(value_span);
+            }
             HeaderKind::XRequestId
                 if head.request_id.is_none() && !value.is_empty() && value.len() <= 200 =>
             {

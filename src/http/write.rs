@@ -14,6 +14,8 @@ pub struct Forwarding<'a> {
     pub fallback_host: &'a [u8],
     /// Removed from the start of the path before forwarding.
     pub strip_prefix: Option<&'a [u8]>,
+    /// The `traceparent` for the upstream (the incoming one is replaced).
+    pub traceparent: &'a [u8],
 }
 
 #[inline]
@@ -84,7 +86,8 @@ pub fn upstream_request(out: &mut Vec<u8>, buf: &[u8], head: &RequestHead, fwd: 
         | HeaderKind::Expect
         | HeaderKind::XForwardedProto
         | HeaderKind::XForwardedHost
-        | HeaderKind::XRequestId => false,
+        | HeaderKind::XRequestId
+        | HeaderKind::TraceParent => false,
         HeaderKind::XForwardedFor => {
             xff_seen = true;
             false
@@ -115,6 +118,7 @@ pub fn upstream_request(out: &mut Vec<u8>, buf: &[u8], head: &RequestHead, fwd: 
         field(out, b"x-forwarded-host", h.get(buf));
     }
     field(out, b"x-request-id", fwd.request_id);
+    field(out, b"traceparent", fwd.traceparent);
     if head.upgrade {
         out.extend_from_slice(b"connection: upgrade\r\n");
     }
@@ -288,6 +292,7 @@ mod tests {
                 request_id: b"rid",
                 fallback_host: b"backend:80",
                 strip_prefix: strip,
+                traceparent: b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
             },
         );
         String::from_utf8(out).unwrap()

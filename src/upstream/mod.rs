@@ -19,7 +19,7 @@ pub use balancer::stable_hash;
 use balancer::{Balancer, Targets};
 
 use crate::buffer::ReadBuf;
-use crate::config::{HashKey, Upstream};
+use crate::config::{HashKey, Upstream, UpstreamId};
 use crate::deadline::Deadline;
 use crate::rng::Rng;
 
@@ -38,6 +38,7 @@ pub struct UpstreamConn {
 }
 
 pub struct UpstreamState {
+    pub id: UpstreamId,
     pub name: String,
     pub targets: Vec<TargetState>,
     balancer: Balancer,
@@ -80,8 +81,9 @@ impl Targets for [TargetState] {
 }
 
 impl UpstreamState {
-    pub fn new(cfg: &Upstream) -> UpstreamState {
+    pub fn new(id: UpstreamId, cfg: &Upstream) -> UpstreamState {
         UpstreamState {
+            id,
             name: cfg.name.clone(),
             targets: cfg
                 .targets

@@ -1,0 +1,353 @@
+//! The access log: one line per request. Each worker appends lines to its own buffer and, on
+//! its tick or when the buffer passes 64 KiB, hands the whole buffer (whole lines only) to a
+//! writer thread over a bounded crossbeam channel. The request path never touches the disk and
+//! lines from different workers never interleave mid-line. If the writer falls behind (a slow
+//! disk), batches are dropped and counted rather than queued without bound.
+
+use std::cell::{Cell, RefCell};
+use std::fs::OpenOptions;
+use std::io::{self, Write};
+use std::thread::{self, JoinHandle};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+use tracing::warn;
+
+use crate::config::{AccessLogConfig, AccessLogFormat};
+
+/// A worker's buffer is handed over early once it holds this much.
+const FLUSH_BYTES: usize = 64 * 1024;
+/// Batches waiting for the writer, for all workers together.
+const QUEUE_BATCHES: usize = 1024;
+
+/// One request, as logged. Byte strings are as received (escaped when written).
+pub struct Entry<'a> {
+    pub worker: usize,
+    pub client_ip: &'a [u8],
+    pub method: &'a [u8],
+    pub target: &'a [u8],
+    pub http10: bool,
+    pub status: u16,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub route: &'a str,
+    pub upstream: &'a str,
+    pub upstream_us: Option<u64>,
+    pub total_us: u64,
+    pub request_id: &'a [u8],
+    pub trace_id: &'a [u8],
+    pub referer: &'a [u8],
+    pub user_agent: &'a [u8],
+}
+
+/// A worker's side of the access log.
+pub struct AccessLog {
+    format: AccessLogFormat,
+    buf: RefCell<Vec<u8>>,
+    lines: Cell<u64>,
+    tx: Sender<Vec<u8>>,
+    /// The formatted date-time of the last second a line was written in.
+    second: RefCell<(u64, String)>,
+}
+
+/// Starts the writer thread; workers get clones of the sender.
+pub fn spawn_writer(config: &AccessLogConfig) -> io::Result<(Sender<Vec<u8>>, JoinHandle<()>)> {
+    let mut out: Box<dyn Write + Send> = if config.path == "stdout" {
+        Box::new(io::stdout())
+    } else {
+        Box::new(
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&config.path)?,
+        )
+    };
+    let (tx, rx): (Sender<Vec<u8>>, Receiver<Vec<u8>>) = crossbeam_channel::bounded(QUEUE_BATCHES);
+    let handle = thread::Builder::new()
+        .name("ringway-log".into())
+        .spawn(move || {
+            let mut failed = false;
+            for batch in rx {
+                if let Err(e) = out.write_all(&batch).and_then(|()| out.flush()) {
+                    if !failed {
+                        warn!(error = %e, "access log write failed");
+                        failed = true;
+                    }
+                }
+            }
+        })?;
+    Ok((tx, handle))
+}
+
+impl AccessLog {
+    pub fn new(format: AccessLogFormat, tx: Sender<Vec<u8>>) -> AccessLog {
+        AccessLog {
+            format,
+            buf: RefCell::new(Vec::with_capacity(FLUSH_BYTES)),
+            lines: Cell::new(0),
+            tx,
+            second: RefCell::new((u64::MAX, String::new())),
+        }
+    }
+
+    /// Appends one line; returns lines dropped if a full buffer could not be handed over.
+    pub fn write(&self, e: &Entry<'_>) -> u64 {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        let mut buf = self.buf.borrow_mut();
+        match self.format {
+            AccessLogFormat::Json => self.json(&mut buf, e, now.as_secs(), now.subsec_millis()),
+            AccessLogFormat::Combined => self.combined(&mut buf, e, now.as_secs()),
+        }
+        self.lines.set(self.lines.get() + 1);
+        if buf.len() >= FLUSH_BYTES {
+            drop(buf);
+            return self.flush();
+        }
+        0
+    }
+
+    /// Hands the buffered lines to the writer; returns how many were dropped (writer behind).
+    pub fn flush(&self) -> u64 {
+        let mut buf = self.buf.borrow_mut();
+        if buf.is_empty() {
+            return 0;
+        }
+        let batch = std::mem::replace(&mut *buf, Vec::with_capacity(FLUSH_BYTES));
+        let lines = self.lines.replace(0);
+        match self.tx.try_send(batch) {
+            Ok(()) => 0,
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => lines,
+        }
+    }
+
+    fn date_time(&self, secs: u64) -> std::cell::Ref<'_, (u64, String)> {
+        if self.second.borrow().0 != secs {
+            let (y, mo, d) = civil_from_days((secs / 86_400) as i64);
+            let rem = secs % 86_400;
+            let text = match self.format {
+                AccessLogFormat::Json => format!(
+                    "{y:04}-{mo:02}-{d:02}T{:02}:{:02}:{:02}",
+                    rem / 3600,
+                    rem / 60 % 60,
+                    rem % 60
+                ),
+                AccessLogFormat::Combined => format!(
+                    "{d:02}/{}/{y:04}:{:02}:{:02}:{:02} +0000",
+                    MONTHS[(mo - 1) as usize],
+                    rem / 3600,
+                    rem / 60 % 60,
+                    rem % 60
+                ),
+            };
+            *self.second.borrow_mut() = (secs, text);
+        }
+        self.second.borrow()
+    }
+
+    fn json(&self, out: &mut Vec<u8>, e: &Entry<'_>, secs: u64, millis: u32) {
+        out.extend_from_slice(b"{\"time\":\"");
+        out.extend_from_slice(self.date_time(secs).1.as_bytes());
+        let _ = write!(out, ".{millis:03}Z\",\"worker\":{},\"client\":", e.worker);
+        json_str(out, e.client_ip);
+        out.extend_from_slice(b",\"method\":");
+        json_str(out, e.method);
+        out.extend_from_slice(b",\"path\":");
+        json_str(out, e.target);
+        let _ = write!(
+            out,
+            ",\"status\":{},\"bytes_in\":{},\"bytes_out\":{},\"route\":",
+            e.status, e.bytes_in, e.bytes_out
+        );
+        json_str(out, e.route.as_bytes());
+        out.extend_from_slice(b",\"upstream\":");
+        json_str(out, e.upstream.as_bytes());
+        match e.upstream_us {
+            Some(us) => {
+                let _ = write!(out, ",\"upstream_us\":{us}");
+            }
+            None => out.extend_from_slice(b",\"upstream_us\":null"),
+        }
+        let _ = write!(out, ",\"total_us\":{},\"request_id\":", e.total_us);
+        json_str(out, e.request_id);
+        out.extend_from_slice(b",\"trace_id\":");
+        json_str(out, e.trace_id);
+        out.extend_from_slice(b"}\n");
+    }
+
+    /// Apache's combined format, then the gateway's own fields as `key=value`.
+    fn combined(&self, out: &mut Vec<u8>, e: &Entry<'_>, secs: u64) {
+        out.extend_from_slice(e.client_ip);
+        out.extend_from_slice(b" - - [");
+        out.extend_from_slice(self.date_time(secs).1.as_bytes());
+        out.extend_from_slice(b"] \"");
+        quoted(out, e.method);
+        out.push(b' ');
+        quoted(out, e.target);
+        out.extend_from_slice(if e.http10 {
+            b" HTTP/1.0\" "
+        } else {
+            b" HTTP/1.1\" "
+        });
+        let _ = write!(out, "{} {} \"", e.status, e.bytes_out);
+        quoted(
+            out,
+            if e.referer.is_empty() {
+                b"-"
+            } else {
+                e.referer
+            },
+        );
+        out.extend_from_slice(b"\" \"");
+        quoted(
+            out,
+            if e.user_agent.is_empty() {
+                b"-"
+            } else {
+                e.user_agent
+            },
+        );
+        let _ = write!(
+            out,
+            "\" worker={} route={} upstream={} upstream_us=",
+            e.worker,
+            e.route,
+            dash(e.upstream)
+        );
+        match e.upstream_us {
+            Some(us) => {
+                let _ = write!(out, "{us}");
+            }
+            None => out.push(b'-'),
+        }
+        let _ = write!(
+            out,
+            " total_us={} bytes_in={} request_id=",
+            e.total_us, e.bytes_in
+        );
+        quoted(out, e.request_id);
+        out.extend_from_slice(b" trace_id=");
+        out.extend_from_slice(if e.trace_id.is_empty() {
+            b"-"
+        } else {
+            e.trace_id
+        });
+        out.push(b'\n');
+    }
+}
+
+fn dash(s: &str) -> &str {
+    if s.is_empty() {
+        "-"
+    } else {
+        s
+    }
+}
+
+const MONTHS: [&str; 12] = [
+    "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+];
+
+/// A JSON string from bytes: `"` and `\` escaped, control and non-ASCII bytes as `\u00XX`.
+fn json_str(out: &mut Vec<u8>, s: &[u8]) {
+    out.push(b'"');
+    for &b in s {
+        match b {
+            b'"' => out.extend_from_slice(b"\\\""),
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            0x20..=0x7e => out.push(b),
+            _ => {
+                let _ = write!(out, "\\u{b:04x}");
+            }
+        }
+    }
+    out.push(b'"');
+}
+
+/// Bytes inside a quoted field of the combined format: `"`, `\` and unprintables escaped.
+fn quoted(out: &mut Vec<u8>, s: &[u8]) {
+    for &b in s {
+        match b {
+            b'"' => out.extend_from_slice(b"\\\""),
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            0x20..=0x7e => out.push(b),
+            _ => {
+                let _ = write!(out, "\\x{b:02x}");
+            }
+        }
+    }
+}
+
+/// The proleptic Gregorian date of a day count since 1970-01-01 (Howard Hinnant's
+/// `civil_from_days`).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry<'a>(target: &'a [u8]) -> Entry<'a> {
+        Entry {
+            worker: 1,
+            client_ip: b"10.0.0.1",
+            method: b"GET",
+            target,
+            http10: false,
+            status: 200,
+            bytes_in: 40,
+            bytes_out: 120,
+            route: "api",
+            upstream: "127.0.0.1:9000",
+            upstream_us: Some(250),
+            total_us: 300,
+            request_id: b"rid",
+            trace_id: b"4bf92f3577b34da6a3ce929d0e0e4736",
+            referer: b"",
+            user_agent: b"curl/8",
+        }
+    }
+
+    #[test]
+    fn json_lines_are_valid_json_with_every_field() {
+        let (tx, rx) = crossbeam_channel::bounded(4);
+        let log = AccessLog::new(AccessLogFormat::Json, tx);
+        assert_eq!(log.write(&entry(b"/a?q=\"x\"\\")), 0);
+        assert_eq!(log.flush(), 0);
+        let batch = rx.try_recv().unwrap();
+        let line: serde_json::Value = serde_json::from_slice(&batch).unwrap();
+        assert_eq!(line["path"], "/a?q=\"x\"\\");
+        assert_eq!(line["upstream_us"], 250);
+        assert_eq!(line["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert!(line["time"].as_str().unwrap().ends_with('Z'));
+    }
+
+    #[test]
+    fn a_full_queue_drops_and_counts_instead_of_blocking() {
+        let (tx, _rx) = crossbeam_channel::bounded(1);
+        let log = AccessLog::new(AccessLogFormat::Combined, tx);
+        log.write(&entry(b"/1"));
+        assert_eq!(log.flush(), 0);
+        log.write(&entry(b"/2"));
+        log.write(&entry(b"/3"));
+        assert_eq!(log.flush(), 2);
+    }
+
+    #[test]
+    fn civil_dates() {
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(20_785), (2026, 11, 28));
+        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
+    }
+}

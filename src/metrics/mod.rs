@@ -1,0 +1,312 @@
+//! Metrics. Each worker records into its own counters and HDR histograms (microseconds, 3
+//! significant digits, 1 µs to 60 s): no atomics, no locks, and no allocation per request (a
+//! route's or target's histogram is allocated on its first request and reused after). Every
+//! `[metrics] interval_ms` the worker sends what it recorded since the last time — a
+//! `Snapshot` — over a crossbeam channel to the aggregator on the admin thread, and starts
+//! afresh; the aggregator (`aggregate`) merges snapshots and renders them (`render`).
+
+pub mod aggregate;
+pub mod render;
+
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+
+use crate::config::{RouteId, UpstreamId};
+use crate::error::Reject;
+use crate::http::Method;
+use crate::upstream::TargetId;
+
+/// Highest latency recorded, in µs: 60 s. Longer ones are recorded as 60 s.
+pub const MAX_LATENCY_US: u64 = 60_000_000;
+
+pub fn new_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, MAX_LATENCY_US, 3).expect("valid histogram bounds")
+}
+
+/// The `method` label: the common methods by name, everything else as `OTHER`.
+pub const METHODS: [&str; 10] = [
+    "GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH", "TRACE", "CONNECT", "OTHER",
+];
+
+pub fn method_index(m: Method) -> usize {
+    match m {
+        Method::Get => 0,
+        Method::Head => 1,
+        Method::Post => 2,
+        Method::Put => 3,
+        Method::Delete => 4,
+        Method::Options => 5,
+        Method::Patch => 6,
+        Method::Trace => 7,
+        Method::Connect => 8,
+        Method::Other => 9,
+    }
+}
+
+/// The `status_class` label.
+pub const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+fn status_class(status: u16) -> usize {
+    usize::from(status / 100).clamp(1, 5) - 1
+}
+
+/// How an exchange with an upstream target ended: the `outcome` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamOutcome {
+    /// A response head arrived.
+    Response,
+    ConnectFailed,
+    Timeout,
+    /// The response could not be framed, or was not HTTP.
+    InvalidResponse,
+    /// Reset, closed before answering, or closed inside the body.
+    Failed,
+}
+
+impl UpstreamOutcome {
+    pub const ALL: [UpstreamOutcome; 5] = [
+        UpstreamOutcome::Response,
+        UpstreamOutcome::ConnectFailed,
+        UpstreamOutcome::Timeout,
+        UpstreamOutcome::InvalidResponse,
+        UpstreamOutcome::Failed,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            UpstreamOutcome::Response => "response",
+            UpstreamOutcome::ConnectFailed => "connect_failed",
+            UpstreamOutcome::Timeout => "timeout",
+            UpstreamOutcome::InvalidResponse => "invalid_response",
+            UpstreamOutcome::Failed => "failed",
+        }
+    }
+}
+
+type RequestCounts = [[u64; STATUS_CLASSES.len()]; METHODS.len()];
+
+/// One route's figures (or those of requests that matched no route).
+#[derive(Default)]
+struct RouteStats {
+    requests: RequestCounts,
+    latency: Option<Histogram<u64>>,
+    active: bool,
+}
+
+#[derive(Default)]
+struct TargetStats {
+    outcomes: [u64; UpstreamOutcome::ALL.len()],
+    latency: Option<Histogram<u64>>,
+    active: bool,
+}
+
+/// What one worker has recorded since its last snapshot.
+pub struct WorkerMetrics {
+    /// Indexed by route id; the last entry is for requests that matched no route.
+    routes: Vec<RouteStats>,
+    /// `[upstream][target]`.
+    targets: Vec<Vec<TargetStats>>,
+    requests: u64,
+    /// All of this worker's requests, for its own percentiles.
+    latency: Histogram<u64>,
+    rejections: [u64; Reject::ALL.len()],
+    access_log_dropped: u64,
+}
+
+/// What a finished request contributes.
+pub struct RequestRecord {
+    pub route: Option<RouteId>,
+    pub method: Method,
+    pub status: u16,
+    pub total_us: u64,
+}
+
+impl WorkerMetrics {
+    pub fn new(routes: usize, targets_per_upstream: &[usize]) -> WorkerMetrics {
+        WorkerMetrics {
+            routes: (0..=routes).map(|_| RouteStats::default()).collect(),
+            targets: targets_per_upstream
+                .iter()
+                .map(|&n| (0..n).map(|_| TargetStats::default()).collect())
+                .collect(),
+            requests: 0,
+            latency: new_histogram(),
+            rejections: [0; Reject::ALL.len()],
+            access_log_dropped: 0,
+        }
+    }
+
+    #[inline]
+    pub fn record_request(&mut self, r: &RequestRecord) {
+        let unrouted = self.routes.len() - 1;
+        let stats = &mut self.routes[r.route.map_or(unrouted, |id| usize::from(id.0))];
+        stats.requests[method_index(r.method)][status_class(r.status)] += 1;
+        stats.active = true;
+        stats
+            .latency
+            .get_or_insert_with(new_histogram)
+            .saturating_record(r.total_us.max(1));
+        self.latency.saturating_record(r.total_us.max(1));
+        self.requests += 1;
+    }
+
+    #[inline]
+    pub fn record_upstream(
+        &mut self,
+        upstream: UpstreamId,
+        target: TargetId,
+        outcome: UpstreamOutcome,
+        latency_us: Option<u64>,
+    ) {
+        let stats = &mut self.targets[usize::from(upstream.0)][target.0];
+        stats.outcomes[outcome as usize] += 1;
+        stats.active = true;
+        if let Some(us) = latency_us {
+            stats
+                .latency
+                .get_or_insert_with(new_histogram)
+                .saturating_record(us.max(1));
+        }
+    }
+
+    pub fn record_rejection(&mut self, r: Reject) {
+        self.rejections[r as usize] += 1;
+    }
+
+    pub fn record_access_log_dropped(&mut self, lines: u64) {
+        self.access_log_dropped += lines;
+    }
+
+    /// Everything recorded since the last snapshot; the worker starts afresh (histograms are
+    /// reset in place, so this allocates only the copies it sends).
+    pub fn snapshot(&mut self, worker: usize, interval: Duration, gauges: Gauges) -> Snapshot {
+        let mut routes = Vec::new();
+        let unrouted = self.routes.len() - 1;
+        for (i, stats) in self.routes.iter_mut().enumerate() {
+            if !std::mem::take(&mut stats.active) {
+                continue;
+            }
+            let latency = stats.latency.as_mut().map(|h| {
+                let copy = h.clone();
+                h.reset();
+                copy
+            });
+            routes.push(RouteDelta {
+                route: (i < unrouted).then_some(RouteId(i as u16)),
+                requests: std::mem::take(&mut stats.requests),
+                latency,
+            });
+        }
+        let mut targets = Vec::new();
+        for (u, list) in self.targets.iter_mut().enumerate() {
+            for (t, stats) in list.iter_mut().enumerate() {
+                if !std::mem::take(&mut stats.active) {
+                    continue;
+                }
+                let latency = stats.latency.as_mut().map(|h| {
+                    let copy = h.clone();
+                    h.reset();
+                    copy
+                });
+                targets.push(TargetDelta {
+                    upstream: UpstreamId(u as u16),
+                    target: TargetId(t),
+                    outcomes: std::mem::take(&mut stats.outcomes),
+                    latency,
+                });
+            }
+        }
+        let latency = self.latency.clone();
+        self.latency.reset();
+        Snapshot {
+            worker,
+            interval,
+            requests: std::mem::take(&mut self.requests),
+            latency,
+            rejections: std::mem::take(&mut self.rejections),
+            access_log_dropped: std::mem::take(&mut self.access_log_dropped),
+            routes,
+            targets,
+            gauges,
+        }
+    }
+}
+
+/// Point-in-time figures of a worker, sent with each snapshot.
+#[derive(Debug, Clone, Default)]
+pub struct Gauges {
+    pub connections_active: usize,
+    pub connections_total: u64,
+    /// Idle pooled connections per upstream.
+    pub idle_per_upstream: Vec<usize>,
+}
+
+/// A worker's figures for one interval.
+pub struct Snapshot {
+    pub worker: usize,
+    pub interval: Duration,
+    pub requests: u64,
+    pub latency: Histogram<u64>,
+    pub rejections: [u64; Reject::ALL.len()],
+    pub access_log_dropped: u64,
+    pub routes: Vec<RouteDelta>,
+    pub targets: Vec<TargetDelta>,
+    pub gauges: Gauges,
+}
+
+pub struct RouteDelta {
+    /// `None`: requests that matched no route.
+    pub route: Option<RouteId>,
+    pub requests: RequestCounts,
+    pub latency: Option<Histogram<u64>>,
+}
+
+pub struct TargetDelta {
+    pub upstream: UpstreamId,
+    pub target: TargetId,
+    pub outcomes: [u64; UpstreamOutcome::ALL.len()],
+    pub latency: Option<Histogram<u64>>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshots_carry_deltas_and_reset() {
+        let mut m = WorkerMetrics::new(2, &[1]);
+        for us in [100, 200, 300] {
+            m.record_request(&RequestRecord {
+                route: Some(RouteId(1)),
+                method: Method::Get,
+                status: 200,
+                total_us: us,
+            });
+        }
+        m.record_request(&RequestRecord {
+            route: None,
+            method: Method::Other,
+            status: 404,
+            total_us: 5,
+        });
+        m.record_upstream(
+            UpstreamId(0),
+            TargetId(0),
+            UpstreamOutcome::Response,
+            Some(50),
+        );
+        let s = m.snapshot(0, Duration::from_secs(1), Gauges::default());
+        assert_eq!(s.requests, 4);
+        assert_eq!(s.routes.len(), 2);
+        assert_eq!(s.routes[0].route, Some(RouteId(1)));
+        assert_eq!(s.routes[0].requests[0][1], 3);
+        assert_eq!(s.routes[0].latency.as_ref().unwrap().len(), 3);
+        assert_eq!(s.routes[1].route, None);
+        assert_eq!(s.routes[1].requests[9][3], 1);
+        assert_eq!(s.targets[0].outcomes[0], 1);
+        let again = m.snapshot(0, Duration::from_secs(1), Gauges::default());
+        assert_eq!(again.requests, 0);
+        assert!(again.routes.is_empty() && again.targets.is_empty());
+    }
+}

@@ -1,0 +1,432 @@
+//! Rendering the aggregate: Prometheus text exposition format 0.0.4 for `/metrics`, JSON for
+//! `/status`, and HdrHistogram's percentile-distribution text for `/metrics/hdr`.
+
+use std::fmt::Write as _;
+
+use hdrhistogram::Histogram;
+use serde_json::{json, Map, Value};
+
+use super::aggregate::Aggregate;
+use super::{UpstreamOutcome, METHODS, STATUS_CLASSES};
+use crate::error::Reject;
+
+/// Prometheus histogram bucket bounds, in seconds; counts come from the HDR data.
+const BUCKETS: [f64; 18] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0, 60.0,
+];
+
+/// A label value, escaped per the exposition format.
+fn esc(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+fn header(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+fn histogram(out: &mut String, name: &str, labels: &str, h: &Histogram<u64>) {
+    for le in BUCKETS {
+        let n = h.count_between(0, (le * 1e6) as u64);
+        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{le}\"}} {n}");
+    }
+    let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {}", h.len());
+    let _ = writeln!(
+        out,
+        "{name}_sum{{{labels}}} {}",
+        h.mean() * h.len() as f64 / 1e6
+    );
+    let _ = writeln!(out, "{name}_count{{{labels}}} {}", h.len());
+}
+
+/// Process figures read from /proc at scrape time.
+pub struct Process {
+    pub resident_bytes: u64,
+    pub open_fds: u64,
+    pub uptime_seconds: f64,
+}
+
+impl Process {
+    pub fn read(agg: &Aggregate) -> Process {
+        let page = 4096;
+        let resident_bytes = std::fs::read_to_string("/proc/self/statm")
+            .ok()
+            .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .map_or(0, |pages| pages * page);
+        let open_fds = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count() as u64);
+        Process {
+            resident_bytes,
+            open_fds,
+            uptime_seconds: agg.started.elapsed().as_secs_f64(),
+        }
+    }
+}
+
+pub fn prometheus(agg: &Aggregate, process: &Process) -> String {
+    let mut out = String::with_capacity(16 * 1024);
+
+    header(
+        &mut out,
+        "ringway_requests_total",
+        "counter",
+        "Requests answered, by route, method and status class.",
+    );
+    for (i, r) in agg.routes.iter().enumerate() {
+        for (m, classes) in r.requests.iter().enumerate() {
+            for (c, n) in classes.iter().enumerate() {
+                if *n > 0 {
+                    let _ = writeln!(
+                        out,
+                        "ringway_requests_total{{route=\"{}\",method=\"{}\",status_class=\"{}\"}} {n}",
+                        esc(agg.route_name(i)),
+                        METHODS[m],
+                        STATUS_CLASSES[c]
+                    );
+                }
+            }
+        }
+    }
+
+    header(
+        &mut out,
+        "ringway_request_duration_seconds",
+        "histogram",
+        "Time from a complete request head to the end of the response, by route.",
+    );
+    for (i, r) in agg.routes.iter().enumerate() {
+        if let Some(h) = &r.latency {
+            histogram(
+                &mut out,
+                "ringway_request_duration_seconds",
+                &format!("route=\"{}\"", esc(agg.route_name(i))),
+                h,
+            );
+        }
+    }
+
+    header(
+        &mut out,
+        "ringway_upstream_duration_seconds",
+        "histogram",
+        "Time from sending a request upstream to its response head, by upstream and target.",
+    );
+    for (u, targets) in agg.targets.iter().enumerate() {
+        let (uname, tnames) = &agg.upstream_names[u];
+        for (t, figures) in targets.iter().enumerate() {
+            if let Some(h) = &figures.latency {
+                let labels = format!("upstream=\"{}\",target=\"{}\"", esc(uname), esc(&tnames[t]));
+                histogram(&mut out, "ringway_upstream_duration_seconds", &labels, h);
+            }
+        }
+    }
+
+    header(
+        &mut out,
+        "ringway_upstream_requests_total",
+        "counter",
+        "Exchanges with upstream targets, by outcome.",
+    );
+    for (u, targets) in agg.targets.iter().enumerate() {
+        let (uname, tnames) = &agg.upstream_names[u];
+        for (t, figures) in targets.iter().enumerate() {
+            for o in UpstreamOutcome::ALL {
+                let _ = writeln!(
+                    out,
+                    "ringway_upstream_requests_total{{upstream=\"{}\",target=\"{}\",outcome=\"{}\"}} {}",
+                    esc(uname),
+                    esc(&tnames[t]),
+                    o.label(),
+                    figures.outcomes[o as usize]
+                );
+            }
+        }
+    }
+
+    header(
+        &mut out,
+        "ringway_connections_active",
+        "gauge",
+        "Open client connections, by worker.",
+    );
+    for (i, w) in agg.workers.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "ringway_connections_active{{worker=\"{i}\"}} {}",
+            w.gauges.connections_active
+        );
+    }
+    header(
+        &mut out,
+        "ringway_connections_total",
+        "counter",
+        "Client connections accepted, by worker.",
+    );
+    for (i, w) in agg.workers.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "ringway_connections_total{{worker=\"{i}\"}} {}",
+            w.gauges.connections_total
+        );
+    }
+    header(
+        &mut out,
+        "ringway_worker_requests_total",
+        "counter",
+        "Requests answered, by worker.",
+    );
+    for (i, w) in agg.workers.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "ringway_worker_requests_total{{worker=\"{i}\"}} {}",
+            w.requests
+        );
+    }
+    header(
+        &mut out,
+        "ringway_upstream_idle_connections",
+        "gauge",
+        "Idle pooled upstream connections, by upstream.",
+    );
+    for (u, (uname, _)) in agg.upstream_names.iter().enumerate() {
+        let idle: usize = agg
+            .workers
+            .iter()
+            .filter_map(|w| w.gauges.idle_per_upstream.get(u))
+            .sum();
+        let _ = writeln!(
+            out,
+            "ringway_upstream_idle_connections{{upstream=\"{}\"}} {idle}",
+            esc(uname)
+        );
+    }
+    header(
+        &mut out,
+        "ringway_rejected_requests_total",
+        "counter",
+        "Requests and connections refused for hostile or malformed input, by reason.",
+    );
+    for r in Reject::ALL {
+        let _ = writeln!(
+            out,
+            "ringway_rejected_requests_total{{reason=\"{}\"}} {}",
+            r.label(),
+            agg.rejections[r as usize]
+        );
+    }
+    header(
+        &mut out,
+        "ringway_access_log_dropped_total",
+        "counter",
+        "Access log lines dropped because the writer fell behind.",
+    );
+    let _ = writeln!(
+        out,
+        "ringway_access_log_dropped_total {}",
+        agg.access_log_dropped
+    );
+    header(
+        &mut out,
+        "process_resident_memory_bytes",
+        "gauge",
+        "Resident memory size in bytes.",
+    );
+    let _ = writeln!(
+        out,
+        "process_resident_memory_bytes {}",
+        process.resident_bytes
+    );
+    header(
+        &mut out,
+        "process_open_fds",
+        "gauge",
+        "Number of open file descriptors.",
+    );
+    let _ = writeln!(out, "process_open_fds {}", process.open_fds);
+    header(
+        &mut out,
+        "ringway_uptime_seconds",
+        "gauge",
+        "Seconds since start.",
+    );
+    let _ = writeln!(out, "ringway_uptime_seconds {:.3}", process.uptime_seconds);
+    out
+}
+
+fn percentiles(h: Option<&Histogram<u64>>) -> Value {
+    match h {
+        Some(h) if !h.is_empty() => json!({
+            "p50": h.value_at_quantile(0.5),
+            "p90": h.value_at_quantile(0.9),
+            "p99": h.value_at_quantile(0.99),
+            "p99.9": h.value_at_quantile(0.999),
+            "max": h.max(),
+        }),
+        _ => Value::Null,
+    }
+}
+
+pub fn status(agg: &Aggregate, process: &Process) -> Value {
+    let workers: Vec<Value> = agg
+        .workers
+        .iter()
+        .enumerate()
+        .map(|(i, w)| {
+            let idle: Map<String, Value> = agg
+                .upstream_names
+                .iter()
+                .enumerate()
+                .map(|(u, (name, _))| {
+                    (
+                        name.clone(),
+                        json!(w.gauges.idle_per_upstream.get(u).copied().unwrap_or(0)),
+                    )
+                })
+                .collect();
+            json!({
+                "worker": i,
+                "requests": w.requests,
+                "rps": w.rps,
+                "latency_us": percentiles(w.latency.as_ref()),
+                "connections_active": w.gauges.connections_active,
+                "connections_total": w.gauges.connections_total,
+                "upstream_idle_connections": idle,
+            })
+        })
+        .collect();
+    let mut merged = None;
+    for w in &agg.workers {
+        if let Some(h) = &w.latency {
+            let _ = merged.get_or_insert_with(super::new_histogram).add(h);
+        }
+    }
+    let routes: Map<String, Value> = agg
+        .routes
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r.latency.is_some())
+        .map(|(i, r)| {
+            let requests: u64 = r.requests.iter().flatten().sum();
+            (
+                agg.route_name(i).to_owned(),
+                json!({ "requests": requests, "latency_us": percentiles(r.latency.as_ref()) }),
+            )
+        })
+        .collect();
+    let upstreams: Map<String, Value> = agg
+        .upstream_names
+        .iter()
+        .enumerate()
+        .map(|(u, (name, targets))| {
+            let t: Map<String, Value> = targets
+                .iter()
+                .enumerate()
+                .map(|(i, tname)| {
+                    let f = &agg.targets[u][i];
+                    let outcomes: Map<String, Value> = UpstreamOutcome::ALL
+                        .iter()
+                        .map(|o| (o.label().to_owned(), json!(f.outcomes[*o as usize])))
+                        .collect();
+                    (tname.clone(), json!({ "requests": outcomes, "latency_us": percentiles(f.latency.as_ref()) }))
+                })
+                .collect();
+            let idle: usize = agg
+                .workers
+                .iter()
+                .filter_map(|w| w.gauges.idle_per_upstream.get(u))
+                .sum();
+            (name.clone(), json!({ "targets": t, "idle_connections": idle }))
+        })
+        .collect();
+    let rejected: Map<String, Value> = Reject::ALL
+        .iter()
+        .map(|r| (r.label().to_owned(), json!(agg.rejections[*r as usize])))
+        .collect();
+    json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_seconds": process.uptime_seconds,
+        "total": {
+            "requests": agg.total_requests(),
+            "rps": agg.workers.iter().map(|w| w.rps).sum::<f64>(),
+            "latency_us": percentiles(merged.as_ref()),
+            "connections_active": agg.workers.iter().map(|w| w.gauges.connections_active).sum::<usize>(),
+        },
+        "workers": workers,
+        "routes": routes,
+        "upstreams": upstreams,
+        "rejected": rejected,
+        "resident_memory_bytes": process.resident_bytes,
+        "open_fds": process.open_fds,
+    })
+}
+
+/// HdrHistogram's percentile distribution (as `outputPercentileDistribution` writes it, and
+/// as wrk2 and the HdrHistogram plotter read it), values in milliseconds.
+pub fn hdr_distribution(h: &Histogram<u64>) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:>12} {:>14} {:>10} {:>14}\n",
+        "Value", "Percentile", "TotalCount", "1/(1-Percentile)"
+    );
+    let mut total = 0u64;
+    for v in h.iter_quantiles(5) {
+        total += v.count_since_last_iteration();
+        let q = v.quantile_iterated_to();
+        let value = v.value_iterated_to() as f64 / 1000.0;
+        if q < 1.0 {
+            let _ = writeln!(
+                out,
+                "{value:12.3} {q:2.12} {total:10} {:14.2}",
+                1.0 / (1.0 - q)
+            );
+        } else {
+            let _ = writeln!(out, "{value:12.3} {q:2.12} {total:10}");
+        }
+    }
+    let _ = writeln!(
+        out,
+        "#[Mean    = {:12.3}, StdDeviation   = {:12.3}]",
+        h.mean() / 1000.0,
+        h.stdev() / 1000.0
+    );
+    let _ = writeln!(
+        out,
+        "#[Max     = {:12.3}, Total count    = {:12}]",
+        h.max() as f64 / 1000.0,
+        h.len()
+    );
+    let sub_buckets = (2 * 10u64.pow(u32::from(h.sigfig()))).next_power_of_two();
+    let _ = writeln!(
+        out,
+        "#[Buckets = {:12}, SubBuckets     = {:12}]",
+        h.buckets(),
+        sub_buckets
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hdr_distribution_ends_at_the_maximum_with_the_total() {
+        let mut h = super::super::new_histogram();
+        for us in 1..=1000 {
+            h.record(us * 10).unwrap();
+        }
+        let text = hdr_distribution(&h);
+        let last = text
+            .lines()
+            .rfind(|l| !l.starts_with('#') && !l.trim().is_empty())
+            .unwrap();
+        let cols: Vec<&str> = last.split_whitespace().collect();
+        assert_eq!(cols[1], "1.000000000000");
+        assert_eq!(cols[2], "1000");
+        assert!(text.contains("Total count    =         1000]"), "{text}");
+        assert!(text.contains("SubBuckets     =         2048]"), "{text}");
+    }
+}
