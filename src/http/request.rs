@@ -138,9 +138,14 @@ pub fn parse_request(
         }
         Err(httparse::Error::TooManyHeaders) => return Err(RequestError::HeadersTooLarge),
         Err(httparse::Error::Version) => {
-            // httparse accepts only HTTP/1.0 and 1.1; tell a well-formed HTTP/2.0 or 0.9
-            // attempt apart from noise.
-            return Err(if buf.windows(7).any(|w| w == b" HTTP/2") {
+            // httparse accepts only HTTP/1.0 and 1.1; tell a well-formed other version
+            // (`HTTP/2.0`, `HTTP/3.0`) apart from noise.
+            let line = &buf[..memchr::memchr(b'\n', buf).unwrap_or(buf.len())];
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            let well_formed = line.len() >= 9
+                && line[line.len() - 9..].starts_with(b" HTTP/")
+                && matches!(line[line.len() - 3..], [a, b'.', b] if a.is_ascii_digit() && b.is_ascii_digit());
+            return Err(if well_formed {
                 RequestError::VersionNotSupported
             } else {
                 RequestError::Malformed("invalid HTTP version")
