@@ -53,10 +53,13 @@ impl Rng {
             t
         };
         for block in out.chunks_mut(16) {
-            let bytes = self.next_u64().to_le_bytes();
-            for (pair, b) in block.chunks_mut(2).zip(bytes) {
-                pair.copy_from_slice(&HEX_PAIRS[usize::from(b)][..pair.len()]);
+            let mut hex = [0u8; 16];
+            for (i, b) in self.next_u64().to_le_bytes().into_iter().enumerate() {
+                let [hi, lo] = HEX_PAIRS[usize::from(b)];
+                hex[2 * i] = hi;
+                hex[2 * i + 1] = lo;
             }
+            block.copy_from_slice(&hex[..block.len()]);
         }
     }
 }
