@@ -7,11 +7,12 @@ use std::hint::black_box;
 use std::path::Path;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use ringway::config::{self, Limits, ListenerId, RouteId, UpstreamId};
+use ringway::config::{self, Limits, ListenerId, RateLimitId, RouteId, UpstreamId};
 use ringway::http::write::{upstream_request, Forwarding};
 use ringway::http::Method;
 use ringway::http::{parse_request, parse_response, RequestHead, ResponseHead};
 use ringway::metrics::{RequestRecord, UpstreamOutcome, WorkerMetrics};
+use ringway::ratelimit::Limiter;
 use ringway::rng::Rng;
 use ringway::router::{RouteMatch, Router};
 use ringway::upstream::{TargetId, UpstreamState};
@@ -110,7 +111,7 @@ fn balance(c: &mut Criterion) {
 }
 
 fn record(c: &mut Criterion) {
-    let mut m = WorkerMetrics::new(100, &[4]);
+    let mut m = WorkerMetrics::new(100, 0, &[4]);
     let mut us = 1u64;
     c.bench_function("metrics_record_request_and_upstream", |b| {
         b.iter(|| {
@@ -131,5 +132,31 @@ fn record(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, parse, route, balance, record);
+fn rate_limit(c: &mut Criterion) {
+    let cfg = config::parse(
+        Path::new("bench.toml"),
+        "[[listeners]]\nname = \"p\"\naddress = \"127.0.0.1:0\"\n[[rate_limits]]\nname = \"l\"\nkey = \"client_ip\"\nrate = 1e9\nburst = 1e9\n",
+    )
+    .unwrap();
+    let mut limiter = Limiter::new(RateLimitId(0), &cfg.rate_limits[0], 2);
+    let keys: Vec<u64> = (0..1000u32)
+        .map(|i| Limiter::hash_key(format!("10.0.{}.{}", i / 256, i % 256).as_bytes()))
+        .collect();
+    for &k in &keys {
+        let _ = limiter.check(k);
+    }
+    let mut i = 0;
+    c.bench_function("ratelimit_admit_existing_key", |b| {
+        b.iter(|| {
+            i = (i + 1) % keys.len();
+            let slot = limiter.check(black_box(keys[i])).unwrap();
+            black_box(limiter.charge(slot))
+        })
+    });
+    c.bench_function("ratelimit_hash_client_ip", |b| {
+        b.iter(|| Limiter::hash_key(black_box(b"203.0.113.77")))
+    });
+}
+
+criterion_group!(benches, parse, route, balance, record, rate_limit);
 criterion_main!(benches);

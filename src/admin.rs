@@ -197,6 +197,7 @@ async fn handle(mut stream: TcpStream, state: Arc<AdminState>, aggregate: Rc<Ref
         &Generated {
             status,
             headers: content_type,
+            extra: b"",
             body: &body,
             head_only: false,
             keep_alive: false,

@@ -5,6 +5,7 @@ use std::borrow::Cow;
 
 use crate::http::chunked::ChunkError;
 use crate::http::RequestError;
+use crate::ratelimit::Refusal;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ProxyError {
@@ -33,6 +34,8 @@ pub enum ProxyError {
     NoHealthyTarget,
     /// Connect or response head took longer than the upstream's timeout.
     UpstreamTimeout,
+    /// A rate limit of the route refused the request.
+    RateLimited(Refusal),
 }
 
 impl ProxyError {
@@ -51,6 +54,7 @@ impl ProxyError {
             ProxyError::NoHealthyTarget => 503,
             ProxyError::UpstreamTimeout => 504,
             ProxyError::VersionNotSupported => 505,
+            ProxyError::RateLimited(_) => 429,
         }
     }
 
@@ -76,6 +80,7 @@ impl ProxyError {
             }
             ProxyError::NoHealthyTarget => "no healthy upstream target".into(),
             ProxyError::UpstreamTimeout => "upstream timed out".into(),
+            ProxyError::RateLimited(_) => "rate limited".into(),
         }
     }
 }

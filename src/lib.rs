@@ -11,6 +11,7 @@
 //! - `upstream`: per-worker pools, balancers and passive health.
 //! - `body`, `buffer`: streaming bodies through bounded buffers.
 //! - `deadline`: coarse per-connection timeouts, woken by the worker's tick.
+//! - `ratelimit`: per-worker token quotas, granted by a sync thread from global buckets.
 //! - `metrics`: per-worker recording, merged on the admin thread; Prometheus and JSON.
 //! - `access_log`: per-worker buffered access log lines, written by their own thread.
 //! - `trace`: W3C trace context.
@@ -26,6 +27,7 @@ pub mod error;
 pub mod http;
 pub mod metrics;
 pub mod proxy;
+pub mod ratelimit;
 pub mod rng;
 pub mod router;
 pub mod runtime;

@@ -30,15 +30,16 @@ use tracing::debug;
 use crate::access_log::Entry;
 use crate::body::{copy_body, BodyError, BodyReader, Reframe, Transfer};
 use crate::buffer::{send, write_out, ReadBuf, STREAMING_CAPACITY};
-use crate::config::{HashKey, ListenerId, RouteId, UpstreamId};
+use crate::config::{HashKey, ListenerId, RateLimitKey, RouteId, UpstreamId};
 use crate::deadline::{Deadline, TimedOut};
 use crate::error::ProxyError;
-use crate::http::write::{self, ClientFraming, Forwarding, Generated};
+use crate::http::write::{self, ClientFraming, ClientHead, Forwarding, Generated};
 use crate::http::{
     parse_request, parse_response, BodyLength, Method, RequestHead, ResponseError, ResponseHead,
     Version,
 };
 use crate::metrics::{RequestRecord, UpstreamOutcome};
+use crate::ratelimit::{Limiter, Refusal, MAX_LIMITS_PER_ROUTE};
 use crate::router::RouteMatch;
 use crate::trace::Trace;
 use crate::upstream::{stable_hash, ConnectError, TargetId, UpstreamConn, UpstreamState};
@@ -69,6 +70,8 @@ struct Client<'w> {
     served: u32,
     /// What the current request did, for metrics and the access log.
     log: RequestLog,
+    /// Header lines the gateway adds to this request's response (`RateLimit-*`).
+    extra: Vec<u8>,
     /// The request's method, target, Referer and User-Agent, copied for the access log (only
     /// when it is on) before the head's buffer is reused.
     log_text: LogText,
@@ -213,6 +216,8 @@ struct ResponseCtx<'a> {
     sent: &'a Cell<u64>,
     /// When the final response head arrived.
     head_at: &'a Cell<Option<Instant>>,
+    /// Header lines to add to the response.
+    extra: &'a [u8],
     /// Times the response side's operations.
     deadline: &'a Deadline<'a>,
     worker: &'a Worker,
@@ -261,6 +266,7 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, listener: ListenerId, w:
         served: 0,
         log: RequestLog::new(),
         log_text: LogText::default(),
+        extra: Vec::new(),
     };
     while serve_request(&mut c, &w, listener).await == Next::KeepAlive {
         c.served += 1;
@@ -273,6 +279,7 @@ async fn serve_request(c: &mut Client<'_>, w: &Worker, listener: ListenerId) -> 
     }
     let ready = read_request_head(c, w).await;
     c.log = RequestLog::new();
+    c.extra.clear();
     let next = match ready {
         HeadRead::Ready => {
             let _inflight = w.begin_request();
@@ -446,6 +453,9 @@ async fn handle(c: &mut Client<'_>, w: &Worker, listener: ListenerId) -> Result<
             return Err(Failure::BeforeBody(ProxyError::PayloadTooLarge));
         }
     }
+    if !route.rate_limits.is_empty() {
+        rate_limit(c, w, route)?;
+    }
     match &route.action {
         Action::Respond {
             status,
@@ -457,6 +467,59 @@ async fn handle(c: &mut Client<'_>, w: &Worker, listener: ListenerId) -> Result<
             strip_prefix,
         } => proxy(c, w, route, w.upstream(*upstream), strip_prefix.as_deref()).await,
     }
+}
+
+/// Admits the request under every limit of its route, or refuses it (429). Admitted
+/// responses carry the `RateLimit-*` headers of the first limit that asks for them.
+fn rate_limit(c: &mut Client<'_>, w: &Worker, route: &RouteEntry) -> Result<(), Failure> {
+    let buf = c.rbuf.data();
+    let route_id = c.log.route.map_or(0, |r| r.0);
+    let key = |k: &RateLimitKey| match k {
+        RateLimitKey::ClientIp => Limiter::hash_key(c.client_ip.as_bytes()),
+        RateLimitKey::Route => Limiter::hash_key(&route_id.to_le_bytes()),
+        RateLimitKey::Header(name) => Limiter::hash_key(
+            c.head
+                .headers
+                .iter()
+                .find(|h| h.name.get(buf).eq_ignore_ascii_case(name.as_bytes()))
+                .map_or(&b""[..], |h| h.value.get(buf)),
+        ),
+    };
+    let mut limiters = w.limiters.borrow_mut();
+    let mut admitted: [(usize, u64, usize); MAX_LIMITS_PER_ROUTE] =
+        [(0, 0, 0); MAX_LIMITS_PER_ROUTE];
+    for (n, id) in route
+        .rate_limits
+        .iter()
+        .enumerate()
+        .take(MAX_LIMITS_PER_ROUTE)
+    {
+        let limiter = &mut limiters[usize::from(id.0)];
+        let k = key(&limiter.key);
+        match limiter.check(k) {
+            Ok(slot) => admitted[n] = (usize::from(id.0), k, slot),
+            Err(info) => {
+                drop(limiters);
+                if let Some(route) = c.log.route {
+                    w.metrics.borrow_mut().record_ratelimited(route, *id);
+                }
+                return Err(Failure::BeforeBody(ProxyError::RateLimited(Refusal {
+                    limit: *id,
+                    info,
+                })));
+            }
+        }
+    }
+    let mut headers_done = false;
+    for &(limit, _, slot) in &admitted[..route.rate_limits.len().min(MAX_LIMITS_PER_ROUTE)] {
+        let l = &mut limiters[limit];
+        let info = l.charge(slot);
+        if l.headers && !headers_done {
+            write::rate_limit_headers(&mut c.extra, &info, false);
+            headers_done = true;
+        }
+    }
+    Ok(())
 }
 
 /// A `respond` route: the fixed response, after reading and discarding any request body.
@@ -492,6 +555,7 @@ async fn respond(
         &Generated {
             status,
             headers,
+            extra: &c.extra,
             body,
             head_only: to_head,
             keep_alive: keep,
@@ -692,6 +756,7 @@ async fn forward(
         write_timeout: w.limits.write_timeout,
         sent: &c.log.bytes_out,
         head_at,
+        extra: &c.extra,
         deadline: &c.deadline,
         worker: w,
     };
@@ -1058,10 +1123,13 @@ async fn send_response(
         out,
         urbuf.data(),
         resp,
-        framing,
-        ctx.client_version,
-        keep,
-        ctx.request_id,
+        &ClientHead {
+            framing,
+            client_version: ctx.client_version,
+            keep_alive: keep,
+            request_id: ctx.request_id,
+            extra: ctx.extra,
+        },
     );
     let mut body = BodyReader::new(resp.body, &ctx.worker.limits);
     urbuf.consume(resp.len);
@@ -1169,10 +1237,17 @@ async fn reply_error(c: &mut Client<'_>, w: &Worker, e: &ProxyError, keep_alive:
     }
     let mut headers = Vec::with_capacity(64);
     headers.extend_from_slice(b"content-type: application/json\r\n");
-    if let ProxyError::MethodNotAllowed(allow) = e {
-        headers.extend_from_slice(b"allow: ");
-        headers.extend_from_slice(allow.as_bytes());
-        headers.extend_from_slice(b"\r\n");
+    match e {
+        ProxyError::MethodNotAllowed(allow) => {
+            headers.extend_from_slice(b"allow: ");
+            headers.extend_from_slice(allow.as_bytes());
+            headers.extend_from_slice(b"\r\n");
+        }
+        ProxyError::RateLimited(refusal) => {
+            c.extra.clear();
+            write::rate_limit_headers(&mut headers, &refusal.info, true);
+        }
+        _ => {}
     }
     let body = serde_json::to_vec(&serde_json::json!({
         "error": e.message(),
@@ -1186,6 +1261,7 @@ async fn reply_error(c: &mut Client<'_>, w: &Worker, e: &ProxyError, keep_alive:
         &Generated {
             status,
             headers: &headers,
+            extra: &c.extra,
             body: &body,
             head_only: c.head.method == Method::Head,
             keep_alive,

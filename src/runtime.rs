@@ -23,9 +23,11 @@ use crate::admin::{self, AdminState};
 use crate::config::{Config, DriverChoice, ListenerId};
 use crate::metrics::Snapshot;
 use crate::proxy;
+use crate::ratelimit::{self, Grants, Report};
 use crate::worker::Worker;
 
-/// How often a worker looks at its control channel and does upkeep.
+/// How often a worker looks at its channels and does upkeep (at most: a shorter rate-limit
+/// sync interval shortens it). Timeouts are enforced to this granularity.
 const CONTROL_TICK: Duration = Duration::from_millis(25);
 /// Idle upstream connections past their timeout are closed this often.
 const SWEEP_EVERY: u32 = 40;
@@ -122,8 +124,22 @@ pub fn run(config: Config) -> Result<(), StartError> {
     // nobody to read them. Bounded: a stalled aggregator loses snapshots, not memory.
     let (metrics_tx, metrics_rx) = crossbeam_channel::bounded(workers * 64);
     let metrics_tx = admin_socket.as_ref().map(|_| metrics_tx);
+    // Rate-limit reports go to the sync thread, which answers each worker on its own channel.
+    let (reports_tx, reports_rx) = crossbeam_channel::bounded(workers * 64);
+    let grant_channels: Vec<(Sender<Grants>, Receiver<Grants>)> = (0..workers)
+        .map(|_| crossbeam_channel::bounded(64))
+        .collect();
+    if !config.rate_limits.is_empty() {
+        ratelimit::sync::spawn(
+            &config.rate_limits,
+            workers,
+            reports_rx,
+            grant_channels.iter().map(|(tx, _)| tx.clone()).collect(),
+        )
+        .map_err(|e| StartError::Worker(e.to_string()))?;
+    }
     let mut controls = Vec::with_capacity(workers);
-    for (id, listeners) in sockets.into_iter().enumerate() {
+    for (id, (listeners, (_, grants))) in sockets.into_iter().zip(grant_channels).enumerate() {
         let (tx, rx) = crossbeam_channel::bounded(4);
         controls.push(tx);
         let config = Arc::clone(&config);
@@ -132,6 +148,8 @@ pub fn run(config: Config) -> Result<(), StartError> {
             events: events_tx.clone(),
             metrics: metrics_tx.clone(),
             access_log: access_log.as_ref().map(|(tx, _)| tx.clone()),
+            reports: (!config.rate_limits.is_empty()).then(|| reports_tx.clone()),
+            grants,
         };
         thread::Builder::new()
             .name(format!("ringway-w{id}"))
@@ -140,6 +158,7 @@ pub fn run(config: Config) -> Result<(), StartError> {
     }
     drop(events_tx);
     drop(metrics_tx);
+    drop(reports_tx);
     let log_writer = access_log.map(|(_, handle)| handle);
 
     for _ in 0..workers {
@@ -269,6 +288,8 @@ struct Channels {
     events: Sender<Event>,
     metrics: Option<Sender<Snapshot>>,
     access_log: Option<Sender<Vec<u8>>>,
+    reports: Option<Sender<Report>>,
+    grants: Receiver<Grants>,
 }
 
 fn worker_thread(
@@ -372,8 +393,15 @@ async fn worker_main(ctx: WorkerStart<'_>, driver: &'static str) {
     let mut ticks = 0u32;
     let mut drain_deadline: Option<Instant> = None;
     let mut last_snapshot = Instant::now();
+    // The tick is also when rate-limit reports go out, so it is no longer than their interval.
+    let tick = ctx
+        .config
+        .rate_limits
+        .iter()
+        .map(|l| l.sync_interval)
+        .fold(CONTROL_TICK, Duration::min);
     loop {
-        monoio::time::sleep(CONTROL_TICK).await;
+        monoio::time::sleep(tick).await;
         ticks = ticks.wrapping_add(1);
         worker.deadlines.tick();
         if ticks % SWEEP_EVERY == 0 {
@@ -382,6 +410,9 @@ async fn worker_main(ctx: WorkerStart<'_>, driver: &'static str) {
             }
         }
         worker.flush_access_log();
+        if let Some(tx) = &ctx.channels.reports {
+            worker.sync_rate_limits(tx, &ctx.channels.grants);
+        }
         if let Some(tx) = &ctx.channels.metrics {
             let now = worker.now();
             let interval = now.saturating_duration_since(last_snapshot);

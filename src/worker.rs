@@ -6,10 +6,11 @@ use std::cell::{Cell, RefCell};
 use std::time::Instant;
 
 use crate::access_log::AccessLog;
-use crate::config::{Config, Limits, RouteAction, RouteId, UpstreamId};
+use crate::config::{Config, Limits, RateLimitId, RouteAction, RouteId, UpstreamId};
 use crate::deadline::Deadlines;
 use crate::error::Reject;
 use crate::metrics::{Gauges, Snapshot, WorkerMetrics};
+use crate::ratelimit::{Grants, Limiter, Report};
 use crate::rng::Rng;
 use crate::router::Router;
 use crate::upstream::UpstreamState;
@@ -29,6 +30,8 @@ pub struct Worker {
     /// What this worker has recorded since its last metrics snapshot.
     pub metrics: RefCell<WorkerMetrics>,
     pub access_log: Option<AccessLog>,
+    /// One per configured rate limit, indexed by `RateLimitId`.
+    pub limiters: RefCell<Vec<Limiter>>,
     connections_active: Cell<usize>,
     connections_total: Cell<u64>,
 }
@@ -37,6 +40,7 @@ pub struct RouteEntry {
     pub name: String,
     pub action: Action,
     pub max_body_bytes: Option<u64>,
+    pub rate_limits: Vec<RateLimitId>,
 }
 
 pub enum Action {
@@ -80,6 +84,7 @@ impl Worker {
                     }
                 },
                 max_body_bytes: r.max_body_bytes,
+                rate_limits: r.rate_limits.clone(),
             })
             .collect();
         Worker {
@@ -99,6 +104,7 @@ impl Worker {
             deadlines: Deadlines::default(),
             metrics: RefCell::new(WorkerMetrics::new(
                 config.routes.len(),
+                config.rate_limits.len(),
                 &config
                     .upstreams
                     .iter()
@@ -106,6 +112,14 @@ impl Worker {
                     .collect::<Vec<_>>(),
             )),
             access_log,
+            limiters: RefCell::new(
+                config
+                    .rate_limits
+                    .iter()
+                    .enumerate()
+                    .map(|(i, l)| Limiter::new(RateLimitId(i as u16), l, config.runtime.workers))
+                    .collect(),
+            ),
             connections_active: Cell::new(0),
             connections_total: Cell::new(0),
         }
@@ -138,6 +152,30 @@ impl Worker {
         self.metrics
             .borrow_mut()
             .snapshot(self.id, interval, gauges)
+    }
+
+    /// Applies the sync thread's grants, and reports each limit whose interval has passed.
+    pub fn sync_rate_limits(
+        &self,
+        reports: &crossbeam_channel::Sender<Report>,
+        grants: &crossbeam_channel::Receiver<Grants>,
+    ) {
+        let mut limiters = self.limiters.borrow_mut();
+        for g in grants.try_iter() {
+            if let Some(l) = limiters.get_mut(usize::from(g.limit.0)) {
+                l.apply(&g);
+            }
+        }
+        let now = self.now();
+        for l in limiters.iter_mut() {
+            if now.saturating_duration_since(l.last_report) >= l.interval() {
+                l.last_report = now;
+                if let Some(report) = l.report(self.id) {
+                    // Full: the sync thread is behind; this worker reports again next time.
+                    let _ = reports.try_send(report);
+                }
+            }
+        }
     }
 
     /// Hands buffered access log lines to the writer, counting any it had to drop.

@@ -26,6 +26,8 @@ pub struct File {
     pub upstreams: Vec<UpstreamFile>,
     #[serde(default)]
     pub routes: Vec<RouteFile>,
+    #[serde(default)]
+    pub rate_limits: Vec<RateLimitFile>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -335,6 +337,33 @@ pub struct RouteFile {
     pub upstream: Option<Spanned<String>>,
     pub respond: Option<Spanned<RespondFile>>,
     pub max_body_bytes: Option<u64>,
+    #[serde(default)]
+    pub rate_limits: Vec<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitFile {
+    pub name: Spanned<String>,
+    pub key: Spanned<String>,
+    pub rate: Spanned<f64>,
+    pub burst: Spanned<f64>,
+    #[serde(default = "d_max_keys")]
+    pub max_keys: Spanned<usize>,
+    #[serde(default = "d_sync_interval")]
+    pub sync_interval_ms: Spanned<u64>,
+    #[serde(default = "d_true")]
+    pub headers: bool,
+}
+
+fn d_max_keys() -> Spanned<usize> {
+    Spanned::new(0..0, 100_000)
+}
+fn d_sync_interval() -> Spanned<u64> {
+    Spanned::new(0..0, 50)
+}
+fn d_true() -> bool {
+    true
 }
 
 #[derive(Debug, Deserialize)]

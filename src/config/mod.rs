@@ -24,6 +24,10 @@ pub struct ListenerId(pub u16);
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct UpstreamId(pub u16);
 
+/// Index of a rate limit in `Config::rate_limits`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct RateLimitId(pub u16);
+
 /// Index of a route in `Config::routes`, which is also the file order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct RouteId(pub u16);
@@ -40,6 +44,30 @@ pub struct Config {
     pub listeners: Vec<Listener>,
     pub upstreams: Vec<Upstream>,
     pub routes: Vec<Route>,
+    pub rate_limits: Vec<RateLimit>,
+}
+
+#[derive(Debug, Clone)]
+pub struct RateLimit {
+    pub name: String,
+    pub key: RateLimitKey,
+    /// Requests per second for the whole process.
+    pub rate: f64,
+    pub burst: f64,
+    /// Keys held per worker.
+    pub max_keys: usize,
+    pub sync_interval: Duration,
+    /// `RateLimit-*` headers on admitted responses too.
+    pub headers: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RateLimitKey {
+    ClientIp,
+    /// A request header, lower-cased; requests without it share one bucket.
+    Header(String),
+    /// One bucket per route.
+    Route,
 }
 
 #[derive(Debug, Clone)]
@@ -141,6 +169,7 @@ pub struct Route {
     pub strip_prefix: Option<String>,
     pub action: RouteAction,
     pub max_body_bytes: Option<u64>,
+    pub rate_limits: Vec<RateLimitId>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -257,9 +286,22 @@ impl Validator<'_> {
             upstreams.push(up);
         }
 
+        let mut rate_limits: Vec<RateLimit> = Vec::with_capacity(f.rate_limits.len());
+        for (i, l) in f.rate_limits.iter().enumerate() {
+            let limit = self.rate_limit(i, l)?;
+            if rate_limits.iter().any(|o| o.name == limit.name) {
+                return Err(self.err(
+                    l.name.span(),
+                    "",
+                    format!("duplicate rate limit name {:?}", limit.name),
+                ));
+            }
+            rate_limits.push(limit);
+        }
+
         let mut routes: Vec<Route> = Vec::with_capacity(f.routes.len());
         for (i, r) in f.routes.iter().enumerate() {
-            let route = self.route(i, r, &listeners, &upstreams)?;
+            let route = self.route(i, r, &listeners, &upstreams, &rate_limits)?;
             if routes.iter().any(|o| o.name == route.name) {
                 return Err(self.err(
                     r.name.span(),
@@ -296,6 +338,79 @@ impl Validator<'_> {
             listeners,
             upstreams,
             routes,
+            rate_limits,
+        })
+    }
+
+    fn rate_limit(&self, i: usize, l: &file::RateLimitFile) -> Result<RateLimit, ConfigError> {
+        let key = format!("rate_limits[{i}]");
+        let name = self.name(&l.name, &format!("{key}.name"))?;
+        let k = match l.key.get_ref().as_str() {
+            "client_ip" => RateLimitKey::ClientIp,
+            "route" => RateLimitKey::Route,
+            "consumer" => {
+                return Err(self.err(
+                    l.key.span(),
+                    &format!("{key}.key"),
+                    "\"consumer\" keys need authentication, which ringway does not have yet",
+                ))
+            }
+            s => match s.strip_prefix("header:") {
+                Some(h) if crate::http::is_token(h.as_bytes()) => {
+                    RateLimitKey::Header(h.to_ascii_lowercase())
+                }
+                _ => {
+                    return Err(self.err(
+                        l.key.span(),
+                        &format!("{key}.key"),
+                        format!("{s:?}: expected \"client_ip\", \"route\" or \"header:NAME\""),
+                    ))
+                }
+            },
+        };
+        let positive = |v: &Spanned<f64>, field: &str| {
+            let x = *v.get_ref();
+            if x.is_finite() && x > 0.0 && x <= 1e9 {
+                Ok(x)
+            } else {
+                Err(self.err(
+                    v.span(),
+                    &format!("{key}.{field}"),
+                    "must be a number above 0",
+                ))
+            }
+        };
+        let rate = positive(&l.rate, "rate")?;
+        let burst = positive(&l.burst, "burst")?;
+        if burst < 1.0 {
+            return Err(self.err(
+                l.burst.span(),
+                &format!("{key}.burst"),
+                "must be at least 1",
+            ));
+        }
+        if !(1..=10_000_000).contains(l.max_keys.get_ref()) {
+            return Err(self.err(
+                l.max_keys.span(),
+                &format!("{key}.max_keys"),
+                "must be between 1 and 10000000",
+            ));
+        }
+        if !(5..=60_000).contains(l.sync_interval_ms.get_ref()) {
+            return Err(self.err(
+                l.sync_interval_ms.span(),
+                &format!("{key}.sync_interval_ms"),
+                "must be between 5 and 60000",
+            ));
+        }
+        Ok(RateLimit {
+            name,
+            key: k,
+            rate,
+            burst,
+            max_keys: *l.max_keys.get_ref(),
+            sync_interval: ms(*l.sync_interval_ms.get_ref()),
+            headers: l.headers,
         })
     }
 
@@ -498,6 +613,7 @@ impl Validator<'_> {
         r: &RouteFile,
         listeners: &[Listener],
         upstreams: &[Upstream],
+        rate_limits: &[RateLimit],
     ) -> Result<Route, ConfigError> {
         let key = format!("routes[{i}]");
         let name = self.name(&r.name, &format!("{key}.name"))?;
@@ -596,6 +712,33 @@ impl Validator<'_> {
             }
         };
 
+        if r.rate_limits.len() > crate::ratelimit::MAX_LIMITS_PER_ROUTE {
+            return Err(self.err(
+                r.name.span(),
+                &format!("{key}.rate_limits"),
+                format!(
+                    "at most {} rate limits per route",
+                    crate::ratelimit::MAX_LIMITS_PER_ROUTE
+                ),
+            ));
+        }
+        let mut limits = Vec::with_capacity(r.rate_limits.len());
+        for l in &r.rate_limits {
+            let id = rate_limits
+                .iter()
+                .position(|o| &o.name == l.get_ref())
+                .ok_or_else(|| {
+                    self.err(
+                        l.span(),
+                        &format!("{key}.rate_limits"),
+                        format!("unknown rate limit {:?}", l.get_ref()),
+                    )
+                })?;
+            if !limits.contains(&RateLimitId(id as u16)) {
+                limits.push(RateLimitId(id as u16));
+            }
+        }
+
         Ok(Route {
             name,
             listener: ListenerId(listener as u16),
@@ -605,6 +748,7 @@ impl Validator<'_> {
             strip_prefix,
             action,
             max_body_bytes: r.max_body_bytes,
+            rate_limits: limits,
         })
     }
 

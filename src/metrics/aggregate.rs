@@ -23,6 +23,9 @@ pub struct Aggregate {
     pub targets: Vec<Vec<TargetFigures>>,
     pub rejections: [u64; Reject::ALL.len()],
     pub access_log_dropped: u64,
+    pub limit_names: Vec<String>,
+    /// `(route, limit, refused)` for every limit a route applies.
+    pub ratelimited: Vec<(usize, usize, u64)>,
 }
 
 #[derive(Default)]
@@ -80,6 +83,18 @@ impl Aggregate {
                 .collect(),
             rejections: [0; Reject::ALL.len()],
             access_log_dropped: 0,
+            limit_names: config.rate_limits.iter().map(|l| l.name.clone()).collect(),
+            ratelimited: config
+                .routes
+                .iter()
+                .enumerate()
+                .flat_map(|(r, route)| {
+                    route
+                        .rate_limits
+                        .iter()
+                        .map(move |l| (r, usize::from(l.0), 0))
+                })
+                .collect(),
         }
     }
 
@@ -117,6 +132,12 @@ impl Aggregate {
             self.rejections[i] += n;
         }
         self.access_log_dropped += s.access_log_dropped;
+        for (route, limit, n) in &s.ratelimited {
+            let pair = (usize::from(route.0), usize::from(limit.0));
+            if let Some(entry) = self.ratelimited.iter_mut().find(|e| (e.0, e.1) == pair) {
+                entry.2 += n;
+            }
+        }
     }
 
     pub fn total_requests(&self) -> u64 {

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use hdrhistogram::Histogram;
 
-use crate::config::{RouteId, UpstreamId};
+use crate::config::{RateLimitId, RouteId, UpstreamId};
 use crate::error::Reject;
 use crate::http::Method;
 use crate::upstream::TargetId;
@@ -112,6 +112,9 @@ pub struct WorkerMetrics {
     latency: Histogram<u64>,
     rejections: [u64; Reject::ALL.len()],
     access_log_dropped: u64,
+    /// `[route * limits + limit]`: requests a limit refused on a route.
+    ratelimited: Vec<u64>,
+    limits: usize,
 }
 
 /// What a finished request contributes.
@@ -123,8 +126,10 @@ pub struct RequestRecord {
 }
 
 impl WorkerMetrics {
-    pub fn new(routes: usize, targets_per_upstream: &[usize]) -> WorkerMetrics {
+    pub fn new(routes: usize, limits: usize, targets_per_upstream: &[usize]) -> WorkerMetrics {
         WorkerMetrics {
+            ratelimited: vec![0; routes * limits],
+            limits,
             routes: (0..=routes).map(|_| RouteStats::default()).collect(),
             targets: targets_per_upstream
                 .iter()
@@ -174,6 +179,10 @@ impl WorkerMetrics {
         self.rejections[r as usize] += 1;
     }
 
+    pub fn record_ratelimited(&mut self, route: RouteId, limit: RateLimitId) {
+        self.ratelimited[usize::from(route.0) * self.limits + usize::from(limit.0)] += 1;
+    }
+
     pub fn record_access_log_dropped(&mut self, lines: u64) {
         self.access_log_dropped += lines;
     }
@@ -219,7 +228,19 @@ impl WorkerMetrics {
         }
         let latency = self.latency.clone();
         self.latency.reset();
+        let limits = self.limits;
+        let ratelimited = self
+            .ratelimited
+            .iter_mut()
+            .enumerate()
+            .filter(|(_, n)| **n > 0)
+            .map(|(i, n)| {
+                let route = RouteId((i / limits) as u16);
+                (route, RateLimitId((i % limits) as u16), std::mem::take(n))
+            })
+            .collect();
         Snapshot {
+            ratelimited,
             worker,
             interval,
             requests: std::mem::take(&mut self.requests),
@@ -240,6 +261,8 @@ pub struct Gauges {
     pub connections_total: u64,
     /// Idle pooled connections per upstream.
     pub idle_per_upstream: Vec<usize>,
+    /// Keys held per rate limit.
+    pub ratelimit_keys: Vec<usize>,
 }
 
 /// A worker's figures for one interval.
@@ -253,6 +276,8 @@ pub struct Snapshot {
     pub routes: Vec<RouteDelta>,
     pub targets: Vec<TargetDelta>,
     pub gauges: Gauges,
+    /// `(route, limit, refused)` for pairs with refusals.
+    pub ratelimited: Vec<(RouteId, RateLimitId, u64)>,
 }
 
 pub struct RouteDelta {
@@ -275,7 +300,7 @@ mod tests {
 
     #[test]
     fn snapshots_carry_deltas_and_reset() {
-        let mut m = WorkerMetrics::new(2, &[1]);
+        let mut m = WorkerMetrics::new(2, 0, &[1]);
         for us in [100, 200, 300] {
             m.record_request(&RequestRecord {
                 route: Some(RouteId(1)),
