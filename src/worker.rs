@@ -148,6 +148,7 @@ impl Worker {
                 .iter()
                 .map(|u| u.idle_connections())
                 .collect(),
+            ratelimit_keys: self.limiters.borrow().iter().map(Limiter::len).collect(),
         };
         self.metrics
             .borrow_mut()
