@@ -218,6 +218,35 @@ pub fn prometheus(agg: &Aggregate, process: &Process) -> String {
     }
     header(
         &mut out,
+        "ringway_ratelimited_total",
+        "counter",
+        "Requests refused by a rate limit, by route and limit.",
+    );
+    for (route, limit, n) in &agg.ratelimited {
+        let _ = writeln!(
+            out,
+            "ringway_ratelimited_total{{route=\"{}\",limit=\"{}\"}} {n}",
+            esc(agg.route_name(*route)),
+            esc(&agg.limit_names[*limit])
+        );
+    }
+    header(
+        &mut out,
+        "ringway_ratelimit_keys",
+        "gauge",
+        "Keys held in a worker's table for a rate limit (at most max_keys).",
+    );
+    for (i, w) in agg.workers.iter().enumerate() {
+        for (l, n) in w.gauges.ratelimit_keys.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "ringway_ratelimit_keys{{limit=\"{}\",worker=\"{i}\"}} {n}",
+                esc(&agg.limit_names[l])
+            );
+        }
+    }
+    header(
+        &mut out,
         "ringway_access_log_dropped_total",
         "counter",
         "Access log lines dropped because the writer fell behind.",

@@ -18,14 +18,15 @@
 //! since the report the grant was based on, so consumption racing a grant is not counted twice
 //! or not at all.
 //!
-//! A key a worker has never seen starts with a quota of r·T (a burst spread over all workers
-//! would be B/N; r·T keeps a new worker's first interval small when the key is busy elsewhere).
+//! A key a worker has never seen starts with a quota q0 = max(r·T, 1) (a burst spread over all
+//! workers would be B/N; q0 keeps a new worker's first interval small when the key is busy
+//! elsewhere, and still lets a new client's first request through).
 //!
 //! # Error bound
 //!
-//! With N workers, over any period t, per key: admitted ≤ r·t + B + (N−1)·r·T (the only excess
+//! With N workers, over any period t, per key: admitted ≤ r·t + B + (N−1)·q0 (the only excess
 //! is each worker's starting quota for a key that is already busy elsewhere, and it happens once
-//! per worker and key until the key goes idle). Under sustained demand above the rate, admitted
+//! per worker and key until the key goes idle or is evicted). Under sustained demand above the rate, admitted
 //! ≥ r·t + B − r·(T + t_tick)·k − f·(r·T + B), where k is the number of times the traffic moved
 //! wholly to another worker (each move costs at most one round at the floor share) and t_tick
 //! (25 ms) is how late a worker may apply a grant. With r = 100/s, B = 200, T = 50 ms, N = 2
@@ -158,8 +159,10 @@ impl Limiter {
             interval: cfg.sync_interval,
             workers,
             max_keys: cfg.max_keys,
-            index: AHashMap::with_capacity(cfg.max_keys.min(1 << 16)),
-            slots: Vec::new(),
+            // Reserved up front so the table never doubles (and briefly holds twice its size);
+            // pages are touched only as keys arrive.
+            index: AHashMap::with_capacity(cfg.max_keys.min(1 << 20)),
+            slots: Vec::with_capacity(cfg.max_keys.min(1 << 20)),
             hand: 0,
             report_seq: 0,
             evictions: 0,
@@ -184,6 +187,14 @@ impl Limiter {
         stable_hash(key)
     }
 
+    /// A key's first quota on this worker, until a grant arrives: one interval of rate, and
+    /// at least one request (within the burst), so that a new client is never refused first.
+    fn first_quota(&self) -> f64 {
+        (self.rate * self.interval.as_secs_f64())
+            .max(1.0)
+            .min(self.burst)
+    }
+
     /// The slot for `key`, creating it (evicting if the table is full).
     fn slot(&mut self, key: u64) -> usize {
         if let Some(&i) = self.index.get(&key) {
@@ -191,7 +202,7 @@ impl Limiter {
         }
         let fresh = Slot {
             key,
-            tokens: self.rate * self.interval.as_secs_f64(),
+            tokens: self.first_quota(),
             share: 1.0 / self.workers as f64,
             consumed: 0,
             consumed_reported: 0,

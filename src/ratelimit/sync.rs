@@ -2,6 +2,9 @@
 //! what they admitted, and every sync interval hands each worker its grants (see the module
 //! docs of `ratelimit` for the algorithm and its error bound). Reports and grants travel over
 //! crossbeam channels; a worker reads its grants on its tick.
+//!
+//! Grants go only for keys with recent demand, and only to workers that have reported the key:
+//! a worker ignores grants for keys it does not hold, and idle keys need no coordination.
 
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -14,31 +17,92 @@ use crate::config::{RateLimit, RateLimitId};
 
 /// A key idle and full for this many rounds is forgotten (it is then the same as a new key).
 const FORGET_AFTER_ROUNDS: u32 = 4;
+/// Demand below this (it halves every round) no longer earns grants.
+const ACTIVE_DEMAND: f64 = 0.01;
 
+/// One key's global bucket. Per-worker figures live in `Table::demand` and `Table::seen`, at
+/// `index * workers + worker`, so that a key costs no allocation of its own.
 struct Bucket {
-    /// Tokens in the global bucket (may be briefly negative after a race).
+    key: u64,
+    /// Tokens in the global bucket (briefly negative after a race).
     level: f64,
     refilled: Instant,
-    /// Recent demand per worker (halved every round, so recent rounds weigh most).
-    demand: Vec<f64>,
     idle_rounds: u32,
 }
 
-struct LimitState {
+/// Every key of one limit.
+struct Table {
     rate: f64,
     burst: f64,
     interval: Duration,
     next_round: Instant,
-    keys: AHashMap<u64, Bucket>,
+    workers: usize,
+    index: AHashMap<u64, u32>,
+    buckets: Vec<Bucket>,
+    /// Recent demand per key and worker (halved every round, so recent rounds weigh most).
+    demand: Vec<f64>,
+    /// Whether the worker has reported the key (so holds it and can use grants for it).
+    seen: Vec<bool>,
     /// The latest report sequence seen from each worker.
     basis: Vec<u64>,
 }
 
-impl Bucket {
-    fn refill(&mut self, now: Instant, rate: f64, burst: f64) {
-        let dt = now.saturating_duration_since(self.refilled).as_secs_f64();
-        self.level = (self.level + rate * dt).min(burst);
-        self.refilled = now;
+impl Table {
+    fn new(limit: &RateLimit, workers: usize, now: Instant) -> Table {
+        Table {
+            rate: limit.rate,
+            burst: limit.burst,
+            interval: limit.sync_interval,
+            next_round: now + limit.sync_interval,
+            workers,
+            index: AHashMap::new(),
+            buckets: Vec::new(),
+            demand: Vec::new(),
+            seen: Vec::new(),
+            basis: vec![0; workers],
+        }
+    }
+
+    fn refill(&mut self, i: usize, now: Instant) {
+        let b = &mut self.buckets[i];
+        let dt = now.saturating_duration_since(b.refilled).as_secs_f64();
+        b.level = (b.level + self.rate * dt).min(self.burst);
+        b.refilled = now;
+    }
+
+    fn bucket(&mut self, key: u64, now: Instant) -> usize {
+        if let Some(&i) = self.index.get(&key) {
+            return i as usize;
+        }
+        let i = self.buckets.len();
+        self.buckets.push(Bucket {
+            key,
+            level: self.burst,
+            refilled: now,
+            idle_rounds: 0,
+        });
+        self.demand.extend(std::iter::repeat_n(0.0, self.workers));
+        self.seen.extend(std::iter::repeat_n(false, self.workers));
+        self.index.insert(key, i as u32);
+        i
+    }
+
+    /// Removes bucket `i` by moving the last one into its place.
+    fn forget(&mut self, i: usize) {
+        let w = self.workers;
+        let last = self.buckets.len() - 1;
+        self.index.remove(&self.buckets[i].key);
+        if i != last {
+            self.buckets.swap(i, last);
+            for k in 0..w {
+                self.demand.swap(i * w + k, last * w + k);
+                self.seen.swap(i * w + k, last * w + k);
+            }
+            self.index.insert(self.buckets[i].key, i as u32);
+        }
+        self.buckets.pop();
+        self.demand.truncate(last * w);
+        self.seen.truncate(last * w);
     }
 }
 
@@ -50,106 +114,96 @@ pub fn spawn(
     grants: Vec<Sender<Grants>>,
 ) -> std::io::Result<JoinHandle<()>> {
     let now = Instant::now();
-    let mut state: Vec<LimitState> = limits
-        .iter()
-        .map(|l| LimitState {
-            rate: l.rate,
-            burst: l.burst,
-            interval: l.sync_interval,
-            next_round: now + l.sync_interval,
-            keys: AHashMap::new(),
-            basis: vec![0; workers],
-        })
-        .collect();
+    let mut tables: Vec<Table> = limits.iter().map(|l| Table::new(l, workers, now)).collect();
     thread::Builder::new()
         .name("ringway-sync".into())
         .spawn(move || loop {
-            let next = state.iter().map(|l| l.next_round).min().unwrap_or(now);
+            let next = tables.iter().map(|t| t.next_round).min().unwrap_or(now);
             let wait = next.saturating_duration_since(Instant::now());
             match reports.recv_timeout(wait) {
-                Ok(report) => apply_report(&mut state, report, workers),
+                Ok(report) => apply_report(&mut tables, report),
                 Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
                 Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
             }
             let now = Instant::now();
-            for (i, limit) in state.iter_mut().enumerate() {
-                if limit.next_round <= now {
-                    limit.next_round = now + limit.interval;
-                    round(RateLimitId(i as u16), limit, now, &grants);
+            for (i, table) in tables.iter_mut().enumerate() {
+                if table.next_round <= now {
+                    table.next_round = now + table.interval;
+                    round(RateLimitId(i as u16), table, now, &grants);
                 }
             }
         })
 }
 
-fn apply_report(state: &mut [LimitState], report: Report, workers: usize) {
-    let Some(limit) = state.get_mut(usize::from(report.limit.0)) else {
+fn apply_report(tables: &mut [Table], report: Report) {
+    let Some(table) = tables.get_mut(usize::from(report.limit.0)) else {
         return;
     };
-    let now = Instant::now();
-    if let Some(b) = limit.basis.get_mut(report.worker) {
-        *b = report.seq;
+    if report.worker >= table.workers {
+        return;
     }
+    let now = Instant::now();
+    table.basis[report.worker] = report.seq;
     for k in report.keys {
-        let bucket = limit.keys.entry(k.key).or_insert_with(|| Bucket {
-            level: limit.burst,
-            refilled: now,
-            demand: vec![0.0; workers],
-            idle_rounds: 0,
-        });
-        bucket.refill(now, limit.rate, limit.burst);
-        bucket.level -= f64::from(k.consumed);
-        if let Some(d) = bucket.demand.get_mut(report.worker) {
-            *d += f64::from(k.demand);
-        }
-        bucket.idle_rounds = 0;
+        let i = table.bucket(k.key, now);
+        table.refill(i, now);
+        let slot = i * table.workers + report.worker;
+        table.buckets[i].level -= f64::from(k.consumed);
+        table.buckets[i].idle_rounds = 0;
+        table.demand[slot] += f64::from(k.demand);
+        table.seen[slot] = true;
     }
 }
 
-/// Splits what each key's bucket can afford until the next round among the workers.
-fn round(id: RateLimitId, limit: &mut LimitState, now: Instant, grants: &[Sender<Grants>]) {
-    let workers = grants.len();
-    let mut out: Vec<Vec<KeyGrant>> = vec![Vec::with_capacity(limit.keys.len()); workers];
-    let (rate, burst, interval) = (limit.rate, limit.burst, limit.interval.as_secs_f64());
-    limit.keys.retain(|&key, bucket| {
-        bucket.refill(now, rate, burst);
-        let total: f64 = bucket.demand.iter().sum();
-        if total == 0.0 && bucket.level >= burst {
-            bucket.idle_rounds += 1;
-            if bucket.idle_rounds > FORGET_AFTER_ROUNDS {
-                return false;
+/// Splits what each active key's bucket can afford until the next round among the workers.
+fn round(id: RateLimitId, table: &mut Table, now: Instant, grants: &[Sender<Grants>]) {
+    let w = table.workers;
+    let mut out: Vec<Vec<KeyGrant>> = vec![Vec::new(); w];
+    let mut shares = vec![0.0; w];
+    let mut i = 0;
+    while i < table.buckets.len() {
+        table.refill(i, now);
+        let demand = &table.demand[i * w..(i + 1) * w];
+        let total: f64 = demand.iter().sum();
+        let bucket = &mut table.buckets[i];
+        if total < ACTIVE_DEMAND {
+            if bucket.level >= table.burst {
+                bucket.idle_rounds += 1;
+                if bucket.idle_rounds > FORGET_AFTER_ROUNDS {
+                    table.forget(i);
+                    continue;
+                }
+            }
+            i += 1;
+            continue;
+        }
+        let available = bucket.level.max(0.0) + table.rate * table.interval.as_secs_f64();
+        let mut sum = 0.0;
+        for (s, d) in shares.iter_mut().zip(demand) {
+            *s = (d / total).max(FLOOR_SHARE);
+            sum += *s;
+        }
+        for (k, share) in shares.iter().enumerate() {
+            if table.seen[i * w + k] {
+                out[k].push(KeyGrant {
+                    key: bucket.key,
+                    tokens: available * share / sum,
+                    share: share / sum,
+                });
             }
         }
-        let available = bucket.level.max(0.0) + rate * interval;
-        let shares: Vec<f64> = if total == 0.0 {
-            vec![1.0 / workers as f64; workers]
-        } else {
-            let raw: Vec<f64> = bucket
-                .demand
-                .iter()
-                .map(|d| (d / total).max(FLOOR_SHARE))
-                .collect();
-            let sum: f64 = raw.iter().sum();
-            raw.into_iter().map(|s| s / sum).collect()
-        };
-        for (w, share) in shares.into_iter().enumerate() {
-            out[w].push(KeyGrant {
-                key,
-                tokens: available * share,
-                share,
-            });
-        }
-        for d in &mut bucket.demand {
+        for d in &mut table.demand[i * w..(i + 1) * w] {
             *d /= 2.0;
         }
-        true
-    });
-    for (w, keys) in out.into_iter().enumerate() {
+        i += 1;
+    }
+    for (k, keys) in out.into_iter().enumerate() {
         if !keys.is_empty() {
-            // A worker that has not read its last grants gets these later or not at all:
-            // grants replace each other, so dropping one loses nothing lasting.
-            let _ = grants[w].try_send(Grants {
+            // Grants replace each other: one a busy worker has not read yet is superseded by
+            // the next, so dropping it when the channel is full loses nothing lasting.
+            let _ = grants[k].try_send(Grants {
                 limit: id,
-                basis: limit.basis[w],
+                basis: table.basis[k],
                 keys,
             });
         }
@@ -159,43 +213,48 @@ fn round(id: RateLimitId, limit: &mut LimitState, now: Instant, grants: &[Sender
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::RateLimitKey;
     use crate::ratelimit::KeyReport;
 
-    fn limit() -> LimitState {
-        LimitState {
+    fn table() -> Table {
+        let limit = RateLimit {
+            name: "l".into(),
+            key: RateLimitKey::ClientIp,
             rate: 100.0,
             burst: 200.0,
-            interval: Duration::from_millis(50),
-            next_round: Instant::now(),
-            keys: AHashMap::new(),
-            basis: vec![0; 2],
+            max_keys: 10,
+            sync_interval: Duration::from_millis(50),
+            headers: true,
+        };
+        Table::new(&limit, 2, Instant::now())
+    }
+
+    fn report(worker: usize, consumed: u32, demand: u32) -> Report {
+        Report {
+            worker,
+            limit: RateLimitId(0),
+            seq: 1,
+            keys: vec![KeyReport {
+                key: 9,
+                consumed,
+                demand,
+            }],
         }
+    }
+
+    fn grants_for(tables: &mut [Table]) -> (Grants, Grants) {
+        let (tx0, rx0) = crossbeam_channel::unbounded();
+        let (tx1, rx1) = crossbeam_channel::unbounded();
+        round(RateLimitId(0), &mut tables[0], Instant::now(), &[tx0, tx1]);
+        (rx0.try_recv().unwrap(), rx1.try_recv().unwrap())
     }
 
     #[test]
     fn grants_of_a_round_add_up_to_what_the_bucket_affords() {
-        let mut state = vec![limit()];
-        for (worker, demand) in [(0, 30), (1, 10)] {
-            apply_report(
-                &mut state,
-                Report {
-                    worker,
-                    limit: RateLimitId(0),
-                    seq: 1,
-                    keys: vec![KeyReport {
-                        key: 9,
-                        consumed: 20,
-                        demand,
-                    }],
-                },
-                2,
-            );
-        }
-        let (tx0, rx0) = crossbeam_channel::unbounded();
-        let (tx1, rx1) = crossbeam_channel::unbounded();
-        let now = Instant::now();
-        round(RateLimitId(0), &mut state[0], now, &[tx0, tx1]);
-        let (g0, g1) = (rx0.try_recv().unwrap(), rx1.try_recv().unwrap());
+        let mut tables = vec![table()];
+        apply_report(&mut tables, report(0, 20, 30));
+        apply_report(&mut tables, report(1, 20, 10));
+        let (g0, g1) = grants_for(&mut tables);
         let total = g0.keys[0].tokens + g1.keys[0].tokens;
         // 200 in the bucket, 40 consumed, one interval (5 tokens) of refill ahead.
         assert!((total - 165.0).abs() < 0.5, "{total}");
@@ -205,26 +264,32 @@ mod tests {
 
     #[test]
     fn a_worker_without_demand_keeps_the_floor_share() {
-        let mut state = vec![limit()];
-        apply_report(
-            &mut state,
-            Report {
-                worker: 0,
-                limit: RateLimitId(0),
-                seq: 1,
-                keys: vec![KeyReport {
-                    key: 9,
-                    consumed: 5,
-                    demand: 50,
-                }],
-            },
-            2,
-        );
-        let (tx0, rx0) = crossbeam_channel::unbounded();
-        let (tx1, rx1) = crossbeam_channel::unbounded();
-        round(RateLimitId(0), &mut state[0], Instant::now(), &[tx0, tx1]);
-        let (g0, g1) = (rx0.try_recv().unwrap(), rx1.try_recv().unwrap());
+        let mut tables = vec![table()];
+        apply_report(&mut tables, report(0, 5, 50));
+        apply_report(&mut tables, report(1, 0, 0));
+        let (g0, g1) = grants_for(&mut tables);
         assert!((g1.keys[0].share - FLOOR_SHARE / (1.0 + FLOOR_SHARE)).abs() < 1e-9);
         assert!(g0.keys[0].share > 0.97);
+    }
+
+    #[test]
+    fn idle_full_keys_are_forgotten_and_others_move_into_their_place() {
+        let mut tables = vec![table()];
+        apply_report(&mut tables, report(0, 0, 1));
+        let mut other = report(1, 0, 1);
+        other.keys[0].key = 10;
+        apply_report(&mut tables, other);
+        let (tx, _rx) = crossbeam_channel::unbounded();
+        let (tx1, _rx1) = crossbeam_channel::unbounded();
+        for _ in 0..20 {
+            round(
+                RateLimitId(0),
+                &mut tables[0],
+                Instant::now(),
+                &[tx.clone(), tx1.clone()],
+            );
+        }
+        assert!(tables[0].buckets.is_empty());
+        assert!(tables[0].index.is_empty() && tables[0].demand.is_empty());
     }
 }
