@@ -7,6 +7,7 @@
 //! - `GET /metrics`: Prometheus text exposition format 0.0.4.
 //! - `GET /metrics/hdr?route=NAME`: a route's latency in HdrHistogram's percentile text.
 //! - `GET /status`: JSON with per-worker and merged figures.
+//! - `POST /cache/purge`: `{"prefix": "/api/"}` or `{"key": "/path?q"}`, on every worker.
 //!
 //! One request per connection.
 
@@ -18,19 +19,57 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
-use crossbeam_channel::Receiver;
+use crossbeam_channel::{Receiver, Sender};
 use monoio::io::AsyncWriteRentExt;
 use monoio::net::{TcpListener, TcpStream};
 use monoio::{LegacyDriver, RuntimeBuilder};
 use tracing::warn;
 
 use crate::buffer::ReadBuf;
+use crate::cache::{Batch, Change};
 use crate::config::{Config, Limits};
 use crate::http::write::{generated_response, Generated};
-use crate::http::{parse_request, RequestHead, Version};
+use crate::http::{parse_request, BodyLength, Method, RequestHead, Version};
 use crate::metrics::aggregate::Aggregate;
 use crate::metrics::render::{self, Process};
 use crate::metrics::Snapshot;
+
+/// `POST /cache/purge` with `{"prefix": "/api/"}` or `{"key": "/exact/target?q"}`: removes
+/// matching entries on every worker (each applies it on its next tick).
+fn purge(body: &[u8], workers: &[Sender<Batch>]) -> (u16, &'static [u8], Vec<u8>) {
+    const JSON: &[u8] = b"content-type: application/json\r\n";
+    if workers.is_empty() {
+        return (404, JSON, br#"{"error":"no [cache] configured"}"#.to_vec());
+    }
+    let request: serde_json::Value = match serde_json::from_slice(body) {
+        Ok(v) => v,
+        Err(_) => {
+            return (
+                400,
+                JSON,
+                br#"{"error":"expected {\"prefix\": ...} or {\"key\": ...}"}"#.to_vec(),
+            )
+        }
+    };
+    let change = match (request["prefix"].as_str(), request["key"].as_str()) {
+        (Some(p), None) => Change::Prefix(p.as_bytes().into()),
+        (None, Some(k)) => Change::Target(k.as_bytes().into()),
+        _ => {
+            return (
+                400,
+                JSON,
+                br#"{"error":"expected {\"prefix\": ...} or {\"key\": ...}"}"#.to_vec(),
+            )
+        }
+    };
+    let batch: Batch = Arc::new(vec![change]);
+    let sent = workers
+        .iter()
+        .filter(|w| w.try_send(Arc::clone(&batch)).is_ok())
+        .count();
+    let reply = serde_json::json!({ "purge": "sent", "workers": sent });
+    (202, JSON, reply.to_string().into_bytes())
+}
 
 const STARTING: u8 = 0;
 const READY: u8 = 1;
@@ -71,6 +110,7 @@ pub fn spawn(
     state: Arc<AdminState>,
     config: Arc<Config>,
     snapshots: Receiver<Snapshot>,
+    cache_purge: Vec<Sender<Batch>>,
 ) -> std::io::Result<()> {
     listener.set_nonblocking(true)?;
     thread::Builder::new()
@@ -78,7 +118,7 @@ pub fn spawn(
         .spawn(move || {
             let rt = RuntimeBuilder::<LegacyDriver>::new().enable_timer().build();
             match rt {
-                Ok(mut rt) => rt.block_on(serve(listener, state, &config, snapshots)),
+                Ok(mut rt) => rt.block_on(serve(listener, state, &config, snapshots, cache_purge)),
                 Err(e) => warn!(error = %e, "admin runtime failed to start"),
             }
         })?;
@@ -90,7 +130,9 @@ async fn serve(
     state: Arc<AdminState>,
     config: &Config,
     snapshots: Receiver<Snapshot>,
+    cache_purge: Vec<Sender<Batch>>,
 ) {
+    let cache_purge = Rc::new(cache_purge);
     let listener = match TcpListener::from_std(listener) {
         Ok(l) => l,
         Err(e) => {
@@ -112,7 +154,12 @@ async fn serve(
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
-                monoio::spawn(handle(stream, Arc::clone(&state), Rc::clone(&aggregate)));
+                monoio::spawn(handle(
+                    stream,
+                    Arc::clone(&state),
+                    Rc::clone(&aggregate),
+                    Rc::clone(&cache_purge),
+                ));
             }
             Err(e) => {
                 warn!(error = %e, "admin accept failed");
@@ -122,7 +169,12 @@ async fn serve(
     }
 }
 
-async fn handle(mut stream: TcpStream, state: Arc<AdminState>, aggregate: Rc<RefCell<Aggregate>>) {
+async fn handle(
+    mut stream: TcpStream,
+    state: Arc<AdminState>,
+    aggregate: Rc<RefCell<Aggregate>>,
+    cache_purge: Rc<Vec<Sender<Batch>>>,
+) {
     let limits = Limits::default();
     let mut rbuf = ReadBuf::new();
     let mut head = RequestHead::default();
@@ -137,6 +189,21 @@ async fn handle(mut stream: TcpStream, state: Arc<AdminState>, aggregate: Rc<Ref
             Ok(false) => continue,
             Err(_) => break false,
         }
+    };
+    // A small request body (for POST /cache/purge).
+    let body = match head.body {
+        BodyLength::Length(n) if parsed && n <= 64 * 1024 => {
+            rbuf.consume(head.len);
+            let n = n as usize;
+            while rbuf.len() < n {
+                match monoio::time::timeout(READ_TIMEOUT, rbuf.fill(&mut stream, max + n)).await {
+                    Ok(Ok(k)) if k > 0 => {}
+                    _ => return,
+                }
+            }
+            rbuf.data()[..n].to_vec()
+        }
+        _ => Vec::new(),
     };
     let target = head.path.get(rbuf.data());
     let (path, query) = match target.iter().position(|&b| b == b'?') {
@@ -179,6 +246,7 @@ async fn handle(mut stream: TcpStream, state: Arc<AdminState>, aggregate: Rc<Ref
                     ),
                 }
             }
+            b"/cache/purge" if head.method == Method::Post => purge(&body, &cache_purge),
             b"/status" => {
                 let agg = aggregate.borrow();
                 let value = render::status(&agg, &Process::read(&agg));
@@ -192,13 +260,14 @@ async fn handle(mut stream: TcpStream, state: Arc<AdminState>, aggregate: Rc<Ref
         }
     };
     let mut out = Vec::with_capacity(body.len() + 256);
+    let body = &body[..];
     generated_response(
         &mut out,
         &Generated {
             status,
             headers: content_type,
             extra: b"",
-            body: &body,
+            body,
             head_only: false,
             keep_alive: false,
             client_version: Version::Http11,

@@ -3,7 +3,7 @@
 //! next hop sees framing the gateway wrote), close-delimited response bodies until EOF. Memory
 //! per transfer is bounded by the read buffer's capacity, whatever the body's size.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::io;
 use std::time::Duration;
 
@@ -22,6 +22,33 @@ pub enum BodyReader {
     Chunked(ChunkedDecoder),
     UntilClose,
     Done,
+}
+
+/// A copy of a body's data taken as it passes (for the cache), given up past `max` bytes.
+#[derive(Debug, Default)]
+pub struct Tee {
+    pub data: Vec<u8>,
+    pub max: usize,
+    pub overflowed: bool,
+}
+
+impl Tee {
+    pub fn new(max: usize) -> Tee {
+        Tee {
+            data: Vec::new(),
+            max,
+            overflowed: false,
+        }
+    }
+
+    fn push(&mut self, bytes: &[u8]) {
+        if self.overflowed || self.data.len() + bytes.len() > self.max {
+            self.overflowed = true;
+            self.data = Vec::new();
+        } else {
+            self.data.extend_from_slice(bytes);
+        }
+    }
 }
 
 /// How the data leaves.
@@ -74,6 +101,7 @@ impl BodyReader {
         reframe: Reframe,
         seen: &mut u64,
         max: Option<u64>,
+        mut tee: Option<&mut Tee>,
     ) -> Result<(), BodyError> {
         let mut count = |n: usize| {
             *seen += n as u64;
@@ -89,6 +117,9 @@ impl BodyReader {
                     .len()
                     .min(usize::try_from(*remaining).unwrap_or(usize::MAX));
                 count(n)?;
+                if let Some(t) = tee.as_deref_mut() {
+                    t.push(&rbuf.data()[..n]);
+                }
                 out.extend_from_slice(&rbuf.data()[..n]);
                 rbuf.consume(n);
                 *remaining -= n as u64;
@@ -98,6 +129,9 @@ impl BodyReader {
             }
             BodyReader::UntilClose => {
                 let n = rbuf.len();
+                if let Some(t) = tee.as_deref_mut() {
+                    t.push(rbuf.data());
+                }
                 out.extend_from_slice(rbuf.data());
                 rbuf.consume(n);
             }
@@ -109,6 +143,9 @@ impl BodyReader {
                 match found {
                     Decoded::Data(range) => {
                         count(range.len())?;
+                        if let Some(t) = tee.as_deref_mut() {
+                            t.push(&rbuf.data()[range.clone()]);
+                        }
                         if reframe == Reframe::Chunked {
                             write_chunk_header(out, range.len());
                         }
@@ -148,6 +185,8 @@ pub struct Transfer<'a> {
     pub deadline: &'a Deadline<'a>,
     /// Bytes written to the receiver, counted as they go.
     pub sent: &'a Cell<u64>,
+    /// Where to copy the data as it passes, if anywhere.
+    pub tee: Option<&'a RefCell<Tee>>,
 }
 
 /// Streams the rest of a body from `src` to `dst`. `out` may hold bytes to send first (a head);
@@ -165,7 +204,9 @@ pub async fn copy_body<R: AsyncReadRent, W: AsyncWriteRent>(
 ) -> Result<(), BodyError> {
     let mut streaming = false;
     loop {
-        body.take_buffered(rbuf, out, reframe, seen, t.max)?;
+        let mut tee = t.tee.map(RefCell::borrow_mut);
+        body.take_buffered(rbuf, out, reframe, seen, t.max, tee.as_deref_mut())?;
+        drop(tee);
         if body.is_done() {
             break;
         }

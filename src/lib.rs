@@ -11,6 +11,7 @@
 //! - `upstream`: per-worker pools, balancers and passive health.
 //! - `body`, `buffer`: streaming bodies through bounded buffers.
 //! - `deadline`: coarse per-connection timeouts, woken by the worker's tick.
+//! - `cache`: per-worker response caches sharing entries (`bytes::Bytes`) over crossbeam.
 //! - `ratelimit`: per-worker token quotas, granted by a sync thread from global buckets.
 //! - `metrics`: per-worker recording, merged on the admin thread; Prometheus and JSON.
 //! - `access_log`: per-worker buffered access log lines, written by their own thread.
@@ -21,6 +22,7 @@ pub mod access_log;
 pub mod admin;
 pub mod body;
 pub mod buffer;
+pub mod cache;
 pub mod config;
 pub mod deadline;
 pub mod error;

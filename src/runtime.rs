@@ -20,6 +20,7 @@ use tracing::{error, info, warn};
 
 use crate::access_log::{self, AccessLog};
 use crate::admin::{self, AdminState};
+use crate::cache::{self, Batch};
 use crate::config::{Config, DriverChoice, ListenerId};
 use crate::metrics::Snapshot;
 use crate::proxy;
@@ -138,8 +139,18 @@ pub fn run(config: Config) -> Result<(), StartError> {
         )
         .map_err(|e| StartError::Worker(e.to_string()))?;
     }
+    // Cache changes go from every worker to every other; the admin can send purges to all.
+    type CacheLinks = Option<cache::Links>;
+    let (cache_links, cache_purge): (Vec<CacheLinks>, Vec<Sender<Batch>>) = match config.cache {
+        Some(_) => {
+            let (per_worker, all) = cache::links(workers);
+            (per_worker.into_iter().map(Some).collect(), all)
+        }
+        None => ((0..workers).map(|_| None).collect(), Vec::new()),
+    };
     let mut controls = Vec::with_capacity(workers);
-    for (id, (listeners, (_, grants))) in sockets.into_iter().zip(grant_channels).enumerate() {
+    let links = sockets.into_iter().zip(grant_channels).zip(cache_links);
+    for (id, ((listeners, (_, grants)), cache_links)) in links.enumerate() {
         let (tx, rx) = crossbeam_channel::bounded(4);
         controls.push(tx);
         let config = Arc::clone(&config);
@@ -150,6 +161,7 @@ pub fn run(config: Config) -> Result<(), StartError> {
             access_log: access_log.as_ref().map(|(tx, _)| tx.clone()),
             reports: (!config.rate_limits.is_empty()).then(|| reports_tx.clone()),
             grants,
+            cache: cache_links,
         };
         thread::Builder::new()
             .name(format!("ringway-w{id}"))
@@ -175,8 +187,14 @@ pub fn run(config: Config) -> Result<(), StartError> {
     }
     let admin_state = Arc::new(AdminState::new());
     if let Some(s) = admin_socket {
-        admin::spawn(s, Arc::clone(&admin_state), Arc::clone(&config), metrics_rx)
-            .map_err(|e| StartError::Worker(e.to_string()))?;
+        admin::spawn(
+            s,
+            Arc::clone(&admin_state),
+            Arc::clone(&config),
+            metrics_rx,
+            cache_purge,
+        )
+        .map_err(|e| StartError::Worker(e.to_string()))?;
     }
     admin_state.set_ready();
     info!(workers, "ready");
@@ -290,6 +308,7 @@ struct Channels {
     access_log: Option<Sender<Vec<u8>>>,
     reports: Option<Sender<Report>>,
     grants: Receiver<Grants>,
+    cache: Option<cache::Links>,
 }
 
 fn worker_thread(
@@ -364,14 +383,15 @@ struct WorkerStart<'a> {
     channels: Channels,
 }
 
-async fn worker_main(ctx: WorkerStart<'_>, driver: &'static str) {
+async fn worker_main(mut ctx: WorkerStart<'_>, driver: &'static str) {
     let access_log = ctx
         .config
         .access_log
         .as_ref()
         .zip(ctx.channels.access_log.clone())
         .map(|(cfg, tx)| AccessLog::new(cfg.format, tx));
-    let worker = Rc::new(Worker::new(ctx.id, ctx.config, access_log));
+    let cache_links = ctx.channels.cache.take();
+    let worker = Rc::new(Worker::new(ctx.id, ctx.config, access_log, cache_links));
     let mut canceller = Canceller::new();
     for (id, socket) in ctx.listeners {
         match TcpListener::from_std(socket) {
@@ -399,6 +419,7 @@ async fn worker_main(ctx: WorkerStart<'_>, driver: &'static str) {
         .rate_limits
         .iter()
         .map(|l| l.sync_interval)
+        .chain(ctx.config.cache.as_ref().map(|c| c.sync_interval))
         .fold(CONTROL_TICK, Duration::min);
     loop {
         monoio::time::sleep(tick).await;
@@ -412,6 +433,9 @@ async fn worker_main(ctx: WorkerStart<'_>, driver: &'static str) {
         worker.flush_access_log();
         if let Some(tx) = &ctx.channels.reports {
             worker.sync_rate_limits(tx, &ctx.channels.grants);
+        }
+        if let Some(cache) = &worker.cache {
+            cache.sync(worker.now());
         }
         if let Some(tx) = &ctx.channels.metrics {
             let now = worker.now();

@@ -6,7 +6,8 @@ use std::cell::{Cell, RefCell};
 use std::time::Instant;
 
 use crate::access_log::AccessLog;
-use crate::config::{Config, Limits, RateLimitId, RouteAction, RouteId, UpstreamId};
+use crate::cache::{Links, WorkerCache};
+use crate::config::{Config, Limits, RateLimitId, RouteAction, RouteCache, RouteId, UpstreamId};
 use crate::deadline::Deadlines;
 use crate::error::Reject;
 use crate::metrics::{Gauges, Snapshot, WorkerMetrics};
@@ -32,6 +33,8 @@ pub struct Worker {
     pub access_log: Option<AccessLog>,
     /// One per configured rate limit, indexed by `RateLimitId`.
     pub limiters: RefCell<Vec<Limiter>>,
+    /// The response cache, if `[cache]` is configured.
+    pub cache: Option<WorkerCache>,
     connections_active: Cell<usize>,
     connections_total: Cell<u64>,
 }
@@ -41,6 +44,7 @@ pub struct RouteEntry {
     pub action: Action,
     pub max_body_bytes: Option<u64>,
     pub rate_limits: Vec<RateLimitId>,
+    pub cache: Option<RouteCache>,
 }
 
 pub enum Action {
@@ -57,7 +61,12 @@ pub enum Action {
 }
 
 impl Worker {
-    pub fn new(id: usize, config: &Config, access_log: Option<AccessLog>) -> Worker {
+    pub fn new(
+        id: usize,
+        config: &Config,
+        access_log: Option<AccessLog>,
+        cache_links: Option<Links>,
+    ) -> Worker {
         let routes = config
             .routes
             .iter()
@@ -85,6 +94,7 @@ impl Worker {
                 },
                 max_body_bytes: r.max_body_bytes,
                 rate_limits: r.rate_limits.clone(),
+                cache: r.cache.clone(),
             })
             .collect();
         Worker {
@@ -112,6 +122,11 @@ impl Worker {
                     .collect::<Vec<_>>(),
             )),
             access_log,
+            cache: config
+                .cache
+                .clone()
+                .zip(cache_links)
+                .map(|(settings, (peers, inbox))| WorkerCache::new(settings, peers, inbox)),
             limiters: RefCell::new(
                 config
                     .rate_limits
@@ -149,6 +164,12 @@ impl Worker {
                 .map(|u| u.idle_connections())
                 .collect(),
             ratelimit_keys: self.limiters.borrow().iter().map(Limiter::len).collect(),
+            cache_bytes: self.cache.as_ref().map_or(0, |c| c.store.borrow().bytes()),
+            cache_entries: self.cache.as_ref().map_or(0, |c| c.store.borrow().len()),
+            cache_evictions: self
+                .cache
+                .as_ref()
+                .map_or(0, |c| c.store.borrow().evictions),
         };
         self.metrics
             .borrow_mut()

@@ -20,6 +20,7 @@ pub struct File {
     #[serde(default)]
     pub metrics: MetricsFile,
     pub access_log: Option<AccessLogFile>,
+    pub cache: Option<CacheFile>,
     #[serde(default)]
     pub listeners: Vec<ListenerFile>,
     #[serde(default)]
@@ -339,6 +340,41 @@ pub struct RouteFile {
     pub max_body_bytes: Option<u64>,
     #[serde(default)]
     pub rate_limits: Vec<Spanned<String>>,
+    pub cache: Option<Spanned<RouteCacheFile>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheFile {
+    #[serde(default = "d_cache_bytes")]
+    pub max_bytes: Spanned<u64>,
+    #[serde(default = "d_cache_entry_bytes")]
+    pub max_entry_bytes: Spanned<u64>,
+    #[serde(default = "d_cache_sync")]
+    pub sync_interval_ms: Spanned<u64>,
+}
+
+fn d_cache_bytes() -> Spanned<u64> {
+    Spanned::new(0..0, 256 << 20)
+}
+fn d_cache_entry_bytes() -> Spanned<u64> {
+    Spanned::new(0..0, 1 << 20)
+}
+fn d_cache_sync() -> Spanned<u64> {
+    Spanned::new(0..0, 20)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteCacheFile {
+    #[serde(default = "d_default_ttl")]
+    pub default_ttl_ms: u64,
+    #[serde(default)]
+    pub key_headers: Vec<Spanned<String>>,
+}
+
+fn d_default_ttl() -> u64 {
+    10_000
 }
 
 #[derive(Debug, Deserialize)]

@@ -41,6 +41,7 @@ pub struct Config {
     /// How often workers send their metrics to the aggregator.
     pub metrics_interval: Duration,
     pub access_log: Option<AccessLogConfig>,
+    pub cache: Option<CacheSettings>,
     pub listeners: Vec<Listener>,
     pub upstreams: Vec<Upstream>,
     pub routes: Vec<Route>,
@@ -120,6 +121,24 @@ impl Default for Limits {
 pub const MAX_HEADERS_CEILING: usize = 256;
 
 #[derive(Debug, Clone)]
+pub struct CacheSettings {
+    /// For the whole process (a body held by several workers counts once).
+    pub max_bytes: usize,
+    /// Larger responses stream through uncached.
+    pub max_entry_bytes: usize,
+    pub sync_interval: Duration,
+}
+
+/// A route's caching.
+#[derive(Debug, Clone)]
+pub struct RouteCache {
+    /// Freshness when the upstream's response gives none.
+    pub default_ttl: Duration,
+    /// Lower-cased request headers that are part of the cache key.
+    pub key_headers: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
 pub struct AccessLogConfig {
     /// `"stdout"` or a file, opened for appending.
     pub path: String,
@@ -170,6 +189,7 @@ pub struct Route {
     pub action: RouteAction,
     pub max_body_bytes: Option<u64>,
     pub rate_limits: Vec<RateLimitId>,
+    pub cache: Option<RouteCache>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -301,7 +321,14 @@ impl Validator<'_> {
 
         let mut routes: Vec<Route> = Vec::with_capacity(f.routes.len());
         for (i, r) in f.routes.iter().enumerate() {
-            let route = self.route(i, r, &listeners, &upstreams, &rate_limits)?;
+            let route = self.route(
+                i,
+                r,
+                &listeners,
+                &upstreams,
+                &rate_limits,
+                f.cache.is_some(),
+            )?;
             if routes.iter().any(|o| o.name == route.name) {
                 return Err(self.err(
                     r.name.span(),
@@ -321,6 +348,39 @@ impl Validator<'_> {
             admin,
             limits,
             metrics_interval: ms(*interval.get_ref()),
+            cache: match &f.cache {
+                None => None,
+                Some(c) => {
+                    let (max, entry, sync) =
+                        (&c.max_bytes, &c.max_entry_bytes, &c.sync_interval_ms);
+                    if !(1024..=1 << 40).contains(max.get_ref()) {
+                        return Err(self.err(
+                            max.span(),
+                            "cache.max_bytes",
+                            "must be between 1024 and 2^40",
+                        ));
+                    }
+                    if *entry.get_ref() == 0 || entry.get_ref() > max.get_ref() {
+                        return Err(self.err(
+                            entry.span(),
+                            "cache.max_entry_bytes",
+                            "must be above 0 and at most max_bytes",
+                        ));
+                    }
+                    if !(5..=60_000).contains(sync.get_ref()) {
+                        return Err(self.err(
+                            sync.span(),
+                            "cache.sync_interval_ms",
+                            "must be between 5 and 60000",
+                        ));
+                    }
+                    Some(CacheSettings {
+                        max_bytes: *max.get_ref() as usize,
+                        max_entry_bytes: *entry.get_ref() as usize,
+                        sync_interval: ms(*sync.get_ref()),
+                    })
+                }
+            },
             access_log: match &f.access_log {
                 None => None,
                 Some(a) if a.path.get_ref().is_empty() => {
@@ -614,6 +674,7 @@ impl Validator<'_> {
         listeners: &[Listener],
         upstreams: &[Upstream],
         rate_limits: &[RateLimit],
+        has_cache: bool,
     ) -> Result<Route, ConfigError> {
         let key = format!("routes[{i}]");
         let name = self.name(&r.name, &format!("{key}.name"))?;
@@ -722,6 +783,40 @@ impl Validator<'_> {
                 ),
             ));
         }
+        let cache = match &r.cache {
+            None => None,
+            Some(c) => {
+                if !has_cache {
+                    return Err(self.err(
+                        c.span(),
+                        &format!("{key}.cache"),
+                        "route caching needs a [cache] section",
+                    ));
+                }
+                if r.upstream.is_none() {
+                    return Err(self.err(
+                        c.span(),
+                        &format!("{key}.cache"),
+                        "only routes with an upstream can cache",
+                    ));
+                }
+                let mut key_headers = Vec::new();
+                for h in &c.get_ref().key_headers {
+                    if !crate::http::is_token(h.get_ref().as_bytes()) {
+                        return Err(self.err(
+                            h.span(),
+                            &format!("{key}.cache.key_headers"),
+                            format!("{:?} is not a header name", h.get_ref()),
+                        ));
+                    }
+                    key_headers.push(h.get_ref().to_ascii_lowercase());
+                }
+                Some(RouteCache {
+                    default_ttl: ms(c.get_ref().default_ttl_ms),
+                    key_headers,
+                })
+            }
+        };
         let mut limits = Vec::with_capacity(r.rate_limits.len());
         for l in &r.rate_limits {
             let id = rate_limits
@@ -749,6 +844,7 @@ impl Validator<'_> {
             action,
             max_body_bytes: r.max_body_bytes,
             rate_limits: limits,
+            cache,
         })
     }
 

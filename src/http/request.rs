@@ -39,6 +39,14 @@ impl Method {
         }
     }
 
+    /// RFC 9110 §9.2.1: asks for nothing to change (so it does not invalidate cached URLs).
+    pub fn is_safe(self) -> bool {
+        matches!(
+            self,
+            Method::Get | Method::Head | Method::Options | Method::Trace
+        )
+    }
+
     /// RFC 9110 §9.2.2: safe to send twice, so a request lost on a stale connection may be.
     pub fn is_idempotent(self) -> bool {
         matches!(

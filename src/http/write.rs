@@ -16,6 +16,8 @@ pub struct Forwarding<'a> {
     pub strip_prefix: Option<&'a [u8]>,
     /// The `traceparent` for the upstream (the incoming one is replaced).
     pub traceparent: &'a [u8],
+    /// Header lines the gateway adds (each ending in CRLF), e.g. a cache's conditionals.
+    pub extra: &'a [u8],
 }
 
 #[inline]
@@ -36,7 +38,7 @@ fn content_length(out: &mut Vec<u8>, n: u64) {
 /// kept lines in one piece. `head_len` is the head's length, blank line included. Lines are
 /// consecutive (the parser refuses obs-fold and bare LF), so line `i` is the bytes from its
 /// name to the next line's name.
-fn copy_lines(
+pub(crate) fn copy_lines(
     out: &mut Vec<u8>,
     buf: &[u8],
     headers: &[Header],
@@ -119,6 +121,7 @@ pub fn upstream_request(out: &mut Vec<u8>, buf: &[u8], head: &RequestHead, fwd: 
     }
     field(out, b"x-request-id", fwd.request_id);
     field(out, b"traceparent", fwd.traceparent);
+    out.extend_from_slice(fwd.extra);
     if head.upgrade {
         out.extend_from_slice(b"connection: upgrade\r\n");
     }
@@ -314,6 +317,7 @@ mod tests {
                 fallback_host: b"backend:80",
                 strip_prefix: strip,
                 traceparent: b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+                extra: b"",
             },
         );
         String::from_utf8(out).unwrap()

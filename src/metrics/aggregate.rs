@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 
-use super::{new_histogram, Gauges, RequestCounts, Snapshot, UpstreamOutcome};
+use super::{new_histogram, CacheOutcome, Gauges, RequestCounts, Snapshot, UpstreamOutcome};
 use crate::config::Config;
 use crate::error::Reject;
 
@@ -24,6 +24,8 @@ pub struct Aggregate {
     pub rejections: [u64; Reject::ALL.len()],
     pub access_log_dropped: u64,
     pub limit_names: Vec<String>,
+    pub cache: [u64; CacheOutcome::ALL.len()],
+    pub cache_enabled: bool,
     /// `(route, limit, refused)` for every limit a route applies.
     pub ratelimited: Vec<(usize, usize, u64)>,
 }
@@ -84,6 +86,8 @@ impl Aggregate {
             rejections: [0; Reject::ALL.len()],
             access_log_dropped: 0,
             limit_names: config.rate_limits.iter().map(|l| l.name.clone()).collect(),
+            cache: [0; CacheOutcome::ALL.len()],
+            cache_enabled: config.cache.is_some(),
             ratelimited: config
                 .routes
                 .iter()
@@ -132,6 +136,9 @@ impl Aggregate {
             self.rejections[i] += n;
         }
         self.access_log_dropped += s.access_log_dropped;
+        for (i, n) in s.cache.iter().enumerate() {
+            self.cache[i] += n;
+        }
         for (route, limit, n) in &s.ratelimited {
             let pair = (usize::from(route.0), usize::from(limit.0));
             if let Some(entry) = self.ratelimited.iter_mut().find(|e| (e.0, e.1) == pair) {

@@ -84,6 +84,33 @@ impl UpstreamOutcome {
     }
 }
 
+/// How a request on a caching route was answered: the `result` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheOutcome {
+    Hit,
+    Miss,
+    Stale,
+    Bypass,
+}
+
+impl CacheOutcome {
+    pub const ALL: [CacheOutcome; 4] = [
+        CacheOutcome::Hit,
+        CacheOutcome::Miss,
+        CacheOutcome::Stale,
+        CacheOutcome::Bypass,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            CacheOutcome::Hit => "hit",
+            CacheOutcome::Miss => "miss",
+            CacheOutcome::Stale => "stale",
+            CacheOutcome::Bypass => "bypass",
+        }
+    }
+}
+
 type RequestCounts = [[u64; STATUS_CLASSES.len()]; METHODS.len()];
 
 /// One route's figures (or those of requests that matched no route).
@@ -115,6 +142,7 @@ pub struct WorkerMetrics {
     /// `[route * limits + limit]`: requests a limit refused on a route.
     ratelimited: Vec<u64>,
     limits: usize,
+    cache: [u64; CacheOutcome::ALL.len()],
 }
 
 /// What a finished request contributes.
@@ -130,6 +158,7 @@ impl WorkerMetrics {
         WorkerMetrics {
             ratelimited: vec![0; routes * limits],
             limits,
+            cache: [0; CacheOutcome::ALL.len()],
             routes: (0..=routes).map(|_| RouteStats::default()).collect(),
             targets: targets_per_upstream
                 .iter()
@@ -181,6 +210,10 @@ impl WorkerMetrics {
 
     pub fn record_ratelimited(&mut self, route: RouteId, limit: RateLimitId) {
         self.ratelimited[usize::from(route.0) * self.limits + usize::from(limit.0)] += 1;
+    }
+
+    pub fn record_cache(&mut self, outcome: CacheOutcome) {
+        self.cache[outcome as usize] += 1;
     }
 
     pub fn record_access_log_dropped(&mut self, lines: u64) {
@@ -241,6 +274,7 @@ impl WorkerMetrics {
             .collect();
         Snapshot {
             ratelimited,
+            cache: std::mem::take(&mut self.cache),
             worker,
             interval,
             requests: std::mem::take(&mut self.requests),
@@ -263,6 +297,9 @@ pub struct Gauges {
     pub idle_per_upstream: Vec<usize>,
     /// Keys held per rate limit.
     pub ratelimit_keys: Vec<usize>,
+    pub cache_bytes: usize,
+    pub cache_entries: usize,
+    pub cache_evictions: u64,
 }
 
 /// A worker's figures for one interval.
@@ -278,6 +315,7 @@ pub struct Snapshot {
     pub gauges: Gauges,
     /// `(route, limit, refused)` for pairs with refusals.
     pub ratelimited: Vec<(RouteId, RateLimitId, u64)>,
+    pub cache: [u64; CacheOutcome::ALL.len()],
 }
 
 pub struct RouteDelta {

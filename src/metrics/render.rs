@@ -7,7 +7,7 @@ use hdrhistogram::Histogram;
 use serde_json::{json, Map, Value};
 
 use super::aggregate::Aggregate;
-use super::{UpstreamOutcome, METHODS, STATUS_CLASSES};
+use super::{CacheOutcome, UpstreamOutcome, METHODS, STATUS_CLASSES};
 use crate::error::Reject;
 
 /// Prometheus histogram bucket bounds, in seconds; counts come from the HDR data.
@@ -245,6 +245,56 @@ pub fn prometheus(agg: &Aggregate, process: &Process) -> String {
             );
         }
     }
+    if agg.cache_enabled {
+        header(
+            &mut out,
+            "ringway_cache_requests_total",
+            "counter",
+            "Requests on caching routes, by result.",
+        );
+        for o in CacheOutcome::ALL {
+            let _ = writeln!(
+                out,
+                "ringway_cache_requests_total{{result=\"{}\"}} {}",
+                o.label(),
+                agg.cache[o as usize]
+            );
+        }
+        header(&mut out, "ringway_cache_bytes", "gauge", "Bytes of cached responses indexed, by worker (bodies are shared: the process holds about one worker's worth).");
+        for (i, w) in agg.workers.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "ringway_cache_bytes{{worker=\"{i}\"}} {}",
+                w.gauges.cache_bytes
+            );
+        }
+        header(
+            &mut out,
+            "ringway_cache_entries",
+            "gauge",
+            "Cached responses indexed, by worker.",
+        );
+        for (i, w) in agg.workers.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "ringway_cache_entries{{worker=\"{i}\"}} {}",
+                w.gauges.cache_entries
+            );
+        }
+        header(
+            &mut out,
+            "ringway_cache_evictions_total",
+            "counter",
+            "Entries evicted to stay within max_bytes, by worker.",
+        );
+        for (i, w) in agg.workers.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "ringway_cache_evictions_total{{worker=\"{i}\"}} {}",
+                w.gauges.cache_evictions
+            );
+        }
+    }
     header(
         &mut out,
         "ringway_access_log_dropped_total",
@@ -386,6 +436,19 @@ pub fn status(agg: &Aggregate, process: &Process) -> Value {
         "routes": routes,
         "upstreams": upstreams,
         "rejected": rejected,
+        "cache": if agg.cache_enabled {
+            json!({
+                "hits": agg.cache[CacheOutcome::Hit as usize],
+                "misses": agg.cache[CacheOutcome::Miss as usize],
+                "stale": agg.cache[CacheOutcome::Stale as usize],
+                "bypass": agg.cache[CacheOutcome::Bypass as usize],
+                "bytes": agg.workers.iter().map(|w| w.gauges.cache_bytes).max().unwrap_or(0),
+                "entries": agg.workers.iter().map(|w| w.gauges.cache_entries).max().unwrap_or(0),
+                "evictions": agg.workers.iter().map(|w| w.gauges.cache_evictions).sum::<u64>(),
+            })
+        } else {
+            Value::Null
+        },
         "resident_memory_bytes": process.resident_bytes,
         "open_fds": process.open_fds,
     })

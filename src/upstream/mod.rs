@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use monoio::io::{OwnedReadHalf, OwnedWriteHalf, Splitable};
 use monoio::net::TcpStream;
 
-pub use balancer::stable_hash;
+pub use balancer::{stable_hash, stable_hasher};
 use balancer::{Balancer, Targets};
 
 use crate::buffer::ReadBuf;

@@ -218,6 +218,8 @@ struct ResponseCtx<'a> {
     head_at: &'a Cell<Option<Instant>>,
     /// Header lines to add to the response.
     extra: &'a [u8],
+    /// What caching asks of this exchange, if the route caches.
+    cache: Option<&'a CacheExchange>,
     /// Times the response side's operations.
     deadline: &'a Deadline<'a>,
     worker: &'a Worker,
@@ -244,6 +246,10 @@ impl ResponseFailure {
         }
     }
 }
+
+mod cached;
+
+pub use cached::CacheExchange;
 
 pub async fn serve(stream: TcpStream, peer: SocketAddr, listener: ListenerId, w: Rc<Worker>) {
     let Some(_active) = w.admit_connection() else {
@@ -273,7 +279,7 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, listener: ListenerId, w:
     }
 }
 
-async fn serve_request(c: &mut Client<'_>, w: &Worker, listener: ListenerId) -> Next {
+async fn serve_request(c: &mut Client<'_>, w: &Rc<Worker>, listener: ListenerId) -> Next {
     if w.draining.get() && c.rbuf.is_empty() {
         return Next::Close;
     }
@@ -429,7 +435,7 @@ async fn read_request_head(c: &mut Client<'_>, w: &Worker) -> HeadRead {
     }
 }
 
-async fn handle(c: &mut Client<'_>, w: &Worker, listener: ListenerId) -> Result<Next, Failure> {
+async fn handle(c: &mut Client<'_>, w: &Rc<Worker>, listener: ListenerId) -> Result<Next, Failure> {
     let buf = c.rbuf.data();
     let head = &c.head;
     let found = w.router.route(
@@ -465,7 +471,24 @@ async fn handle(c: &mut Client<'_>, w: &Worker, listener: ListenerId) -> Result<
         Action::Proxy {
             upstream,
             strip_prefix,
-        } => proxy(c, w, route, w.upstream(*upstream), strip_prefix.as_deref()).await,
+        } => {
+            let up = w.upstream(*upstream);
+            let strip = strip_prefix.as_deref();
+            match (&route.cache, w.cache.as_ref()) {
+                (Some(policy), Some(cache)) => {
+                    cached::proxy_cached(c, w, cache, route, up, strip, policy).await
+                }
+                (_, Some(cache)) if !c.head.method.is_safe() => {
+                    // Read the URL now: the head's buffer is reused while proxying.
+                    let urls = cached::urls_of(c);
+                    let exchange = CacheExchange::invalidating();
+                    let result = proxy(c, w, route, up, strip, Some(&exchange)).await;
+                    cached::invalidate_after(c, cache, urls, &exchange, &result);
+                    result
+                }
+                _ => proxy(c, w, route, up, strip, None).await,
+            }
+        }
     }
 }
 
@@ -544,6 +567,7 @@ async fn respond(
             Reframe::AsIs,
             &mut seen,
             route.max_body_bytes,
+            None,
         )
         .map_err(body_failure)?;
     c.up_out.clear();
@@ -669,6 +693,7 @@ async fn proxy(
     route: &RouteEntry,
     up: &UpstreamState,
     strip_prefix: Option<&[u8]>,
+    cache: Option<&CacheExchange>,
 ) -> Result<Next, Failure> {
     let key = balance_key(up, c);
     let (lease, conn) = acquire(up, w, key, &c.deadline)
@@ -676,7 +701,7 @@ async fn proxy(
         .map_err(Failure::BeforeBody)?;
     let started = Instant::now();
     let head_at = Cell::new(None);
-    let result = forward(c, w, route, up, strip_prefix, &lease, conn, &head_at).await;
+    let result = forward(c, w, route, up, strip_prefix, &lease, conn, &head_at, cache).await;
     let latency_us = head_at
         .get()
         .map(|at: Instant| at.saturating_duration_since(started).as_micros() as u64);
@@ -706,6 +731,7 @@ async fn forward(
     lease: &TargetLease<'_>,
     mut conn: UpstreamConn,
     head_at: &Cell<Option<Instant>>,
+    cache: Option<&CacheExchange>,
 ) -> Result<Next, Failure> {
     let head = &c.head;
     let buf = c.rbuf.data();
@@ -725,6 +751,7 @@ async fn forward(
             fallback_host: up.target(lease.target).name.as_bytes(),
             strip_prefix,
             traceparent: &trace.header,
+            extra: cache.map_or(&b""[..], |x| &x.conditional),
         },
     );
     let method = head.method;
@@ -743,6 +770,7 @@ async fn forward(
         reframe,
         &mut seen,
         route.max_body_bytes,
+        None,
     )
     .map_err(body_failure)?;
 
@@ -757,6 +785,7 @@ async fn forward(
         sent: &c.log.bytes_out,
         head_at,
         extra: &c.extra,
+        cache,
         deadline: &c.deadline,
         worker: w,
     };
@@ -806,6 +835,7 @@ async fn forward(
             max: route.max_body_bytes,
             deadline: &pump_deadline,
             sent: &pump_sent,
+            tee: None,
         };
         // Async blocks capture whole variables: hand each side its own fields.
         let (cr, cw, crbuf, out, up_out, resp) = (
@@ -1131,6 +1161,20 @@ async fn send_response(
             extra: ctx.extra,
         },
     );
+    if let Some(cx) = ctx.cache {
+        if cx.revalidating && resp.status == 304 {
+            // The stale entry is still good: the caller answers from it.
+            cx.record(urbuf.data(), resp);
+            cx.not_modified.set(true);
+            urbuf.consume(resp.len);
+            return Ok(ResponseDone {
+                client_keep_alive: keep,
+                upstream_reusable: resp.keep_alive,
+                upgrade: false,
+            });
+        }
+        cx.start_capture(urbuf.data(), resp);
+    }
     let mut body = BodyReader::new(resp.body, &ctx.worker.limits);
     urbuf.consume(resp.len);
     if upgrade {
@@ -1152,6 +1196,7 @@ async fn send_response(
         max: None,
         deadline: ctx.deadline,
         sent: ctx.sent,
+        tee: ctx.cache.and_then(CacheExchange::tee),
     };
     let mut seen = 0;
     if let Err(e) = copy_body(ur, urbuf, cw, out, &mut body, reframe, &mut seen, &transfer).await {

@@ -1,0 +1,272 @@
+//! Response caching. Each worker has its own index (`Store`: an LRU by bytes, no lock); the
+//! entries in it are `Arc<Entry>` whose body is `bytes::Bytes`, so an entry one worker stores is
+//! handed to the others without copying its bytes. Every `[cache] sync_interval_ms` a worker
+//! sends the entries it stored and the keys it removed (invalidated, purged or evicted for
+//! space) to every other worker over crossbeam channels, and applies what it received; evictions
+//! travel too, so that the workers hold the same set and a body counts once towards `max_bytes`.
+//!
+//! What may be stored and for how long follows RFC 9111 (`policy`). Concurrent misses for one
+//! key on a worker make one upstream request (`Flight`); the others wait for it, bounded.
+
+pub mod policy;
+mod store;
+
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::task::{Poll, Waker};
+use std::time::{Duration, Instant, SystemTime};
+
+use ahash::AHashMap;
+use bytes::Bytes;
+use crossbeam_channel::{Receiver, Sender};
+
+pub use store::Store;
+
+use crate::config::CacheSettings;
+use std::hash::Hasher;
+
+use crate::upstream::stable_hasher;
+
+/// A stored response, shared by every worker that holds it.
+#[derive(Debug)]
+pub struct Entry {
+    /// Hash of host and request-target: what an unsafe request invalidates.
+    pub url: u64,
+    /// Hash of the request's values for the route's `key_headers` and the response's `Vary`.
+    pub variant: u64,
+    /// Lower-cased names of the request headers the variant depends on.
+    pub vary: Vec<Box<[u8]>>,
+    /// The request-target, for prefix purges.
+    pub target: Box<[u8]>,
+    /// The request's Host, and its header lines the variant depends on: for revalidating.
+    pub host: Box<[u8]>,
+    pub request_headers: Box<[u8]>,
+    pub status: u16,
+    pub reason: Box<[u8]>,
+    /// The response's header lines as they are replayed (no framing, hop-by-hop, Age).
+    pub head: Bytes,
+    pub body: Bytes,
+    pub etag: Option<Box<[u8]>>,
+    pub last_modified: Option<(SystemTime, Box<[u8]>)>,
+    /// When the response arrived, and the age it already had (its `Age`).
+    pub stored_at: Instant,
+    pub initial_age: Duration,
+    pub freshness: Duration,
+    pub stale_while_revalidate: Duration,
+    pub must_revalidate: bool,
+}
+
+impl Entry {
+    /// Bytes this entry accounts for.
+    pub fn size(&self) -> usize {
+        self.body.len() + self.head.len() + self.target.len() + self.request_headers.len() + 256
+    }
+
+    /// Its age now (RFC 9111 §4.2.3, with the arrival time standing in for the request's).
+    pub fn age(&self, now: Instant) -> Duration {
+        self.initial_age + now.saturating_duration_since(self.stored_at)
+    }
+
+    pub fn is_fresh(&self, now: Instant) -> bool {
+        self.age(now) < self.freshness
+    }
+
+    /// Stale, but within `stale-while-revalidate` (and not `must-revalidate`).
+    pub fn may_serve_stale(&self, now: Instant) -> bool {
+        !self.must_revalidate && self.age(now) < self.freshness + self.stale_while_revalidate
+    }
+}
+
+/// Hash of a URL: lower-cased host without port, and the request-target.
+pub fn url_hash(host: &[u8], target: &[u8]) -> u64 {
+    let host = match host.iter().position(|&b| b == b':') {
+        Some(colon) if host.first() != Some(&b'[') => &host[..colon],
+        _ => host,
+    };
+    let mut h = stable_hasher();
+    for chunk in host.chunks(64) {
+        let mut lower = [0u8; 64];
+        let lower = &mut lower[..chunk.len()];
+        lower.copy_from_slice(chunk);
+        lower.make_ascii_lowercase();
+        h.write(lower);
+    }
+    h.write_u8(b' ');
+    h.write(target);
+    h.finish()
+}
+
+/// Hash of the request's values for `names` (each lower-cased; missing ones count as empty).
+pub fn variant_hash<'a>(
+    names: impl Iterator<Item = &'a [u8]>,
+    value_of: impl Fn(&[u8]) -> &'a [u8],
+) -> u64 {
+    let mut h = stable_hasher();
+    for name in names {
+        h.write(name);
+        h.write_u8(b':');
+        h.write(value_of(name));
+        h.write_u8(b'\n');
+    }
+    h.finish()
+}
+
+/// What workers tell each other about their caches.
+#[derive(Debug)]
+pub enum Change {
+    Stored(Arc<Entry>),
+    /// Every variant of a URL.
+    Url(u64),
+    Variant {
+        url: u64,
+        variant: u64,
+    },
+    /// Every entry whose request-target starts with this.
+    Prefix(Box<[u8]>),
+    /// Every entry with exactly this request-target (on any host).
+    Target(Box<[u8]>),
+}
+
+pub type Batch = Arc<Vec<Change>>;
+
+/// A worker's links: senders to every other worker, and its own inbox.
+pub type Links = (Vec<Sender<Batch>>, Receiver<Batch>);
+
+/// A worker's cache: its store, its outgoing changes, its flights, and its links to the
+/// other workers.
+pub struct WorkerCache {
+    pub settings: CacheSettings,
+    pub store: RefCell<Store>,
+    outbox: RefCell<Vec<Change>>,
+    peers: Vec<Sender<Batch>>,
+    inbox: Receiver<Batch>,
+    flights: RefCell<AHashMap<u64, Rc<Flight>>>,
+    last_sync: Cell<Instant>,
+}
+
+impl WorkerCache {
+    pub fn new(settings: CacheSettings, peers: Vec<Sender<Batch>>, inbox: Receiver<Batch>) -> Self {
+        WorkerCache {
+            store: RefCell::new(Store::new(settings.max_bytes)),
+            settings,
+            outbox: RefCell::new(Vec::new()),
+            peers,
+            inbox,
+            flights: RefCell::new(AHashMap::new()),
+            last_sync: Cell::new(Instant::now()),
+        }
+    }
+
+    /// Stores an entry here and tells the other workers.
+    pub fn insert(&self, entry: Arc<Entry>) {
+        let evicted = self.store.borrow_mut().insert(Arc::clone(&entry));
+        let mut outbox = self.outbox.borrow_mut();
+        outbox.push(Change::Stored(entry));
+        outbox.extend(
+            evicted
+                .into_iter()
+                .map(|(url, variant)| Change::Variant { url, variant }),
+        );
+    }
+
+    /// Removes every variant of a URL here and on the other workers.
+    pub fn invalidate(&self, url: u64) {
+        self.store.borrow_mut().remove_url(url);
+        self.outbox.borrow_mut().push(Change::Url(url));
+    }
+
+    /// Applies what other workers (or the admin) sent, and sends this worker's changes if the
+    /// sync interval has passed.
+    pub fn sync(&self, now: Instant) {
+        let mut store = self.store.borrow_mut();
+        for batch in self.inbox.try_iter() {
+            for change in batch.iter() {
+                store.apply(change);
+            }
+        }
+        drop(store);
+        if now.saturating_duration_since(self.last_sync.get()) < self.settings.sync_interval {
+            return;
+        }
+        self.last_sync.set(now);
+        let changes = std::mem::take(&mut *self.outbox.borrow_mut());
+        if changes.is_empty() {
+            return;
+        }
+        let batch: Batch = Arc::new(changes);
+        for peer in &self.peers {
+            // A peer too far behind misses this batch: its entries age out, and a missed
+            // invalidation is the same staleness a shared cache has between workers anyway.
+            let _ = peer.try_send(Arc::clone(&batch));
+        }
+    }
+
+    /// The flight for `key` if a request for it is already on its way upstream, or a new
+    /// one that this caller leads.
+    pub fn flight(&self, key: u64) -> (Rc<Flight>, bool) {
+        let mut flights = self.flights.borrow_mut();
+        if let Some(f) = flights.get(&key) {
+            return (Rc::clone(f), false);
+        }
+        let f = Rc::new(Flight::default());
+        flights.insert(key, Rc::clone(&f));
+        (f, true)
+    }
+
+    /// Ends a flight this caller led: waiters look in the cache again.
+    pub fn land(&self, key: u64) {
+        if let Some(f) = self.flights.borrow_mut().remove(&key) {
+            f.done.set(true);
+            for w in f.wakers.borrow_mut().drain(..) {
+                w.wake();
+            }
+        }
+    }
+}
+
+/// A miss being fetched; others asking for the same key wait for it to land.
+#[derive(Default)]
+pub struct Flight {
+    done: Cell<bool>,
+    wakers: RefCell<Vec<Waker>>,
+}
+
+impl Flight {
+    pub async fn landed(&self) {
+        std::future::poll_fn(|cx| {
+            if self.done.get() {
+                return Poll::Ready(());
+            }
+            let mut wakers = self.wakers.borrow_mut();
+            if !wakers.iter().any(|w| w.will_wake(cx.waker())) {
+                wakers.push(cx.waker().clone());
+            }
+            Poll::Pending
+        })
+        .await
+    }
+}
+
+/// Channels linking every worker's cache to every other's: `(peers, inbox)` per worker, and
+/// senders to every worker for the admin's purges.
+pub fn links(workers: usize) -> (Vec<Links>, Vec<Sender<Batch>>) {
+    let channels: Vec<(Sender<Batch>, Receiver<Batch>)> = (0..workers)
+        .map(|_| crossbeam_channel::bounded(1024))
+        .collect();
+    let all: Vec<Sender<Batch>> = channels.iter().map(|(tx, _)| tx.clone()).collect();
+    let per_worker = channels
+        .into_iter()
+        .enumerate()
+        .map(|(i, (_, rx))| {
+            let peers = all
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| *j != i)
+                .map(|(_, tx)| tx.clone())
+                .collect();
+            (peers, rx)
+        })
+        .collect();
+    (per_worker, all)
+}

@@ -1,0 +1,228 @@
+//! What RFC 9111 lets a shared cache do with a request and a response: whether a response may
+//! be stored, for how long it is fresh, and what a request asks of the cache.
+
+use std::time::{Duration, SystemTime};
+
+use crate::http::list_items;
+
+/// The `Cache-Control` directives a shared cache acts on.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CacheControl {
+    pub no_store: bool,
+    pub no_cache: bool,
+    pub private: bool,
+    pub public: bool,
+    pub must_revalidate: bool,
+    pub proxy_revalidate: bool,
+    pub max_age: Option<u64>,
+    pub s_maxage: Option<u64>,
+    pub stale_while_revalidate: Option<u64>,
+}
+
+impl CacheControl {
+    /// Folds one `Cache-Control` (or `Pragma`) field value into `self`.
+    pub fn add(&mut self, value: &[u8]) {
+        for item in list_items(value) {
+            let (name, arg) = match item.iter().position(|&b| b == b'=') {
+                Some(eq) => (&item[..eq], Some(item[eq + 1..].trim_ascii())),
+                None => (item, None),
+            };
+            let seconds = || {
+                let arg = arg?;
+                let arg = arg
+                    .strip_prefix(b"\"")
+                    .and_then(|a| a.strip_suffix(b"\""))
+                    .unwrap_or(arg);
+                std::str::from_utf8(arg).ok()?.parse::<u64>().ok()
+            };
+            let is = |s: &str| name.eq_ignore_ascii_case(s.as_bytes());
+            if is("no-store") {
+                self.no_store = true;
+            } else if is("no-cache") {
+                // `no-cache="field"` qualifies only fields; treating it as plain no-cache errs safe.
+                self.no_cache = true;
+            } else if is("private") {
+                self.private = true;
+            } else if is("public") {
+                self.public = true;
+            } else if is("must-revalidate") {
+                self.must_revalidate = true;
+            } else if is("proxy-revalidate") {
+                self.proxy_revalidate = true;
+            } else if is("max-age") {
+                self.max_age = seconds().or(Some(0));
+            } else if is("s-maxage") {
+                self.s_maxage = seconds().or(Some(0));
+            } else if is("stale-while-revalidate") {
+                self.stale_while_revalidate = seconds();
+            }
+        }
+    }
+}
+
+/// Statuses a cache may store without explicit freshness (RFC 9110 §15.1, "heuristically
+/// cacheable").
+pub fn heuristically_cacheable(status: u16) -> bool {
+    matches!(
+        status,
+        200 | 203 | 204 | 300 | 301 | 308 | 404 | 405 | 410 | 414 | 501
+    )
+}
+
+/// The facts about a response that decide whether and how it is stored.
+pub struct ResponseFacts<'a> {
+    pub status: u16,
+    pub cc: &'a CacheControl,
+    pub expires: Option<SystemTime>,
+    pub date: Option<SystemTime>,
+    pub has_set_cookie: bool,
+    pub vary_star: bool,
+    pub request_has_authorization: bool,
+}
+
+/// Whether a shared cache may store the response (RFC 9111 §3).
+pub fn storable(f: &ResponseFacts<'_>) -> bool {
+    if f.cc.no_store || f.cc.private || f.has_set_cookie || f.vary_star {
+        return false;
+    }
+    // §3.5: a response to an authorized request only with explicit permission.
+    if f.request_has_authorization
+        && !(f.cc.public || f.cc.s_maxage.is_some() || f.cc.must_revalidate)
+    {
+        return false;
+    }
+    let explicit = f.cc.s_maxage.is_some() || f.cc.max_age.is_some() || f.expires.is_some();
+    match f.status {
+        206 | 304 | 100..=199 => false,
+        s if heuristically_cacheable(s) => true,
+        _ => explicit || f.cc.public,
+    }
+}
+
+/// How long the response is fresh (RFC 9111 §4.2.1); `default` stands in when it says nothing.
+pub fn freshness(f: &ResponseFacts<'_>, default: Duration) -> Duration {
+    if f.cc.no_cache {
+        return Duration::ZERO;
+    }
+    if let Some(s) = f.cc.s_maxage.or(f.cc.max_age) {
+        return Duration::from_secs(s);
+    }
+    if let Some(expires) = f.expires {
+        let date = f.date.unwrap_or_else(SystemTime::now);
+        return expires.duration_since(date).unwrap_or(Duration::ZERO);
+    }
+    default
+}
+
+/// What a request asks of the cache (RFC 9111 §5.2.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RequestDirectives {
+    /// Do not store the response (and do not answer from the cache).
+    pub no_store: bool,
+    /// Do not answer from the cache without revalidating.
+    pub revalidate: bool,
+}
+
+pub fn request_directives(cc: &CacheControl) -> RequestDirectives {
+    RequestDirectives {
+        no_store: cc.no_store,
+        revalidate: cc.no_cache || cc.max_age == Some(0),
+    }
+}
+
+/// Parses an HTTP date (IMF-fixdate, and the obsolete forms RFC 9110 says to accept).
+pub fn http_date(v: &[u8]) -> Option<SystemTime> {
+    httpdate::parse_http_date(std::str::from_utf8(v).ok()?.trim()).ok()
+}
+
+/// `If-None-Match` against an entity tag, with weak comparison (RFC 9110 §13.1.2).
+pub fn if_none_match_matches(header: &[u8], etag: &[u8]) -> bool {
+    let strip = |t: &[u8]| t.strip_prefix(b"W/").map_or(t.to_vec(), <[u8]>::to_vec);
+    let etag = strip(etag.trim_ascii());
+    list_items(header).any(|t| t == b"*" || strip(t) == etag)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cc(v: &str) -> CacheControl {
+        let mut c = CacheControl::default();
+        c.add(v.as_bytes());
+        c
+    }
+
+    fn facts(status: u16, c: &CacheControl) -> ResponseFacts<'_> {
+        ResponseFacts {
+            status,
+            cc: c,
+            expires: None,
+            date: None,
+            has_set_cookie: false,
+            vary_star: false,
+            request_has_authorization: false,
+        }
+    }
+
+    #[test]
+    fn directives_parse() {
+        let c =
+            cc("public, max-age=60, s-maxage=\"120\", stale-while-revalidate=30, Must-Revalidate");
+        assert!(c.public && c.must_revalidate);
+        assert_eq!(
+            (c.max_age, c.s_maxage, c.stale_while_revalidate),
+            (Some(60), Some(120), Some(30))
+        );
+    }
+
+    #[test]
+    fn storability_follows_rfc_9111() {
+        assert!(storable(&facts(200, &cc(""))));
+        assert!(!storable(&facts(200, &cc("no-store"))));
+        assert!(!storable(&facts(200, &cc("private, max-age=60"))));
+        assert!(!storable(&facts(302, &cc(""))));
+        assert!(storable(&facts(302, &cc("max-age=60"))));
+        assert!(!storable(&facts(206, &cc("max-age=60"))));
+        let public = cc("public");
+        let mut f = facts(200, &public);
+        f.request_has_authorization = true;
+        assert!(storable(&f));
+        let plain = cc("max-age=60");
+        let mut f = facts(200, &plain);
+        f.request_has_authorization = true;
+        assert!(!storable(&f));
+        f.has_set_cookie = true;
+        f.request_has_authorization = false;
+        assert!(!storable(&f));
+    }
+
+    #[test]
+    fn freshness_prefers_s_maxage_then_max_age_then_expires_then_default() {
+        let d = Duration::from_secs(7);
+        assert_eq!(
+            freshness(&facts(200, &cc("max-age=5, s-maxage=9")), d),
+            Duration::from_secs(9)
+        );
+        assert_eq!(
+            freshness(&facts(200, &cc("max-age=5")), d),
+            Duration::from_secs(5)
+        );
+        assert_eq!(
+            freshness(&facts(200, &cc("max-age=5, no-cache")), d),
+            Duration::ZERO
+        );
+        assert_eq!(freshness(&facts(200, &cc("")), d), d);
+        let empty = cc("");
+        let mut f = facts(200, &empty);
+        f.date = http_date(b"Sun, 06 Nov 1994 08:49:37 GMT");
+        f.expires = http_date(b"Sun, 06 Nov 1994 08:50:37 GMT");
+        assert_eq!(freshness(&f, d), Duration::from_secs(60));
+    }
+
+    #[test]
+    fn etags_compare_weakly() {
+        assert!(if_none_match_matches(b"\"a\", W/\"b\"", b"\"b\""));
+        assert!(if_none_match_matches(b"*", b"\"x\""));
+        assert!(!if_none_match_matches(b"\"a\"", b"\"b\""));
+    }
+}
