@@ -190,6 +190,7 @@ async fn handle(
             Err(_) => break false,
         }
     };
+    let target = head.path.get(rbuf.data()).to_vec();
     // A small request body (for POST /cache/purge).
     let body = match head.body {
         BodyLength::Length(n) if parsed && n <= 64 * 1024 => {
@@ -205,10 +206,9 @@ async fn handle(
         }
         _ => Vec::new(),
     };
-    let target = head.path.get(rbuf.data());
     let (path, query) = match target.iter().position(|&b| b == b'?') {
         Some(q) => (&target[..q], &target[q + 1..]),
-        None => (target, &b""[..]),
+        None => (&target[..], &b""[..]),
     };
     let json = b"content-type: application/json\r\n";
     let text = b"content-type: text/plain; version=0.0.4; charset=utf-8\r\n";

@@ -170,6 +170,7 @@ impl Worker {
                 .cache
                 .as_ref()
                 .map_or(0, |c| c.store.borrow().evictions),
+            cache_waiting: self.cache.as_ref().map_or(0, WorkerCache::waiting),
         };
         self.metrics
             .borrow_mut()

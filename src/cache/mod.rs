@@ -177,8 +177,10 @@ impl WorkerCache {
     }
 
     /// Applies what other workers (or the admin) sent, and sends this worker's changes if the
-    /// sync interval has passed.
-    pub fn sync(&self, now: Instant) {
+    /// sync interval has passed (to within half a `tick`, the caller's period, so that timer
+    /// jitter does not cost a whole extra tick: a change reaches every worker within about two
+    /// sync intervals).
+    pub fn sync(&self, now: Instant, tick: Duration) {
         let mut store = self.store.borrow_mut();
         for batch in self.inbox.try_iter() {
             for change in batch.iter() {
@@ -186,7 +188,9 @@ impl WorkerCache {
             }
         }
         drop(store);
-        if now.saturating_duration_since(self.last_sync.get()) < self.settings.sync_interval {
+        if now.saturating_duration_since(self.last_sync.get()) + tick / 2
+            < self.settings.sync_interval
+        {
             return;
         }
         self.last_sync.set(now);
@@ -212,6 +216,15 @@ impl WorkerCache {
         let f = Rc::new(Flight::default());
         flights.insert(key, Rc::clone(&f));
         (f, true)
+    }
+
+    /// Requests waiting for a flight to land.
+    pub fn waiting(&self) -> usize {
+        self.flights
+            .borrow()
+            .values()
+            .map(|f| f.wakers.borrow().len())
+            .sum()
     }
 
     /// Ends a flight this caller led: waiters look in the cache again.

@@ -106,6 +106,9 @@ impl Store {
     /// space, as `(url, variant)`.
     pub fn insert(&mut self, entry: Arc<Entry>) -> Vec<(u64, u64)> {
         self.remove_variant(entry.url, entry.variant);
+        if entry.size() > self.max_bytes {
+            return Vec::new();
+        }
         if let Some(ids) = self.urls.get(&entry.url) {
             if ids.len() >= MAX_VARIANTS {
                 let coldest = ids[0];

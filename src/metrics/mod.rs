@@ -91,14 +91,20 @@ pub enum CacheOutcome {
     Miss,
     Stale,
     Bypass,
+    /// Waited for another request's fetch of the same key, then served from the cache.
+    Coalesced,
+    /// A stale entry the upstream confirmed with 304, served from the cache.
+    Revalidated,
 }
 
 impl CacheOutcome {
-    pub const ALL: [CacheOutcome; 4] = [
+    pub const ALL: [CacheOutcome; 6] = [
         CacheOutcome::Hit,
         CacheOutcome::Miss,
         CacheOutcome::Stale,
         CacheOutcome::Bypass,
+        CacheOutcome::Coalesced,
+        CacheOutcome::Revalidated,
     ];
 
     pub fn label(self) -> &'static str {
@@ -107,6 +113,8 @@ impl CacheOutcome {
             CacheOutcome::Miss => "miss",
             CacheOutcome::Stale => "stale",
             CacheOutcome::Bypass => "bypass",
+            CacheOutcome::Coalesced => "coalesced",
+            CacheOutcome::Revalidated => "revalidated",
         }
     }
 }
@@ -300,6 +308,8 @@ pub struct Gauges {
     pub cache_bytes: usize,
     pub cache_entries: usize,
     pub cache_evictions: u64,
+    /// Requests waiting for another request's fetch of the same key.
+    pub cache_waiting: usize,
 }
 
 /// A worker's figures for one interval.

@@ -283,6 +283,19 @@ pub fn prometheus(agg: &Aggregate, process: &Process) -> String {
         }
         header(
             &mut out,
+            "ringway_cache_waiting",
+            "gauge",
+            "Requests waiting for another request's fetch of the same key, by worker.",
+        );
+        for (i, w) in agg.workers.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "ringway_cache_waiting{{worker=\"{i}\"}} {}",
+                w.gauges.cache_waiting
+            );
+        }
+        header(
+            &mut out,
             "ringway_cache_evictions_total",
             "counter",
             "Entries evicted to stay within max_bytes, by worker.",
@@ -442,6 +455,9 @@ pub fn status(agg: &Aggregate, process: &Process) -> Value {
                 "misses": agg.cache[CacheOutcome::Miss as usize],
                 "stale": agg.cache[CacheOutcome::Stale as usize],
                 "bypass": agg.cache[CacheOutcome::Bypass as usize],
+                "coalesced": agg.cache[CacheOutcome::Coalesced as usize],
+                "revalidated": agg.cache[CacheOutcome::Revalidated as usize],
+                "waiting": agg.workers.iter().map(|w| w.gauges.cache_waiting).sum::<usize>(),
                 "bytes": agg.workers.iter().map(|w| w.gauges.cache_bytes).max().unwrap_or(0),
                 "entries": agg.workers.iter().map(|w| w.gauges.cache_entries).max().unwrap_or(0),
                 "evictions": agg.workers.iter().map(|w| w.gauges.cache_evictions).sum::<u64>(),

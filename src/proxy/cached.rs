@@ -320,11 +320,11 @@ pub(super) async fn proxy_cached(
         .get(request.url, |e| request.variant(&e.vary));
     if let Some(entry) = &found {
         if entry.is_fresh(now) && !directives.revalidate {
-            return serve_entry(c, w, entry, b"HIT", now).await;
+            return serve_entry(c, w, entry, CacheOutcome::Hit, now).await;
         }
         if !directives.revalidate && entry.may_serve_stale(now) {
             revalidate_in_background(w, cache, up.id, Arc::clone(entry));
-            return serve_entry(c, w, entry, b"STALE", now).await;
+            return serve_entry(c, w, entry, CacheOutcome::Stale, now).await;
         }
     }
 
@@ -342,7 +342,7 @@ pub(super) async fn proxy_cached(
                 .borrow_mut()
                 .get(request.url, |e| request.variant(&e.vary));
             if let Some(entry) = again.filter(|e| e.is_fresh(Instant::now())) {
-                return serve_entry(c, w, &entry, b"HIT", Instant::now()).await;
+                return serve_entry(c, w, &entry, CacheOutcome::Coalesced, Instant::now()).await;
             }
         }
     }
@@ -373,7 +373,6 @@ pub(super) async fn proxy_cached(
     }
     let extra_len = c.extra.len();
     c.extra.extend_from_slice(b"x-cache: MISS\r\n");
-    w.metrics.borrow_mut().record_cache(CacheOutcome::Miss);
     let result = proxy(c, w, route, up, strip, Some(&exchange)).await;
     if exchange.not_modified.get() {
         if let Some(stale) = found {
@@ -381,9 +380,11 @@ pub(super) async fn proxy_cached(
             cache.insert(Arc::clone(&fresh));
             c.extra.truncate(extra_len);
             result?;
-            return serve_entry(c, w, &fresh, b"HIT", Instant::now()).await;
+            // The request went upstream unconditional (its head is consumed): plain answer.
+            return serve_entry(c, w, &fresh, CacheOutcome::Revalidated, Instant::now()).await;
         }
     }
+    w.metrics.borrow_mut().record_cache(CacheOutcome::Miss);
     if result.is_ok() {
         if let Some(entry) = exchange.into_entry(&request, Instant::now()) {
             cache.insert(Arc::new(entry));
@@ -556,14 +557,24 @@ async fn serve_entry(
     c: &mut Client<'_>,
     w: &Worker,
     entry: &Entry,
-    state: &[u8],
+    outcome: CacheOutcome,
     now: Instant,
 ) -> Result<Next, Failure> {
-    let not_modified = not_modified_for(c, entry);
+    let state: &[u8] = if outcome == CacheOutcome::Stale {
+        b"STALE"
+    } else {
+        b"HIT"
+    };
+    // After a revalidation the proxy has consumed the head (and the request was not
+    // conditional); otherwise it is still in the buffer.
+    let head_pending = outcome != CacheOutcome::Revalidated;
+    let not_modified = head_pending && not_modified_for(c, entry);
     let to_head = c.head.method == Method::Head;
     let keep = c.head.keep_alive && !w.draining.get();
     let version = c.head.version;
-    c.rbuf.consume(c.head.len);
+    if head_pending {
+        c.rbuf.consume(c.head.len);
+    }
     let status = if not_modified { 304 } else { entry.status };
     let out = &mut c.out;
     out.clear();
@@ -622,11 +633,7 @@ async fn serve_entry(
             0
         };
     c.log.bytes_out.set(sent as u64);
-    w.metrics.borrow_mut().record_cache(if state == b"HIT" {
-        CacheOutcome::Hit
-    } else {
-        CacheOutcome::Stale
-    });
+    w.metrics.borrow_mut().record_cache(outcome);
     let limit = w.limits.write_timeout;
     send(&mut c.w, &mut c.out, &c.deadline, limit)
         .await

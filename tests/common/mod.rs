@@ -750,3 +750,50 @@ upstream = "app"
         targets.join(", ")
     )
 }
+
+// ---------------------------------------------------------------------------------------------
+// Placing connections on workers
+
+pub fn status_connections(admin: SocketAddr) -> Vec<u64> {
+    get(admin, "/status").json()["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["connections_active"].as_u64().unwrap())
+        .collect()
+}
+
+/// Keep-alive connections, one on each of two workers: opens connections (closing the ones
+/// that land on a worker already covered) and asks /status where each landed. The gateway
+/// needs an admin listener and a `GET /probe` that answers 200 without caching.
+pub fn one_connection_per_worker(gw: &Gateway) -> Vec<ResponseReader> {
+    let addr = gw.addr("public");
+    let admin = gw.admin.unwrap();
+    let mut held: Vec<Option<ResponseReader>> = vec![None, None];
+    let mut open = 0;
+    while held.iter().any(Option::is_none) {
+        let before = status_connections(admin);
+        let mut c = ResponseReader::new(connect(addr));
+        c.stream
+            .write_all(b"GET /probe HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        assert_eq!(c.read_response(false).unwrap().status, 200);
+        let after = eventually("the new connection in /status", || {
+            let now = status_connections(admin);
+            (now.iter().sum::<u64>() == open + 1).then_some(now)
+        });
+        let worker = (0..2)
+            .find(|&w| after[w] > before[w])
+            .expect("a worker gained it");
+        if held[worker].is_none() {
+            held[worker] = Some(c);
+            open += 1;
+        } else {
+            drop(c);
+            eventually("the extra connection to close", || {
+                (status_connections(admin).iter().sum::<u64>() == open).then_some(())
+            });
+        }
+    }
+    held.into_iter().map(Option::unwrap).collect()
+}
