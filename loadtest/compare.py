@@ -12,8 +12,9 @@ alternating order (A B C D, then D C B A, ...) so that machine drift cancels out
     max: p50, p99, p99.9, max;
   * instructions per proxied request under callgrind, (Ir(25k) - Ir(5k)) / 20k, and heap
     allocations per request counted from the same runs;
-  * extra scenarios: a fixed-response route, 1000 routes, a new connection per request, and
-    ringway with 2 workers.
+  * extra scenarios: a fixed-response route, 1000 routes, cache hits (vs the proxied path and
+    nginx's proxy_cache), a rate-limited route, a new connection per request, and ringway with
+    2 workers.
 
 Results go to loadtest/results/<date>-<host>.{json,md,png}; the last line printed is the ratio
 summary. Only 127.0.0.1 is targeted and every step is bounded in time.
@@ -111,6 +112,12 @@ class Proxy:
                 self.proc.wait()
         wait_closed(self.port)
 
+    def kill(self):
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        wait_closed(self.port)
+
     def ticks(self):
         return cpu_ticks(self.proc.pid)
 
@@ -145,9 +152,13 @@ http {{
 """)
 
 
-def nginx_proxy_config(tmp, port, respond=False):
+def nginx_proxy_config(tmp, port, respond=False, cache=False):
     location = ('return 200 "hello, world\\n";' if respond else
                 'proxy_pass http://origin; proxy_http_version 1.1; proxy_set_header Connection "";')
+    cache_path = ""
+    if cache:
+        cache_path = f"proxy_cache_path {tmp}/nginx-cache-{port} keys_zone=c:10m;"
+        location += " proxy_cache c; proxy_cache_valid 200 60s;"
     return write(os.path.join(tmp, f"nginx-{port}.conf"), f"""
 worker_processes 1;
 daemon off;
@@ -158,6 +169,7 @@ events {{ worker_connections 8192; }}
 http {{
   access_log off;
   keepalive_requests 10000000;
+  {cache_path}
   upstream origin {{ server 127.0.0.1:{ORIGIN_PORT}; keepalive 64; keepalive_requests 10000000; }}
   server {{
     listen 127.0.0.1:{port} backlog=4096;
@@ -187,8 +199,10 @@ backend b
 """)
 
 
-def ringway_config(tmp, port, driver="io_uring", workers=1, routes=1, respond=False):
+def ringway_config(tmp, port, driver="io_uring", workers=1, routes=1, respond=False, cache=False,
+                   rate_limit=False):
     cores = "[0]" if workers == 1 else "[0, 1]"
+    route_extra = ""
     lines = [f"""[runtime]
 workers = {workers}
 pin_cores = {cores}
@@ -203,6 +217,14 @@ name = "origin"
 targets = ["127.0.0.1:{ORIGIN_PORT}"]
 max_idle_per_target = 64
 """]
+    if cache:
+        lines.append("[cache]\nmax_bytes = 67108864\n")
+        route_extra += "cache = { default_ttl_ms = 600000 }\n"
+    if rate_limit:
+        # One key, a limit far above what this machine can send: every request pays the admit.
+        lines.append('[[rate_limits]]\nname = "all"\nkey = "route"\nrate = 100000000\n'
+                     'burst = 100000000\nheaders = false\n')
+        route_extra += 'rate_limits = ["all"]\n'
     for i in range(routes - 1):
         lines.append(f'[[routes]]\nname = "r{i}"\nlistener = "public"\npath_prefix = "/svc{i}/"\n'
                      f'upstream = "origin"\n')
@@ -211,8 +233,8 @@ max_idle_per_target = 64
                      'respond = { status = 200, body = "hello, world\\n" }\n')
     else:
         lines.append('[[routes]]\nname = "all"\nlistener = "public"\npath_prefix = "/"\n'
-                     'upstream = "origin"\n')
-    name = f"ringway-{port}-{driver}-{workers}w-{routes}r{'-respond' if respond else ''}.toml"
+                     'upstream = "origin"\n' + route_extra)
+    name = f"ringway-{port}.toml"
     return write(os.path.join(tmp, name), "\n".join(lines))
 
 
@@ -261,7 +283,11 @@ def oha_fixed_rate(port, rate, seconds):
 
 
 def callgrind(proxy, tmp, small, large):
-    """Instructions and allocator calls per request: the difference of two runs cancels start-up."""
+    """Instructions and allocator calls per request: the difference of two runs cancels start-up.
+
+    The counts are dumped with callgrind_control once the requests are done, and the process is
+    then killed: under valgrind an io_uring worker waiting in io_uring_enter keeps valgrind's
+    lock, so the other threads (signal handling, shutdown) can starve for minutes."""
     runs = []
     for n in (small, large):
         out = os.path.join(tmp, f"cg.{proxy.name}.{n}")
@@ -272,13 +298,18 @@ def callgrind(proxy, tmp, small, large):
         urllib.request.urlopen(f"http://127.0.0.1:{proxy.port}/13B", timeout=30).read()
         subprocess.run(["oha", "--no-tui", "-n", str(n), "-c", "10",
                         f"http://127.0.0.1:{proxy.port}/13B"], capture_output=True, timeout=900)
-        proxy.stop()
-        ir, allocs = 0, 0
-        for f in os.listdir(tmp):
-            if f.startswith(os.path.basename(out) + "."):
-                a, b = parse_callgrind(os.path.join(tmp, f))
-                ir, allocs = ir + a, allocs + b
-        runs.append((ir, allocs))
+        dump = f"{out}.{proxy.proc.pid}.1"
+        subprocess.run(["callgrind_control", "-d", str(proxy.proc.pid)], capture_output=True,
+                       timeout=120)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if os.path.exists(dump) and "\ntotals:" in open(dump, errors="replace").read():
+                break
+            time.sleep(0.2)
+        else:
+            raise RuntimeError(f"callgrind dump of {proxy.name} did not appear")
+        proxy.kill()
+        runs.append(parse_callgrind(dump))
     (ir1, al1), (ir2, al2) = runs
     return {"instr_per_req": (ir2 - ir1) / (large - small),
             "allocs_per_req": (al2 - al1) / (large - small)}
@@ -401,6 +432,16 @@ def main():
               Proxy("nginx", 18091, ["nginx", "-c", nginx_proxy_config(tmp, 18091, respond=True)])],
              {}),
             ("1000 routes", [ringway(tmp, "ringway", 18092, routes=1000)], {}),
+            ("cache hit vs proxied",
+             [ringway(tmp, "ringway-cached", 18098, cache=True),
+              ringway(tmp, "ringway", 18099),
+              Proxy("nginx-cached", 18100,
+                    ["nginx", "-c", nginx_proxy_config(tmp, 18100, cache=True)])],
+             {}),
+            ("rate-limited route (every request admitted)",
+             [ringway(tmp, "ringway-limited", 18101, rate_limit=True),
+              ringway(tmp, "ringway", 18102)],
+             {}),
             ("new connection per request",
              [ringway(tmp, "ringway", 18093),
               Proxy("nginx", 18094, ["nginx", "-c", nginx_proxy_config(tmp, 18094)]),
@@ -441,6 +482,12 @@ def main():
                 cg[p.name] = callgrind(p, tmp, cg_small, cg_large)
                 log(f"   {p.name:15} {cg[p.name]['instr_per_req']:8.0f} instr/req  "
                     f"{cg[p.name]['allocs_per_req']:.2f} allocs/req")
+            # A cache hit never reaches the origin: the gateway's own cost of answering.
+            cached = ringway(tmp, "ringway-cached", 18103, cache=True)
+            procs.append(cached)
+            cg[cached.name] = callgrind(cached, tmp, cg_small, cg_large)
+            log(f"   {cached.name:15} {cg[cached.name]['instr_per_req']:8.0f} instr/req  "
+                f"{cg[cached.name]['allocs_per_req']:.2f} allocs/req (cache hits)")
             results["callgrind"] = cg
     finally:
         for p in procs:
@@ -517,7 +564,7 @@ def report(res):
     if "callgrind" in res:
         md += ["", "### Instructions per proxied request (callgrind, 13 B, keep-alive)", "",
                "| proxy | instructions/request | heap allocations/request |", "|---|---|---|"]
-        for n in names:
+        for n in names + [n for n in res["callgrind"] if n not in names]:
             c = res["callgrind"][n]
             md.append(f"| {n} | {c['instr_per_req']:.0f} | {c['allocs_per_req']:.2f} |")
 

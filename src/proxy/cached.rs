@@ -206,6 +206,27 @@ struct Request {
 }
 
 impl Request {
+    fn of(c: &Client<'_>, url: u64, key_headers: &[String]) -> Request {
+        let buf = c.rbuf.data();
+        Request {
+            url,
+            variant_names: key_headers.iter().map(|h| h.as_bytes().into()).collect(),
+            host: c.head.host.map_or(&b""[..], |h| h.get(buf)).into(),
+            target: origin_target(c).into(),
+            headers: c
+                .head
+                .headers
+                .iter()
+                .map(|h| {
+                    (
+                        h.name.get(buf).to_ascii_lowercase().into(),
+                        h.value.get(buf).into(),
+                    )
+                })
+                .collect(),
+        }
+    }
+
     fn value(&self, name: &[u8]) -> &[u8] {
         self.headers
             .iter()
@@ -282,42 +303,17 @@ pub(super) async fn proxy_cached(
         return result;
     }
 
-    let request = Request {
-        url: url_hash(
-            c.head.host.map_or(&b""[..], |h| h.get(c.rbuf.data())),
-            origin_target(c),
-        ),
-        variant_names: policy
-            .key_headers
-            .iter()
-            .map(|h| h.as_bytes().into())
-            .collect(),
-        host: c
-            .head
-            .host
-            .map_or(&b""[..], |h| h.get(c.rbuf.data()))
-            .into(),
-        target: origin_target(c).into(),
-        headers: {
-            let buf = c.rbuf.data();
-            c.head
-                .headers
-                .iter()
-                .filter(|h| h.kind == HeaderKind::Other)
-                .map(|h| {
-                    (
-                        h.name.get(buf).to_ascii_lowercase().into(),
-                        h.value.get(buf).into(),
-                    )
-                })
-                .collect()
-        },
+    let host = c.head.host.map_or(&b""[..], |h| h.get(c.rbuf.data()));
+    let url = url_hash(host, origin_target(c));
+    let variant_of = |c: &Client<'_>, vary: &[Box<[u8]>]| {
+        let names = policy.key_headers.iter().map(String::as_bytes);
+        variant_hash(names.chain(vary.iter().map(|n| &n[..])), |n| header(c, n))
     };
     let now = Instant::now();
     let found = cache
         .store
         .borrow_mut()
-        .get(request.url, |e| request.variant(&e.vary));
+        .get(url, |e| variant_of(c, &e.vary));
     if let Some(entry) = &found {
         if entry.is_fresh(now) && !directives.revalidate {
             return serve_entry(c, w, entry, CacheOutcome::Hit, now).await;
@@ -329,7 +325,7 @@ pub(super) async fn proxy_cached(
     }
 
     // One fetch per key on this worker at a time; the others wait for it, bounded.
-    let flight_key = request.url ^ request.variant(&[]);
+    let flight_key = url ^ variant_of(c, &[]);
     let mut leading = false;
     if found.is_none() && !directives.revalidate {
         let (flight, leader) = cache.flight(flight_key);
@@ -340,12 +336,15 @@ pub(super) async fn proxy_cached(
             let again = cache
                 .store
                 .borrow_mut()
-                .get(request.url, |e| request.variant(&e.vary));
+                .get(url, |e| variant_of(c, &e.vary));
             if let Some(entry) = again.filter(|e| e.is_fresh(Instant::now())) {
                 return serve_entry(c, w, &entry, CacheOutcome::Coalesced, Instant::now()).await;
             }
         }
     }
+    // Going upstream: what storing the response needs from the request, before the proxy
+    // consumes its head.
+    let request = Request::of(c, url, &policy.key_headers);
     let _landing = Landing {
         cache,
         key: flight_key,
