@@ -159,5 +159,62 @@ fn rate_limit(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, parse, route, balance, record, rate_limit);
+/// A cache hit's index work: hash the URL, find the entry among 10,000, move it to the LRU head.
+fn cache_lookup(c: &mut Criterion) {
+    use ringway::cache::{url_hash, variant_hash, Entry, Store};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    let mut store = Store::new(1 << 30);
+    let targets: Vec<String> = (0..10_000).map(|i| format!("/api/items/{i}?v=1")).collect();
+    for t in &targets {
+        store.insert(Arc::new(Entry {
+            url: url_hash(b"api.example.com", t.as_bytes()),
+            variant: variant_hash(std::iter::empty(), |_| b""),
+            vary: Vec::new(),
+            target: t.as_bytes().into(),
+            host: b"api.example.com"[..].into(),
+            request_headers: Box::default(),
+            status: 200,
+            reason: b"OK"[..].into(),
+            head: bytes::Bytes::from_static(b"content-type: application/json\r\n"),
+            body: bytes::Bytes::from(vec![b'x'; 512]),
+            etag: None,
+            last_modified: None,
+            stored_at: Instant::now(),
+            initial_age: Duration::ZERO,
+            freshness: Duration::from_secs(60),
+            stale_while_revalidate: Duration::ZERO,
+            must_revalidate: false,
+        }));
+    }
+    let lookup = |store: &mut Store, target: &str| {
+        let url = url_hash(black_box(b"api.example.com:8080"), target.as_bytes());
+        let entry = store.get(url, |e| {
+            variant_hash(e.vary.iter().map(|n| &n[..]), |_| b"")
+        });
+        entry.is_some_and(|e| e.is_fresh(Instant::now()))
+    };
+    c.bench_function("cache_lookup_hot_entry", |b| {
+        b.iter(|| black_box(lookup(&mut store, &targets[42])))
+    });
+    // Random entries: each lookup's index, entry and LRU neighbours are cold in the CPU cache.
+    let mut i = 0;
+    c.bench_function("cache_lookup_10k_entries", |b| {
+        b.iter(|| {
+            i = (i + 7919) % targets.len();
+            black_box(lookup(&mut store, &targets[i]))
+        })
+    });
+}
+
+criterion_group!(
+    benches,
+    parse,
+    route,
+    balance,
+    record,
+    rate_limit,
+    cache_lookup
+);
 criterion_main!(benches);

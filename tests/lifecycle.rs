@@ -133,6 +133,20 @@ fn check_accepts_the_shipped_config() {
     );
 }
 
+#[test]
+fn check_accepts_the_example_configs() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/config/examples");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        let (status, stdout, stderr) = run_ringway(&["check", "--config", path.to_str().unwrap()]);
+        assert!(status.success(), "{}: {stderr}", path.display());
+        assert!(stdout.contains(": ok ("), "{stdout}");
+        checked += 1;
+    }
+    assert!(checked > 0);
+}
+
 fn listening_sockets(port: u16) -> usize {
     // /proc/net/tcp: local address as HEX_IP:HEX_PORT, state 0A is LISTEN.
     let table = std::fs::read_to_string("/proc/net/tcp").unwrap();

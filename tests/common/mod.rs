@@ -269,6 +269,12 @@ impl ResponseReader {
         n
     }
 
+    /// The stream, and what was received past the last response (e.g. tunnelled bytes that
+    /// arrived with a 101).
+    pub fn into_parts(self) -> (TcpStream, Vec<u8>) {
+        (self.stream, self.buf)
+    }
+
     /// Everything received after the last complete response, waiting for EOF.
     pub fn read_to_close(&mut self) -> Vec<u8> {
         while self.fill() > 0 {}
