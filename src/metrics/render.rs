@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use hdrhistogram::Histogram;
 use serde_json::{json, Map, Value};
 
-use super::aggregate::Aggregate;
+use super::aggregate::{Aggregate, WorkerFigures};
 use super::{CacheOutcome, UpstreamOutcome, METHODS, STATUS_CLASSES};
 use crate::error::Reject;
 
@@ -26,6 +26,19 @@ fn esc(v: &str) -> String {
 fn header(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}");
     let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+/// One series per worker, `name{worker="i"} value`.
+fn per_worker<T: std::fmt::Display>(
+    out: &mut String,
+    agg: &Aggregate,
+    (name, kind, help): (&str, &str, &str),
+    value: impl Fn(&WorkerFigures) -> T,
+) {
+    header(out, name, kind, help);
+    for (i, w) in agg.workers.iter().enumerate() {
+        let _ = writeln!(out, "{name}{{worker=\"{i}\"}} {}", value(w));
+    }
 }
 
 fn histogram(out: &mut String, name: &str, labels: &str, h: &Histogram<u64>) {
@@ -145,45 +158,36 @@ pub fn prometheus(agg: &Aggregate, process: &Process) -> String {
         }
     }
 
-    header(
+    per_worker(
         &mut out,
-        "ringway_connections_active",
-        "gauge",
-        "Open client connections, by worker.",
+        agg,
+        (
+            "ringway_connections_active",
+            "gauge",
+            "Open client connections, by worker.",
+        ),
+        |w| w.gauges.connections_active,
     );
-    for (i, w) in agg.workers.iter().enumerate() {
-        let _ = writeln!(
-            out,
-            "ringway_connections_active{{worker=\"{i}\"}} {}",
-            w.gauges.connections_active
-        );
-    }
-    header(
+    per_worker(
         &mut out,
-        "ringway_connections_total",
-        "counter",
-        "Client connections accepted, by worker.",
+        agg,
+        (
+            "ringway_connections_total",
+            "counter",
+            "Client connections accepted, by worker.",
+        ),
+        |w| w.gauges.connections_total,
     );
-    for (i, w) in agg.workers.iter().enumerate() {
-        let _ = writeln!(
-            out,
-            "ringway_connections_total{{worker=\"{i}\"}} {}",
-            w.gauges.connections_total
-        );
-    }
-    header(
+    per_worker(
         &mut out,
-        "ringway_worker_requests_total",
-        "counter",
-        "Requests answered, by worker.",
+        agg,
+        (
+            "ringway_worker_requests_total",
+            "counter",
+            "Requests answered, by worker.",
+        ),
+        |w| w.requests,
     );
-    for (i, w) in agg.workers.iter().enumerate() {
-        let _ = writeln!(
-            out,
-            "ringway_worker_requests_total{{worker=\"{i}\"}} {}",
-            w.requests
-        );
-    }
     header(
         &mut out,
         "ringway_upstream_idle_connections",
@@ -260,53 +264,47 @@ pub fn prometheus(agg: &Aggregate, process: &Process) -> String {
                 agg.cache[o as usize]
             );
         }
-        header(&mut out, "ringway_cache_bytes", "gauge", "Bytes of cached responses indexed, by worker (bodies are shared: the process holds about one worker's worth).");
-        for (i, w) in agg.workers.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "ringway_cache_bytes{{worker=\"{i}\"}} {}",
-                w.gauges.cache_bytes
-            );
-        }
-        header(
+        // Bodies are shared between workers: the process holds about one worker's worth.
+        per_worker(
             &mut out,
-            "ringway_cache_entries",
-            "gauge",
-            "Cached responses indexed, by worker.",
+            agg,
+            (
+                "ringway_cache_bytes",
+                "gauge",
+                "Bytes of cached responses indexed, by worker.",
+            ),
+            |w| w.gauges.cache_bytes,
         );
-        for (i, w) in agg.workers.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "ringway_cache_entries{{worker=\"{i}\"}} {}",
-                w.gauges.cache_entries
-            );
-        }
-        header(
+        per_worker(
             &mut out,
-            "ringway_cache_waiting",
-            "gauge",
-            "Requests waiting for another request's fetch of the same key, by worker.",
+            agg,
+            (
+                "ringway_cache_entries",
+                "gauge",
+                "Cached responses indexed, by worker.",
+            ),
+            |w| w.gauges.cache_entries,
         );
-        for (i, w) in agg.workers.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "ringway_cache_waiting{{worker=\"{i}\"}} {}",
-                w.gauges.cache_waiting
-            );
-        }
-        header(
+        per_worker(
             &mut out,
-            "ringway_cache_evictions_total",
-            "counter",
-            "Entries evicted to stay within max_bytes, by worker.",
+            agg,
+            (
+                "ringway_cache_waiting",
+                "gauge",
+                "Requests waiting for another request's fetch of the same key, by worker.",
+            ),
+            |w| w.gauges.cache_waiting,
         );
-        for (i, w) in agg.workers.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "ringway_cache_evictions_total{{worker=\"{i}\"}} {}",
-                w.gauges.cache_evictions
-            );
-        }
+        per_worker(
+            &mut out,
+            agg,
+            (
+                "ringway_cache_evictions_total",
+                "counter",
+                "Entries evicted to stay within max_bytes, by worker.",
+            ),
+            |w| w.gauges.cache_evictions,
+        );
     }
     header(
         &mut out,
