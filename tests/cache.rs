@@ -309,6 +309,54 @@ fn concurrent_misses_on_one_worker_make_one_upstream_request() {
 }
 
 #[test]
+fn concurrent_requests_for_a_stale_entry_make_one_revalidation() {
+    // The first response is stale at once (no stale-while-revalidate); the second, held until
+    // the test has seen the other requests waiting, is fresh for a minute.
+    let gate = Arc::new((Mutex::new(false), Condvar::new()));
+    let g = Arc::clone(&gate);
+    let n = AtomicUsize::new(0);
+    let up = Upstream::start(move |_| {
+        if n.fetch_add(1, Ordering::SeqCst) == 0 {
+            return Reply::ok("old")
+                .header("Cache-Control", "max-age=1")
+                .header("Age", "1");
+        }
+        let (open, cv) = &*g;
+        let mut open = open.lock().unwrap();
+        while !*open {
+            open = cv.wait(open).unwrap();
+        }
+        Reply::ok("new").header("Cache-Control", "max-age=60")
+    });
+    let gw = gateway(1, up.addr, "", "default_ttl_ms = 10000");
+    assert_eq!(fetch(&gw, "/herd", "").text(), "old");
+    let addr = gw.addr("public");
+    thread::scope(|s| {
+        let clients: Vec<_> = (0..30)
+            .map(|_| {
+                s.spawn(move || {
+                    let r = exchange(
+                        addr,
+                        b"GET /herd HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n",
+                    );
+                    (r.status, r.text())
+                })
+            })
+            .collect();
+        up.wait_for(2);
+        eventually("29 requests waiting for the revalidation", || {
+            (status(&gw)["cache"]["waiting"] == 29).then_some(())
+        });
+        *gate.0.lock().unwrap() = true;
+        gate.1.notify_all();
+        for c in clients {
+            assert_eq!(c.join().unwrap(), (200, "new".to_owned()));
+        }
+    });
+    assert_eq!(up.count(), 2);
+}
+
+#[test]
 fn cache_control_decides_what_is_stored() {
     let up = rules_upstream();
     let gw = default_gateway(up.addr);

@@ -324,10 +324,11 @@ pub(super) async fn proxy_cached(
         }
     }
 
-    // One fetch per key on this worker at a time; the others wait for it, bounded.
+    // One fetch (or revalidation of a stale entry) per key on this worker at a time; the
+    // others wait for it, bounded. A request that asked to revalidate goes itself.
     let flight_key = url ^ variant_of(c, &[]);
     let mut leading = false;
-    if found.is_none() && !directives.revalidate {
+    if !directives.revalidate {
         let (flight, leader) = cache.flight(flight_key);
         leading = leader;
         if !leader {
