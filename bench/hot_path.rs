@@ -165,7 +165,7 @@ fn cache_lookup(c: &mut Criterion) {
     use std::sync::Arc;
     use std::time::{Duration, Instant};
 
-    let mut store = Store::new(1 << 30);
+    let mut store = Store::new(1 << 30, 1);
     let targets: Vec<String> = (0..10_000).map(|i| format!("/api/items/{i}?v=1")).collect();
     for t in &targets {
         store.insert(Arc::new(Entry {

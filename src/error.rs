@@ -36,6 +36,8 @@ pub enum ProxyError {
     UpstreamTimeout,
     /// A rate limit of the route refused the request.
     RateLimited(Refusal),
+    /// The request said `only-if-cached` and the cache had nothing fresh for it.
+    NotCached,
 }
 
 impl ProxyError {
@@ -52,7 +54,7 @@ impl ProxyError {
             ProxyError::NotImplemented(_) => 501,
             ProxyError::UpstreamUnreachable(_) | ProxyError::UpstreamInvalid(_) => 502,
             ProxyError::NoHealthyTarget => 503,
-            ProxyError::UpstreamTimeout => 504,
+            ProxyError::UpstreamTimeout | ProxyError::NotCached => 504,
             ProxyError::VersionNotSupported => 505,
             ProxyError::RateLimited(_) => 429,
         }
@@ -81,6 +83,7 @@ impl ProxyError {
             ProxyError::NoHealthyTarget => "no healthy upstream target".into(),
             ProxyError::UpstreamTimeout => "upstream timed out".into(),
             ProxyError::RateLimited(_) => "rate limited".into(),
+            ProxyError::NotCached => "not in the cache (only-if-cached)".into(),
         }
     }
 }

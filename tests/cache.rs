@@ -536,6 +536,20 @@ fn request_directives_bypass_or_revalidate() {
 }
 
 #[test]
+fn only_if_cached_answers_from_the_cache_or_504() {
+    let up = rules_upstream();
+    let gw = default_gateway(up.addr);
+    let only = "Cache-Control: only-if-cached\r\n";
+    let r = fetch(&gw, "/max-age", only);
+    assert_eq!(r.status, 504);
+    assert_eq!(hits_on(&up, "/max-age"), 0);
+    let stored = fetch(&gw, "/max-age", "");
+    let r = fetch(&gw, "/max-age", only);
+    assert_eq!((r.status, x_cache(&r), &r.body), (200, "HIT", &stored.body));
+    assert_eq!(hits_on(&up, "/max-age"), 1);
+}
+
+#[test]
 fn unsafe_requests_invalidate_their_url_unless_they_fail() {
     let up = rules_upstream();
     let gw = default_gateway(up.addr);
@@ -643,6 +657,74 @@ fn entries_and_invalidations_reach_the_other_worker_within_two_sync_intervals() 
         seen <= Duration::from_millis(2 * SYNC_MS),
         "took {seen:?}, sync interval {SYNC_MS} ms"
     );
+}
+
+#[test]
+fn workers_storing_at_once_converge_on_one_set_within_max_bytes() {
+    const MAX: u64 = 64 * 1024;
+    let body = "x".repeat(4000);
+    let up = Upstream::start(move |_| Reply::ok(&body).header("Cache-Control", "max-age=60"));
+    let gw = gateway(
+        2,
+        up.addr,
+        &format!("max_bytes = {MAX}\nmax_entry_bytes = 16384\nsync_interval_ms = 20"),
+        "default_ttl_ms = 10000",
+    );
+    let mut conns = one_connection_per_worker(&gw);
+    // Each worker stores 40 URLs of its own at the same time as the other; about 15 fit.
+    thread::scope(|s| {
+        for (w, c) in conns.iter_mut().enumerate() {
+            s.spawn(move || {
+                for i in 0..40 {
+                    c.stream
+                        .write_all(
+                            format!("GET /w{w}/{i} HTTP/1.1\r\nHost: test\r\n\r\n").as_bytes(),
+                        )
+                        .unwrap();
+                    assert_eq!(c.read_response(false).unwrap().status, 200);
+                }
+            });
+        }
+    });
+    // Which URLs each worker holds, asked with only-if-cached (which stores nothing).
+    let mut held = |w: usize| -> Vec<String> {
+        let c = &mut conns[w];
+        (0..2)
+            .flat_map(|o| (0..40).map(move |i| format!("/w{o}/{i}")))
+            .filter(|path| {
+                c.stream
+                    .write_all(
+                        format!("GET {path} HTTP/1.1\r\nHost: test\r\nCache-Control: only-if-cached\r\n\r\n")
+                            .as_bytes(),
+                    )
+                    .unwrap();
+                c.read_response(false).unwrap().status == 200
+            })
+            .collect()
+    };
+    let (a, b) = eventually("both workers to hold the same entries", || {
+        let (a, b) = (held(0), held(1));
+        (a == b).then_some((a, b))
+    });
+    eprintln!("both workers hold {} entries: {a:?}", a.len());
+    assert!((10..=16).contains(&a.len()), "{a:?}");
+    assert_eq!(a, b);
+    // The newest of both workers' entries are kept.
+    assert!(a.iter().any(|p| p.starts_with("/w0/")) && a.iter().any(|p| p.starts_with("/w1/")));
+    assert!(a.contains(&"/w0/39".to_owned()) && a.contains(&"/w1/39".to_owned()));
+    // One set, indexed by both: its bytes are what the process holds.
+    let bytes = eventually("both workers' byte gauges to agree", || {
+        let text = get(gw.admin.unwrap(), "/metrics").text();
+        let of = |w: usize| -> u64 {
+            let prefix = format!("ringway_cache_bytes{{worker=\"{w}\"}} ");
+            text.lines()
+                .find_map(|l| l.strip_prefix(&prefix))
+                .and_then(|v| v.parse().ok())
+                .unwrap()
+        };
+        (of(0) == of(1) && of(0) > 0).then(|| of(0))
+    });
+    assert!(bytes <= MAX, "{bytes} bytes cached");
 }
 
 #[test]

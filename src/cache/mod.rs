@@ -2,8 +2,9 @@
 //! entries in it are `Arc<Entry>` whose body is `bytes::Bytes`, so an entry one worker stores is
 //! handed to the others without copying its bytes. Every `[cache] sync_interval_ms` a worker
 //! sends the entries it stored and the keys it removed (invalidated, purged or evicted for
-//! space) to every other worker over crossbeam channels, and applies what it received; evictions
-//! travel too, so that the workers hold the same set and a body counts once towards `max_bytes`.
+//! space) to every other worker over crossbeam channels, and applies what it received. Each
+//! worker owns `max_bytes / workers` and evicts only the entries it stored, so the workers hold
+//! one set of entries, whose bodies count once, within `max_bytes` (see `store`).
 //!
 //! What may be stored and for how long follows RFC 9111 (`policy`). Concurrent misses for one
 //! key on a worker make one upstream request (`Flight`); the others wait for it, bounded.
@@ -148,7 +149,7 @@ pub struct WorkerCache {
 impl WorkerCache {
     pub fn new(settings: CacheSettings, peers: Vec<Sender<Batch>>, inbox: Receiver<Batch>) -> Self {
         WorkerCache {
-            store: RefCell::new(Store::new(settings.max_bytes)),
+            store: RefCell::new(Store::new(settings.max_bytes, peers.len() + 1)),
             settings,
             outbox: RefCell::new(Vec::new()),
             peers,

@@ -17,6 +17,7 @@ pub struct CacheControl {
     pub max_age: Option<u64>,
     pub s_maxage: Option<u64>,
     pub stale_while_revalidate: Option<u64>,
+    pub only_if_cached: bool,
 }
 
 impl CacheControl {
@@ -53,6 +54,8 @@ impl CacheControl {
                 self.max_age = seconds().or(Some(0));
             } else if is("s-maxage") {
                 self.s_maxage = seconds().or(Some(0));
+            } else if is("only-if-cached") {
+                self.only_if_cached = true;
             } else if is("stale-while-revalidate") {
                 self.stale_while_revalidate = seconds();
             }
@@ -121,12 +124,15 @@ pub struct RequestDirectives {
     pub no_store: bool,
     /// Do not answer from the cache without revalidating.
     pub revalidate: bool,
+    /// Answer from the cache or not at all (504).
+    pub only_if_cached: bool,
 }
 
 pub fn request_directives(cc: &CacheControl) -> RequestDirectives {
     RequestDirectives {
         no_store: cc.no_store,
         revalidate: cc.no_cache || cc.max_age == Some(0),
+        only_if_cached: cc.only_if_cached,
     }
 }
 

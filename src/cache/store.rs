@@ -1,5 +1,11 @@
-//! One worker's cache index: entries in a slab threaded on an LRU list, found by URL (each URL
-//! with a few variants), evicted from the cold end while the total is over `max_bytes`.
+//! One worker's cache index: entries in a slab, found by URL (each URL with a few variants),
+//! threaded on two LRU lists: the entries this worker stored (its own) and the replicas other
+//! workers sent.
+//!
+//! Each worker owns `max_bytes / workers` of the budget and evicts only its own entries, from
+//! the cold end of its own list, telling the others; replicas go when their owner evicts them.
+//! Every entry has one owner, so the entries in the process, which every worker indexes and
+//! whose bodies they share, add up to at most `max_bytes`, whichever worker's traffic is hot.
 
 use std::sync::Arc;
 
@@ -11,40 +17,59 @@ use super::{Change, Entry};
 /// Variants kept per URL; a new one past this replaces the coldest.
 const MAX_VARIANTS: usize = 8;
 const NONE: usize = usize::MAX;
+const OWN: usize = 0;
+const REPLICA: usize = 1;
 
 struct Node {
     entry: Arc<Entry>,
+    /// `OWN` or `REPLICA`: the list it is on.
+    list: usize,
     /// Towards the most recently used end.
     newer: usize,
     older: usize,
 }
 
-pub struct Store {
-    max_bytes: usize,
-    bytes: usize,
-    nodes: Slab<Node>,
-    urls: AHashMap<u64, Vec<usize>>,
+#[derive(Clone, Copy)]
+struct List {
     newest: usize,
     oldest: usize,
-    /// Entries evicted to stay within `max_bytes`.
+    bytes: usize,
+}
+
+pub struct Store {
+    /// This worker's share of `max_bytes`, for its own entries.
+    budget: usize,
+    /// All entries together, own and replicas: past this (a peer's evictions were missed) the
+    /// coldest replicas go too.
+    max_bytes: usize,
+    nodes: Slab<Node>,
+    urls: AHashMap<u64, Vec<usize>>,
+    lists: [List; 2],
+    /// Own entries evicted to stay within the budget.
     pub evictions: u64,
 }
 
 impl Store {
-    pub fn new(max_bytes: usize) -> Store {
-        Store {
-            max_bytes,
-            bytes: 0,
-            nodes: Slab::new(),
-            urls: AHashMap::new(),
+    /// The index of one of `workers` workers sharing `max_bytes`.
+    pub fn new(max_bytes: usize, workers: usize) -> Store {
+        let empty = List {
             newest: NONE,
             oldest: NONE,
+            bytes: 0,
+        };
+        Store {
+            budget: max_bytes / workers.max(1),
+            max_bytes,
+            nodes: Slab::new(),
+            urls: AHashMap::new(),
+            lists: [empty; 2],
             evictions: 0,
         }
     }
 
+    /// Bytes indexed: own entries and replicas.
     pub fn bytes(&self) -> usize {
-        self.bytes
+        self.lists[OWN].bytes + self.lists[REPLICA].bytes
     }
 
     pub fn len(&self) -> usize {
@@ -56,25 +81,30 @@ impl Store {
     }
 
     fn unlink(&mut self, id: usize) {
-        let (newer, older) = (self.nodes[id].newer, self.nodes[id].older);
+        let (newer, older, l) = (
+            self.nodes[id].newer,
+            self.nodes[id].older,
+            self.nodes[id].list,
+        );
         match newer {
-            NONE => self.newest = older,
+            NONE => self.lists[l].newest = older,
             n => self.nodes[n].older = older,
         }
         match older {
-            NONE => self.oldest = newer,
+            NONE => self.lists[l].oldest = newer,
             o => self.nodes[o].newer = newer,
         }
     }
 
     fn push_newest(&mut self, id: usize) {
+        let l = self.nodes[id].list;
         self.nodes[id].newer = NONE;
-        self.nodes[id].older = self.newest;
-        match self.newest {
-            NONE => self.oldest = id,
+        self.nodes[id].older = self.lists[l].newest;
+        match self.lists[l].newest {
+            NONE => self.lists[l].oldest = id,
             n => self.nodes[n].newer = id,
         }
-        self.newest = id;
+        self.lists[l].newest = id;
     }
 
     /// The entry for `url` whose variant `variant_of` computes for it, marked recently used.
@@ -92,7 +122,7 @@ impl Store {
     fn remove(&mut self, id: usize) -> Arc<Entry> {
         self.unlink(id);
         let node = self.nodes.remove(id);
-        self.bytes -= node.entry.size();
+        self.lists[node.list].bytes -= node.entry.size();
         if let Some(ids) = self.urls.get_mut(&node.entry.url) {
             ids.retain(|&i| i != id);
             if ids.is_empty() {
@@ -102,36 +132,57 @@ impl Store {
         node.entry
     }
 
-    /// Stores `entry` (replacing the same URL and variant); returns what was evicted for
-    /// space, as `(url, variant)`.
+    /// Stores `entry` as this worker's own (replacing the same URL and variant); returns the
+    /// own entries evicted for space, as `(url, variant)`, for the other workers to drop.
     pub fn insert(&mut self, entry: Arc<Entry>) -> Vec<(u64, u64)> {
-        self.remove_variant(entry.url, entry.variant);
-        if entry.size() > self.max_bytes {
+        if entry.size() > self.budget {
+            self.remove_variant(entry.url, entry.variant);
             return Vec::new();
         }
+        let id = self.link(entry, OWN);
+        let mut evicted = Vec::new();
+        while self.lists[OWN].bytes > self.budget && self.lists[OWN].oldest != id {
+            let e = self.remove(self.lists[OWN].oldest);
+            self.evictions += 1;
+            evicted.push((e.url, e.variant));
+        }
+        self.trim_replicas();
+        evicted
+    }
+
+    /// Indexes another worker's entry (its owner evicts it).
+    fn insert_replica(&mut self, entry: Arc<Entry>) {
+        self.link(entry, REPLICA);
+        self.trim_replicas();
+    }
+
+    fn link(&mut self, entry: Arc<Entry>, list: usize) -> usize {
+        self.remove_variant(entry.url, entry.variant);
         if let Some(ids) = self.urls.get(&entry.url) {
             if ids.len() >= MAX_VARIANTS {
                 let coldest = ids[0];
                 self.remove(coldest);
             }
         }
-        let size = entry.size();
-        let url = entry.url;
+        let (size, url) = (entry.size(), entry.url);
         let id = self.nodes.insert(Node {
             entry,
+            list,
             newer: NONE,
             older: NONE,
         });
         self.push_newest(id);
         self.urls.entry(url).or_default().push(id);
-        self.bytes += size;
-        let mut evicted = Vec::new();
-        while self.bytes > self.max_bytes && self.oldest != NONE && self.oldest != id {
-            let e = self.remove(self.oldest);
-            self.evictions += 1;
-            evicted.push((e.url, e.variant));
+        self.lists[list].bytes += size;
+        id
+    }
+
+    /// Only when a peer's evictions were missed (its channel was full) do replicas exceed
+    /// what the other workers may own.
+    fn trim_replicas(&mut self) {
+        while self.bytes() > self.max_bytes && self.lists[REPLICA].oldest != NONE {
+            self.remove(self.lists[REPLICA].oldest);
         }
-        evicted
     }
 
     pub fn remove_url(&mut self, url: u64) {
@@ -170,10 +221,7 @@ impl Store {
     /// Applies another worker's (or the admin's) change.
     pub fn apply(&mut self, change: &Change) {
         match change {
-            Change::Stored(entry) => {
-                // Their evictions arrive as changes too; ours stay local.
-                self.insert(Arc::clone(entry));
-            }
+            Change::Stored(entry) => self.insert_replica(Arc::clone(entry)),
             Change::Url(url) => self.remove_url(*url),
             Change::Variant { url, variant } => self.remove_variant(*url, *variant),
             Change::Prefix(prefix) => {
@@ -219,7 +267,7 @@ mod tests {
     #[test]
     fn evicts_least_recently_used_to_stay_within_max_bytes() {
         let size = entry(0, 0, 1000).size();
-        let mut s = Store::new(size * 3);
+        let mut s = Store::new(size * 3, 1);
         for url in 1..=3 {
             assert!(s.insert(entry(url, 0, 1000)).is_empty());
         }
@@ -232,8 +280,39 @@ mod tests {
     }
 
     #[test]
+    fn workers_storing_at_once_hold_one_set_within_max_bytes() {
+        // Two workers each store 20 entries at once in a cache that fits 8; then each applies
+        // the other's batch (entries and evictions), as the sync does.
+        let size = entry(100, 0, 1000).size(); // the larger target of the two workers'
+        let (mut a, mut b) = (Store::new(size * 8, 2), Store::new(size * 8, 2));
+        let (mut from_a, mut from_b) = (Vec::new(), Vec::new());
+        for i in 0..20u64 {
+            for (store, batch, url) in [(&mut a, &mut from_a, i), (&mut b, &mut from_b, 100 + i)] {
+                let e = entry(url, 0, 1000);
+                batch.push(Change::Stored(Arc::clone(&e)));
+                for (url, variant) in store.insert(e) {
+                    batch.push(Change::Variant { url, variant });
+                }
+            }
+            // Hits on a worker's own entries do not change what the other holds.
+            assert!(a.get(i, |_| 0).is_some());
+        }
+        from_a.iter().for_each(|c| b.apply(c));
+        from_b.iter().for_each(|c| a.apply(c));
+        let held = |s: &Store| {
+            let mut urls: Vec<u64> = s.nodes.iter().map(|(_, n)| n.entry.url).collect();
+            urls.sort_unstable();
+            urls
+        };
+        assert_eq!(held(&a), held(&b));
+        // Each worker's four most recent.
+        assert_eq!(held(&a), [16, 17, 18, 19, 116, 117, 118, 119]);
+        assert!(a.bytes() <= size * 8 && b.bytes() <= size * 8);
+    }
+
+    #[test]
     fn variants_are_kept_apart_and_urls_removed_whole() {
-        let mut s = Store::new(1 << 20);
+        let mut s = Store::new(1 << 20, 1);
         s.insert(entry(7, 1, 10));
         s.insert(entry(7, 2, 10));
         assert_eq!(s.get(7, |_| 2).unwrap().variant, 2);
@@ -247,7 +326,7 @@ mod tests {
 
     #[test]
     fn prefix_purge_removes_matching_targets() {
-        let mut s = Store::new(1 << 20);
+        let mut s = Store::new(1 << 20, 1);
         s.insert(entry(11, 0, 1));
         s.insert(entry(12, 0, 1));
         s.insert(entry(21, 0, 1));

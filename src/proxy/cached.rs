@@ -324,6 +324,10 @@ pub(super) async fn proxy_cached(
         }
     }
 
+    if directives.only_if_cached {
+        return Err(Failure::BeforeBody(ProxyError::NotCached));
+    }
+
     // One fetch (or revalidation of a stale entry) per key on this worker at a time; the
     // others wait for it, bounded. A request that asked to revalidate goes itself.
     let flight_key = url ^ variant_of(c, &[]);
