@@ -263,43 +263,69 @@ fn a_thousand_requests_over_two_workers_reach_the_upstream_at_most_twice() {
     );
 }
 
-#[test]
-fn concurrent_misses_on_one_worker_make_one_upstream_request() {
-    // The upstream holds its answer until the test has seen the other 99 requests waiting.
-    let gate = Arc::new((Mutex::new(false), Condvar::new()));
-    let g = Arc::clone(&gate);
-    let up = Upstream::start(move |_| {
-        let (open, cv) = &*g;
+/// A gate an upstream handler waits at until the test opens it.
+#[derive(Clone, Default)]
+struct Gate(Arc<(Mutex<bool>, Condvar)>);
+
+impl Gate {
+    fn pass(&self) {
+        let (open, cv) = &*self.0;
         let mut open = open.lock().unwrap();
         while !*open {
             open = cv.wait(open).unwrap();
         }
-        Reply::ok("slow").header("Cache-Control", "max-age=60")
-    });
-    let gw = gateway(1, up.addr, "", "default_ttl_ms = 10000");
+    }
+
+    fn open(&self) {
+        *self.0 .0.lock().unwrap() = true;
+        self.0 .1.notify_all();
+    }
+}
+
+/// Sends `n` concurrent GETs for `path`; once the upstream has seen `upstream_seen` requests
+/// and /status shows the other n − 1 waiting for that fetch, opens `gate`. Returns the
+/// responses' statuses and bodies.
+fn burst(
+    gw: &Gateway,
+    up: &Upstream,
+    gate: &Gate,
+    path: &str,
+    n: usize,
+    upstream_seen: usize,
+) -> Vec<(u16, String)> {
     let addr = gw.addr("public");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
     thread::scope(|s| {
-        let clients: Vec<_> = (0..100)
+        let clients: Vec<_> = (0..n)
             .map(|_| {
+                let request = request.as_bytes();
                 s.spawn(move || {
-                    let r = exchange(
-                        addr,
-                        b"GET /slow HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n",
-                    );
+                    let r = exchange(addr, request);
                     (r.status, r.text())
                 })
             })
             .collect();
-        up.wait_for(1);
-        eventually("99 requests waiting for the first one's fetch", || {
-            (status(&gw)["cache"]["waiting"] == 99).then_some(())
+        up.wait_for(upstream_seen);
+        eventually("the other requests waiting for the fetch", || {
+            (status(gw)["cache"]["waiting"] == n - 1).then_some(())
         });
-        *gate.0.lock().unwrap() = true;
-        gate.1.notify_all();
-        for c in clients {
-            assert_eq!(c.join().unwrap(), (200, "slow".to_owned()));
-        }
+        gate.open();
+        clients.into_iter().map(|c| c.join().unwrap()).collect()
+    })
+}
+
+#[test]
+fn concurrent_misses_on_one_worker_make_one_upstream_request() {
+    let gate = Gate::default();
+    let g = gate.clone();
+    let up = Upstream::start(move |_| {
+        g.pass();
+        Reply::ok("slow").header("Cache-Control", "max-age=60")
     });
+    let gw = gateway(1, up.addr, "", "default_ttl_ms = 10000");
+    for r in burst(&gw, &up, &gate, "/slow", 100, 1) {
+        assert_eq!(r, (200, "slow".to_owned()));
+    }
     assert_eq!(up.count(), 1);
     let cache = eventually("the counters in /status", || {
         let s = status(&gw);
@@ -312,8 +338,8 @@ fn concurrent_misses_on_one_worker_make_one_upstream_request() {
 fn concurrent_requests_for_a_stale_entry_make_one_revalidation() {
     // The first response is stale at once (no stale-while-revalidate); the second, held until
     // the test has seen the other requests waiting, is fresh for a minute.
-    let gate = Arc::new((Mutex::new(false), Condvar::new()));
-    let g = Arc::clone(&gate);
+    let gate = Gate::default();
+    let g = gate.clone();
     let n = AtomicUsize::new(0);
     let up = Upstream::start(move |_| {
         if n.fetch_add(1, Ordering::SeqCst) == 0 {
@@ -321,38 +347,14 @@ fn concurrent_requests_for_a_stale_entry_make_one_revalidation() {
                 .header("Cache-Control", "max-age=1")
                 .header("Age", "1");
         }
-        let (open, cv) = &*g;
-        let mut open = open.lock().unwrap();
-        while !*open {
-            open = cv.wait(open).unwrap();
-        }
+        g.pass();
         Reply::ok("new").header("Cache-Control", "max-age=60")
     });
     let gw = gateway(1, up.addr, "", "default_ttl_ms = 10000");
     assert_eq!(fetch(&gw, "/herd", "").text(), "old");
-    let addr = gw.addr("public");
-    thread::scope(|s| {
-        let clients: Vec<_> = (0..30)
-            .map(|_| {
-                s.spawn(move || {
-                    let r = exchange(
-                        addr,
-                        b"GET /herd HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n",
-                    );
-                    (r.status, r.text())
-                })
-            })
-            .collect();
-        up.wait_for(2);
-        eventually("29 requests waiting for the revalidation", || {
-            (status(&gw)["cache"]["waiting"] == 29).then_some(())
-        });
-        *gate.0.lock().unwrap() = true;
-        gate.1.notify_all();
-        for c in clients {
-            assert_eq!(c.join().unwrap(), (200, "new".to_owned()));
-        }
-    });
+    for r in burst(&gw, &up, &gate, "/herd", 30, 2) {
+        assert_eq!(r, (200, "new".to_owned()));
+    }
     assert_eq!(up.count(), 2);
 }
 
