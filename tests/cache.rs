@@ -94,18 +94,37 @@ fn status(gw: &Gateway) -> serde_json::Value {
     get(gw.admin.unwrap(), "/status").json()
 }
 
-/// `ringway_cache_entries` of each worker, from /metrics.
-fn entries_per_worker(gw: &Gateway, workers: usize) -> Vec<u64> {
+/// A per-worker gauge (`ringway_cache_entries`, `ringway_cache_bytes`) of two workers, from
+/// /metrics.
+fn per_worker(gw: &Gateway, gauge: &str) -> [u64; 2] {
     let text = get(gw.admin.unwrap(), "/metrics").text();
-    (0..workers)
-        .map(|w| {
-            let prefix = format!("ringway_cache_entries{{worker=\"{w}\"}} ");
-            text.lines()
-                .find_map(|l| l.strip_prefix(&prefix))
-                .and_then(|v| v.parse().ok())
-                .expect("cache entries gauge")
-        })
-        .collect()
+    [0, 1].map(|w| {
+        let prefix = format!("{gauge}{{worker=\"{w}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{gauge} of worker {w}"))
+    })
+}
+
+fn entries_per_worker(gw: &Gateway) -> [u64; 2] {
+    per_worker(gw, "ringway_cache_entries")
+}
+
+const SMALL_CACHE: u64 = 64 * 1024;
+
+/// Two workers with a 64 KiB cache in front of an upstream whose responses (4000 bytes) are
+/// fresh for a minute: about 15 fit.
+fn small_cache() -> (Upstream, Gateway) {
+    let body = "x".repeat(4000);
+    let up = Upstream::start(move |_| Reply::ok(&body).header("Cache-Control", "max-age=60"));
+    let gw = gateway(
+        2,
+        up.addr,
+        &format!("max_bytes = {SMALL_CACHE}\nmax_entry_bytes = 16384\nsync_interval_ms = 20"),
+        "default_ttl_ms = 10000",
+    );
+    (up, gw)
 }
 
 /// Answers by path, numbering its responses so a test can tell a fresh one from a stored one.
@@ -638,7 +657,7 @@ fn entries_and_invalidations_reach_the_other_worker_within_two_sync_intervals() 
     let stored = on(0, get);
     assert_eq!(x_cache(&stored), "MISS");
     eventually("the entry on both workers", || {
-        (entries_per_worker(&gw, 2) == [1, 1]).then_some(())
+        (entries_per_worker(&gw) == [1, 1]).then_some(())
     });
     let other = on(1, get);
     assert_eq!((x_cache(&other), &other.body), ("HIT", &stored.body));
@@ -663,15 +682,7 @@ fn entries_and_invalidations_reach_the_other_worker_within_two_sync_intervals() 
 
 #[test]
 fn workers_storing_at_once_converge_on_one_set_within_max_bytes() {
-    const MAX: u64 = 64 * 1024;
-    let body = "x".repeat(4000);
-    let up = Upstream::start(move |_| Reply::ok(&body).header("Cache-Control", "max-age=60"));
-    let gw = gateway(
-        2,
-        up.addr,
-        &format!("max_bytes = {MAX}\nmax_entry_bytes = 16384\nsync_interval_ms = 20"),
-        "default_ttl_ms = 10000",
-    );
+    let (_up, gw) = small_cache();
     let mut conns = one_connection_per_worker(&gw);
     // Each worker stores 40 URLs of its own at the same time as the other; about 15 fit.
     thread::scope(|s| {
@@ -716,17 +727,10 @@ fn workers_storing_at_once_converge_on_one_set_within_max_bytes() {
     assert!(a.contains(&"/w0/39".to_owned()) && a.contains(&"/w1/39".to_owned()));
     // One set, indexed by both: its bytes are what the process holds.
     let bytes = eventually("both workers' byte gauges to agree", || {
-        let text = get(gw.admin.unwrap(), "/metrics").text();
-        let of = |w: usize| -> u64 {
-            let prefix = format!("ringway_cache_bytes{{worker=\"{w}\"}} ");
-            text.lines()
-                .find_map(|l| l.strip_prefix(&prefix))
-                .and_then(|v| v.parse().ok())
-                .unwrap()
-        };
-        (of(0) == of(1) && of(0) > 0).then(|| of(0))
+        let [a, b] = per_worker(&gw, "ringway_cache_bytes");
+        (a == b && a > 0).then_some(a)
     });
-    assert!(bytes <= MAX, "{bytes} bytes cached");
+    assert!(bytes <= SMALL_CACHE, "{bytes} bytes cached");
 }
 
 #[test]
@@ -738,7 +742,7 @@ fn purge_removes_entries_on_every_worker() {
         fetch(&gw, p, "");
     }
     eventually("three entries on both workers", || {
-        (entries_per_worker(&gw, 2) == [3, 3]).then_some(())
+        (entries_per_worker(&gw) == [3, 3]).then_some(())
     });
     let purge = |body: &str| {
         exchange(
@@ -752,12 +756,12 @@ fn purge_removes_entries_on_every_worker() {
     };
     assert_eq!(purge(r#"{"prefix": "/api/"}"#).status, 202);
     eventually("the prefix purged on both workers", || {
-        (entries_per_worker(&gw, 2) == [1, 1]).then_some(())
+        (entries_per_worker(&gw) == [1, 1]).then_some(())
     });
     assert_eq!(x_cache(&fetch(&gw, "/other", "")), "HIT");
     assert_eq!(purge(r#"{"key": "/other"}"#).status, 202);
     eventually("the key purged on both workers", || {
-        (entries_per_worker(&gw, 2) == [0, 0]).then_some(())
+        (entries_per_worker(&gw) == [0, 0]).then_some(())
     });
     assert_eq!(x_cache(&fetch(&gw, "/api/a", "")), "MISS");
     assert_eq!(purge("{}").status, 400);
@@ -766,35 +770,19 @@ fn purge_removes_entries_on_every_worker() {
 
 #[test]
 fn eviction_keeps_the_byte_total_within_max_bytes() {
-    const MAX: u64 = 64 * 1024;
-    let body = "x".repeat(4000);
-    let up = Upstream::start(move |_| Reply::ok(&body).header("Cache-Control", "max-age=60"));
-    let gw = gateway(
-        2,
-        up.addr,
-        &format!("max_bytes = {MAX}\nmax_entry_bytes = 16384\nsync_interval_ms = 20"),
-        "default_ttl_ms = 10000",
-    );
+    let (_up, gw) = small_cache();
     for i in 0..100 {
         assert_eq!(fetch(&gw, &format!("/e/{i}"), "").status, 200);
     }
     // Both workers settle on the same few entries (the replicated ones included).
     let settled = eventually("evictions, and both workers holding what fits", || {
-        let entries = entries_per_worker(&gw, 2);
+        let entries = entries_per_worker(&gw);
         let evicted = status(&gw)["cache"]["evictions"].as_u64() > Some(0);
         (evicted && entries.iter().all(|&n| (10..100).contains(&n))).then_some(entries)
     });
     eprintln!("entries per worker: {settled:?}");
-    let text = get(gw.admin.unwrap(), "/metrics").text();
-    for w in 0..2 {
-        let prefix = format!("ringway_cache_bytes{{worker=\"{w}\"}} ");
-        let bytes: u64 = text
-            .lines()
-            .find_map(|l| l.strip_prefix(&prefix))
-            .unwrap()
-            .parse()
-            .unwrap();
-        assert!(bytes <= MAX, "worker {w} indexes {bytes} bytes");
+    for (w, bytes) in per_worker(&gw, "ringway_cache_bytes").iter().enumerate() {
+        assert!(*bytes <= SMALL_CACHE, "worker {w} indexes {bytes} bytes");
     }
     // The least recently used went first, on both workers.
     assert_eq!(x_cache(&fetch(&gw, "/e/0", "")), "MISS");
