@@ -249,34 +249,33 @@ const MONTHS: [&str; 12] = [
     "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
 ];
 
-/// A JSON string from bytes: `"` and `\` escaped, control and non-ASCII bytes as `\u00XX`.
-fn json_str(out: &mut Vec<u8>, s: &[u8]) {
-    out.push(b'"');
+/// `s` with `"` and `\\` backslash-escaped and other bytes outside printable ASCII written by
+/// `unprintable`.
+fn escaped(out: &mut Vec<u8>, s: &[u8], unprintable: fn(&mut Vec<u8>, u8)) {
     for &b in s {
         match b {
             b'"' => out.extend_from_slice(b"\\\""),
             b'\\' => out.extend_from_slice(b"\\\\"),
             0x20..=0x7e => out.push(b),
-            _ => {
-                let _ = write!(out, "\\u{b:04x}");
-            }
+            _ => unprintable(out, b),
         }
     }
+}
+
+/// A JSON string from bytes: control and non-ASCII bytes as `\u00XX`.
+fn json_str(out: &mut Vec<u8>, s: &[u8]) {
+    out.push(b'"');
+    escaped(out, s, |out, b| {
+        let _ = write!(out, "\\u{b:04x}");
+    });
     out.push(b'"');
 }
 
-/// Bytes inside a quoted field of the combined format: `"`, `\` and unprintables escaped.
+/// Bytes inside a quoted field of the combined format: unprintables as `\xXX`.
 fn quoted(out: &mut Vec<u8>, s: &[u8]) {
-    for &b in s {
-        match b {
-            b'"' => out.extend_from_slice(b"\\\""),
-            b'\\' => out.extend_from_slice(b"\\\\"),
-            0x20..=0x7e => out.push(b),
-            _ => {
-                let _ = write!(out, "\\x{b:02x}");
-            }
-        }
-    }
+    escaped(out, s, |out, b| {
+        let _ = write!(out, "\\x{b:02x}");
+    });
 }
 
 /// The proleptic Gregorian date of a day count since 1970-01-01 (Howard Hinnant's

@@ -237,11 +237,7 @@ impl WorkerMetrics {
             if !std::mem::take(&mut stats.active) {
                 continue;
             }
-            let latency = stats.latency.as_mut().map(|h| {
-                let copy = h.clone();
-                h.reset();
-                copy
-            });
+            let latency = stats.latency.as_mut().map(take_reset);
             routes.push(RouteDelta {
                 route: (i < unrouted).then_some(RouteId(i as u16)),
                 requests: std::mem::take(&mut stats.requests),
@@ -254,11 +250,7 @@ impl WorkerMetrics {
                 if !std::mem::take(&mut stats.active) {
                     continue;
                 }
-                let latency = stats.latency.as_mut().map(|h| {
-                    let copy = h.clone();
-                    h.reset();
-                    copy
-                });
+                let latency = stats.latency.as_mut().map(take_reset);
                 targets.push(TargetDelta {
                     upstream: UpstreamId(u as u16),
                     target: TargetId(t),
@@ -294,6 +286,13 @@ impl WorkerMetrics {
             gauges,
         }
     }
+}
+
+/// A copy of `h` to send, leaving `h` empty but allocated (no allocation on the next record).
+fn take_reset(h: &mut Histogram<u64>) -> Histogram<u64> {
+    let copy = h.clone();
+    h.reset();
+    copy
 }
 
 /// Point-in-time figures of a worker, sent with each snapshot.

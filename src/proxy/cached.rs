@@ -380,7 +380,11 @@ pub(super) async fn proxy_cached(
     let result = proxy(c, w, route, up, strip, Some(&exchange)).await;
     if exchange.not_modified.get() {
         if let Some(stale) = found {
-            let fresh = refreshed(&stale, &exchange, Instant::now());
+            let rec = exchange
+                .capture
+                .as_ref()
+                .and_then(|c| c.recorded.borrow_mut().take());
+            let fresh = refreshed(&stale, rec, Instant::now());
             cache.insert(Arc::clone(&fresh));
             c.extra.truncate(extra_len);
             result?;
@@ -470,12 +474,9 @@ fn new_entry(
     }
 }
 
-/// The entry a 304 revalidated, fresh again (with the 304's freshness if it gave any).
-fn refreshed(stale: &Entry, exchange: &CacheExchange, now: Instant) -> Arc<Entry> {
-    let rec = exchange
-        .capture
-        .as_ref()
-        .and_then(|c| c.recorded.borrow_mut().take());
+/// The entry a 304 (whose head is `rec`, if recorded) revalidated, fresh again (with the 304's
+/// freshness if it gave any).
+fn refreshed(stale: &Entry, rec: Option<Recorded>, now: Instant) -> Arc<Entry> {
     let (freshness, age, etag, last_modified) = match rec {
         Some(r) => (
             policy::freshness(&r.facts(false), stale.freshness),
@@ -785,20 +786,7 @@ async fn background_fetch(
         headers: Vec::new(),
     };
     if resp.status == 304 {
-        let exchange = CacheExchange {
-            conditional: Vec::new(),
-            revalidating: true,
-            not_modified: Cell::new(true),
-            locations: RefCell::new(Vec::new()),
-            capture: Some(Capture {
-                tee: RefCell::new(Tee::default()),
-                recorded: RefCell::new(Some(rec)),
-                authorized: false,
-                default_ttl: entry.freshness,
-                max_entry: 0,
-            }),
-        };
-        cache.insert(refreshed(entry, &exchange, now));
+        cache.insert(refreshed(entry, Some(rec), now));
         if resp.keep_alive {
             up.checkin(lease.target, conn, w.now());
         }
