@@ -93,6 +93,33 @@ fn bad_configs_exit_2_naming_file_line_column_and_key() {
             "between 200 and 599",
         ),
         (
+            format!("{base}{route}upstream = \"app\"\ncache = {{ default_ttl_ms = 5 }}\n"),
+            ":11:9: routes[0].cache:",
+            "route caching needs a [cache] section",
+        ),
+        (
+            format!("{base}[cache]\n{route}respond = {{ status = 200 }}\ncache = {{}}\n"),
+            ":12:9: routes[0].cache:",
+            "only routes with an upstream can cache",
+        ),
+        (
+            format!(
+                "{base}[cache]\n{route}upstream = \"app\"\ncache = {{ key_headers = [\"a b\"] }}\n"
+            ),
+            ":12:26: routes[0].cache.key_headers:",
+            "is not a header name",
+        ),
+        (
+            format!("{base}[cache]\nmax_bytes = 4096\nmax_entry_bytes = 8192\n"),
+            ":9:19: cache.max_entry_bytes:",
+            "at most max_bytes",
+        ),
+        (
+            format!("{base}[cache]\nmax_byte = 4096\n"),
+            ":8:1: cache.max_byte:",
+            "unknown field",
+        ),
+        (
             "[[listeners]]\nname = \"p\"\naddress = \"127.0.0.1:0\"\nbogus = [\n".into(),
             ":4:10: ",
             "unclosed array",
