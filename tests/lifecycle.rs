@@ -93,6 +93,18 @@ fn bad_configs_exit_2_naming_file_line_column_and_key() {
             "between 200 and 599",
         ),
         (
+            format!("{base}{route}upstream = \"app\"\nrate_limits = [\"nope\"]\n"),
+            ":11:16: routes[0].rate_limits:",
+            "unknown rate limit \"nope\"",
+        ),
+        (
+            format!(
+                "{base}[[rate_limits]]\nname = \"l\"\nkey = \"cookie\"\nrate = 10\nburst = 10\n"
+            ),
+            ":9:7: rate_limits[0].key:",
+            "expected \"client_ip\", \"route\" or \"header:NAME\"",
+        ),
+        (
             format!("{base}{route}upstream = \"app\"\ncache = {{ default_ttl_ms = 5 }}\n"),
             ":11:9: routes[0].cache:",
             "route caching needs a [cache] section",
