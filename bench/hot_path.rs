@@ -7,10 +7,10 @@ use std::hint::black_box;
 use std::path::Path;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use ringway::config::{self, Limits, ListenerId, RateLimitId, RouteId, UpstreamId};
+use ringway::config::{self, ListenerId, RateLimitId, RouteId, UpstreamId};
 use ringway::http::write::{upstream_request, Forwarding};
-use ringway::http::Method;
 use ringway::http::{parse_request, parse_response, RequestHead, ResponseHead};
+use ringway::http::{HeaderEdits, Method, ParseLimits};
 use ringway::metrics::{RequestRecord, UpstreamOutcome, WorkerMetrics};
 use ringway::ratelimit::Limiter;
 use ringway::rng::Rng;
@@ -39,7 +39,7 @@ fn config_with_routes(n: usize) -> config::Config {
 }
 
 fn parse(c: &mut Criterion) {
-    let limits = Limits::default();
+    let limits = ParseLimits::default();
     let mut head = RequestHead::default();
     c.bench_function("parse_request_head_9_headers", |b| {
         b.iter(|| {
@@ -69,6 +69,7 @@ fn parse(c: &mut Criterion) {
                     strip_prefix: Some(b"/api"),
                     traceparent: b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
                     extra: b"",
+                    edits: &HeaderEdits::default(),
                 },
             );
             black_box(out.len())

@@ -27,9 +27,11 @@ use tracing::warn;
 
 use crate::buffer::ReadBuf;
 use crate::cache::{Batch, Change};
-use crate::config::{Config, Limits};
+use crate::config::Config;
 use crate::http::write::{generated_response, Generated};
-use crate::http::{parse_request, BodyLength, Method, RequestHead, Version};
+use crate::http::{
+    parse_request, BodyLength, HeaderEdits, Method, ParseLimits, RequestHead, Version,
+};
 use crate::metrics::aggregate::Aggregate;
 use crate::metrics::render::{self, Process};
 use crate::metrics::Snapshot;
@@ -175,7 +177,7 @@ async fn handle(
     aggregate: Rc<RefCell<Aggregate>>,
     cache_purge: Rc<Vec<Sender<Batch>>>,
 ) {
-    let limits = Limits::default();
+    let limits = ParseLimits::default();
     let mut rbuf = ReadBuf::new();
     let mut head = RequestHead::default();
     let max = limits.max_request_line_bytes + limits.max_header_bytes + 4096;
@@ -265,9 +267,13 @@ async fn handle(
         &mut out,
         &Generated {
             status,
+            reason: b"",
             headers: content_type,
+            only: None,
             extra: b"",
+            edits: &HeaderEdits::default(),
             body,
+            content_length: Some(body.len() as u64),
             head_only: false,
             keep_alive: false,
             client_version: Version::Http11,

@@ -10,10 +10,10 @@ use std::time::Duration;
 use monoio::io::{AsyncReadRent, AsyncWriteRent};
 
 use crate::buffer::{send, ReadBuf, STREAMING_CAPACITY};
-use crate::config::Limits;
 use crate::deadline::Deadline;
 use crate::http::chunked::{write_chunk_header, ChunkError, ChunkedDecoder, Decoded, LAST_CHUNK};
 use crate::http::BodyLength;
+use crate::http::ParseLimits;
 
 /// The part of a body still to come, in the framing it arrives in.
 #[derive(Debug)]
@@ -75,7 +75,7 @@ pub enum BodyError {
 }
 
 impl BodyReader {
-    pub fn new(length: BodyLength, limits: &Limits) -> BodyReader {
+    pub fn new(length: BodyLength, limits: &ParseLimits) -> BodyReader {
         match length {
             BodyLength::None | BodyLength::Length(0) => BodyReader::Done,
             BodyLength::Length(n) => BodyReader::Length(n),

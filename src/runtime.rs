@@ -426,7 +426,7 @@ async fn worker_main(mut ctx: WorkerStart<'_>, driver: &'static str) {
         ticks = ticks.wrapping_add(1);
         worker.deadlines.tick();
         if ticks % SWEEP_EVERY == 0 {
-            for up in &worker.upstreams {
+            for up in worker.generation().upstreams.iter() {
                 up.sweep_idle(worker.now());
             }
         }
@@ -478,6 +478,7 @@ async fn accept_loop(
     loop {
         match listener.cancelable_accept(cancel.clone()).await {
             Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
                 monoio::spawn(proxy::serve(stream, peer, id, Rc::clone(&worker)));
             }
             Err(_) if worker.draining.get() => break,

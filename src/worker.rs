@@ -1,27 +1,31 @@
-//! Everything one worker thread owns: its router, its route actions, its upstream pools and
-//! balancers, its random numbers, and its drain state. Built from the config on the worker's
-//! own thread and reached through an `Rc`, so the request path never synchronises.
+//! Everything one worker thread owns: its current `Generation` (router, route chains and
+//! terminals, upstream pools and balancers), its rate limiters and cache, its random numbers,
+//! metrics and drain state. Built from the config on the worker's own thread and reached
+//! through an `Rc`, so the request path never synchronises.
 
 use std::cell::{Cell, RefCell};
+use std::rc::Rc;
 use std::time::Instant;
 
 use crate::access_log::AccessLog;
 use crate::cache::{Links, WorkerCache};
-use crate::config::{Config, Limits, RateLimitId, RouteAction, RouteCache, RouteId, UpstreamId};
+use crate::config::{Config, Limits, RateLimitId};
 use crate::deadline::Deadlines;
 use crate::error::Reject;
+use crate::filter::Ctx;
+use crate::generation::Generation;
+use crate::http::ParseLimits;
 use crate::metrics::{Gauges, Snapshot, WorkerMetrics};
 use crate::ratelimit::{Grants, Limiter, Report};
 use crate::rng::Rng;
-use crate::router::Router;
-use crate::upstream::UpstreamState;
 
 pub struct Worker {
     pub id: usize,
     pub limits: Limits,
-    pub router: Router,
-    pub routes: Vec<RouteEntry>,
-    pub upstreams: Vec<UpstreamState>,
+    /// `limits`' part that the codec enforces.
+    pub parse_limits: ParseLimits,
+    /// The request path built from the current config; a request keeps the one it started on.
+    generation: RefCell<Rc<Generation>>,
     pub rng: Rng,
     /// Set when shutdown begins: finish what is in flight, take nothing new.
     pub draining: Cell<bool>,
@@ -39,27 +43,6 @@ pub struct Worker {
     connections_total: Cell<u64>,
 }
 
-pub struct RouteEntry {
-    pub name: String,
-    pub action: Action,
-    pub max_body_bytes: Option<u64>,
-    pub rate_limits: Vec<RateLimitId>,
-    pub cache: Option<RouteCache>,
-}
-
-pub enum Action {
-    Proxy {
-        upstream: UpstreamId,
-        strip_prefix: Option<Box<[u8]>>,
-    },
-    /// A fixed response; `headers` are ready-made header lines.
-    Respond {
-        status: u16,
-        headers: Box<[u8]>,
-        body: Box<[u8]>,
-    },
-}
-
 impl Worker {
     pub fn new(
         id: usize,
@@ -67,47 +50,11 @@ impl Worker {
         access_log: Option<AccessLog>,
         cache_links: Option<Links>,
     ) -> Worker {
-        let routes = config
-            .routes
-            .iter()
-            .map(|r| RouteEntry {
-                name: r.name.clone(),
-                action: match &r.action {
-                    RouteAction::Proxy(upstream) => Action::Proxy {
-                        upstream: *upstream,
-                        strip_prefix: r.strip_prefix.as_ref().map(|p| p.as_bytes().into()),
-                    },
-                    RouteAction::Respond(resp) => {
-                        let mut headers = Vec::new();
-                        for (name, value) in &resp.headers {
-                            headers.extend_from_slice(name.as_bytes());
-                            headers.extend_from_slice(b": ");
-                            headers.extend_from_slice(value.as_bytes());
-                            headers.extend_from_slice(b"\r\n");
-                        }
-                        Action::Respond {
-                            status: resp.status,
-                            headers: headers.into(),
-                            body: resp.body.as_bytes().into(),
-                        }
-                    }
-                },
-                max_body_bytes: r.max_body_bytes,
-                rate_limits: r.rate_limits.clone(),
-                cache: r.cache.clone(),
-            })
-            .collect();
         Worker {
             id,
             limits: config.limits.clone(),
-            router: Router::new(config),
-            routes,
-            upstreams: config
-                .upstreams
-                .iter()
-                .enumerate()
-                .map(|(i, u)| UpstreamState::new(UpstreamId(i as u16), u))
-                .collect(),
+            parse_limits: config.limits.codec(),
+            generation: RefCell::new(Rc::new(Generation::build(config, None))),
             rng: Rng::from_os(),
             draining: Cell::new(false),
             inflight: Cell::new(0),
@@ -140,12 +87,22 @@ impl Worker {
         }
     }
 
-    pub fn route(&self, id: RouteId) -> &RouteEntry {
-        &self.routes[usize::from(id.0)]
+    /// The current generation, for a request to hold until it ends.
+    pub fn generation(&self) -> Rc<Generation> {
+        Rc::clone(&self.generation.borrow())
     }
 
-    pub fn upstream(&self, id: UpstreamId) -> &UpstreamState {
-        &self.upstreams[usize::from(id.0)]
+    /// Makes `next` the generation new requests start on; requests in flight finish on theirs.
+    pub fn install(&self, next: Generation) {
+        *self.generation.borrow_mut() = Rc::new(next);
+    }
+
+    /// The services filters may use.
+    pub fn filter_ctx(&self) -> Ctx<'_> {
+        Ctx {
+            limiters: &self.limiters,
+            metrics: &self.metrics,
+        }
     }
 
     /// The coarse clock, good to a control tick: for bookkeeping such as idle pool ages.
@@ -159,6 +116,8 @@ impl Worker {
             connections_active: self.connections_active.get(),
             connections_total: self.connections_total.get(),
             idle_per_upstream: self
+                .generation
+                .borrow()
                 .upstreams
                 .iter()
                 .map(|u| u.idle_connections())

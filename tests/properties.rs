@@ -3,10 +3,9 @@
 //! loops, and is either refused or parsed into spans that lie inside the buffer.
 
 use proptest::prelude::*;
-use ringway::config::Limits;
 use ringway::http::chunked::{ChunkedDecoder, Decoded};
 use ringway::http::write::{upstream_request, Forwarding};
-use ringway::http::{parse_request, BodyLength, RequestHead};
+use ringway::http::{parse_request, BodyLength, HeaderEdits, ParseLimits, RequestHead};
 
 #[derive(Debug, Clone)]
 struct Request {
@@ -70,7 +69,7 @@ impl Request {
 
 /// What the gateway takes from a request: its head as forwarded, and its body.
 fn process(pieces: &[&[u8]]) -> Option<(Vec<u8>, Vec<u8>)> {
-    let limits = Limits::default();
+    let limits = ParseLimits::default();
     let mut head = RequestHead::default();
     let mut buf: Vec<u8> = Vec::new();
     let mut pieces = pieces.iter();
@@ -93,6 +92,7 @@ fn process(pieces: &[&[u8]]) -> Option<(Vec<u8>, Vec<u8>)> {
             strip_prefix: None,
             traceparent: b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
             extra: b"",
+            edits: &HeaderEdits::default(),
         },
     );
     let mut pending = buf.split_off(head.len);
@@ -157,7 +157,7 @@ proptest! {
         // Either refused, incomplete, or parsed with every span inside the buffer.
         let _ = process(&[&bytes]);
         let mut head = RequestHead::default();
-        if let Ok(true) = parse_request(&bytes, &Limits::default(), &mut head) {
+        if let Ok(true) = parse_request(&bytes, &ParseLimits::default(), &mut head) {
             prop_assert!(head.len <= bytes.len());
             for h in &head.headers {
                 prop_assert!(h.name.end as usize <= head.len && h.value.end as usize <= head.len);

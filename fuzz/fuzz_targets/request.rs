@@ -3,15 +3,14 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use ringway::config::Limits;
 use ringway::http::chunked::{ChunkedDecoder, Decoded};
 use ringway::http::write::{upstream_request, Forwarding};
-use ringway::http::{parse_request, BodyLength, RequestHead};
+use ringway::http::{parse_request, BodyLength, HeaderEdits, ParseLimits, RequestHead};
 
 fuzz_target!(|data: &[u8]| {
     let Some((&cut, data)) = data.split_first() else { return };
     let cut = usize::from(cut).min(data.len());
-    let limits = Limits::default();
+    let limits = ParseLimits::default();
     let mut head = RequestHead::default();
     let complete = match parse_request(&data[..cut], &limits, &mut head) {
         Ok(true) => true,
@@ -35,6 +34,7 @@ fuzz_target!(|data: &[u8]| {
             strip_prefix: Some(b"/a"),
             traceparent: b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
             extra: b"",
+            edits: &HeaderEdits::default(),
         },
     );
     if head.body == BodyLength::Chunked {

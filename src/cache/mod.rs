@@ -10,6 +10,7 @@
 //! key on a worker make one upstream request (`Flight`); the others wait for it, bounded.
 
 pub mod policy;
+pub mod record;
 mod store;
 
 use std::cell::{Cell, RefCell};
@@ -27,7 +28,7 @@ pub use store::Store;
 use crate::config::CacheSettings;
 use std::hash::Hasher;
 
-use crate::upstream::stable_hasher;
+use crate::hash::stable_hasher;
 
 /// A stored response, shared by every worker that holds it.
 #[derive(Debug)]

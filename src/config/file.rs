@@ -9,6 +9,8 @@ use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::http::ParseLimits;
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct File {
@@ -203,19 +205,19 @@ impl Default for LimitsFile {
 }
 
 fn d_request_line() -> Spanned<usize> {
-    Spanned::new(0..0, 8 * 1024)
+    Spanned::new(0..0, ParseLimits::DEFAULT.max_request_line_bytes)
 }
 fn d_header_bytes() -> Spanned<usize> {
-    Spanned::new(0..0, 32 * 1024)
+    Spanned::new(0..0, ParseLimits::DEFAULT.max_header_bytes)
 }
 fn d_headers() -> Spanned<usize> {
-    Spanned::new(0..0, 100)
+    Spanned::new(0..0, ParseLimits::DEFAULT.max_headers)
 }
 fn d_chunk_ext() -> Spanned<usize> {
-    Spanned::new(0..0, 4 * 1024)
+    Spanned::new(0..0, ParseLimits::DEFAULT.max_chunk_extension_bytes)
 }
 fn d_trailers() -> Spanned<usize> {
-    Spanned::new(0..0, 16 * 1024)
+    Spanned::new(0..0, ParseLimits::DEFAULT.max_trailer_bytes)
 }
 fn d_max_connections() -> Spanned<usize> {
     Spanned::new(0..0, 10_000)
@@ -341,6 +343,19 @@ pub struct RouteFile {
     #[serde(default)]
     pub rate_limits: Vec<Spanned<String>>,
     pub cache: Option<Spanned<RouteCacheFile>>,
+    pub request_headers: Option<Spanned<HeaderTransformFile>>,
+    pub response_headers: Option<Spanned<HeaderTransformFile>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderTransformFile {
+    #[serde(default)]
+    pub set: BTreeMap<String, Spanned<String>>,
+    #[serde(default)]
+    pub add: BTreeMap<String, Spanned<String>>,
+    #[serde(default)]
+    pub remove: Vec<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

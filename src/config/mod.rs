@@ -5,6 +5,7 @@
 
 mod error;
 mod file;
+mod headers;
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::ops::Range;
@@ -14,7 +15,10 @@ use std::time::Duration;
 pub use error::ConfigError;
 pub use file::{AccessLogFormat, Balance, DriverChoice};
 use file::{File, PinCores, RespondFile, RouteFile, UpstreamFile, Workers};
+pub use headers::{HeaderTransform, Template, TemplatePart};
 use toml::Spanned;
+
+use crate::http::{ParseLimits, MAX_HEADERS_CEILING};
 
 /// Index of a listener in `Config::listeners`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -97,6 +101,19 @@ pub struct Limits {
     pub tunnel_idle_timeout: Duration,
 }
 
+impl Limits {
+    /// The part of the limits the HTTP codec enforces.
+    pub fn codec(&self) -> ParseLimits {
+        ParseLimits {
+            max_request_line_bytes: self.max_request_line_bytes,
+            max_header_bytes: self.max_header_bytes,
+            max_headers: self.max_headers,
+            max_chunk_extension_bytes: self.max_chunk_extension_bytes,
+            max_trailer_bytes: self.max_trailer_bytes,
+        }
+    }
+}
+
 impl Default for Limits {
     fn default() -> Self {
         let f = file::LimitsFile::default();
@@ -115,10 +132,6 @@ impl Default for Limits {
         }
     }
 }
-
-/// The most headers a request or response may have, whatever `max_headers` says: the parser
-/// keeps its header table on the stack.
-pub const MAX_HEADERS_CEILING: usize = 256;
 
 #[derive(Debug, Clone)]
 pub struct CacheSettings {
@@ -190,6 +203,10 @@ pub struct Route {
     pub max_body_bytes: Option<u64>,
     pub rate_limits: Vec<RateLimitId>,
     pub cache: Option<RouteCache>,
+    /// Edits to the head sent upstream.
+    pub request_headers: Option<HeaderTransform>,
+    /// Edits to every response head the client gets on this route.
+    pub response_headers: Option<HeaderTransform>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -286,6 +303,7 @@ impl Validator<'_> {
             }
             listeners.push(Listener { name, addr });
         }
+        self.fits_id(listeners.len(), "listeners")?;
         if listeners.is_empty() {
             return Err(ConfigError::whole_file(
                 self.path,
@@ -306,6 +324,8 @@ impl Validator<'_> {
             upstreams.push(up);
         }
 
+        self.fits_id(upstreams.len(), "upstreams")?;
+
         let mut rate_limits: Vec<RateLimit> = Vec::with_capacity(f.rate_limits.len());
         for (i, l) in f.rate_limits.iter().enumerate() {
             let limit = self.rate_limit(i, l)?;
@@ -318,6 +338,8 @@ impl Validator<'_> {
             }
             rate_limits.push(limit);
         }
+
+        self.fits_id(rate_limits.len(), "rate limits")?;
 
         let mut routes: Vec<Route> = Vec::with_capacity(f.routes.len());
         for (i, r) in f.routes.iter().enumerate() {
@@ -338,9 +360,7 @@ impl Validator<'_> {
             }
             routes.push(route);
         }
-        if routes.len() > usize::from(u16::MAX) {
-            return Err(ConfigError::whole_file(self.path, "more than 65535 routes"));
-        }
+        self.fits_id(routes.len(), "routes")?;
 
         Ok(Config {
             path: self.path.to_owned(),
@@ -400,6 +420,17 @@ impl Validator<'_> {
             routes,
             rate_limits,
         })
+    }
+
+    /// Ids are `u16`: a section with more entries is refused here, never truncated later.
+    fn fits_id(&self, count: usize, what: &str) -> Result<(), ConfigError> {
+        if count > usize::from(u16::MAX) {
+            return Err(ConfigError::whole_file(
+                self.path,
+                format!("more than {} {what}", u16::MAX),
+            ));
+        }
+        Ok(())
     }
 
     fn rate_limit(&self, i: usize, l: &file::RateLimitFile) -> Result<RateLimit, ConfigError> {
@@ -845,6 +876,16 @@ impl Validator<'_> {
             max_body_bytes: r.max_body_bytes,
             rate_limits: limits,
             cache,
+            request_headers: r
+                .request_headers
+                .as_ref()
+                .map(|t| self.header_transform(t, &format!("{key}.request_headers")))
+                .transpose()?,
+            response_headers: r
+                .response_headers
+                .as_ref()
+                .map(|t| self.header_transform(t, &format!("{key}.response_headers")))
+                .transpose()?,
         })
     }
 

@@ -4,12 +4,63 @@
 //! or upstreams; `proxy` drives it.
 
 pub mod chunked;
+mod edits;
 mod request;
 mod response;
 pub mod write;
 
+pub use edits::HeaderEdits;
 pub use request::{parse_request, Method, RequestError, RequestHead};
 pub use response::{parse_response, ResponseError, ResponseHead};
+
+/// The most headers a request or response may have, whatever `max_headers` says: the parser
+/// keeps its header table on the stack.
+pub const MAX_HEADERS_CEILING: usize = 256;
+
+/// The sizes the codec enforces. The caller takes them from its own configuration; these
+/// defaults are also `[limits]`'s.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ParseLimits {
+    pub max_request_line_bytes: usize,
+    /// Total size of the header lines.
+    pub max_header_bytes: usize,
+    /// At most `MAX_HEADERS_CEILING`.
+    pub max_headers: usize,
+    /// Per chunk.
+    pub max_chunk_extension_bytes: usize,
+    pub max_trailer_bytes: usize,
+}
+
+impl ParseLimits {
+    pub const DEFAULT: ParseLimits = ParseLimits {
+        max_request_line_bytes: 8192,
+        max_header_bytes: 32768,
+        max_headers: 100,
+        max_chunk_extension_bytes: 4096,
+        max_trailer_bytes: 16384,
+    };
+
+    /// The longest response head a peer may send.
+    pub fn max_response_head(&self) -> usize {
+        self.max_request_line_bytes + self.max_header_bytes
+    }
+}
+
+impl Default for ParseLimits {
+    fn default() -> Self {
+        ParseLimits::DEFAULT
+    }
+}
+
+/// The value of the first header named `name` (compared ignoring ASCII case) among `headers`,
+/// parsed from `buf`. The one header lookup: every "find a field" goes through it.
+#[inline]
+pub fn find_header<'b>(buf: &'b [u8], headers: &[Header], name: &[u8]) -> Option<&'b [u8]> {
+    headers
+        .iter()
+        .find(|h| h.name.len() == name.len() && h.name.get(buf).eq_ignore_ascii_case(name))
+        .map(|h| h.value.get(buf))
+}
 
 /// A byte range of the buffer a head was parsed from, relative to the head's first byte.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

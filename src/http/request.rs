@@ -4,10 +4,9 @@
 use std::mem::MaybeUninit;
 
 use super::{
-    classify, line_ends_are_crlf, list_items, parse_content_length, BodyLength, ConnectionOptions,
-    Header, HeaderKind, Span, Version,
+    classify, find_header, line_ends_are_crlf, list_items, parse_content_length, BodyLength,
+    ConnectionOptions, Header, HeaderKind, ParseLimits, Span, Version, MAX_HEADERS_CEILING,
 };
-use crate::config::{Limits, MAX_HEADERS_CEILING};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Method {
@@ -106,6 +105,14 @@ pub struct RequestHead {
     pub traceparent: Option<Span>,
 }
 
+impl RequestHead {
+    /// The value of the first header named `name`; `buf` is the buffer the head was parsed from.
+    #[inline]
+    pub fn header<'b>(&self, buf: &'b [u8], name: &[u8]) -> Option<&'b [u8]> {
+        find_header(buf, &self.headers, name)
+    }
+}
+
 impl Default for RequestHead {
     fn default() -> Self {
         RequestHead {
@@ -132,7 +139,7 @@ impl Default for RequestHead {
 /// complete yet; errors are final.
 pub fn parse_request(
     buf: &[u8],
-    limits: &Limits,
+    limits: &ParseLimits,
     head: &mut RequestHead,
 ) -> Result<bool, RequestError> {
     let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS_CEILING];
@@ -407,7 +414,7 @@ fn is_authority(v: &[u8]) -> bool {
 }
 
 /// A partial head is refused as soon as it is already over a limit.
-fn check_partial_size(buf: &[u8], limits: &Limits) -> Result<(), RequestError> {
+fn check_partial_size(buf: &[u8], limits: &ParseLimits) -> Result<(), RequestError> {
     let line_end = memchr::memchr(b'\n', buf);
     match line_end {
         None if buf.len() > limits.max_request_line_bytes => Err(RequestError::UriTooLong),
@@ -437,7 +444,7 @@ mod tests {
 
     fn parse(raw: &[u8]) -> Result<RequestHead, RequestError> {
         let mut head = RequestHead::default();
-        match parse_request(raw, &Limits::default(), &mut head)? {
+        match parse_request(raw, &ParseLimits::default(), &mut head)? {
             true => Ok(head),
             false => Err(RequestError::Malformed("partial")),
         }
@@ -507,10 +514,10 @@ mod tests {
 
     #[test]
     fn limits_map_to_414_and_431() {
-        let limits = Limits {
+        let limits = ParseLimits {
             max_request_line_bytes: 64,
             max_header_bytes: 1024,
-            ..Limits::default()
+            ..ParseLimits::default()
         };
         let mut head = RequestHead::default();
         let long = format!("GET /{} HTTP/1.1\r\n", "a".repeat(100));

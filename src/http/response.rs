@@ -5,9 +5,8 @@ use std::mem::MaybeUninit;
 
 use super::{
     classify, line_ends_are_crlf, list_items, parse_content_length, BodyLength, ConnectionOptions,
-    Header, HeaderKind, Span, Version,
+    Header, HeaderKind, Span, Version, MAX_HEADERS_CEILING,
 };
-use crate::config::MAX_HEADERS_CEILING;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ResponseError {

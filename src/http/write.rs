@@ -1,9 +1,16 @@
-//! Writing heads. The head sent upstream is copied from the client's read buffer (never rebuilt
-//! from owned strings): each run of header lines that passes is copied as received, in one
-//! piece; hop-by-hop lines are left out; then come the forwarding fields and exactly one framing
-//! field chosen by the gateway.
+//! Writing heads: the only place wire bytes of a head are produced, one writer per kind —
+//! `upstream_request` (the request going upstream), `client_response` (a proxied response),
+//! `interim_response` (a relayed 1xx) and `generated_response` (everything the gateway answers
+//! itself: errors, `respond` routes, cache hits and their 304s).
+//!
+//! A head sent on is copied from the buffer it was read into (never rebuilt from owned
+//! strings): each run of header lines that passes is copied as received, in one piece;
+//! hop-by-hop lines and fields dropped by the request's `HeaderEdits` are left out; then come
+//! the gateway's fields, the edits' appended lines, and exactly one framing field chosen by the
+//! gateway.
 
-use super::{BodyLength, Header, HeaderKind, RequestHead, ResponseHead, Span, Version};
+use super::edits::HeaderEdits;
+use super::{BodyLength, Header, HeaderKind, RequestHead, ResponseHead, Version};
 
 /// What the gateway adds to a forwarded request.
 pub struct Forwarding<'a> {
@@ -18,10 +25,13 @@ pub struct Forwarding<'a> {
     pub traceparent: &'a [u8],
     /// Header lines the gateway adds (each ending in CRLF), e.g. a cache's conditionals.
     pub extra: &'a [u8],
+    /// The route's edits to the request head.
+    pub edits: &'a HeaderEdits,
 }
 
+/// Appends the header line `name: value`.
 #[inline]
-fn field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+pub fn field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(name);
     out.extend_from_slice(b": ");
     out.extend_from_slice(value);
@@ -81,6 +91,8 @@ pub fn upstream_request(out: &mut Vec<u8>, buf: &[u8], head: &RequestHead, fwd: 
     out.extend_from_slice(path);
     out.extend_from_slice(b" HTTP/1.1\r\n");
 
+    let edits = fwd.edits;
+    let removing = edits.removes_any();
     let mut xff_seen = false;
     copy_lines(out, buf, &head.headers, head.len, |h| match h.kind {
         HeaderKind::Upgrade if head.upgrade => true,
@@ -95,33 +107,42 @@ pub fn upstream_request(out: &mut Vec<u8>, buf: &[u8], head: &RequestHead, fwd: 
             false
         }
         kind if kind.is_hop_by_hop() => false,
-        _ => !head.connection.names(buf, h.name.get(buf)),
+        _ => {
+            let name = h.name.get(buf);
+            !(head.connection.names(buf, name) || removing && edits.removes(name))
+        }
     });
 
     let host = head.host.map_or(fwd.fallback_host, |h| h.get(buf));
-    out.extend_from_slice(b"host: ");
-    out.extend_from_slice(host);
-    out.extend_from_slice(b"\r\nx-forwarded-for: ");
-    if xff_seen {
-        for h in head
-            .headers
-            .iter()
-            .filter(|h| h.kind == HeaderKind::XForwardedFor)
-        {
-            out.extend_from_slice(h.value.get(buf));
-            out.extend_from_slice(b", ");
+    field(out, b"host", host);
+    let keep = |name: &[u8]| !(removing && edits.removes(name));
+    if keep(b"x-forwarded-for") {
+        out.extend_from_slice(b"x-forwarded-for: ");
+        if xff_seen {
+            for h in head
+                .headers
+                .iter()
+                .filter(|h| h.kind == HeaderKind::XForwardedFor)
+            {
+                out.extend_from_slice(h.value.get(buf));
+                out.extend_from_slice(b", ");
+            }
         }
+        out.extend_from_slice(fwd.client_ip);
+        out.extend_from_slice(b"\r\n");
     }
-    out.extend_from_slice(fwd.client_ip);
-    out.extend_from_slice(b"\r\nx-forwarded-proto: ");
-    out.extend_from_slice(fwd.proto);
-    out.extend_from_slice(b"\r\n");
-    if let Some(h) = head.host {
+    if keep(b"x-forwarded-proto") {
+        field(out, b"x-forwarded-proto", fwd.proto);
+    }
+    if let Some(h) = head.host.filter(|_| keep(b"x-forwarded-host")) {
         field(out, b"x-forwarded-host", h.get(buf));
     }
     field(out, b"x-request-id", fwd.request_id);
-    field(out, b"traceparent", fwd.traceparent);
+    if keep(b"traceparent") {
+        field(out, b"traceparent", fwd.traceparent);
+    }
     out.extend_from_slice(fwd.extra);
+    out.extend_from_slice(edits.appended());
     if head.upgrade {
         out.extend_from_slice(b"connection: upgrade\r\n");
     }
@@ -151,8 +172,11 @@ pub struct ClientHead<'a> {
     pub client_version: Version,
     pub keep_alive: bool,
     pub request_id: &'a [u8],
-    /// Header lines the gateway adds (each ending in CRLF), e.g. `RateLimit-*`.
+    /// Header lines the gateway adds (each ending in CRLF), e.g. `RateLimit-*`; the edits may
+    /// drop them too.
     pub extra: &'a [u8],
+    /// The route's edits to the response head.
+    pub edits: &'a HeaderEdits,
 }
 
 /// Appends the response head for the client from the upstream's.
@@ -161,14 +185,20 @@ pub fn client_response(out: &mut Vec<u8>, buf: &[u8], resp: &ResponseHead, head:
     status_line(out, resp.status, resp.reason.get(buf));
     let upgrade = resp.status == 101;
     let bodiless = framing == ClientFraming::Bodiless && resp.status != 204 && resp.status >= 200;
+    let edits = head.edits;
+    let removing = edits.removes_any();
     copy_lines(out, buf, &resp.headers, resp.len, |h| match h.kind {
         HeaderKind::XRequestId => false,
         HeaderKind::Upgrade if upgrade => true,
         HeaderKind::ContentLength if bodiless => true,
         kind if kind.is_hop_by_hop() => false,
-        _ => !resp.connection.names(buf, h.name.get(buf)),
+        _ => {
+            let name = h.name.get(buf);
+            !(resp.connection.names(buf, name) || removing && edits.removes(name))
+        }
     });
-    out.extend_from_slice(head.extra);
+    edits.copy_kept(out, head.extra);
+    out.extend_from_slice(edits.appended());
     field(out, b"x-request-id", head.request_id);
     match framing {
         ClientFraming::Length(n) => content_length(out, n),
@@ -209,13 +239,25 @@ fn status_line(out: &mut Vec<u8>, status: u16, reason: &[u8]) {
 
 pub const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
 
-/// A response generated by the gateway itself: an error, or a `respond` route's fixed answer.
+/// A response generated by the gateway itself: an error, a `respond` route's fixed answer, or a
+/// cache hit (or the 304 a cache hit becomes).
 pub struct Generated<'a> {
     pub status: u16,
-    /// Header lines, each ending in CRLF: the route's own, then the gateway's additions.
+    /// The reason phrase; empty for the standard one.
+    pub reason: &'a [u8],
+    /// The response's own header lines, each ending in CRLF (the route's, the error's, the
+    /// stored response's).
     pub headers: &'a [u8],
+    /// Only the lines of `headers` whose name this accepts are sent (a 304's subset).
+    pub only: Option<fn(&[u8]) -> bool>,
+    /// The gateway's lines (`RateLimit-*`, `X-Cache`, `Age`), which the edits may drop.
     pub extra: &'a [u8],
+    pub edits: &'a HeaderEdits,
+    /// Copied after the head unless `head_only`; a larger body may be written separately, with
+    /// its length in `content_length`.
     pub body: &'a [u8],
+    /// `None`: no Content-Length (204, 304).
+    pub content_length: Option<u64>,
     /// The request was HEAD: send the length but not the body.
     pub head_only: bool,
     pub keep_alive: bool,
@@ -224,30 +266,33 @@ pub struct Generated<'a> {
 }
 
 pub fn generated_response(out: &mut Vec<u8>, r: &Generated<'_>) {
-    status_line(out, r.status, reason_phrase(r.status).as_bytes());
-    out.extend_from_slice(r.headers);
-    out.extend_from_slice(r.extra);
+    let reason = if r.reason.is_empty() {
+        reason_phrase(r.status).as_bytes()
+    } else {
+        r.reason
+    };
+    status_line(out, r.status, reason);
+    match r.only {
+        None => r.edits.copy_kept(out, r.headers),
+        Some(only) => {
+            for line in r.headers.split_inclusive(|&b| b == b'\n') {
+                let name = line.split(|&b| b == b':').next().unwrap_or_default();
+                if only(name) && !(r.edits.removes_any() && r.edits.removes(name)) {
+                    out.extend_from_slice(line);
+                }
+            }
+        }
+    }
+    r.edits.copy_kept(out, r.extra);
+    out.extend_from_slice(r.edits.appended());
     field(out, b"x-request-id", r.request_id);
-    content_length(out, r.body.len() as u64);
+    if let Some(n) = r.content_length {
+        content_length(out, n);
+    }
     connection(out, false, r.keep_alive, r.client_version);
     out.extend_from_slice(b"\r\n");
     if !r.head_only {
         out.extend_from_slice(r.body);
-    }
-}
-
-/// `RateLimit-Limit`, `-Remaining`, `-Reset` (IETF draft), and on a refusal `Retry-After`.
-pub fn rate_limit_headers(out: &mut Vec<u8>, h: &crate::ratelimit::Headroom, refused: bool) {
-    let mut b = itoa::Buffer::new();
-    field(out, b"ratelimit-limit", b.format(h.limit).as_bytes());
-    field(
-        out,
-        b"ratelimit-remaining",
-        b.format(h.remaining).as_bytes(),
-    );
-    field(out, b"ratelimit-reset", b.format(h.reset).as_bytes());
-    if refused {
-        field(out, b"retry-after", b.format(h.retry_after).as_bytes());
     }
 }
 
@@ -291,20 +336,14 @@ pub fn reason_phrase(status: u16) -> &'static str {
     }
 }
 
-/// Whether `span` of `buf` equals `s`, ignoring ASCII case.
-pub fn span_eq_ignore_case(buf: &[u8], span: Span, s: &[u8]) -> bool {
-    span.get(buf).eq_ignore_ascii_case(s)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Limits;
-    use crate::http::parse_request;
+    use crate::http::{parse_request, ParseLimits};
 
     fn forwarded(raw: &[u8], strip: Option<&[u8]>) -> String {
         let mut head = RequestHead::default();
-        assert!(parse_request(raw, &Limits::default(), &mut head).unwrap());
+        assert!(parse_request(raw, &ParseLimits::default(), &mut head).unwrap());
         let mut out = Vec::new();
         upstream_request(
             &mut out,
@@ -318,6 +357,7 @@ mod tests {
                 strip_prefix: strip,
                 traceparent: b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
                 extra: b"",
+                edits: &HeaderEdits::default(),
             },
         );
         String::from_utf8(out).unwrap()

@@ -8,23 +8,29 @@
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use monoio::io::AsyncWriteRentExt;
 use tracing::debug;
 
-use super::{acquire, proxy, send, write_out, Client, Failure, Next};
+use super::forward::proxy;
+use super::session::Session;
+use super::{Failure, Io, Next};
 use crate::body::Tee;
-use crate::cache::policy::{self, CacheControl, ResponseFacts};
+use crate::buffer::send;
+use crate::cache::policy::{self, CacheControl};
+use crate::cache::record::{add_validators, new_entry, refreshed, Recorded, Request};
 use crate::cache::{url_hash, variant_hash, Entry, WorkerCache};
-use crate::config::{RouteCache, UpstreamId};
+use crate::config::RouteCache;
 use crate::error::ProxyError;
-use crate::http::write::{copy_lines, reason_phrase};
-use crate::http::{parse_response, BodyLength, HeaderKind, Method, ResponseHead, Version};
+use crate::generation::RouteEntry;
+use crate::http::write::{self, Generated};
+use crate::http::{BodyLength, Method, RequestHead, ResponseHead};
 use crate::metrics::CacheOutcome;
+use crate::upstream::client::{self, fetch};
 use crate::upstream::UpstreamState;
-use crate::worker::{RouteEntry, Worker};
+use crate::worker::Worker;
 
 /// How long a miss waits for another request's fetch of the same key before making its own.
 const COALESCE_WAIT: Duration = Duration::from_secs(5);
@@ -52,91 +58,6 @@ struct Capture {
     authorized: bool,
     default_ttl: Duration,
     max_entry: usize,
-}
-
-/// What a response head says about caching it.
-struct Recorded {
-    status: u16,
-    reason: Box<[u8]>,
-    /// The header lines to replay from the cache.
-    head: Vec<u8>,
-    cc: CacheControl,
-    expires: Option<SystemTime>,
-    date: Option<SystemTime>,
-    age: Duration,
-    etag: Option<Box<[u8]>>,
-    last_modified: Option<(SystemTime, Box<[u8]>)>,
-    vary: Vec<Box<[u8]>>,
-    vary_star: bool,
-    set_cookie: bool,
-}
-
-impl Recorded {
-    fn from_head(buf: &[u8], resp: &ResponseHead) -> Recorded {
-        let mut r = Recorded {
-            status: resp.status,
-            reason: resp.reason.get(buf).into(),
-            head: Vec::new(),
-            cc: CacheControl::default(),
-            expires: None,
-            date: None,
-            age: Duration::ZERO,
-            etag: None,
-            last_modified: None,
-            vary: Vec::new(),
-            vary_star: false,
-            set_cookie: false,
-        };
-        for h in &resp.headers {
-            let (name, value) = (h.name.get(buf), h.value.get(buf));
-            let is = |s: &str| name.eq_ignore_ascii_case(s.as_bytes());
-            if is("cache-control") {
-                r.cc.add(value);
-            } else if is("expires") {
-                // An invalid Expires means "already expired" (RFC 9111 §5.3).
-                r.expires = Some(policy::http_date(value).unwrap_or(SystemTime::UNIX_EPOCH));
-            } else if is("date") {
-                r.date = policy::http_date(value);
-            } else if is("age") {
-                let secs = std::str::from_utf8(value).ok().and_then(|v| v.parse().ok());
-                r.age = Duration::from_secs(secs.unwrap_or(0));
-            } else if is("etag") {
-                r.etag = Some(value.into());
-            } else if is("last-modified") {
-                r.last_modified = policy::http_date(value).map(|t| (t, value.into()));
-            } else if is("set-cookie") {
-                r.set_cookie = true;
-            } else if is("vary") {
-                for v in crate::http::list_items(value) {
-                    if v == b"*" {
-                        r.vary_star = true;
-                    } else {
-                        r.vary.push(v.to_ascii_lowercase().into());
-                    }
-                }
-            }
-        }
-        copy_lines(&mut r.head, buf, &resp.headers, resp.len, |h| {
-            !h.kind.is_hop_by_hop()
-                && h.kind != HeaderKind::XRequestId
-                && !h.name.get(buf).eq_ignore_ascii_case(b"age")
-                && !h.name.get(buf).eq_ignore_ascii_case(b"x-cache")
-                && !resp.connection.names(buf, h.name.get(buf))
-        });
-        r
-    }
-
-    fn facts(&self, authorized: bool) -> ResponseFacts<'_> {
-        ResponseFacts {
-            status: self.status,
-            cc: &self.cc,
-            expires: self.expires,
-            date: self.date,
-            has_set_cookie: self.set_cookie,
-            vary_star: self.vary_star,
-            request_has_authorization: authorized,
-        }
-    }
 }
 
 impl CacheExchange {
@@ -193,66 +114,13 @@ impl CacheExchange {
     }
 }
 
-type HeaderValue = (Box<[u8]>, Box<[u8]>);
-
-/// The request's facts a stored entry keeps, read before the head's buffer is reused.
-struct Request {
-    url: u64,
-    variant_names: Vec<Box<[u8]>>,
-    host: Box<[u8]>,
-    target: Box<[u8]>,
-    /// The request's headers (lower-cased names) any variant may depend on.
-    headers: Vec<HeaderValue>,
+/// The value of request header `name`, or empty.
+fn header<'a>(buf: &'a [u8], head: &RequestHead, name: &[u8]) -> &'a [u8] {
+    head.header(buf, name).unwrap_or_default()
 }
 
-impl Request {
-    fn of(c: &Client<'_>, url: u64, key_headers: &[String]) -> Request {
-        let buf = c.rbuf.data();
-        Request {
-            url,
-            variant_names: key_headers.iter().map(|h| h.as_bytes().into()).collect(),
-            host: c.head.host.map_or(&b""[..], |h| h.get(buf)).into(),
-            target: origin_target(c).into(),
-            headers: c
-                .head
-                .headers
-                .iter()
-                .map(|h| {
-                    (
-                        h.name.get(buf).to_ascii_lowercase().into(),
-                        h.value.get(buf).into(),
-                    )
-                })
-                .collect(),
-        }
-    }
-
-    fn value(&self, name: &[u8]) -> &[u8] {
-        self.headers
-            .iter()
-            .find(|(n, _)| **n == *name)
-            .map_or(&b""[..], |(_, v)| v)
-    }
-
-    fn variant(&self, vary: &[Box<[u8]>]) -> u64 {
-        variant_hash(self.variant_names.iter().chain(vary).map(|n| &n[..]), |n| {
-            self.value(n)
-        })
-    }
-}
-
-/// The value of request header `name` (lower-case), or empty.
-fn header<'a>(c: &'a Client<'_>, name: &[u8]) -> &'a [u8] {
-    let buf = c.rbuf.data();
-    c.head
-        .headers
-        .iter()
-        .find(|h| h.name.get(buf).eq_ignore_ascii_case(name))
-        .map_or(&b""[..], |h| h.value.get(buf))
-}
-
-fn origin_target<'a>(c: &'a Client<'_>) -> &'a [u8] {
-    let path = c.head.path.get(c.rbuf.data());
+fn origin_target<'a>(buf: &'a [u8], head: &RequestHead) -> &'a [u8] {
+    let path = head.path.get(buf);
     if path.is_empty() {
         b"/"
     } else {
@@ -260,8 +128,28 @@ fn origin_target<'a>(c: &'a Client<'_>) -> &'a [u8] {
     }
 }
 
-pub(super) async fn proxy_cached(
-    c: &mut Client<'_>,
+/// The request's facts a stored entry keeps, read before the head's buffer is reused.
+fn request_facts(buf: &[u8], head: &RequestHead, url: u64, key_headers: &[String]) -> Request {
+    Request {
+        url,
+        variant_names: key_headers.iter().map(|h| h.as_bytes().into()).collect(),
+        host: head.host.map_or(&b""[..], |h| h.get(buf)).into(),
+        target: origin_target(buf, head).into(),
+        headers: head
+            .headers
+            .iter()
+            .map(|h| {
+                (
+                    h.name.get(buf).to_ascii_lowercase().into(),
+                    h.value.get(buf).into(),
+                )
+            })
+            .collect(),
+    }
+}
+
+pub(super) async fn proxy_cached<S: Io>(
+    c: &mut Session<'_, S>,
     w: &Rc<Worker>,
     cache: &WorkerCache,
     route: &RouteEntry,
@@ -291,23 +179,23 @@ pub(super) async fn proxy_cached(
     let directives = policy::request_directives(&req_cc);
     let eligible = matches!(method, Method::Get | Method::Head) && c.head.body == BodyLength::None;
     if !eligible || directives.no_store {
-        c.extra.extend_from_slice(b"x-cache: BYPASS\r\n");
+        c.ex.extra.extend_from_slice(b"x-cache: BYPASS\r\n");
         w.metrics.borrow_mut().record_cache(CacheOutcome::Bypass);
         if method.is_safe() {
             return proxy(c, w, route, up, strip, None).await;
         }
-        let urls = urls_of(c);
-        let exchange = CacheExchange::invalidating();
-        let result = proxy(c, w, route, up, strip, Some(&exchange)).await;
-        invalidate_after(c, cache, urls, &exchange, &result);
-        return result;
+        return proxy_invalidating(c, w, cache, route, up, strip).await;
     }
 
-    let host = c.head.host.map_or(&b""[..], |h| h.get(c.rbuf.data()));
-    let url = url_hash(host, origin_target(c));
-    let variant_of = |c: &Client<'_>, vary: &[Box<[u8]>]| {
+    let buf = c.rbuf.data();
+    let host = c.head.host.map_or(&b""[..], |h| h.get(buf));
+    let url = url_hash(host, origin_target(buf, &c.head));
+    let variant_of = |c: &Session<'_, S>, vary: &[Box<[u8]>]| {
         let names = policy.key_headers.iter().map(String::as_bytes);
-        variant_hash(names.chain(vary.iter().map(|n| &n[..])), |n| header(c, n))
+        let buf = c.rbuf.data();
+        variant_hash(names.chain(vary.iter().map(|n| &n[..])), |n| {
+            header(buf, &c.head, n)
+        })
     };
     let now = Instant::now();
     let found = cache
@@ -319,7 +207,8 @@ pub(super) async fn proxy_cached(
             return serve_entry(c, w, entry, CacheOutcome::Hit, now).await;
         }
         if !directives.revalidate && entry.may_serve_stale(now) {
-            revalidate_in_background(w, cache, up.id, Arc::clone(entry));
+            let up = Rc::clone(&c.ex.gen.upstreams[usize::from(up.id.0)]);
+            revalidate_in_background(w, cache, up, strip, Arc::clone(entry));
             return serve_entry(c, w, entry, CacheOutcome::Stale, now).await;
         }
     }
@@ -349,7 +238,7 @@ pub(super) async fn proxy_cached(
     }
     // Going upstream: what storing the response needs from the request, before the proxy
     // consumes its head.
-    let request = Request::of(c, url, &policy.key_headers);
+    let request = request_facts(c.rbuf.data(), &c.head, url, &policy.key_headers);
     let _landing = Landing {
         cache,
         key: flight_key,
@@ -375,8 +264,8 @@ pub(super) async fn proxy_cached(
             exchange.revalidating = true;
         }
     }
-    let extra_len = c.extra.len();
-    c.extra.extend_from_slice(b"x-cache: MISS\r\n");
+    let extra_len = c.ex.extra.len();
+    c.ex.extra.extend_from_slice(b"x-cache: MISS\r\n");
     let result = proxy(c, w, route, up, strip, Some(&exchange)).await;
     if exchange.not_modified.get() {
         if let Some(stale) = found {
@@ -386,7 +275,7 @@ pub(super) async fn proxy_cached(
                 .and_then(|c| c.recorded.borrow_mut().take());
             let fresh = refreshed(&stale, rec, Instant::now());
             cache.insert(Arc::clone(&fresh));
-            c.extra.truncate(extra_len);
+            c.ex.extra.truncate(extra_len);
             result?;
             // The request went upstream unconditional (its head is consumed): plain answer.
             return serve_entry(c, w, &fresh, CacheOutcome::Revalidated, Instant::now()).await;
@@ -435,107 +324,17 @@ impl CacheExchange {
     }
 }
 
-fn new_entry(
-    request: &Request,
-    rec: Recorded,
-    body: Bytes,
-    now: Instant,
-    default_ttl: Duration,
-) -> Entry {
-    let freshness = policy::freshness(&rec.facts(false), default_ttl);
-    let mut request_headers = Vec::new();
-    for name in request.variant_names.iter().chain(&rec.vary) {
-        let value = request.value(name);
-        if !value.is_empty() {
-            request_headers.extend_from_slice(name);
-            request_headers.extend_from_slice(b": ");
-            request_headers.extend_from_slice(value);
-            request_headers.extend_from_slice(b"\r\n");
-        }
-    }
-    Entry {
-        url: request.url,
-        variant: request.variant(&rec.vary),
-        vary: rec.vary,
-        target: request.target.clone(),
-        host: request.host.clone(),
-        request_headers: request_headers.into(),
-        status: rec.status,
-        reason: rec.reason,
-        head: Bytes::from(rec.head),
-        body,
-        etag: rec.etag,
-        last_modified: rec.last_modified,
-        stored_at: now,
-        initial_age: rec.age,
-        freshness,
-        stale_while_revalidate: Duration::from_secs(rec.cc.stale_while_revalidate.unwrap_or(0)),
-        must_revalidate: rec.cc.must_revalidate || rec.cc.proxy_revalidate,
-    }
-}
-
-/// The entry a 304 (whose head is `rec`, if recorded) revalidated, fresh again (with the 304's
-/// freshness if it gave any).
-fn refreshed(stale: &Entry, rec: Option<Recorded>, now: Instant) -> Arc<Entry> {
-    let (freshness, age, etag, last_modified) = match rec {
-        Some(r) => (
-            policy::freshness(&r.facts(false), stale.freshness),
-            r.age,
-            r.etag.or_else(|| stale.etag.clone()),
-            r.last_modified.or_else(|| stale.last_modified.clone()),
-        ),
-        None => (
-            stale.freshness,
-            Duration::ZERO,
-            stale.etag.clone(),
-            stale.last_modified.clone(),
-        ),
-    };
-    Arc::new(Entry {
-        url: stale.url,
-        variant: stale.variant,
-        vary: stale.vary.clone(),
-        target: stale.target.clone(),
-        host: stale.host.clone(),
-        request_headers: stale.request_headers.clone(),
-        status: stale.status,
-        reason: stale.reason.clone(),
-        head: stale.head.clone(),
-        body: stale.body.clone(),
-        etag,
-        last_modified,
-        stored_at: now,
-        initial_age: age,
-        freshness,
-        stale_while_revalidate: stale.stale_while_revalidate,
-        must_revalidate: stale.must_revalidate,
-    })
-}
-
-fn add_validators(out: &mut Vec<u8>, entry: &Entry) {
-    if let Some(etag) = &entry.etag {
-        out.extend_from_slice(b"if-none-match: ");
-        out.extend_from_slice(etag);
-        out.extend_from_slice(b"\r\n");
-    }
-    if let Some((_, raw)) = &entry.last_modified {
-        out.extend_from_slice(b"if-modified-since: ");
-        out.extend_from_slice(raw);
-        out.extend_from_slice(b"\r\n");
-    }
-}
-
 /// Whether the client's own conditional request is satisfied by `entry` (RFC 9110 §13.2.2:
 /// If-None-Match wins over If-Modified-Since).
-fn not_modified_for(c: &Client<'_>, entry: &Entry) -> bool {
-    let inm = header(c, b"if-none-match");
+fn not_modified_for(buf: &[u8], head: &RequestHead, entry: &Entry) -> bool {
+    let inm = header(buf, head, b"if-none-match");
     if !inm.is_empty() {
         return entry
             .etag
             .as_ref()
             .is_some_and(|etag| policy::if_none_match_matches(inm, etag));
     }
-    let ims = header(c, b"if-modified-since");
+    let ims = header(buf, head, b"if-modified-since");
     match (policy::http_date(ims), &entry.last_modified) {
         (Some(since), Some((modified, _))) => *modified <= since,
         _ => false,
@@ -558,8 +357,8 @@ fn keep_in_304(name: &[u8]) -> bool {
 }
 
 /// Answers from `entry`: the stored response, or 304 if the client's conditions hold.
-async fn serve_entry(
-    c: &mut Client<'_>,
+async fn serve_entry<S: Io>(
+    c: &mut Session<'_, S>,
     w: &Worker,
     entry: &Entry,
     outcome: CacheOutcome,
@@ -573,77 +372,59 @@ async fn serve_entry(
     // After a revalidation the proxy has consumed the head (and the request was not
     // conditional); otherwise it is still in the buffer.
     let head_pending = outcome != CacheOutcome::Revalidated;
-    let not_modified = head_pending && not_modified_for(c, entry);
+    let not_modified = head_pending && not_modified_for(c.rbuf.data(), &c.head, entry);
     let to_head = c.head.method == Method::Head;
     let keep = c.head.keep_alive && !w.draining.get();
-    let version = c.head.version;
     if head_pending {
         c.rbuf.consume(c.head.len);
     }
     let status = if not_modified { 304 } else { entry.status };
-    let out = &mut c.out;
-    out.clear();
-    out.extend_from_slice(b"HTTP/1.1 ");
-    out.extend_from_slice(itoa::Buffer::new().format(status).as_bytes());
-    out.push(b' ');
-    if not_modified {
-        out.extend_from_slice(reason_phrase(304).as_bytes());
-        out.extend_from_slice(b"\r\n");
-        for line in entry.head.split_inclusive(|&b| b == b'\n') {
-            let name = line.split(|&b| b == b':').next().unwrap_or_default();
-            if keep_in_304(name) {
-                out.extend_from_slice(line);
-            }
-        }
-    } else {
-        out.extend_from_slice(&entry.reason);
-        out.extend_from_slice(b"\r\n");
-        out.extend_from_slice(&entry.head);
-    }
-    out.extend_from_slice(b"age: ");
-    out.extend_from_slice(
+    // The gateway's lines: Age and X-Cache, then what the filters added (RateLimit-*).
+    let filters_added = c.ex.extra.len();
+    c.ex.extra.extend_from_slice(b"age: ");
+    c.ex.extra.extend_from_slice(
         itoa::Buffer::new()
             .format(entry.age(now).as_secs())
             .as_bytes(),
     );
-    out.extend_from_slice(b"\r\nx-cache: ");
-    out.extend_from_slice(state);
-    out.extend_from_slice(b"\r\n");
-    out.extend_from_slice(&c.extra);
-    out.extend_from_slice(b"x-request-id: ");
-    out.extend_from_slice(&c.request_id);
-    out.extend_from_slice(b"\r\n");
-    if !not_modified && status != 204 {
-        out.extend_from_slice(b"content-length: ");
-        out.extend_from_slice(itoa::Buffer::new().format(entry.body.len()).as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
-    if !keep {
-        out.extend_from_slice(b"connection: close\r\n");
-    } else if version == Version::Http10 {
-        out.extend_from_slice(b"connection: keep-alive\r\n");
-    }
-    out.extend_from_slice(b"\r\n");
+    c.ex.extra.extend_from_slice(b"\r\nx-cache: ");
+    c.ex.extra.extend_from_slice(state);
+    c.ex.extra.extend_from_slice(b"\r\n");
+    c.ex.extra.rotate_left(filters_added);
     let with_body = !not_modified && !to_head && !entry.body.is_empty();
     let copy = with_body && entry.body.len() <= COPY_BODY_BYTES;
-    if copy {
-        out.extend_from_slice(&entry.body);
-    }
-    c.log.status = status;
-    c.log.bytes_in = c.head.len as u64;
-    let sent = out.len()
-        + if with_body && !copy {
-            entry.body.len()
-        } else {
-            0
-        };
-    c.log.bytes_out.set(sent as u64);
+    c.out.clear();
+    write::generated_response(
+        &mut c.out,
+        &Generated {
+            status,
+            reason: if not_modified { b"" } else { &entry.reason },
+            headers: &entry.head,
+            only: not_modified.then_some(keep_in_304 as fn(&[u8]) -> bool),
+            extra: &c.ex.extra,
+            edits: &c.ex.resp_edits,
+            body: if copy { &entry.body } else { b"" },
+            content_length: (!not_modified && status != 204).then_some(entry.body.len() as u64),
+            head_only: false,
+            keep_alive: keep,
+            client_version: c.head.version,
+            request_id: &c.ex.request_id,
+        },
+    );
+    c.ex.log.status = status;
+    c.ex.log.bytes_in = c.head.len as u64;
+    let streamed = if with_body && !copy {
+        entry.body.len()
+    } else {
+        0
+    };
+    c.ex.log.bytes_out.set((c.out.len() + streamed) as u64);
     w.metrics.borrow_mut().record_cache(outcome);
     let limit = w.limits.write_timeout;
     send(&mut c.w, &mut c.out, &c.deadline, limit)
         .await
         .map_err(|_| Failure::Abort)?;
-    if with_body && !copy {
+    if streamed > 0 {
         let body = entry.body.clone();
         match c.deadline.within(limit, c.w.write_all(body)).await {
             Ok((Ok(_), _)) => {}
@@ -653,34 +434,26 @@ async fn serve_entry(
     Ok(if keep { Next::KeepAlive } else { Next::Close })
 }
 
-/// The URLs an unsafe request may change: its own, and its `Location` / `Content-Location`
-/// are added once the response is known.
-pub(super) struct Urls {
-    host: Box<[u8]>,
-    own: u64,
-}
-
-pub(super) fn urls_of(c: &Client<'_>) -> Urls {
-    let host = c.head.host.map_or(&b""[..], |h| h.get(c.rbuf.data()));
-    Urls {
-        host: host.into(),
-        own: url_hash(host, origin_target(c)),
-    }
-}
-
-/// After an unsafe request: if it succeeded, its URL and the ones its response names are
-/// invalidated here and on every other worker.
-pub(super) fn invalidate_after(
-    c: &Client<'_>,
+/// An unsafe request through a route that does not cache: forwarded, and if it succeeds its
+/// URL (and the ones its response names) are invalidated on every worker.
+pub(super) async fn proxy_invalidating<S: Io>(
+    c: &mut Session<'_, S>,
+    w: &Worker,
     cache: &WorkerCache,
-    urls: Urls,
-    exchange: &CacheExchange,
-    result: &Result<Next, Failure>,
-) {
+    route: &RouteEntry,
+    up: &UpstreamState,
+    strip: Option<&[u8]>,
+) -> Result<Next, Failure> {
+    // Read the URL now: the head's buffer is reused while proxying.
+    let buf = c.rbuf.data();
+    let host: Box<[u8]> = c.head.host.map_or(&b""[..], |h| h.get(buf)).into();
+    let own = url_hash(&host, origin_target(buf, &c.head));
+    let exchange = CacheExchange::invalidating();
+    let result = proxy(c, w, route, up, strip, Some(&exchange)).await;
     if result.is_err() || !(200..400).contains(&c.resp.status) {
-        return;
+        return result;
     }
-    cache.invalidate(urls.own);
+    cache.invalidate(own);
     for value in exchange.locations.borrow().iter() {
         // Same-origin only (RFC 9111 §4.4): a path, or an absolute URL on the same host.
         let target = if value.starts_with(b"/") {
@@ -692,22 +465,26 @@ pub(super) fn invalidate_after(
             rest.and_then(|r| {
                 let slash = r.iter().position(|&b| b == b'/').unwrap_or(r.len());
                 r[..slash]
-                    .eq_ignore_ascii_case(&urls.host)
+                    .eq_ignore_ascii_case(&host)
                     .then_some(&r[slash..])
             })
         };
         if let Some(t) = target.filter(|t| !t.is_empty()) {
-            cache.invalidate(url_hash(&urls.host, t));
+            cache.invalidate(url_hash(&host, t));
         }
     }
     debug!("unsafe request invalidated its URL");
+    result
 }
 
-/// Revalidates `entry` off the request path (stale-while-revalidate), once per URL at a time.
+/// Revalidates `entry` off the request path (stale-while-revalidate), once per URL at a time,
+/// through the buffered upstream client. The request goes to the path the route forwards to
+/// (after `strip_prefix`), like the request that stored the entry.
 fn revalidate_in_background(
     w: &Rc<Worker>,
     cache: &WorkerCache,
-    upstream: UpstreamId,
+    up: Rc<UpstreamState>,
+    strip: Option<&[u8]>,
     entry: Arc<Entry>,
 ) {
     let key = entry.url ^ REVALIDATION;
@@ -716,8 +493,12 @@ fn revalidate_in_background(
         return;
     }
     let w = Rc::clone(w);
+    // The task owns what it needs: the upstream's state (alive past a generation swap) and
+    // the path to ask for.
+    let (slash, rest) = write::upstream_path(&entry.target, strip);
+    let target: Box<[u8]> = [slash, rest].concat().into();
     monoio::spawn(async move {
-        if let Err(e) = background_fetch(&w, upstream, &entry).await {
+        if let Err(e) = background_fetch(&w, &up, &target, &entry).await {
             debug!(error = ?e, "background revalidation failed");
         }
         if let Some(cache) = &w.cache {
@@ -728,56 +509,33 @@ fn revalidate_in_background(
 
 async fn background_fetch(
     w: &Worker,
-    upstream: UpstreamId,
+    up: &UpstreamState,
+    target: &[u8],
     entry: &Entry,
 ) -> Result<(), ProxyError> {
     let Some(cache) = &w.cache else { return Ok(()) };
-    let up = w.upstream(upstream);
-    let deadline = w.deadlines.slot();
-    let (lease, mut conn) = acquire(up, w, entry.url, &deadline).await?;
-    let mut req = Vec::with_capacity(256);
-    req.extend_from_slice(b"GET ");
-    req.extend_from_slice(&entry.target);
-    req.extend_from_slice(b" HTTP/1.1\r\nhost: ");
-    req.extend_from_slice(&entry.host);
-    req.extend_from_slice(b"\r\n");
-    req.extend_from_slice(&entry.request_headers);
-    add_validators(&mut req, entry);
-    req.extend_from_slice(b"x-cache-revalidation: 1\r\n\r\n");
-    let limits = &w.limits;
-    let max_head = limits.max_request_line_bytes + limits.max_header_bytes;
-    let mut resp = ResponseHead::default();
-    let exchange = async {
-        write_out(&mut conn.w, &mut req)
-            .await
-            .map_err(|_| ProxyError::UpstreamUnreachable("write failed"))?;
-        loop {
-            if !conn.rbuf.is_empty()
-                && parse_response(
-                    conn.rbuf.data(),
-                    false,
-                    max_head,
-                    limits.max_headers,
-                    &mut resp,
-                )
-                .map_err(|_| ProxyError::UpstreamInvalid("unparsable response head"))?
-                && resp.status >= 200
-            {
-                return Ok(());
-            }
-            match conn.rbuf.fill(&mut conn.r, max_head + 1).await {
-                Ok(n) if n > 0 => {}
-                _ => return Err(ProxyError::UpstreamUnreachable("closed before responding")),
-            }
-        }
+    let mut headers = Vec::with_capacity(256);
+    headers.extend_from_slice(&entry.request_headers);
+    add_validators(&mut headers, entry);
+    headers.extend_from_slice(b"x-cache-revalidation: 1\r\n");
+    let request = client::Request {
+        method: b"GET",
+        target,
+        host: &entry.host,
+        headers: &headers,
     };
-    deadline
-        .within(up.request_timeout, exchange)
-        .await
-        .map_err(|_| ProxyError::UpstreamTimeout)??;
+    let resp = fetch(w, up, entry.url, &request, cache.settings.max_entry_bytes).await?;
     let now = Instant::now();
-    let rec = Recorded::from_head(conn.rbuf.data(), &resp);
-    conn.rbuf.consume(resp.len);
+    let rec = Recorded::from_head(&resp.raw_head, &resp.head);
+    if resp.head.status == 304 {
+        cache.insert(refreshed(entry, Some(rec), now));
+        return Ok(());
+    }
+    // A new representation: store it if it is storable and was small enough to fetch whole.
+    let Some(body) = resp.body else { return Ok(()) };
+    if !policy::storable(&rec.facts(false)) {
+        return Ok(());
+    }
     let request = Request {
         url: entry.url,
         variant_names: Vec::new(),
@@ -785,40 +543,10 @@ async fn background_fetch(
         target: entry.target.clone(),
         headers: Vec::new(),
     };
-    if resp.status == 304 {
-        cache.insert(refreshed(entry, Some(rec), now));
-        if resp.keep_alive {
-            up.checkin(lease.target, conn, w.now());
-        }
-        return Ok(());
-    }
-    // A new representation: store it if it is storable and small enough to fetch whole.
-    let BodyLength::Length(n) = resp.body else {
-        return Ok(());
-    };
-    if n > cache.settings.max_entry_bytes as u64 || !policy::storable(&rec.facts(false)) {
-        return Ok(());
-    }
-    let mut body = Vec::with_capacity(n as usize);
-    let fetch = async {
-        while (body.len() as u64) < n {
-            let take = conn.rbuf.len().min(n as usize - body.len());
-            body.extend_from_slice(&conn.rbuf.data()[..take]);
-            conn.rbuf.consume(take);
-            if (body.len() as u64) < n
-                && !matches!(conn.rbuf.fill(&mut conn.r, 64 * 1024).await, Ok(k) if k > 0)
-            {
-                return false;
-            }
-        }
-        true
-    };
-    if matches!(deadline.within(up.request_timeout, fetch).await, Ok(true)) {
-        let mut stored = new_entry(&request, rec, Bytes::from(body), now, entry.freshness);
-        stored.variant = entry.variant;
-        stored.vary = entry.vary.clone();
-        stored.request_headers = entry.request_headers.clone();
-        cache.insert(Arc::new(stored));
-    }
+    let mut stored = new_entry(&request, rec, Bytes::from(body), now, entry.freshness);
+    stored.variant = entry.variant;
+    stored.vary = entry.vary.clone();
+    stored.request_headers = entry.request_headers.clone();
+    cache.insert(Arc::new(stored));
     Ok(())
 }

@@ -45,7 +45,8 @@ use std::time::Duration;
 use ahash::AHashMap;
 
 use crate::config::{RateLimit, RateLimitId, RateLimitKey};
-use crate::upstream::stable_hash;
+use crate::hash::stable_hash;
+use crate::http::write::field;
 
 /// The smallest share of a key's grant any worker gets (see the module docs).
 pub const FLOOR_SHARE: f64 = 0.02;
@@ -71,6 +72,53 @@ pub struct Headroom {
     pub reset: u64,
     /// `Retry-After`: seconds until a token is likely.
     pub retry_after: u64,
+}
+
+impl Headroom {
+    /// `RateLimit-Limit`, `-Remaining`, `-Reset` (IETF draft), and on a refusal `Retry-After`.
+    pub fn write_headers(&self, out: &mut Vec<u8>, refused: bool) {
+        let mut b = itoa::Buffer::new();
+        field(out, b"ratelimit-limit", b.format(self.limit).as_bytes());
+        field(
+            out,
+            b"ratelimit-remaining",
+            b.format(self.remaining).as_bytes(),
+        );
+        field(out, b"ratelimit-reset", b.format(self.reset).as_bytes());
+        if refused {
+            field(out, b"retry-after", b.format(self.retry_after).as_bytes());
+        }
+    }
+}
+
+/// Admits a request under every limit in `ids` or refuses it: all are checked before any is
+/// charged, so a request refused by one limit takes no token from another. `key` gives the
+/// request's key hash for a limit's key kind. On admission, returns the headroom of the first
+/// limit that puts `RateLimit-*` headers on admitted responses.
+pub fn admit(
+    limiters: &mut [Limiter],
+    ids: &[RateLimitId],
+    key: impl Fn(&RateLimitKey) -> u64,
+) -> Result<Option<Headroom>, Refusal> {
+    let ids = &ids[..ids.len().min(MAX_LIMITS_PER_ROUTE)];
+    let mut slots = [0usize; MAX_LIMITS_PER_ROUTE];
+    for (n, id) in ids.iter().enumerate() {
+        let limiter = &mut limiters[usize::from(id.0)];
+        let k = key(&limiter.key);
+        match limiter.check(k) {
+            Ok(slot) => slots[n] = slot,
+            Err(info) => return Err(Refusal { limit: *id, info }),
+        }
+    }
+    let mut shown = None;
+    for (id, &slot) in ids.iter().zip(&slots) {
+        let l = &mut limiters[usize::from(id.0)];
+        let info = l.charge(slot);
+        if l.headers && shown.is_none() {
+            shown = Some(info);
+        }
+    }
+    Ok(shown)
 }
 
 /// One key's state on one worker.

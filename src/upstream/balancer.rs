@@ -5,6 +5,7 @@
 use std::cell::Cell;
 
 use crate::config::{Balance, Upstream};
+use crate::hash::stable_hash;
 use crate::rng::Rng;
 
 pub enum Balancer {
@@ -26,27 +27,6 @@ pub trait Targets {
     fn len(&self) -> usize;
     fn is_up(&self, i: usize) -> bool;
     fn inflight(&self, i: usize) -> u32;
-}
-
-fn stable_state() -> ahash::RandomState {
-    ahash::RandomState::with_seeds(
-        0x243f_6a88_85a3_08d3,
-        0x1319_8a2e_0370_7344,
-        0xa409_3822_299f_31d0,
-        0x082e_fa98_ec4e_6c89,
-    )
-}
-
-/// A hash that is the same in every worker and every run of one build, so that consistent
-/// hashing (and cache keys) agree across workers.
-pub fn stable_hash(bytes: &[u8]) -> u64 {
-    stable_state().hash_one(bytes)
-}
-
-/// A hasher for keys built from several parts, agreeing with itself across workers.
-pub fn stable_hasher() -> impl std::hash::Hasher {
-    use std::hash::BuildHasher;
-    stable_state().build_hasher()
 }
 
 /// Maglev table sizes: primes, the smallest at least 100 × targets is used.

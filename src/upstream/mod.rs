@@ -6,16 +6,16 @@
 //! (passive health checking); when every target is skipped the upstream is unavailable (503).
 
 mod balancer;
+pub mod client;
 
 use std::cell::{Cell, RefCell};
 use std::io;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use monoio::io::{OwnedReadHalf, OwnedWriteHalf, Splitable};
+use monoio::io::{AsyncWriteRent, OwnedReadHalf, OwnedWriteHalf, Splitable};
 use monoio::net::TcpStream;
 
-pub use balancer::{stable_hash, stable_hasher};
 use balancer::{Balancer, Targets};
 
 use crate::buffer::ReadBuf;
@@ -28,10 +28,10 @@ use crate::rng::Rng;
 pub struct TargetId(pub usize);
 
 /// A connection to a target, split so that a request body can stream up while the response
-/// streams down.
-pub struct UpstreamConn {
-    pub r: OwnedReadHalf<TcpStream>,
-    pub w: OwnedWriteHalf<TcpStream>,
+/// streams down. Generic over the stream; the pools hold TCP connections today.
+pub struct UpstreamConn<U: AsyncWriteRent = TcpStream> {
+    pub r: OwnedReadHalf<U>,
+    pub w: OwnedWriteHalf<U>,
     pub rbuf: ReadBuf,
     /// Taken from the idle pool rather than freshly connected: the peer may have closed it.
     pub reused: bool,

@@ -1,0 +1,50 @@
+//! The rate-limit filter: admits a request under every limit of its route (the admission
+//! protocol lives in `ratelimit::admit`), or refuses it with 429 and `RateLimit-*` headers.
+
+use super::{Ctx, RequestInfo};
+use crate::config::{RateLimitId, RateLimitKey};
+use crate::error::ProxyError;
+use crate::ratelimit::{self, Limiter};
+
+pub struct RateLimit {
+    ids: Box<[RateLimitId]>,
+}
+
+impl RateLimit {
+    pub fn new(ids: &[RateLimitId]) -> RateLimit {
+        RateLimit { ids: ids.into() }
+    }
+
+    pub fn ids(&self) -> &[RateLimitId] {
+        &self.ids
+    }
+
+    pub fn on_request(
+        &self,
+        cx: &Ctx<'_>,
+        req: &RequestInfo<'_>,
+        gateway_lines: &mut Vec<u8>,
+    ) -> Result<(), ProxyError> {
+        let key = |k: &RateLimitKey| match k {
+            RateLimitKey::ClientIp => Limiter::hash_key(req.client_ip),
+            RateLimitKey::Route => Limiter::hash_key(&req.route.0.to_le_bytes()),
+            RateLimitKey::Header(name) => {
+                Limiter::hash_key(req.view.header(name.as_bytes()).unwrap_or_default())
+            }
+        };
+        let admitted = ratelimit::admit(&mut cx.limiters.borrow_mut(), &self.ids, key);
+        match admitted {
+            Ok(Some(headroom)) => {
+                headroom.write_headers(gateway_lines, false);
+                Ok(())
+            }
+            Ok(None) => Ok(()),
+            Err(refusal) => {
+                cx.metrics
+                    .borrow_mut()
+                    .record_ratelimited(req.route, refusal.limit);
+                Err(ProxyError::RateLimited(refusal))
+            }
+        }
+    }
+}

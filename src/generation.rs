@@ -1,0 +1,110 @@
+//! A generation: everything a worker builds from one config for the request path — the router,
+//! each route's filter chain and terminal, and the upstreams the routes point at. A worker holds
+//! its current generation in an `Rc` and may replace it between requests; a request takes its
+//! own `Rc` when it starts and keeps it to the end, so it never sees two configs.
+//!
+//! State that must outlive a config lives outside it and is carried over by name when a
+//! generation is built from a previous one: an upstream whose name is unchanged keeps its
+//! `UpstreamState` (idle pools, balancer position, passive health). Rate-limit buckets and the
+//! cache belong to the worker, not to a generation.
+
+use std::rc::Rc;
+
+use crate::config::{Config, RouteAction, RouteCache, RouteId, UpstreamId};
+use crate::filter::Chain;
+use crate::router::Router;
+use crate::upstream::UpstreamState;
+
+pub struct Generation {
+    /// 1 for the first generation a worker builds, then one more for each rebuild.
+    pub id: u32,
+    pub router: Router,
+    pub routes: Box<[RouteEntry]>,
+    /// Indexed by `UpstreamId` of this generation's config.
+    pub upstreams: Box<[Rc<UpstreamState>]>,
+}
+
+pub struct RouteEntry {
+    pub name: String,
+    pub max_body_bytes: Option<u64>,
+    pub chain: Chain,
+    pub terminal: Terminal,
+    pub cache: Option<RouteCache>,
+}
+
+/// What answers a request once the filters let it through.
+pub enum Terminal {
+    Proxy {
+        upstream: UpstreamId,
+        strip_prefix: Option<Box<[u8]>>,
+    },
+    /// A fixed response; `headers` are ready-made header lines.
+    Respond {
+        status: u16,
+        headers: Box<[u8]>,
+        body: Box<[u8]>,
+    },
+}
+
+impl Generation {
+    /// Builds the request path for `config`, reusing the upstream state of `previous` for every
+    /// upstream whose name it already had.
+    pub fn build(config: &Config, previous: Option<&Generation>) -> Generation {
+        let upstreams = config
+            .upstreams
+            .iter()
+            .enumerate()
+            .map(|(i, u)| {
+                previous
+                    .and_then(|g| g.upstreams.iter().find(|s| s.name == u.name))
+                    .cloned()
+                    .unwrap_or_else(|| Rc::new(UpstreamState::new(UpstreamId(i as u16), u)))
+            })
+            .collect();
+        let routes = config
+            .routes
+            .iter()
+            .map(|r| RouteEntry {
+                name: r.name.clone(),
+                max_body_bytes: r.max_body_bytes,
+                chain: Chain::build(r),
+                terminal: match &r.action {
+                    RouteAction::Proxy(upstream) => Terminal::Proxy {
+                        upstream: *upstream,
+                        strip_prefix: r.strip_prefix.as_ref().map(|p| p.as_bytes().into()),
+                    },
+                    RouteAction::Respond(resp) => {
+                        let mut headers = Vec::new();
+                        for (name, value) in &resp.headers {
+                            crate::http::write::field(
+                                &mut headers,
+                                name.as_bytes(),
+                                value.as_bytes(),
+                            );
+                        }
+                        Terminal::Respond {
+                            status: resp.status,
+                            headers: headers.into(),
+                            body: resp.body.as_bytes().into(),
+                        }
+                    }
+                },
+                cache: r.cache.clone(),
+            })
+            .collect();
+        Generation {
+            id: previous.map_or(1, |g| g.id.wrapping_add(1)),
+            router: Router::new(config),
+            routes,
+            upstreams,
+        }
+    }
+
+    pub fn route(&self, id: RouteId) -> &RouteEntry {
+        &self.routes[usize::from(id.0)]
+    }
+
+    pub fn upstream(&self, id: UpstreamId) -> &UpstreamState {
+        &self.upstreams[usize::from(id.0)]
+    }
+}

@@ -1,0 +1,152 @@
+//! Per-request state, apart from the connection's: the generation the request runs on, who
+//! sent it, its ids, what it did (for metrics and the access log), and the edits and lines its
+//! filters asked for. One `Exchange` lives in each `Session` and is reset for every request, so
+//! its buffers are reused and a proxied request allocates nothing.
+
+use std::cell::Cell;
+use std::io::{self, Write as _};
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::Instant;
+
+use crate::config::{ListenerId, RouteId, UpstreamId};
+use crate::generation::{Generation, RouteEntry};
+use crate::http::{HeaderEdits, RequestHead};
+use crate::trace::Trace;
+use crate::upstream::TargetId;
+
+pub(crate) struct Exchange {
+    /// The generation this request runs on, taken when its head arrived.
+    pub gen: Rc<Generation>,
+    pub listener: ListenerId,
+    pub client_ip: IpText,
+    pub route: Option<RouteId>,
+    pub request_id: Vec<u8>,
+    /// What the request did, for metrics and the access log.
+    pub log: RequestLog,
+    /// The request's method, target, Referer and User-Agent, copied for the access log (only
+    /// when it is on) before the head's buffer is reused.
+    pub log_text: LogText,
+    /// Header lines the gateway adds to this request's response (`RateLimit-*`, `X-Cache`).
+    pub extra: Vec<u8>,
+    /// The route's edits to the head going upstream.
+    pub up_edits: HeaderEdits,
+    /// The route's edits to every response head the client gets.
+    pub resp_edits: HeaderEdits,
+}
+
+impl Exchange {
+    pub fn new(gen: Rc<Generation>, listener: ListenerId, peer: SocketAddr) -> Exchange {
+        Exchange {
+            gen,
+            listener,
+            client_ip: IpText::new(peer),
+            route: None,
+            request_id: Vec::with_capacity(64),
+            log: RequestLog::new(),
+            log_text: LogText::default(),
+            extra: Vec::new(),
+            up_edits: HeaderEdits::default(),
+            resp_edits: HeaderEdits::default(),
+        }
+    }
+
+    /// Starts the next request on this connection, on `gen`.
+    pub fn reset(&mut self, gen: Rc<Generation>) {
+        self.gen = gen;
+        self.route = None;
+        self.log = RequestLog::new();
+        self.extra.clear();
+        self.up_edits.clear();
+        self.resp_edits.clear();
+    }
+
+    /// The request's route entry, once routed.
+    pub fn route_entry(&self) -> Option<&RouteEntry> {
+        self.route.map(|id| self.gen.route(id))
+    }
+}
+
+#[derive(Default)]
+pub(crate) struct LogText {
+    bytes: Vec<u8>,
+    /// Ends of method, target, referer and user-agent within `bytes`.
+    ends: [usize; 4],
+}
+
+impl LogText {
+    pub fn capture(&mut self, buf: &[u8], head: &RequestHead) {
+        self.bytes.clear();
+        let header = |name: &str| head.header(buf, name.as_bytes()).unwrap_or_default();
+        for (i, part) in [
+            head.method_span.get(buf),
+            head.target.get(buf),
+            header("referer"),
+            header("user-agent"),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            self.bytes.extend_from_slice(part);
+            self.ends[i] = self.bytes.len();
+        }
+    }
+
+    pub fn clear(&mut self) {
+        self.bytes.clear();
+        self.ends = [0; 4];
+    }
+
+    pub fn part(&self, i: usize) -> &[u8] {
+        let start = if i == 0 { 0 } else { self.ends[i - 1] };
+        &self.bytes[start..self.ends[i]]
+    }
+}
+
+/// The facts about one request that metrics and the access log record when it ends.
+pub(crate) struct RequestLog {
+    pub start: Instant,
+    /// The status sent; 0 while none has been.
+    pub status: u16,
+    pub upstream: Option<(UpstreamId, TargetId)>,
+    pub upstream_us: Option<u64>,
+    pub bytes_in: u64,
+    pub bytes_out: Cell<u64>,
+    /// Set when the request was forwarded (or logged).
+    pub trace: Option<Trace>,
+}
+
+impl RequestLog {
+    fn new() -> RequestLog {
+        RequestLog {
+            start: Instant::now(),
+            status: 0,
+            upstream: None,
+            upstream_us: None,
+            bytes_in: 0,
+            bytes_out: Cell::new(0),
+            trace: None,
+        }
+    }
+}
+
+/// The client's address, formatted once per connection.
+pub(crate) struct IpText {
+    buf: [u8; 45],
+    len: usize,
+}
+
+impl IpText {
+    fn new(addr: SocketAddr) -> IpText {
+        let mut buf = [0u8; 45];
+        let mut cursor = io::Cursor::new(&mut buf[..]);
+        // 45 bytes hold the longest IPv6 text form.
+        let _ = write!(cursor, "{}", addr.ip());
+        let len = cursor.position() as usize;
+        IpText { buf, len }
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}

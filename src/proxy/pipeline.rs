@@ -1,0 +1,110 @@
+//! The phases of one request, in order: route → `on_response` edits → body size → `on_request`
+//! filters → terminal. Each phase's filters come from the route's `Chain`; the terminal is the
+//! route's `Terminal`. Whatever fails returns a `Failure`, which `session` answers through the
+//! one error funnel.
+
+use std::rc::Rc;
+
+use super::session::Session;
+use super::{cached, forward, reply, Failure, Io, Next};
+use crate::config::RouteId;
+use crate::error::ProxyError;
+use crate::filter::{RequestInfo, RequestView};
+use crate::generation::{RouteEntry, Terminal};
+use crate::http::{BodyLength, RequestHead};
+use crate::router::RouteMatch;
+use crate::worker::Worker;
+
+pub(super) async fn run<S: Io>(c: &mut Session<'_, S>, w: &Rc<Worker>) -> Result<Next, Failure> {
+    // The request keeps its generation to the end, whatever the worker installs meanwhile.
+    let gen = Rc::clone(&c.ex.gen);
+    let buf = c.rbuf.data();
+    let head = &c.head;
+    let found = gen.router.route(
+        c.ex.listener,
+        head.host.map(|h| h.get(buf)),
+        head.path.get(buf),
+        head.method_span.get(buf),
+    );
+    let id = match found {
+        RouteMatch::Found(id) => id,
+        RouteMatch::MethodNotAllowed(allow) => {
+            return Err(Failure::BeforeBody(ProxyError::MethodNotAllowed(allow)))
+        }
+        RouteMatch::NotFound => return Err(Failure::BeforeBody(ProxyError::NoRoute)),
+    };
+    c.ex.route = Some(id);
+    let route = gen.route(id);
+    if !route.chain.is_empty() {
+        let info = request_info(
+            c.rbuf.data(),
+            &c.head,
+            &c.ex.client_ip,
+            &c.ex.request_id,
+            id,
+            route,
+        );
+        route.chain.on_response(&info, &mut c.ex.resp_edits);
+    }
+    if let (Some(max), BodyLength::Length(n)) = (route.max_body_bytes, c.head.body) {
+        if n > max {
+            return Err(Failure::BeforeBody(ProxyError::PayloadTooLarge));
+        }
+    }
+    if !route.chain.is_empty() {
+        let info = request_info(
+            c.rbuf.data(),
+            &c.head,
+            &c.ex.client_ip,
+            &c.ex.request_id,
+            id,
+            route,
+        );
+        route
+            .chain
+            .on_request(&w.filter_ctx(), &info, &mut c.ex.extra)
+            .map_err(Failure::BeforeBody)?;
+    }
+    match &route.terminal {
+        Terminal::Respond {
+            status,
+            headers,
+            body,
+        } => reply::respond(c, w, route, *status, headers, body).await,
+        Terminal::Proxy {
+            upstream,
+            strip_prefix,
+        } => {
+            let up = gen.upstream(*upstream);
+            let strip = strip_prefix.as_deref();
+            match (&route.cache, w.cache.as_ref()) {
+                (Some(policy), Some(cache)) => {
+                    cached::proxy_cached(c, w, cache, route, up, strip, policy).await
+                }
+                (_, Some(cache)) if !c.head.method.is_safe() => {
+                    cached::proxy_invalidating(c, w, cache, route, up, strip).await
+                }
+                _ => forward::proxy(c, w, route, up, strip, None).await,
+            }
+        }
+    }
+}
+
+/// What the route's filters may know about the request (borrowed field by field, so that the
+/// caller can write the exchange's edits meanwhile).
+pub(super) fn request_info<'a>(
+    buf: &'a [u8],
+    head: &'a RequestHead,
+    client_ip: &'a super::exchange::IpText,
+    request_id: &'a [u8],
+    route: RouteId,
+    entry: &'a RouteEntry,
+) -> RequestInfo<'a> {
+    RequestInfo {
+        view: RequestView { buf, head },
+        client_ip: client_ip.as_bytes(),
+        route,
+        route_name: &entry.name,
+        request_id,
+    }
+}

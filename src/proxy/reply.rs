@@ -1,0 +1,134 @@
+//! Heads the gateway writes itself: error responses (the one place a `ProxyError` becomes a
+//! response) and `respond` routes. Cache hits use the same writer (`cached`). All of them carry
+//! the route's response edits and the gateway's lines, through `http::write::generated_response`.
+
+use tracing::debug;
+
+use super::session::{linger, Session};
+use super::{body_failure, Failure, Io, Next};
+use crate::body::{BodyReader, Reframe};
+use crate::buffer::send;
+use crate::error::ProxyError;
+use crate::generation::RouteEntry;
+use crate::http::write::{self, Generated};
+use crate::http::Method;
+use crate::worker::Worker;
+
+/// Writes a gateway-generated error response. Returns whether it was written.
+pub(super) async fn error<S: Io>(
+    c: &mut Session<'_, S>,
+    w: &Worker,
+    e: &ProxyError,
+    keep_alive: bool,
+) -> bool {
+    let status = e.status();
+    match e.rejection() {
+        Some(r) => {
+            w.count_rejection(r);
+            debug!(status, reason = r.label(), error = %e.message(), worker = w.id, "request rejected");
+        }
+        None => debug!(status, error = %e.message(), worker = w.id, "request failed"),
+    }
+    let mut headers = Vec::with_capacity(64);
+    headers.extend_from_slice(b"content-type: application/json\r\n");
+    match e {
+        ProxyError::MethodNotAllowed(allow) => {
+            write::field(&mut headers, b"allow", allow.as_bytes());
+        }
+        ProxyError::RateLimited(refusal) => {
+            c.ex.extra.clear();
+            refusal.info.write_headers(&mut headers, true);
+        }
+        _ => {}
+    }
+    let body = serde_json::to_vec(&serde_json::json!({
+        "error": e.message(),
+        "request_id": String::from_utf8_lossy(&c.ex.request_id),
+    }))
+    .unwrap_or_default();
+    c.ex.log.status = status;
+    c.out.clear();
+    write::generated_response(
+        &mut c.out,
+        &Generated {
+            status,
+            reason: b"",
+            headers: &headers,
+            only: None,
+            extra: &c.ex.extra,
+            edits: &c.ex.resp_edits,
+            body: &body,
+            content_length: Some(body.len() as u64),
+            head_only: c.head.method == Method::Head,
+            keep_alive,
+            client_version: c.head.version,
+            request_id: &c.ex.request_id,
+        },
+    );
+    let log = &c.ex.log;
+    log.bytes_out.set(log.bytes_out.get() + c.out.len() as u64);
+    send(&mut c.w, &mut c.out, &c.deadline, w.limits.write_timeout)
+        .await
+        .is_ok()
+}
+
+/// A `respond` route: the fixed response, after reading and discarding any request body.
+pub(super) async fn respond<S: Io>(
+    c: &mut Session<'_, S>,
+    w: &Worker,
+    route: &RouteEntry,
+    status: u16,
+    headers: &[u8],
+    body: &[u8],
+) -> Result<Next, Failure> {
+    let head = &c.head;
+    let (version, to_head, mut keep) = (head.version, head.method == Method::Head, head.keep_alive);
+    let mut reader = BodyReader::new(head.body, &w.parse_limits);
+    c.rbuf.consume(head.len);
+    let mut seen = 0;
+    c.up_out.clear();
+    reader
+        .take_buffered(
+            &mut c.rbuf,
+            &mut c.up_out,
+            Reframe::AsIs,
+            &mut seen,
+            route.max_body_bytes,
+            None,
+        )
+        .map_err(body_failure)?;
+    c.up_out.clear();
+    // A body still on its way is not worth waiting for: answer, then close.
+    keep &= reader.is_done() && !w.draining.get();
+    c.out.clear();
+    write::generated_response(
+        &mut c.out,
+        &Generated {
+            status,
+            reason: b"",
+            headers,
+            only: None,
+            extra: &c.ex.extra,
+            edits: &c.ex.resp_edits,
+            body,
+            content_length: Some(body.len() as u64),
+            head_only: to_head,
+            keep_alive: keep,
+            client_version: version,
+            request_id: &c.ex.request_id,
+        },
+    );
+    c.ex.log.status = status;
+    c.ex.log.bytes_in = c.head.len as u64 + seen;
+    c.ex.log.bytes_out.set(c.out.len() as u64);
+    if send(&mut c.w, &mut c.out, &c.deadline, w.limits.write_timeout)
+        .await
+        .is_err()
+    {
+        return Err(Failure::Abort);
+    }
+    if !reader.is_done() {
+        linger(c).await;
+    }
+    Ok(if keep { Next::KeepAlive } else { Next::Close })
+}

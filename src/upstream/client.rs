@@ -1,0 +1,254 @@
+//! Requests the gateway makes on its own behalf, and the connection step every request shares.
+//!
+//! `acquire` takes a pooled connection to a target or connects a new one, marking a target that
+//! refuses or times out as down and trying another: the proxy terminal and `fetch` both use it.
+//! `fetch` sends a buffered request through the same pools, balancer and timeouts and returns
+//! the status, head and body (up to a size limit): the cache's background revalidation uses it,
+//! and health probes, JWKS fetching and aggregation will.
+
+use std::time::Instant;
+
+use tracing::debug;
+
+use super::{ConnectError, TargetId, UpstreamConn, UpstreamState};
+use crate::body::{BodyError, BodyReader, Reframe};
+use crate::buffer::write_out;
+use crate::deadline::Deadline;
+use crate::error::ProxyError;
+use crate::http::write::field;
+use crate::http::{parse_response, ResponseError, ResponseHead};
+use crate::metrics::UpstreamOutcome;
+use crate::worker::Worker;
+
+/// Connect attempts per request, each to a target not yet found down.
+const MAX_CONNECT_ATTEMPTS: usize = 3;
+
+/// A request in flight to one target, counted for least-request balancing.
+pub struct TargetLease<'a> {
+    pub up: &'a UpstreamState,
+    pub target: TargetId,
+}
+
+impl Drop for TargetLease<'_> {
+    fn drop(&mut self) {
+        self.up.end_request(self.target);
+    }
+}
+
+/// A pooled connection to a target, or a new one; a target that refuses or times out is
+/// marked down and another tried. `key` places the request for consistent hashing.
+pub async fn acquire<'a>(
+    up: &'a UpstreamState,
+    w: &Worker,
+    key: u64,
+    deadline: &Deadline<'_>,
+) -> Result<(TargetLease<'a>, UpstreamConn), ProxyError> {
+    let mut last = ProxyError::NoHealthyTarget;
+    for _ in 0..MAX_CONNECT_ATTEMPTS {
+        let Some(t) = up.pick(&w.rng, key) else {
+            return Err(last);
+        };
+        let conn = match up.checkout(t, w.now()) {
+            Some(conn) => conn,
+            None => match up.connect(t, deadline).await {
+                Ok(conn) => {
+                    up.mark_up(t);
+                    conn
+                }
+                Err(e) => {
+                    debug!(upstream = %up.name, target = %up.target(t).name, error = ?e, "connect failed; target marked down");
+                    w.metrics.borrow_mut().record_upstream(
+                        up.id,
+                        t,
+                        UpstreamOutcome::ConnectFailed,
+                        None,
+                    );
+                    up.mark_down(t);
+                    last = match e {
+                        ConnectError::Refused(_) => {
+                            ProxyError::UpstreamUnreachable("connect failed")
+                        }
+                        ConnectError::TimedOut => ProxyError::UpstreamTimeout,
+                    };
+                    continue;
+                }
+            },
+        };
+        up.begin_request(t);
+        return Ok((TargetLease { up, target: t }, conn));
+    }
+    Err(last)
+}
+
+/// A request without a body, written by the gateway.
+pub struct Request<'a> {
+    pub method: &'a [u8],
+    /// Origin-form target, as it goes on the request line.
+    pub target: &'a [u8],
+    pub host: &'a [u8],
+    /// Further header lines, each ending in CRLF.
+    pub headers: &'a [u8],
+}
+
+/// A complete response.
+pub struct Response {
+    /// The final head as received; `head`'s spans are over it.
+    pub raw_head: Vec<u8>,
+    pub head: ResponseHead,
+    /// The body, decoded; `None` when it was larger than the caller's limit (then it was not
+    /// read, and the connection was not kept).
+    pub body: Option<Vec<u8>>,
+}
+
+/// Sends `req` to a target of `up` and reads the whole response within the upstream's
+/// `request_timeout`. Interim (1xx) responses are skipped. The connection goes back to the
+/// pool when the exchange ended cleanly.
+pub async fn fetch(
+    w: &Worker,
+    up: &UpstreamState,
+    key: u64,
+    req: &Request<'_>,
+    max_body: usize,
+) -> Result<Response, ProxyError> {
+    let deadline = w.deadlines.slot();
+    let (lease, mut conn) = acquire(up, w, key, &deadline).await?;
+    let started = Instant::now();
+    let exchange = exchange(w, &mut conn, req, max_body);
+    let result = match deadline.within(up.request_timeout, exchange).await {
+        Ok(r) => r,
+        Err(_) => Err(ProxyError::UpstreamTimeout),
+    };
+    let outcome = match &result {
+        Ok(_) => UpstreamOutcome::Response,
+        Err(ProxyError::UpstreamTimeout) => UpstreamOutcome::Timeout,
+        Err(ProxyError::UpstreamInvalid(_)) => UpstreamOutcome::InvalidResponse,
+        Err(_) => UpstreamOutcome::Failed,
+    };
+    let latency = started.elapsed().as_micros() as u64;
+    w.metrics
+        .borrow_mut()
+        .record_upstream(up.id, lease.target, outcome, Some(latency));
+    let (response, reusable) = result?;
+    if reusable {
+        up.checkin(lease.target, conn, w.now());
+    }
+    Ok(response)
+}
+
+/// The exchange on one connection; also says whether the connection may be reused.
+async fn exchange(
+    w: &Worker,
+    conn: &mut UpstreamConn,
+    req: &Request<'_>,
+    max_body: usize,
+) -> Result<(Response, bool), ProxyError> {
+    let mut out = Vec::with_capacity(256 + req.headers.len());
+    out.extend_from_slice(req.method);
+    out.push(b' ');
+    out.extend_from_slice(req.target);
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    field(&mut out, b"host", req.host);
+    out.extend_from_slice(req.headers);
+    out.extend_from_slice(b"\r\n");
+    write_out(&mut conn.w, &mut out)
+        .await
+        .map_err(|_| ProxyError::UpstreamUnreachable("write failed"))?;
+
+    let limits = &w.parse_limits;
+    let max_head = limits.max_response_head();
+    let to_head = req.method == b"HEAD";
+    let mut head = ResponseHead::default();
+    loop {
+        if !conn.rbuf.is_empty() {
+            match parse_response(
+                conn.rbuf.data(),
+                to_head,
+                max_head,
+                limits.max_headers,
+                &mut head,
+            ) {
+                Ok(true) if head.status == 101 => {
+                    return Err(ProxyError::UpstreamInvalid(
+                        "101 without an upgrade request",
+                    ))
+                }
+                Ok(true) if head.status < 200 => {
+                    conn.rbuf.consume(head.len);
+                    continue;
+                }
+                Ok(true) => break,
+                Ok(false) => {}
+                Err(ResponseError::TooLarge) => {
+                    return Err(ProxyError::UpstreamInvalid("response head too large"))
+                }
+                Err(ResponseError::Malformed(why)) => return Err(ProxyError::UpstreamInvalid(why)),
+            }
+        }
+        match conn.rbuf.fill(&mut conn.r, max_head + 1).await {
+            Ok(n) if n > 0 => {}
+            Ok(_) => return Err(ProxyError::UpstreamUnreachable("closed before responding")),
+            Err(_) => return Err(ProxyError::UpstreamUnreachable("connection reset")),
+        }
+    }
+    let raw_head = conn.rbuf.data()[..head.len].to_vec();
+    conn.rbuf.consume(head.len);
+    let mut reader = BodyReader::new(head.body, limits);
+    let too_large = matches!(head.body, crate::http::BodyLength::Length(n) if n > max_body as u64);
+    if too_large {
+        return Ok((
+            Response {
+                raw_head,
+                head,
+                body: None,
+            },
+            false,
+        ));
+    }
+    let mut body = Vec::new();
+    let mut seen = 0u64;
+    let max = Some(max_body as u64);
+    loop {
+        match reader.take_buffered(
+            &mut conn.rbuf,
+            &mut body,
+            Reframe::AsIs,
+            &mut seen,
+            max,
+            None,
+        ) {
+            Ok(()) if body.len() <= max_body => {}
+            Ok(()) | Err(BodyError::TooLarge) => {
+                return Ok((
+                    Response {
+                        raw_head,
+                        head,
+                        body: None,
+                    },
+                    false,
+                ))
+            }
+            Err(_) => return Err(ProxyError::UpstreamInvalid("malformed response body")),
+        }
+        if reader.is_done() {
+            break;
+        }
+        match conn.rbuf.fill(&mut conn.r, 64 * 1024).await {
+            Ok(0) if matches!(reader, BodyReader::UntilClose) => break,
+            Ok(n) if n > 0 => {}
+            _ => {
+                return Err(ProxyError::UpstreamUnreachable(
+                    "closed inside the response body",
+                ))
+            }
+        }
+    }
+    let reusable = head.keep_alive && reader.is_done();
+    Ok((
+        Response {
+            raw_head,
+            head,
+            body: Some(body),
+        },
+        reusable,
+    ))
+}
