@@ -437,6 +437,8 @@ pub struct Reply {
     pub body: Vec<u8>,
     pub chunked: bool,
     pub close: bool,
+    /// Interim (1xx) heads sent before the final response, as raw text.
+    pub interim: String,
 }
 
 impl Reply {
@@ -447,6 +449,7 @@ impl Reply {
             body: body.as_bytes().to_vec(),
             chunked: false,
             close: false,
+            interim: String::new(),
         }
     }
 
@@ -457,6 +460,12 @@ impl Reply {
 
     pub fn header(mut self, name: &str, value: &str) -> Reply {
         self.headers.push((name.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// Sends `head` (a complete 1xx head, blank line included) before the final response.
+    pub fn interim(mut self, head: &str) -> Reply {
+        self.interim.push_str(head);
         self
     }
 
@@ -568,7 +577,8 @@ fn serve_upstream(
             cv.notify_all();
         }
         let reply = handler(&req);
-        let mut out = format!("HTTP/1.1 {} X\r\n", reply.status).into_bytes();
+        let mut out = reply.interim.clone().into_bytes();
+        out.extend_from_slice(format!("HTTP/1.1 {} X\r\n", reply.status).as_bytes());
         for (k, v) in &reply.headers {
             out.extend_from_slice(format!("{k}: {v}\r\n").as_bytes());
         }
