@@ -200,7 +200,7 @@ backend b
 
 
 def ringway_config(tmp, port, driver="io_uring", workers=1, routes=1, respond=False, cache=False,
-                   rate_limit=False):
+                   rate_limit=False, transforms=False):
     cores = "[0]" if workers == 1 else "[0, 1]"
     route_extra = ""
     lines = [f"""[runtime]
@@ -225,6 +225,10 @@ max_idle_per_target = 64
         lines.append('[[rate_limits]]\nname = "all"\nkey = "route"\nrate = 100000000\n'
                      'burst = 100000000\nheaders = false\n')
         route_extra += 'rate_limits = ["all"]\n'
+    if transforms:
+        # Three header transforms: two on the request, one on the response.
+        route_extra += ('request_headers = { set = { "x-env" = "prod" }, add = { "x-tag" = "a" } }\n'
+                        'response_headers = { remove = ["server"] }\n')
     for i in range(routes - 1):
         lines.append(f'[[routes]]\nname = "r{i}"\nlistener = "public"\npath_prefix = "/svc{i}/"\n'
                      f'upstream = "origin"\n')
@@ -238,9 +242,9 @@ max_idle_per_target = 64
     return write(os.path.join(tmp, name), "\n".join(lines))
 
 
-def ringway(tmp, name, port, **kw):
+def ringway(tmp, name, port, binary=RINGWAY, **kw):
     cpus = PROXY_CPU if kw.get("workers", 1) == 1 else f"{PROXY_CPU},{LOAD_CPU}"
-    return Proxy(name, port, [RINGWAY, "--config", ringway_config(tmp, port, **kw)], cpus=cpus)
+    return Proxy(name, port, [binary, "--config", ringway_config(tmp, port, **kw)], cpus=cpus)
 
 
 def wrk(port, path, seconds, connections=50, close=False, cpus=LOAD_CPU):
@@ -357,7 +361,14 @@ def main():
     ap.add_argument("--reps", type=int, default=2, help="alternating repetitions")
     ap.add_argument("--quick", action="store_true", help="3 s runs, 1 rep, small callgrind runs")
     ap.add_argument("--no-callgrind", action="store_true")
+    ap.add_argument("--callgrind-only", action="store_true",
+                    help="only instructions and allocations per request of ringway's variants "
+                         "(proxied io_uring and epoll, 3 header transforms, cache hits)")
+    ap.add_argument("--baseline", metavar="BINARY",
+                    help="with --callgrind-only: also measure this ringway build, for before/after")
     args = ap.parse_args()
+    if args.callgrind_only:
+        return callgrind_only(args)
     if args.quick:
         args.seconds, args.reps = 3, 1
     cg_small, cg_large = (1000, 5000) if args.quick else (5000, 25000)
@@ -500,6 +511,47 @@ def main():
         shutil.rmtree(tmp, ignore_errors=True)
 
     report(results)
+
+
+def callgrind_only(args):
+    """Instructions and allocations per request for ringway's variants (and a baseline build),
+    exact enough to compare builds: callgrind counts instructions, not time."""
+    cg_small, cg_large = (1000, 5000) if args.quick else (5000, 25000)
+    tmp = tempfile.mkdtemp(prefix="ringway-callgrind-")
+    os.makedirs(os.path.join(tmp, "www"))
+    origin = subprocess.Popen(["taskset", "-c", LOAD_CPU, "nginx", "-c", origin_config(tmp)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    builds = [("", RINGWAY)] + ([("baseline ", args.baseline)] if args.baseline else [])
+    rows = {}
+    try:
+        wait_port(ORIGIN_PORT)
+        port = 18200
+        for label, binary in builds:
+            variants = [("io_uring", {}), ("epoll", {"driver": "legacy"}),
+                        ("io_uring, 3 transforms", {"transforms": True}),
+                        ("epoll, 3 transforms", {"driver": "legacy", "transforms": True}),
+                        ("io_uring, cache hits", {"cache": True})]
+            for name, kw in variants:
+                port += 1
+                p = ringway(tmp, f"{label}{name}", port, binary=binary, **kw)
+                try:
+                    rows[p.name] = callgrind(p, tmp, cg_small, cg_large)
+                finally:
+                    p.kill()
+                log(f"   {p.name:32} {rows[p.name]['instr_per_req']:8.0f} instr/req  "
+                    f"{rows[p.name]['allocs_per_req']:.2f} allocs/req")
+    finally:
+        origin.terminate()
+        origin.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
+    stamp = datetime.date.today().isoformat()
+    out = os.path.join(ROOT, "loadtest", "results", f"{stamp}-callgrind")
+    md = ["| ringway | instructions / request | allocations / request |", "|---|---:|---:|"]
+    md += [f"| {n} | {r['instr_per_req']:.0f} | {r['allocs_per_req']:.2f} |" for n, r in rows.items()]
+    write(out + ".md", f"# Callgrind, {stamp}, {cpu_model()}, Linux {os.uname().release}\n\n"
+          "13 B responses, keep-alive, 1 worker; (Ir(25k) - Ir(5k)) / 20k.\n\n" + "\n".join(md) + "\n")
+    write(out + ".json", json.dumps(rows, indent=1))
+    print("\n".join(md))
 
 
 def cpu_model():

@@ -6,80 +6,33 @@
 
 use std::cell::Cell;
 use std::future::Future;
-use std::io;
 use std::pin::pin;
 use std::task::Poll;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use monoio::io::{AsyncReadRent, AsyncWriteRent, CancelableAsyncReadRent};
+use monoio::io::{AsyncWriteRent, OwnedReadHalf, OwnedWriteHalf};
 use tracing::debug;
 
 use super::cached::CacheExchange;
 use super::pipeline::request_info;
+use super::response::{
+    read_final_head, send_response, HeadWait, ResponseCtx, ResponseDone, ResponseFailure,
+};
 use super::session::Session;
-use super::{body_failure, Failure, Io, Next};
+use super::{body_failure, tunnel, Failure, Io, Next};
 use crate::body::{copy_body, BodyError, BodyReader, Reframe, Transfer};
-use crate::buffer::{send, write_out, ReadBuf, STREAMING_CAPACITY};
+use crate::buffer::{send, write_out, ReadBuf};
 use crate::config::HashKey;
-use crate::deadline::{Deadline, TimedOut};
 use crate::error::ProxyError;
 use crate::generation::RouteEntry;
 use crate::hash::stable_hash;
-use crate::http::write::{self, ClientFraming, ClientHead, Forwarding};
-use crate::http::{
-    parse_response, BodyLength, HeaderEdits, Method, ResponseError, ResponseHead, Version,
-};
+use crate::http::write::{self, Forwarding};
+use crate::http::{BodyLength, Method, ResponseHead, Version};
 use crate::metrics::UpstreamOutcome;
 use crate::trace::Trace;
 use crate::upstream::client::{acquire, TargetLease};
 use crate::upstream::{ConnectError, TargetId, UpstreamConn, UpstreamState};
 use crate::worker::Worker;
-
-/// What the response side needs to know about the request.
-struct ResponseCtx<'a> {
-    to_head: bool,
-    client_version: Version,
-    client_keep_alive: bool,
-    upgrade_requested: bool,
-    request_id: &'a [u8],
-    request_timeout: Duration,
-    write_timeout: Duration,
-    /// Bytes of response sent to the client so far.
-    sent: &'a Cell<u64>,
-    /// When the final response head arrived.
-    head_at: &'a Cell<Option<Instant>>,
-    /// Header lines the gateway adds to the response.
-    extra: &'a [u8],
-    /// The route's edits to the response head.
-    edits: &'a HeaderEdits,
-    /// What caching asks of this exchange, if the route caches.
-    cache: Option<&'a CacheExchange>,
-    /// Times the response side's operations.
-    deadline: &'a Deadline<'a>,
-    worker: &'a Worker,
-}
-
-struct ResponseDone {
-    client_keep_alive: bool,
-    upstream_reusable: bool,
-    upgrade: bool,
-}
-
-#[derive(Debug)]
-struct ResponseFailure {
-    error: ProxyError,
-    /// The upstream closed or reset before sending a byte: a stale pooled connection.
-    closed_early: bool,
-}
-
-impl ResponseFailure {
-    fn new(error: ProxyError) -> Self {
-        ResponseFailure {
-            error,
-            closed_early: false,
-        }
-    }
-}
 
 /// The hash consistent hashing places this request by.
 fn balance_key<S: Io>(up: &UpstreamState, c: &Session<'_, S>) -> u64 {
@@ -227,76 +180,27 @@ async fn forward<S: Io>(
                 .await
                 .map_err(|_| Failure::Abort)?;
         }
-        if send(
-            &mut conn.w,
-            &mut c.up_out,
-            &c.deadline,
-            w.limits.write_timeout,
-        )
-        .await
-        .is_err()
-        {
-            return Err(Failure::MidBody(ProxyError::UpstreamUnreachable(
-                "write failed",
-            )));
-        }
-        c.up_out.clear();
-        let pump_deadline = w.deadlines.slot();
-        let pump_sent = Cell::new(0);
-        let transfer = Transfer {
-            read_timeout: w.limits.body_read_timeout,
-            write_timeout: w.limits.write_timeout,
+        let client = ClientSide {
+            r: &mut c.r,
+            w: &mut c.w,
+            rbuf: &mut c.rbuf,
+            out: &mut c.out,
+            up_out: &mut c.up_out,
+            resp: &mut c.resp,
+        };
+        let body = Streaming {
+            reader: &mut body,
+            reframe,
+            seen: &mut seen,
             max: route.max_body_bytes,
-            deadline: &pump_deadline,
-            sent: &pump_sent,
-            tee: None,
         };
-        // Async blocks capture whole variables: hand each side its own fields.
-        let (cr, cw, crbuf, out, up_out, resp) = (
-            &mut c.r,
-            &mut c.w,
-            &mut c.rbuf,
-            &mut c.out,
-            &mut c.up_out,
-            &mut c.resp,
-        );
-        let UpstreamConn {
-            r: ur,
-            w: uw,
-            rbuf: urbuf,
-            ..
-        } = &mut conn;
-        let pump = async {
-            let r = copy_body(
-                cr, crbuf, uw, up_out, &mut body, reframe, &mut seen, &transfer,
-            )
-            .await;
-            if r.is_ok() {
-                // The request is complete: the wait for the response head starts now.
-                ctx.deadline.arm(ctx.request_timeout);
-            }
-            r
-        };
-        let response = async {
-            read_final_head(ur, urbuf, cw, out, resp, &ctx, HeadWait::AfterBody).await?;
-            send_response(ur, urbuf, cw, out, resp, &ctx).await
-        };
-        match full_duplex(pump, response).await {
-            (pumped, Some(Ok(done))) => (done, matches!(pumped, Some(Ok(())))),
-            (_, Some(Err(f))) => return Err(response_failure(f, &ctx, false)),
-            (Some(Err(e)), None) if ctx.sent.get() > 0 => {
-                debug!(error = ?e, "request body failed after the response began");
-                return Err(Failure::Abort);
-            }
-            (Some(Err(e)), None) => return Err(body_failure(e)),
-            (_, None) => return Err(Failure::Abort),
-        }
+        stream_both_ways(client, &mut conn, body, &ctx, w).await?
     };
 
     c.ex.log.status = c.resp.status;
     c.ex.log.bytes_in = head_len + seen;
     if done.upgrade {
-        tunnel(c, w, &mut conn, w.limits.tunnel_idle_timeout).await;
+        tunnel::run(c, w, &mut conn, w.limits.tunnel_idle_timeout).await;
         return Ok(Next::Close);
     }
     if done.upstream_reusable && body_complete {
@@ -307,6 +211,98 @@ async fn forward<S: Io>(
     } else {
         Next::Close
     })
+}
+
+/// The client connection's parts a streaming exchange borrows, each on its own, so that the
+/// request pump and the response side can hold theirs at once.
+struct ClientSide<'a, S: Io> {
+    r: &'a mut OwnedReadHalf<S>,
+    w: &'a mut OwnedWriteHalf<S>,
+    rbuf: &'a mut ReadBuf,
+    out: &'a mut Vec<u8>,
+    up_out: &'a mut Vec<u8>,
+    resp: &'a mut ResponseHead,
+}
+
+/// A request body still arriving.
+struct Streaming<'a> {
+    reader: &'a mut BodyReader,
+    reframe: Reframe,
+    /// Body bytes seen so far, for the route's `max_body_bytes` and the access log.
+    seen: &'a mut u64,
+    max: Option<u64>,
+}
+
+/// Sends the head (in `up_out`), then pumps the rest of the request body up while the response
+/// comes down. Returns how the response ended and whether the request body was complete.
+async fn stream_both_ways<S: Io>(
+    c: ClientSide<'_, S>,
+    conn: &mut UpstreamConn,
+    body: Streaming<'_>,
+    ctx: &ResponseCtx<'_>,
+    w: &Worker,
+) -> Result<(ResponseDone, bool), Failure> {
+    if send(&mut conn.w, c.up_out, ctx.deadline, w.limits.write_timeout)
+        .await
+        .is_err()
+    {
+        return Err(Failure::MidBody(ProxyError::UpstreamUnreachable(
+            "write failed",
+        )));
+    }
+    c.up_out.clear();
+    let pump_deadline = w.deadlines.slot();
+    let pump_sent = Cell::new(0);
+    let transfer = Transfer {
+        read_timeout: w.limits.body_read_timeout,
+        write_timeout: w.limits.write_timeout,
+        max: body.max,
+        deadline: &pump_deadline,
+        sent: &pump_sent,
+        tee: None,
+    };
+    let UpstreamConn {
+        r: ur,
+        w: uw,
+        rbuf: urbuf,
+        ..
+    } = conn;
+    let ClientSide {
+        r: cr,
+        w: cw,
+        rbuf: crbuf,
+        out,
+        up_out,
+        resp,
+    } = c;
+    let Streaming {
+        reader,
+        reframe,
+        seen,
+        ..
+    } = body;
+    let pump = async {
+        let r = copy_body(cr, crbuf, uw, up_out, reader, reframe, seen, &transfer).await;
+        if r.is_ok() {
+            // The request is complete: the wait for the response head starts now.
+            ctx.deadline.arm(ctx.request_timeout);
+        }
+        r
+    };
+    let response = async {
+        read_final_head(ur, urbuf, cw, out, resp, ctx, HeadWait::AfterBody).await?;
+        send_response(ur, urbuf, cw, out, resp, ctx).await
+    };
+    match full_duplex(pump, response).await {
+        (pumped, Some(Ok(done))) => Ok((done, matches!(pumped, Some(Ok(()))))),
+        (_, Some(Err(f))) => Err(response_failure(f, ctx, false)),
+        (Some(Err(e)), None) if ctx.sent.get() > 0 => {
+            debug!(error = ?e, "request body failed after the response began");
+            Err(Failure::Abort)
+        }
+        (Some(Err(e)), None) => Err(body_failure(e)),
+        (_, None) => Err(Failure::Abort),
+    }
 }
 
 fn response_failure(f: ResponseFailure, ctx: &ResponseCtx<'_>, body_complete: bool) -> Failure {
@@ -421,271 +417,4 @@ async fn exchange<W: AsyncWriteRent>(
             Ok(()) => return send_response(&mut conn.r, &mut conn.rbuf, cw, out, resp, ctx).await,
         }
     }
-}
-
-/// Who bounds the wait for a response head.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum HeadWait {
-    /// The caller's deadline covers the whole exchange.
-    Caller,
-    /// The request body is streaming up concurrently: no limit until it is complete, when the
-    /// pump arms `ctx.deadline` with `request_timeout`.
-    AfterBody,
-}
-
-/// Reads the upstream's final response head into `resp`. Interim responses are passed to an
-/// HTTP/1.1 client, except `100 Continue`, which the gateway already answered itself.
-async fn read_final_head<R: AsyncReadRent, W: AsyncWriteRent>(
-    ur: &mut R,
-    urbuf: &mut ReadBuf,
-    cw: &mut W,
-    out: &mut Vec<u8>,
-    resp: &mut ResponseHead,
-    ctx: &ResponseCtx<'_>,
-    wait: HeadWait,
-) -> Result<(), ResponseFailure> {
-    let limits = &ctx.worker.parse_limits;
-    let max_head = limits.max_response_head();
-    let mut received = false;
-    loop {
-        if !urbuf.is_empty() {
-            received = true;
-            match parse_response(
-                urbuf.data(),
-                ctx.to_head,
-                max_head,
-                limits.max_headers,
-                resp,
-            ) {
-                Ok(false) => {}
-                Ok(true) if resp.status == 101 && !ctx.upgrade_requested => {
-                    return Err(ResponseFailure::new(ProxyError::UpstreamInvalid(
-                        "101 without an upgrade request",
-                    )))
-                }
-                Ok(true) if resp.status < 200 && resp.status != 101 => {
-                    if resp.status != 100 && ctx.client_version == Version::Http11 {
-                        out.clear();
-                        write::interim_response(out, urbuf.data(), resp);
-                        ctx.sent.set(ctx.sent.get() + out.len() as u64);
-                        // Bounded by the caller's deadline, or (streaming) by the one the
-                        // request body arms when it is done; re-arming here would lose it.
-                        let sent = match wait {
-                            HeadWait::Caller => write_out(cw, out).await,
-                            HeadWait::AfterBody => ctx
-                                .deadline
-                                .until_fired(write_out(cw, out))
-                                .await
-                                .unwrap_or(Err(io::ErrorKind::TimedOut.into())),
-                        };
-                        sent.map_err(|_| {
-                            ResponseFailure::new(ProxyError::UpstreamUnreachable("client gone"))
-                        })?;
-                    }
-                    urbuf.consume(resp.len);
-                    continue;
-                }
-                Ok(true) => {
-                    ctx.head_at.set(Some(Instant::now()));
-                    return Ok(());
-                }
-                Err(ResponseError::TooLarge) => {
-                    return Err(ResponseFailure::new(ProxyError::UpstreamInvalid(
-                        "response head too large",
-                    )))
-                }
-                Err(ResponseError::Malformed(why)) => {
-                    return Err(ResponseFailure::new(ProxyError::UpstreamInvalid(why)))
-                }
-            }
-        }
-        let read = match wait {
-            HeadWait::Caller => urbuf.fill(ur, max_head + 1).await,
-            HeadWait::AfterBody => {
-                match ctx.deadline.until_fired(urbuf.fill(ur, max_head + 1)).await {
-                    Ok(r) => r,
-                    Err(TimedOut) => return Err(ResponseFailure::new(ProxyError::UpstreamTimeout)),
-                }
-            }
-        };
-        match read {
-            Ok(0) if !received => {
-                return Err(ResponseFailure {
-                    error: ProxyError::UpstreamUnreachable("closed before responding"),
-                    closed_early: true,
-                })
-            }
-            Ok(0) => {
-                return Err(ResponseFailure::new(ProxyError::UpstreamInvalid(
-                    "closed inside the response head",
-                )))
-            }
-            Ok(_) => {}
-            Err(e) => {
-                return Err(ResponseFailure {
-                    error: ProxyError::UpstreamUnreachable("connection reset"),
-                    closed_early: !received && is_reset(&e),
-                })
-            }
-        }
-    }
-}
-
-fn is_reset(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::ConnectionReset
-            | io::ErrorKind::BrokenPipe
-            | io::ErrorKind::ConnectionAborted
-    )
-}
-
-/// Writes the response head for the client and streams the body after it.
-async fn send_response<R: AsyncReadRent, W: AsyncWriteRent>(
-    ur: &mut R,
-    urbuf: &mut ReadBuf,
-    cw: &mut W,
-    out: &mut Vec<u8>,
-    resp: &ResponseHead,
-    ctx: &ResponseCtx<'_>,
-) -> Result<ResponseDone, ResponseFailure> {
-    let http11 = ctx.client_version == Version::Http11;
-    let (framing, reframe) = match resp.body {
-        BodyLength::None => (ClientFraming::Bodiless, Reframe::AsIs),
-        BodyLength::Length(n) => (ClientFraming::Length(n), Reframe::AsIs),
-        BodyLength::Chunked if http11 => (ClientFraming::Chunked, Reframe::Chunked),
-        // An HTTP/1.0 client cannot read chunked: decode and delimit by closing.
-        BodyLength::Chunked | BodyLength::UntilClose => (ClientFraming::Close, Reframe::AsIs),
-    };
-    let upgrade = resp.status == 101;
-    let keep = ctx.client_keep_alive
-        && framing != ClientFraming::Close
-        && !upgrade
-        && !ctx.worker.draining.get();
-    out.clear();
-    write::client_response(
-        out,
-        urbuf.data(),
-        resp,
-        &ClientHead {
-            framing,
-            client_version: ctx.client_version,
-            keep_alive: keep,
-            request_id: ctx.request_id,
-            extra: ctx.extra,
-            edits: ctx.edits,
-        },
-    );
-    if let Some(cx) = ctx.cache {
-        if cx.revalidating && resp.status == 304 {
-            // The stale entry is still good: the caller answers from it.
-            cx.record(urbuf.data(), resp);
-            cx.not_modified.set(true);
-            urbuf.consume(resp.len);
-            return Ok(ResponseDone {
-                client_keep_alive: keep,
-                upstream_reusable: resp.keep_alive,
-                upgrade: false,
-            });
-        }
-        cx.start_capture(urbuf.data(), resp);
-    }
-    let mut body = BodyReader::new(resp.body, &ctx.worker.parse_limits);
-    urbuf.consume(resp.len);
-    if upgrade {
-        ctx.sent.set(ctx.sent.get() + out.len() as u64);
-        send(cw, out, ctx.deadline, ctx.write_timeout)
-            .await
-            .map_err(|_| ResponseFailure::new(ProxyError::UpstreamUnreachable("client gone")))?;
-        return Ok(ResponseDone {
-            client_keep_alive: false,
-            upstream_reusable: false,
-            upgrade: true,
-        });
-    }
-    // The head goes out with the first write of the body (or with all of a small one): until
-    // then a failure can still become a clean 502.
-    let transfer = Transfer {
-        read_timeout: ctx.request_timeout,
-        write_timeout: ctx.write_timeout,
-        max: None,
-        deadline: ctx.deadline,
-        sent: ctx.sent,
-        tee: ctx.cache.and_then(CacheExchange::tee),
-    };
-    let mut seen = 0;
-    if let Err(e) = copy_body(ur, urbuf, cw, out, &mut body, reframe, &mut seen, &transfer).await {
-        debug!(error = ?e, "response body failed");
-        return Err(ResponseFailure::new(ProxyError::UpstreamUnreachable(
-            "closed inside the response body",
-        )));
-    }
-    Ok(ResponseDone {
-        client_keep_alive: keep,
-        upstream_reusable: resp.keep_alive,
-        upgrade: false,
-    })
-}
-
-/// After a 101: bytes flow both ways untouched until both sides close or the pair goes idle.
-async fn tunnel<S: Io>(
-    c: &mut Session<'_, S>,
-    w: &Worker,
-    conn: &mut UpstreamConn,
-    idle: Duration,
-) {
-    let last = Cell::new(Instant::now());
-    let (up_deadline, down_deadline) = (w.deadlines.slot(), w.deadlines.slot());
-    let up = relay(
-        &mut c.r,
-        &mut c.rbuf,
-        &mut conn.w,
-        &last,
-        idle,
-        &up_deadline,
-    );
-    let down = relay(
-        &mut conn.r,
-        &mut conn.rbuf,
-        &mut c.w,
-        &last,
-        idle,
-        &down_deadline,
-    );
-    monoio::join!(up, down);
-}
-
-async fn relay<R, W>(
-    r: &mut R,
-    rbuf: &mut ReadBuf,
-    w: &mut W,
-    last: &Cell<Instant>,
-    idle: Duration,
-    deadline: &Deadline<'_>,
-) where
-    R: CancelableAsyncReadRent,
-    W: AsyncWriteRent,
-{
-    loop {
-        if !rbuf.is_empty() {
-            if !matches!(
-                deadline.within(idle, rbuf.write_all_to(w)).await,
-                Ok(Ok(()))
-            ) {
-                break;
-            }
-            last.set(Instant::now());
-        }
-        deadline.arm(idle);
-        let read = rbuf.fill_until(r, STREAMING_CAPACITY, deadline).await;
-        deadline.disarm();
-        match read {
-            Ok(Some(0)) | Err(_) => break,
-            Ok(Some(_)) => last.set(Instant::now()),
-            // Idle this way; the pair is idle only if the other way is too.
-            Ok(None) if last.get().elapsed() >= idle => break,
-            Ok(None) => {}
-        }
-    }
-    let _ = w.shutdown().await;
 }

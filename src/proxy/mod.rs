@@ -16,14 +16,17 @@
 //! whole. Every head the client gets is written by `http::write`, with the route's edits.
 //!
 //! Files: `session` (the connection), `exchange` (per-request state), `pipeline` (the phases),
-//! `forward` (the proxy terminal), `cached` (the cache around it), `reply` (generated heads).
+//! `forward` (the proxy terminal), `response` (its response side), `tunnel` (after a 101), `cached` (the cache around it),
+//! `reply` (generated heads).
 
 mod cached;
 mod exchange;
 mod forward;
 mod pipeline;
 mod reply;
+mod response;
 mod session;
+mod tunnel;
 
 use monoio::io::{AsyncReadRent, AsyncWriteRent, CancelableAsyncReadRent, Split};
 
