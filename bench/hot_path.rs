@@ -68,7 +68,6 @@ fn parse(c: &mut Criterion) {
                     fallback_host: b"127.0.0.1:9",
                     strip_prefix: Some(b"/api"),
                     traceparent: b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
-                    extra: b"",
                     edits: &HeaderEdits::default(),
                 },
             );

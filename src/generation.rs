@@ -10,7 +10,7 @@
 
 use std::rc::Rc;
 
-use crate::config::{Config, RouteAction, RouteCache, RouteId, UpstreamId};
+use crate::config::{Config, RouteAction, RouteId, UpstreamId};
 use crate::filter::Chain;
 use crate::router::Router;
 use crate::upstream::UpstreamState;
@@ -29,7 +29,6 @@ pub struct RouteEntry {
     pub max_body_bytes: Option<u64>,
     pub chain: Chain,
     pub terminal: Terminal,
-    pub cache: Option<RouteCache>,
 }
 
 /// What answers a request once the filters let it through.
@@ -67,7 +66,7 @@ impl Generation {
             .map(|r| RouteEntry {
                 name: r.name.clone(),
                 max_body_bytes: r.max_body_bytes,
-                chain: Chain::build(r),
+                chain: Chain::build(r, config),
                 terminal: match &r.action {
                     RouteAction::Proxy(upstream) => Terminal::Proxy {
                         upstream: *upstream,
@@ -89,7 +88,6 @@ impl Generation {
                         }
                     }
                 },
-                cache: r.cache.clone(),
             })
             .collect();
         Generation {

@@ -10,7 +10,7 @@ use std::time::Instant;
 use crate::access_log::AccessLog;
 use crate::cache::{Links, WorkerCache};
 use crate::config::{Config, Limits, RateLimitId};
-use crate::deadline::Deadlines;
+use crate::deadline::{Deadline, Deadlines};
 use crate::error::Reject;
 use crate::filter::Ctx;
 use crate::generation::Generation;
@@ -97,11 +97,13 @@ impl Worker {
         *self.generation.borrow_mut() = Rc::new(next);
     }
 
-    /// The services filters may use.
-    pub fn filter_ctx(&self) -> Ctx<'_> {
+    /// The services filters may use, with the connection's `deadline`.
+    pub fn filter_ctx<'a>(&'a self, deadline: &'a Deadline<'a>) -> Ctx<'a> {
         Ctx {
             limiters: &self.limiters,
             metrics: &self.metrics,
+            cache: self.cache.as_ref(),
+            deadline,
         }
     }
 

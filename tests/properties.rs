@@ -91,7 +91,6 @@ fn process(pieces: &[&[u8]]) -> Option<(Vec<u8>, Vec<u8>)> {
             fallback_host: b"up",
             strip_prefix: None,
             traceparent: b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
-            extra: b"",
             edits: &HeaderEdits::default(),
         },
     );

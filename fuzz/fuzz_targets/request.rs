@@ -33,7 +33,6 @@ fuzz_target!(|data: &[u8]| {
             fallback_host: b"up",
             strip_prefix: Some(b"/a"),
             traceparent: b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
-            extra: b"",
             edits: &HeaderEdits::default(),
         },
     );

@@ -7,27 +7,44 @@
 //! - `on_response`: edits for every response head the client gets on the route, whoever writes
 //!   it (proxied, cache hit, 304, the gateway's own refusals). Filled once the route is known,
 //!   before any filter may refuse, so a refusal carries them too.
-//! - `on_request`: may refuse the request (an `Err` becomes the response through the one
-//!   error funnel) or add the gateway's own response lines (`RateLimit-*`).
+//! - `on_request` (async): may refuse the request (an `Err` becomes the response through the
+//!   one error funnel), answer it instead of the terminal (`Flow::Cached`), or add the
+//!   gateway's own response lines (`RateLimit-*`, `X-Cache`).
 //! - `on_upstream_request`: edits to the head going upstream (proxy terminal only).
+//! - `on_upstream_response` and the body observer: the cache's, run by the response side on
+//!   the request's `CacheSlot` (the only filter that asks for them).
+//! - `on_done`: however the terminal ended; may still answer (`Flow::Cached`, after a 304
+//!   revalidated a stale entry).
 //!
 //! Filters see a `RequestInfo` (a view of the parsed head and what the exchange knows) and
 //! write `HeaderEdits`; they never see framing bytes or the stream. A new filter is a new
 //! variant here, a file beside this one, and a line in `Chain::build`.
 
+pub mod cache;
 mod headers;
 mod rate_limit;
 
 use std::cell::RefCell;
+use std::sync::Arc;
 
-use crate::config::{RateLimitId, Route, RouteId};
+use crate::cache::{Entry, WorkerCache};
+use crate::config::{Config, Route, RouteAction, RouteId};
+use crate::deadline::Deadline;
 use crate::error::ProxyError;
 use crate::http::{HeaderEdits, RequestHead};
-use crate::metrics::WorkerMetrics;
+use crate::metrics::{CacheOutcome, WorkerMetrics};
 use crate::ratelimit::Limiter;
 
+use cache::{Cache, CacheSlot};
 pub use headers::HeaderRules;
 pub use rate_limit::RateLimit;
+
+/// What the pipeline does after a filter phase.
+pub enum Flow {
+    Continue,
+    /// Answer from this cache entry instead of (or after) the terminal.
+    Cached(Arc<Entry>, CacheOutcome),
+}
 
 /// A read-only view of a parsed request head over the buffer it was parsed from.
 #[derive(Clone, Copy)]
@@ -60,10 +77,21 @@ pub struct RequestInfo<'a> {
     pub request_id: &'a [u8],
 }
 
-/// The worker's services a filter may use, borrowed from the worker (no filter sees `Worker`).
-pub struct Ctx<'w> {
-    pub limiters: &'w RefCell<Vec<Limiter>>,
-    pub metrics: &'w RefCell<WorkerMetrics>,
+/// The worker's services a filter may use, borrowed from the worker (no filter sees `Worker`),
+/// and the connection's deadline for bounded waits.
+pub struct Ctx<'a> {
+    pub limiters: &'a RefCell<Vec<Limiter>>,
+    pub metrics: &'a RefCell<WorkerMetrics>,
+    pub cache: Option<&'a WorkerCache>,
+    pub deadline: &'a Deadline<'a>,
+}
+
+/// What `on_request` may write besides its answer.
+pub struct RequestOut<'a> {
+    /// The gateway's lines for the response (`RateLimit-*`, `X-Cache`).
+    pub lines: &'a mut Vec<u8>,
+    /// The cache's per-request state.
+    pub cache: &'a mut Option<CacheSlot>,
 }
 
 pub enum Filter {
@@ -73,41 +101,53 @@ pub enum Filter {
         request: Option<HeaderRules>,
         response: Option<HeaderRules>,
     },
+    /// Caching, on routes with `cache`.
+    Cache(Cache),
+    /// On routes without `cache` while `[cache]` is on: unsafe requests invalidate.
+    Invalidate,
 }
 
 impl Filter {
     #[inline]
     fn on_response(&self, req: &RequestInfo<'_>, edits: &mut HeaderEdits) {
-        match self {
-            Filter::Headers {
-                response: Some(rules),
-                ..
-            } => rules.apply(req, edits),
-            Filter::Headers { .. } | Filter::RateLimit(_) => {}
+        if let Filter::Headers {
+            response: Some(rules),
+            ..
+        } = self
+        {
+            rules.apply(req, edits);
         }
     }
 
-    #[inline]
-    fn on_request(
+    async fn on_request(
         &self,
         cx: &Ctx<'_>,
         req: &RequestInfo<'_>,
-        gateway_lines: &mut Vec<u8>,
-    ) -> Result<(), ProxyError> {
+        out: &mut RequestOut<'_>,
+    ) -> Result<Flow, ProxyError> {
         match self {
-            Filter::RateLimit(limit) => limit.on_request(cx, req, gateway_lines),
-            Filter::Headers { .. } => Ok(()),
+            Filter::RateLimit(limit) => limit.on_request(cx, req, out.lines)?,
+            Filter::Cache(c) => return c.on_request(cx, req, out.lines, out.cache).await,
+            Filter::Invalidate => cache::invalidate_on_request(req, out.cache),
+            Filter::Headers { .. } => {}
         }
+        Ok(Flow::Continue)
     }
 
     #[inline]
-    fn on_upstream_request(&self, req: &RequestInfo<'_>, edits: &mut HeaderEdits) {
+    fn on_upstream_request(
+        &self,
+        req: &RequestInfo<'_>,
+        slot: Option<&CacheSlot>,
+        edits: &mut HeaderEdits,
+    ) {
         match self {
             Filter::Headers {
                 request: Some(rules),
                 ..
             } => rules.apply(req, edits),
-            Filter::Headers { .. } | Filter::RateLimit(_) => {}
+            Filter::Cache(_) => Cache::on_upstream_request(slot, edits),
+            _ => {}
         }
     }
 }
@@ -120,8 +160,8 @@ pub struct Chain {
 
 impl Chain {
     /// The route's filters: header transforms first (so that a refusal carries the response
-    /// edits), then rate limits.
-    pub fn build(route: &Route) -> Chain {
+    /// edits), then rate limits, then the cache (a refused request never reaches it).
+    pub fn build(route: &Route, config: &Config) -> Chain {
         let mut filters = Vec::new();
         if route.request_headers.is_some() || route.response_headers.is_some() {
             filters.push(Filter::Headers {
@@ -132,6 +172,16 @@ impl Chain {
         if !route.rate_limits.is_empty() {
             filters.push(Filter::RateLimit(RateLimit::new(&route.rate_limits)));
         }
+        match (&route.cache, &route.action) {
+            (Some(policy), RouteAction::Proxy(up)) => {
+                let timeout = config.upstreams[usize::from(up.0)].request_timeout;
+                filters.push(Filter::Cache(Cache::new(policy, timeout)));
+            }
+            (None, RouteAction::Proxy(_)) if config.cache.is_some() => {
+                filters.push(Filter::Invalidate);
+            }
+            _ => {}
+        }
         Chain {
             filters: filters.into(),
         }
@@ -141,38 +191,48 @@ impl Chain {
         self.filters.is_empty()
     }
 
-    /// The rate limits the route applies, for callers that report them.
-    pub fn rate_limits(&self) -> &[RateLimitId] {
-        self.filters
-            .iter()
-            .find_map(|f| match f {
-                Filter::RateLimit(l) => Some(l.ids()),
-                Filter::Headers { .. } => None,
-            })
-            .unwrap_or_default()
-    }
-
     pub fn on_response(&self, req: &RequestInfo<'_>, edits: &mut HeaderEdits) {
         for f in self.filters.iter() {
             f.on_response(req, edits);
         }
     }
 
-    pub fn on_request(
+    /// Runs the filters' `on_request` in order, until one refuses or answers.
+    pub async fn on_request(
         &self,
         cx: &Ctx<'_>,
         req: &RequestInfo<'_>,
-        gateway_lines: &mut Vec<u8>,
-    ) -> Result<(), ProxyError> {
+        out: &mut RequestOut<'_>,
+    ) -> Result<Flow, ProxyError> {
         for f in self.filters.iter() {
-            f.on_request(cx, req, gateway_lines)?;
+            if let Flow::Cached(entry, outcome) = f.on_request(cx, req, out).await? {
+                return Ok(Flow::Cached(entry, outcome));
+            }
         }
-        Ok(())
+        Ok(Flow::Continue)
     }
 
-    pub fn on_upstream_request(&self, req: &RequestInfo<'_>, edits: &mut HeaderEdits) {
+    pub fn on_upstream_request(
+        &self,
+        req: &RequestInfo<'_>,
+        slot: Option<&CacheSlot>,
+        edits: &mut HeaderEdits,
+    ) {
         for f in self.filters.iter() {
-            f.on_upstream_request(req, edits);
+            f.on_upstream_request(req, slot, edits);
         }
+    }
+
+    /// However the terminal ended (`ok`, and the status the upstream gave): the cache's
+    /// ending. Only a request that left a `CacheSlot` has one.
+    pub fn on_done(
+        &self,
+        cx: &Ctx<'_>,
+        slot: &mut Option<CacheSlot>,
+        ok: bool,
+        status: u16,
+        lines: &mut Vec<u8>,
+    ) -> Flow {
+        cache::on_done(cx, slot, ok, status, lines)
     }
 }

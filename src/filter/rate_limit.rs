@@ -15,10 +15,6 @@ impl RateLimit {
         RateLimit { ids: ids.into() }
     }
 
-    pub fn ids(&self) -> &[RateLimitId] {
-        &self.ids
-    }
-
     pub fn on_request(
         &self,
         cx: &Ctx<'_>,

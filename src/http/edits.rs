@@ -43,6 +43,11 @@ impl HeaderEdits {
         self.append.extend_from_slice(b"\r\n");
     }
 
+    /// Appends complete header lines (each ending in CRLF).
+    pub fn append_lines(&mut self, lines: &[u8]) {
+        self.append.extend_from_slice(lines);
+    }
+
     /// Whether any field is dropped: writers skip the name checks when none is.
     #[inline]
     pub fn removes_any(&self) -> bool {

@@ -23,9 +23,7 @@ pub struct Forwarding<'a> {
     pub strip_prefix: Option<&'a [u8]>,
     /// The `traceparent` for the upstream (the incoming one is replaced).
     pub traceparent: &'a [u8],
-    /// Header lines the gateway adds (each ending in CRLF), e.g. a cache's conditionals.
-    pub extra: &'a [u8],
-    /// The route's edits to the request head.
+    /// The route's edits to the request head (a cache's conditionals among them).
     pub edits: &'a HeaderEdits,
 }
 
@@ -141,7 +139,6 @@ pub fn upstream_request(out: &mut Vec<u8>, buf: &[u8], head: &RequestHead, fwd: 
     if keep(b"traceparent") {
         field(out, b"traceparent", fwd.traceparent);
     }
-    out.extend_from_slice(fwd.extra);
     out.extend_from_slice(edits.appended());
     if head.upgrade {
         out.extend_from_slice(b"connection: upgrade\r\n");
@@ -356,7 +353,6 @@ mod tests {
                 fallback_host: b"backend:80",
                 strip_prefix: strip,
                 traceparent: b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
-                extra: b"",
                 edits: &HeaderEdits::default(),
             },
         );

@@ -1,327 +1,61 @@
-//! The cache phase of a proxied request, for routes with `cache`: answer from the worker's
-//! cache when an entry is fresh (HIT, or 304 for a matching conditional request), answer stale
-//! within `stale-while-revalidate` and revalidate in the background (STALE), revalidate a
-//! stale entry with a conditional request, or forward (MISS) — one request per key at a time on
-//! a worker — and store what comes back if RFC 9111 allows. Unsafe requests that succeed
-//! invalidate their URL (and `Location` / `Content-Location`) on every worker.
+//! Answers from the cache, once the route's cache filter (`filter::cache`) has decided on an
+//! entry: the stored response, or a 304 when the client's own conditions hold, through the one
+//! generated-head writer; and the background revalidation of an entry answered STALE, through
+//! the buffered upstream client.
 
-use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
 use monoio::io::AsyncWriteRentExt;
 use tracing::debug;
 
-use super::forward::proxy;
 use super::session::Session;
 use super::{Failure, Io, Next};
-use crate::body::Tee;
 use crate::buffer::send;
-use crate::cache::policy::{self, CacheControl};
+use crate::cache::policy;
 use crate::cache::record::{add_validators, new_entry, refreshed, Recorded, Request};
-use crate::cache::{url_hash, variant_hash, Entry, WorkerCache};
-use crate::config::RouteCache;
+use crate::cache::{Entry, WorkerCache};
 use crate::error::ProxyError;
-use crate::generation::RouteEntry;
+use crate::filter::cache::header;
+use crate::generation::{RouteEntry, Terminal};
 use crate::http::write::{self, Generated};
-use crate::http::{BodyLength, Method, RequestHead, ResponseHead};
+use crate::http::{Method, RequestHead};
 use crate::metrics::CacheOutcome;
 use crate::upstream::client::{self, fetch};
 use crate::upstream::UpstreamState;
 use crate::worker::Worker;
 
-/// How long a miss waits for another request's fetch of the same key before making its own.
-const COALESCE_WAIT: Duration = Duration::from_secs(5);
 /// Bodies up to this size are copied into the response buffer; larger ones are written from
 /// the shared `Bytes` (one atomic increment instead of a copy).
 const COPY_BODY_BYTES: usize = 64 * 1024;
 /// Flights for background revalidation are keyed apart from fetches for misses.
 const REVALIDATION: u64 = 0x9e37_79b9_7f4a_7c15;
 
-/// What caching asks of one proxied exchange.
-pub struct CacheExchange {
-    /// Conditional header lines added to the upstream request.
-    pub conditional: Vec<u8>,
-    /// A stale entry is being revalidated: a 304 answers from it instead of reaching the client.
-    pub revalidating: bool,
-    pub not_modified: Cell<bool>,
-    capture: Option<Capture>,
-    /// The response's `Location` and `Content-Location` values (for invalidation).
-    locations: RefCell<Vec<Box<[u8]>>>,
-}
-
-struct Capture {
-    tee: RefCell<Tee>,
-    recorded: RefCell<Option<Recorded>>,
-    authorized: bool,
-    default_ttl: Duration,
-    max_entry: usize,
-}
-
-impl CacheExchange {
-    /// For an unsafe request: nothing to store, only the URLs to invalidate.
-    pub(super) fn invalidating() -> CacheExchange {
-        CacheExchange {
-            conditional: Vec::new(),
-            revalidating: false,
-            not_modified: Cell::new(false),
-            capture: None,
-            locations: RefCell::new(Vec::new()),
-        }
-    }
-
-    /// Records a 304's head, to refresh the entry it revalidated.
-    pub(super) fn record(&self, buf: &[u8], resp: &ResponseHead) {
-        if let Some(cap) = &self.capture {
-            *cap.recorded.borrow_mut() = Some(Recorded::from_head(buf, resp));
-        }
-    }
-
-    /// Notes what the response head says for the cache: the URLs it names, and whether to
-    /// copy the body for storing.
-    pub(super) fn start_capture(&self, buf: &[u8], resp: &ResponseHead) {
-        let mut locations = self.locations.borrow_mut();
-        for h in &resp.headers {
-            let name = h.name.get(buf);
-            if name.eq_ignore_ascii_case(b"location")
-                || name.eq_ignore_ascii_case(b"content-location")
-            {
-                locations.push(h.value.get(buf).into());
-            }
-        }
-        drop(locations);
-        let Some(cap) = &self.capture else { return };
-        let rec = Recorded::from_head(buf, resp);
-        let fits = match resp.body {
-            BodyLength::Length(n) => n <= cap.max_entry as u64,
-            _ => true,
-        };
-        if fits && policy::storable(&rec.facts(cap.authorized)) {
-            *cap.recorded.borrow_mut() = Some(rec);
-        } else {
-            cap.tee.borrow_mut().overflowed = true;
-        }
-    }
-
-    /// Where the response body is copied, while it may still be stored.
-    pub(super) fn tee(&self) -> Option<&RefCell<Tee>> {
-        self.capture
-            .as_ref()
-            .filter(|c| c.recorded.borrow().is_some() && !c.tee.borrow().overflowed)
-            .map(|c| &c.tee)
-    }
-}
-
-/// The value of request header `name`, or empty.
-fn header<'a>(buf: &'a [u8], head: &RequestHead, name: &[u8]) -> &'a [u8] {
-    head.header(buf, name).unwrap_or_default()
-}
-
-fn origin_target<'a>(buf: &'a [u8], head: &RequestHead) -> &'a [u8] {
-    let path = head.path.get(buf);
-    if path.is_empty() {
-        b"/"
-    } else {
-        path
-    }
-}
-
-/// The request's facts a stored entry keeps, read before the head's buffer is reused.
-fn request_facts(buf: &[u8], head: &RequestHead, url: u64, key_headers: &[String]) -> Request {
-    Request {
-        url,
-        variant_names: key_headers.iter().map(|h| h.as_bytes().into()).collect(),
-        host: head.host.map_or(&b""[..], |h| h.get(buf)).into(),
-        target: origin_target(buf, head).into(),
-        headers: head
-            .headers
-            .iter()
-            .map(|h| {
-                (
-                    h.name.get(buf).to_ascii_lowercase().into(),
-                    h.value.get(buf).into(),
-                )
-            })
-            .collect(),
-    }
-}
-
-pub(super) async fn proxy_cached<S: Io>(
+/// Answers from a cache entry the route's cache filter found (HIT, STALE, coalesced) or
+/// refreshed (after a 304): a STALE answer also starts its background revalidation.
+pub(super) async fn serve<S: Io>(
     c: &mut Session<'_, S>,
     w: &Rc<Worker>,
-    cache: &WorkerCache,
     route: &RouteEntry,
-    up: &UpstreamState,
-    strip: Option<&[u8]>,
-    policy: &RouteCache,
+    entry: &Arc<Entry>,
+    outcome: CacheOutcome,
 ) -> Result<Next, Failure> {
-    let method = c.head.method;
-    let mut req_cc = CacheControl::default();
-    let mut authorized = false;
-    let mut conditional = false;
-    {
-        let buf = c.rbuf.data();
-        for h in &c.head.headers {
-            let name = h.name.get(buf);
-            if name.eq_ignore_ascii_case(b"cache-control") || name.eq_ignore_ascii_case(b"pragma") {
-                req_cc.add(h.value.get(buf));
-            } else if name.eq_ignore_ascii_case(b"authorization") {
-                authorized = true;
-            } else if name.eq_ignore_ascii_case(b"if-none-match")
-                || name.eq_ignore_ascii_case(b"if-modified-since")
-            {
-                conditional = true;
-            }
+    if outcome == CacheOutcome::Stale {
+        if let (
+            Some(cache),
+            Terminal::Proxy {
+                upstream,
+                strip_prefix,
+            },
+        ) = (&w.cache, &route.terminal)
+        {
+            let up = Rc::clone(&c.ex.gen.upstreams[usize::from(upstream.0)]);
+            revalidate_in_background(w, cache, up, strip_prefix.as_deref(), Arc::clone(entry));
         }
     }
-    let directives = policy::request_directives(&req_cc);
-    let eligible = matches!(method, Method::Get | Method::Head) && c.head.body == BodyLength::None;
-    if !eligible || directives.no_store {
-        c.ex.extra.extend_from_slice(b"x-cache: BYPASS\r\n");
-        w.metrics.borrow_mut().record_cache(CacheOutcome::Bypass);
-        if method.is_safe() {
-            return proxy(c, w, route, up, strip, None).await;
-        }
-        return proxy_invalidating(c, w, cache, route, up, strip).await;
-    }
-
-    let buf = c.rbuf.data();
-    let host = c.head.host.map_or(&b""[..], |h| h.get(buf));
-    let url = url_hash(host, origin_target(buf, &c.head));
-    let variant_of = |c: &Session<'_, S>, vary: &[Box<[u8]>]| {
-        let names = policy.key_headers.iter().map(String::as_bytes);
-        let buf = c.rbuf.data();
-        variant_hash(names.chain(vary.iter().map(|n| &n[..])), |n| {
-            header(buf, &c.head, n)
-        })
-    };
-    let now = Instant::now();
-    let found = cache
-        .store
-        .borrow_mut()
-        .get(url, |e| variant_of(c, &e.vary));
-    if let Some(entry) = &found {
-        if entry.is_fresh(now) && !directives.revalidate {
-            return serve_entry(c, w, entry, CacheOutcome::Hit, now).await;
-        }
-        if !directives.revalidate && entry.may_serve_stale(now) {
-            let up = Rc::clone(&c.ex.gen.upstreams[usize::from(up.id.0)]);
-            revalidate_in_background(w, cache, up, strip, Arc::clone(entry));
-            return serve_entry(c, w, entry, CacheOutcome::Stale, now).await;
-        }
-    }
-
-    if directives.only_if_cached {
-        return Err(Failure::BeforeBody(ProxyError::NotCached));
-    }
-
-    // One fetch (or revalidation of a stale entry) per key on this worker at a time; the
-    // others wait for it, bounded. A request that asked to revalidate goes itself.
-    let flight_key = url ^ variant_of(c, &[]);
-    let mut leading = false;
-    if !directives.revalidate {
-        let (flight, leader) = cache.flight(flight_key);
-        leading = leader;
-        if !leader {
-            let wait = COALESCE_WAIT.min(up.request_timeout);
-            let _ = c.deadline.within(wait, flight.landed()).await;
-            let again = cache
-                .store
-                .borrow_mut()
-                .get(url, |e| variant_of(c, &e.vary));
-            if let Some(entry) = again.filter(|e| e.is_fresh(Instant::now())) {
-                return serve_entry(c, w, &entry, CacheOutcome::Coalesced, Instant::now()).await;
-            }
-        }
-    }
-    // Going upstream: what storing the response needs from the request, before the proxy
-    // consumes its head.
-    let request = request_facts(c.rbuf.data(), &c.head, url, &policy.key_headers);
-    let _landing = Landing {
-        cache,
-        key: flight_key,
-        leading,
-    };
-
-    let mut exchange = CacheExchange {
-        conditional: Vec::new(),
-        revalidating: false,
-        not_modified: Cell::new(false),
-        locations: RefCell::new(Vec::new()),
-        capture: (method == Method::Get).then(|| Capture {
-            tee: RefCell::new(Tee::new(cache.settings.max_entry_bytes)),
-            recorded: RefCell::new(None),
-            authorized,
-            default_ttl: policy.default_ttl,
-            max_entry: cache.settings.max_entry_bytes,
-        }),
-    };
-    if let Some(entry) = found.as_ref().filter(|_| !conditional) {
-        if entry.etag.is_some() || entry.last_modified.is_some() {
-            add_validators(&mut exchange.conditional, entry);
-            exchange.revalidating = true;
-        }
-    }
-    let extra_len = c.ex.extra.len();
-    c.ex.extra.extend_from_slice(b"x-cache: MISS\r\n");
-    let result = proxy(c, w, route, up, strip, Some(&exchange)).await;
-    if exchange.not_modified.get() {
-        if let Some(stale) = found {
-            let rec = exchange
-                .capture
-                .as_ref()
-                .and_then(|c| c.recorded.borrow_mut().take());
-            let fresh = refreshed(&stale, rec, Instant::now());
-            cache.insert(Arc::clone(&fresh));
-            c.ex.extra.truncate(extra_len);
-            result?;
-            // The request went upstream unconditional (its head is consumed): plain answer.
-            return serve_entry(c, w, &fresh, CacheOutcome::Revalidated, Instant::now()).await;
-        }
-    }
-    w.metrics.borrow_mut().record_cache(CacheOutcome::Miss);
-    if result.is_ok() {
-        if let Some(entry) = exchange.into_entry(&request, Instant::now()) {
-            cache.insert(Arc::new(entry));
-        }
-    }
-    result
-}
-
-/// Ends the flight a miss led, however the request ends.
-struct Landing<'a> {
-    cache: &'a WorkerCache,
-    key: u64,
-    leading: bool,
-}
-
-impl Drop for Landing<'_> {
-    fn drop(&mut self) {
-        if self.leading {
-            self.cache.land(self.key);
-        }
-    }
-}
-
-impl CacheExchange {
-    /// The entry to store, if the response was storable and its body was copied whole.
-    fn into_entry(self, request: &Request, now: Instant) -> Option<Entry> {
-        let cap = self.capture?;
-        let rec = cap.recorded.into_inner()?;
-        let tee = cap.tee.into_inner();
-        if tee.overflowed {
-            return None;
-        }
-        Some(new_entry(
-            request,
-            rec,
-            Bytes::from(tee.data),
-            now,
-            cap.default_ttl,
-        ))
-    }
+    serve_entry(c, w, entry, outcome, Instant::now()).await
 }
 
 /// Whether the client's own conditional request is satisfied by `entry` (RFC 9110 §13.2.2:
@@ -432,49 +166,6 @@ async fn serve_entry<S: Io>(
         }
     }
     Ok(if keep { Next::KeepAlive } else { Next::Close })
-}
-
-/// An unsafe request through a route that does not cache: forwarded, and if it succeeds its
-/// URL (and the ones its response names) are invalidated on every worker.
-pub(super) async fn proxy_invalidating<S: Io>(
-    c: &mut Session<'_, S>,
-    w: &Worker,
-    cache: &WorkerCache,
-    route: &RouteEntry,
-    up: &UpstreamState,
-    strip: Option<&[u8]>,
-) -> Result<Next, Failure> {
-    // Read the URL now: the head's buffer is reused while proxying.
-    let buf = c.rbuf.data();
-    let host: Box<[u8]> = c.head.host.map_or(&b""[..], |h| h.get(buf)).into();
-    let own = url_hash(&host, origin_target(buf, &c.head));
-    let exchange = CacheExchange::invalidating();
-    let result = proxy(c, w, route, up, strip, Some(&exchange)).await;
-    if result.is_err() || !(200..400).contains(&c.resp.status) {
-        return result;
-    }
-    cache.invalidate(own);
-    for value in exchange.locations.borrow().iter() {
-        // Same-origin only (RFC 9111 §4.4): a path, or an absolute URL on the same host.
-        let target = if value.starts_with(b"/") {
-            Some(&value[..])
-        } else {
-            let rest = value
-                .strip_prefix(b"http://")
-                .or_else(|| value.strip_prefix(b"https://"));
-            rest.and_then(|r| {
-                let slash = r.iter().position(|&b| b == b'/').unwrap_or(r.len());
-                r[..slash]
-                    .eq_ignore_ascii_case(&host)
-                    .then_some(&r[slash..])
-            })
-        };
-        if let Some(t) = target.filter(|t| !t.is_empty()) {
-            cache.invalidate(url_hash(&host, t));
-        }
-    }
-    debug!("unsafe request invalidated its URL");
-    result
 }
 
 /// Revalidates `entry` off the request path (stale-while-revalidate), once per URL at a time,

@@ -10,6 +10,7 @@ use std::rc::Rc;
 use std::time::Instant;
 
 use crate::config::{ListenerId, RouteId, UpstreamId};
+use crate::filter::cache::CacheSlot;
 use crate::generation::{Generation, RouteEntry};
 use crate::http::{HeaderEdits, RequestHead};
 use crate::trace::Trace;
@@ -33,6 +34,8 @@ pub(crate) struct Exchange {
     pub up_edits: HeaderEdits,
     /// The route's edits to every response head the client gets.
     pub resp_edits: HeaderEdits,
+    /// The cache filters' state, while a request that went upstream has one.
+    pub cache: Option<CacheSlot>,
 }
 
 impl Exchange {
@@ -48,6 +51,7 @@ impl Exchange {
             extra: Vec::new(),
             up_edits: HeaderEdits::default(),
             resp_edits: HeaderEdits::default(),
+            cache: None,
         }
     }
 
@@ -59,6 +63,11 @@ impl Exchange {
         self.extra.clear();
         self.up_edits.clear();
         self.resp_edits.clear();
+        debug_assert!(
+            self.cache.is_none(),
+            "the cache's on_done always takes its slot"
+        );
+        self.cache = None;
     }
 
     /// The request's route entry, once routed.

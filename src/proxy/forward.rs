@@ -13,7 +13,6 @@ use std::time::Instant;
 use monoio::io::{AsyncWriteRent, OwnedReadHalf, OwnedWriteHalf};
 use tracing::debug;
 
-use super::cached::CacheExchange;
 use super::pipeline::request_info;
 use super::response::{
     read_final_head, send_response, HeadWait, ResponseCtx, ResponseDone, ResponseFailure,
@@ -53,7 +52,6 @@ pub(super) async fn proxy<S: Io>(
     route: &RouteEntry,
     up: &UpstreamState,
     strip_prefix: Option<&[u8]>,
-    cache: Option<&CacheExchange>,
 ) -> Result<Next, Failure> {
     let key = balance_key(up, c);
     let (lease, conn) = acquire(up, w, key, &c.deadline)
@@ -61,7 +59,7 @@ pub(super) async fn proxy<S: Io>(
         .map_err(Failure::BeforeBody)?;
     let started = Instant::now();
     let head_at = Cell::new(None);
-    let result = forward(c, w, route, up, strip_prefix, &lease, conn, &head_at, cache).await;
+    let result = forward(c, w, route, up, strip_prefix, &lease, conn, &head_at).await;
     let latency_us = head_at
         .get()
         .map(|at: Instant| at.saturating_duration_since(started).as_micros() as u64);
@@ -91,7 +89,6 @@ async fn forward<S: Io>(
     lease: &TargetLease<'_>,
     mut conn: UpstreamConn,
     head_at: &Cell<Option<Instant>>,
-    cache: Option<&CacheExchange>,
 ) -> Result<Next, Failure> {
     let head = &c.head;
     let buf = c.rbuf.data();
@@ -102,7 +99,10 @@ async fn forward<S: Io>(
         .get_or_insert_with(|| Trace::new(head.traceparent.map(|t| t.get(buf)), &w.rng));
     if let Some(id) = c.ex.route.filter(|_| !route.chain.is_empty()) {
         let info = request_info(buf, head, &c.ex.client_ip, &c.ex.request_id, id, route);
-        route.chain.on_upstream_request(&info, &mut c.ex.up_edits);
+        let slot = c.ex.cache.as_ref();
+        route
+            .chain
+            .on_upstream_request(&info, slot, &mut c.ex.up_edits);
     }
     c.up_out.clear();
     write::upstream_request(
@@ -116,7 +116,6 @@ async fn forward<S: Io>(
             fallback_host: up.target(lease.target).name.as_bytes(),
             strip_prefix,
             traceparent: &trace.header,
-            extra: cache.map_or(&b""[..], |x| &x.conditional),
             edits: &c.ex.up_edits,
         },
     );
@@ -152,7 +151,7 @@ async fn forward<S: Io>(
         head_at,
         extra: &c.ex.extra,
         edits: &c.ex.resp_edits,
-        cache,
+        cache: c.ex.cache.as_ref().map(|s| &s.exchange),
         deadline: &c.deadline,
         worker: w,
     };

@@ -1,7 +1,9 @@
 //! The phases of one request, in order: route → `on_response` edits → body size → `on_request`
-//! filters → terminal. Each phase's filters come from the route's `Chain`; the terminal is the
-//! route's `Terminal`. Whatever fails returns a `Failure`, which `session` answers through the
-//! one error funnel.
+//! filters (which may answer from the cache) → terminal (`on_upstream_request` and the
+//! response side's cache phases run inside the proxy terminal) → `on_done` (which may still
+//! answer from the cache). Each phase's filters come from the route's `Chain`; the terminal is
+//! the route's `Terminal`. Whatever fails returns a `Failure`, which `session` answers through
+//! the one error funnel.
 
 use std::rc::Rc;
 
@@ -9,7 +11,7 @@ use super::session::Session;
 use super::{cached, forward, reply, Failure, Io, Next};
 use crate::config::RouteId;
 use crate::error::ProxyError;
-use crate::filter::{RequestInfo, RequestView};
+use crate::filter::{Flow, RequestInfo, RequestOut, RequestView};
 use crate::generation::{RouteEntry, Terminal};
 use crate::http::{BodyLength, RequestHead};
 use crate::router::RouteMatch;
@@ -51,6 +53,7 @@ pub(super) async fn run<S: Io>(c: &mut Session<'_, S>, w: &Rc<Worker>) -> Result
             return Err(Failure::BeforeBody(ProxyError::PayloadTooLarge));
         }
     }
+    let mut flow = Flow::Continue;
     if !route.chain.is_empty() {
         let info = request_info(
             c.rbuf.data(),
@@ -60,12 +63,21 @@ pub(super) async fn run<S: Io>(c: &mut Session<'_, S>, w: &Rc<Worker>) -> Result
             id,
             route,
         );
-        route
+        let cx = w.filter_ctx(&c.deadline);
+        let mut out = RequestOut {
+            lines: &mut c.ex.extra,
+            cache: &mut c.ex.cache,
+        };
+        flow = route
             .chain
-            .on_request(&w.filter_ctx(), &info, &mut c.ex.extra)
+            .on_request(&cx, &info, &mut out)
+            .await
             .map_err(Failure::BeforeBody)?;
     }
-    match &route.terminal {
+    if let Flow::Cached(entry, outcome) = flow {
+        return cached::serve(c, w, route, &entry, outcome).await;
+    }
+    let result = match &route.terminal {
         Terminal::Respond {
             status,
             headers,
@@ -75,18 +87,30 @@ pub(super) async fn run<S: Io>(c: &mut Session<'_, S>, w: &Rc<Worker>) -> Result
             upstream,
             strip_prefix,
         } => {
-            let up = gen.upstream(*upstream);
-            let strip = strip_prefix.as_deref();
-            match (&route.cache, w.cache.as_ref()) {
-                (Some(policy), Some(cache)) => {
-                    cached::proxy_cached(c, w, cache, route, up, strip, policy).await
-                }
-                (_, Some(cache)) if !c.head.method.is_safe() => {
-                    cached::proxy_invalidating(c, w, cache, route, up, strip).await
-                }
-                _ => forward::proxy(c, w, route, up, strip, None).await,
-            }
+            forward::proxy(
+                c,
+                w,
+                route,
+                gen.upstream(*upstream),
+                strip_prefix.as_deref(),
+            )
+            .await
         }
+    };
+    if c.ex.cache.is_none() {
+        return result;
+    }
+    let cx = w.filter_ctx(&c.deadline);
+    let (ok, status) = (result.is_ok(), c.resp.status);
+    match route
+        .chain
+        .on_done(&cx, &mut c.ex.cache, ok, status, &mut c.ex.extra)
+    {
+        Flow::Cached(entry, outcome) => {
+            result?;
+            cached::serve(c, w, route, &entry, outcome).await
+        }
+        Flow::Continue => result,
     }
 }
 

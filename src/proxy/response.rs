@@ -9,11 +9,11 @@ use std::time::{Duration, Instant};
 use monoio::io::{AsyncReadRent, AsyncWriteRent};
 use tracing::debug;
 
-use super::cached::CacheExchange;
 use crate::body::{copy_body, BodyReader, Reframe, Transfer};
 use crate::buffer::{send, write_out, ReadBuf};
 use crate::deadline::{Deadline, TimedOut};
 use crate::error::ProxyError;
+use crate::filter::cache::CacheExchange;
 use crate::http::write::{self, ClientFraming, ClientHead};
 use crate::http::{parse_response, BodyLength, HeaderEdits, ResponseError, ResponseHead, Version};
 use crate::worker::Worker;
@@ -203,6 +203,19 @@ pub(super) async fn send_response<R: AsyncReadRent, W: AsyncWriteRent>(
         && framing != ClientFraming::Close
         && !upgrade
         && !ctx.worker.draining.get();
+    // The route's cache sees the head first: a 304 that revalidated a stale entry is taken over
+    // (the pipeline answers from the refreshed entry), so nothing is written here.
+    if ctx
+        .cache
+        .is_some_and(|cx| cx.on_upstream_response(urbuf.data(), resp))
+    {
+        urbuf.consume(resp.len);
+        return Ok(ResponseDone {
+            client_keep_alive: keep,
+            upstream_reusable: resp.keep_alive,
+            upgrade: false,
+        });
+    }
     out.clear();
     write::client_response(
         out,
@@ -217,20 +230,6 @@ pub(super) async fn send_response<R: AsyncReadRent, W: AsyncWriteRent>(
             edits: ctx.edits,
         },
     );
-    if let Some(cx) = ctx.cache {
-        if cx.revalidating && resp.status == 304 {
-            // The stale entry is still good: the caller answers from it.
-            cx.record(urbuf.data(), resp);
-            cx.not_modified.set(true);
-            urbuf.consume(resp.len);
-            return Ok(ResponseDone {
-                client_keep_alive: keep,
-                upstream_reusable: resp.keep_alive,
-                upgrade: false,
-            });
-        }
-        cx.start_capture(urbuf.data(), resp);
-    }
     let mut body = BodyReader::new(resp.body, &ctx.worker.parse_limits);
     urbuf.consume(resp.len);
     if upgrade {

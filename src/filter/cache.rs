@@ -1,0 +1,433 @@
+//! The cache filters. `Cache`, on routes with `cache`: `on_request` answers from the worker's
+//! cache when an entry is fresh (HIT), or stale within `stale-while-revalidate` (STALE; the
+//! pipeline revalidates it in the background), waits for another request's fetch of the same
+//! key (one per key on a worker at a time), or lets the request go upstream (MISS) with a
+//! `CacheSlot` in the exchange; `on_upstream_request` adds the validators of a stale entry;
+//! the response side records the upstream's head and copies a storable body (`CacheExchange`);
+//! `on_done` stores what came back, or refreshes the entry a 304 revalidated and asks the
+//! pipeline to answer from it. `Invalidate`, on routes without `cache` while `[cache]` is on,
+//! and `Cache` for unsafe methods: a successful unsafe request invalidates its URL (and its
+//! `Location` / `Content-Location`) on every worker.
+
+use std::cell::{Cell, RefCell};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use super::{Ctx, Flow, RequestInfo};
+use crate::body::Tee;
+use crate::cache::policy::{self, CacheControl};
+use crate::cache::record::{add_validators, new_entry, refreshed, Recorded, Request};
+use crate::cache::{url_hash, variant_hash, Entry, WorkerCache};
+use crate::config::RouteCache;
+use crate::error::ProxyError;
+use crate::http::{BodyLength, HeaderEdits, Method, RequestHead, ResponseHead};
+use crate::metrics::CacheOutcome;
+
+/// How long a miss waits for another request's fetch of the same key before making its own.
+const COALESCE_WAIT: Duration = Duration::from_secs(5);
+
+pub struct Cache {
+    policy: RouteCache,
+    /// The longest wait for another request's fetch: `COALESCE_WAIT`, or less when the
+    /// upstream's `request_timeout` is shorter.
+    coalesce_wait: Duration,
+}
+
+/// What the cache phases keep about one request that went upstream.
+pub struct CacheSlot {
+    /// What the response side looks at.
+    pub exchange: CacheExchange,
+    /// The stale entry this request revalidates, if any.
+    stale: Option<Arc<Entry>>,
+    /// What storing the response needs from the request (read before its head is consumed).
+    request: Option<Request>,
+    /// The flight this request leads, landed when it ends.
+    flight: Option<u64>,
+    /// For an unsafe request: the host and URL it invalidates if it succeeds.
+    invalidates: Option<(Box<[u8]>, u64)>,
+    /// Where `X-Cache: MISS` starts in the gateway's lines (dropped if a 304 revalidates).
+    miss_line: usize,
+}
+
+/// What caching asks of one proxied exchange's response side.
+pub struct CacheExchange {
+    /// A stale entry is being revalidated: a 304 answers from it instead of reaching the client.
+    pub revalidating: bool,
+    pub not_modified: Cell<bool>,
+    /// Conditional header lines for the upstream request.
+    conditional: Vec<u8>,
+    capture: Option<Capture>,
+    /// The response's `Location` and `Content-Location` values (for invalidation).
+    locations: RefCell<Vec<Box<[u8]>>>,
+}
+
+struct Capture {
+    tee: RefCell<Tee>,
+    recorded: RefCell<Option<Recorded>>,
+    authorized: bool,
+    default_ttl: Duration,
+    max_entry: usize,
+}
+
+impl CacheExchange {
+    fn new(capture: Option<Capture>) -> CacheExchange {
+        CacheExchange {
+            revalidating: false,
+            not_modified: Cell::new(false),
+            conditional: Vec::new(),
+            capture,
+            locations: RefCell::new(Vec::new()),
+        }
+    }
+
+    /// The upstream's final head, before the client sees anything: a 304 to a revalidation is
+    /// recorded and taken over (the caller writes nothing; the pipeline answers from the
+    /// refreshed entry); anything else is noted for storing and invalidation. Returns whether
+    /// the response was taken over.
+    pub fn on_upstream_response(&self, buf: &[u8], resp: &ResponseHead) -> bool {
+        if self.revalidating && resp.status == 304 {
+            if let Some(cap) = &self.capture {
+                *cap.recorded.borrow_mut() = Some(Recorded::from_head(buf, resp));
+            }
+            self.not_modified.set(true);
+            return true;
+        }
+        let mut locations = self.locations.borrow_mut();
+        for h in &resp.headers {
+            let name = h.name.get(buf);
+            if name.eq_ignore_ascii_case(b"location")
+                || name.eq_ignore_ascii_case(b"content-location")
+            {
+                locations.push(h.value.get(buf).into());
+            }
+        }
+        drop(locations);
+        let Some(cap) = &self.capture else {
+            return false;
+        };
+        let rec = Recorded::from_head(buf, resp);
+        let fits = match resp.body {
+            BodyLength::Length(n) => n <= cap.max_entry as u64,
+            _ => true,
+        };
+        if fits && policy::storable(&rec.facts(cap.authorized)) {
+            *cap.recorded.borrow_mut() = Some(rec);
+        } else {
+            cap.tee.borrow_mut().overflowed = true;
+        }
+        false
+    }
+
+    /// The body observer: where the response body is copied, while it may still be stored.
+    pub fn tee(&self) -> Option<&RefCell<Tee>> {
+        self.capture
+            .as_ref()
+            .filter(|c| c.recorded.borrow().is_some() && !c.tee.borrow().overflowed)
+            .map(|c| &c.tee)
+    }
+
+    /// The entry to store, if the response was storable and its body was copied whole.
+    fn into_entry(self, request: &Request, now: Instant) -> Option<Entry> {
+        let cap = self.capture?;
+        let rec = cap.recorded.into_inner()?;
+        let tee = cap.tee.into_inner();
+        if tee.overflowed {
+            return None;
+        }
+        Some(new_entry(
+            request,
+            rec,
+            Bytes::from(tee.data),
+            now,
+            cap.default_ttl,
+        ))
+    }
+}
+
+impl CacheSlot {
+    /// For an unsafe request: nothing to store, only its URL to invalidate if it succeeds.
+    pub fn invalidating(req: &RequestInfo<'_>) -> CacheSlot {
+        let host = req.view.host();
+        CacheSlot {
+            exchange: CacheExchange::new(None),
+            stale: None,
+            request: None,
+            flight: None,
+            invalidates: Some((host.into(), url_hash(host, origin_target(req)))),
+            miss_line: 0,
+        }
+    }
+}
+
+/// The request's path as the cache keys it; "/" for an empty one.
+pub fn origin_target<'a>(req: &RequestInfo<'a>) -> &'a [u8] {
+    let path = req.view.head.path.get(req.view.buf);
+    if path.is_empty() {
+        b"/"
+    } else {
+        path
+    }
+}
+
+/// The value of request header `name`, or empty.
+pub fn header<'a>(buf: &'a [u8], head: &RequestHead, name: &[u8]) -> &'a [u8] {
+    head.header(buf, name).unwrap_or_default()
+}
+
+/// The request's facts a stored entry keeps, read before the head's buffer is reused.
+fn request_facts(req: &RequestInfo<'_>, url: u64, key_headers: &[String]) -> Request {
+    let (buf, head) = (req.view.buf, req.view.head);
+    Request {
+        url,
+        variant_names: key_headers.iter().map(|h| h.as_bytes().into()).collect(),
+        host: req.view.host().into(),
+        target: origin_target(req).into(),
+        headers: head
+            .headers
+            .iter()
+            .map(|h| {
+                (
+                    h.name.get(buf).to_ascii_lowercase().into(),
+                    h.value.get(buf).into(),
+                )
+            })
+            .collect(),
+    }
+}
+
+/// What the request asks of the cache.
+struct Asked {
+    cc: CacheControl,
+    authorized: bool,
+    conditional: bool,
+}
+
+fn asked(req: &RequestInfo<'_>) -> Asked {
+    let mut a = Asked {
+        cc: CacheControl::default(),
+        authorized: false,
+        conditional: false,
+    };
+    let buf = req.view.buf;
+    for h in &req.view.head.headers {
+        let name = h.name.get(buf);
+        if name.eq_ignore_ascii_case(b"cache-control") || name.eq_ignore_ascii_case(b"pragma") {
+            a.cc.add(h.value.get(buf));
+        } else if name.eq_ignore_ascii_case(b"authorization") {
+            a.authorized = true;
+        } else if name.eq_ignore_ascii_case(b"if-none-match")
+            || name.eq_ignore_ascii_case(b"if-modified-since")
+        {
+            a.conditional = true;
+        }
+    }
+    a
+}
+
+impl Cache {
+    pub fn new(policy: &RouteCache, request_timeout: Duration) -> Cache {
+        Cache {
+            policy: policy.clone(),
+            coalesce_wait: COALESCE_WAIT.min(request_timeout),
+        }
+    }
+
+    pub async fn on_request(
+        &self,
+        cx: &Ctx<'_>,
+        req: &RequestInfo<'_>,
+        lines: &mut Vec<u8>,
+        slot: &mut Option<CacheSlot>,
+    ) -> Result<Flow, ProxyError> {
+        let Some(cache) = cx.cache else {
+            return Ok(Flow::Continue);
+        };
+        let head = req.view.head;
+        let method = head.method;
+        let asked = asked(req);
+        let directives = policy::request_directives(&asked.cc);
+        let eligible =
+            matches!(method, Method::Get | Method::Head) && head.body == BodyLength::None;
+        if !eligible || directives.no_store {
+            lines.extend_from_slice(b"x-cache: BYPASS\r\n");
+            cx.metrics.borrow_mut().record_cache(CacheOutcome::Bypass);
+            if !method.is_safe() {
+                *slot = Some(CacheSlot::invalidating(req));
+            }
+            return Ok(Flow::Continue);
+        }
+
+        let url = url_hash(req.view.host(), origin_target(req));
+        let variant_of = |vary: &[Box<[u8]>]| {
+            let names = self.policy.key_headers.iter().map(String::as_bytes);
+            variant_hash(names.chain(vary.iter().map(|n| &n[..])), |n| {
+                header(req.view.buf, head, n)
+            })
+        };
+        let now = Instant::now();
+        let found = cache.store.borrow_mut().get(url, |e| variant_of(&e.vary));
+        if let Some(entry) = &found {
+            if entry.is_fresh(now) && !directives.revalidate {
+                return Ok(Flow::Cached(Arc::clone(entry), CacheOutcome::Hit));
+            }
+            if !directives.revalidate && entry.may_serve_stale(now) {
+                return Ok(Flow::Cached(Arc::clone(entry), CacheOutcome::Stale));
+            }
+        }
+        if directives.only_if_cached {
+            return Err(ProxyError::NotCached);
+        }
+
+        // One fetch (or revalidation of a stale entry) per key on this worker at a time; the
+        // others wait for it, bounded. A request that asked to revalidate goes itself.
+        let flight_key = url ^ variant_of(&[]);
+        let mut leading = false;
+        if !directives.revalidate {
+            let (flight, leader) = cache.flight(flight_key);
+            leading = leader;
+            if !leader {
+                let _ = cx
+                    .deadline
+                    .within(self.coalesce_wait, flight.landed())
+                    .await;
+                let again = cache.store.borrow_mut().get(url, |e| variant_of(&e.vary));
+                if let Some(entry) = again.filter(|e| e.is_fresh(Instant::now())) {
+                    return Ok(Flow::Cached(entry, CacheOutcome::Coalesced));
+                }
+            }
+        }
+        let mut exchange = CacheExchange::new((method == Method::Get).then(|| Capture {
+            tee: RefCell::new(Tee::new(cache.settings.max_entry_bytes)),
+            recorded: RefCell::new(None),
+            authorized: asked.authorized,
+            default_ttl: self.policy.default_ttl,
+            max_entry: cache.settings.max_entry_bytes,
+        }));
+        if let Some(entry) = found.as_ref().filter(|_| !asked.conditional) {
+            if entry.etag.is_some() || entry.last_modified.is_some() {
+                add_validators(&mut exchange.conditional, entry);
+                exchange.revalidating = true;
+            }
+        }
+        let miss_line = lines.len();
+        lines.extend_from_slice(b"x-cache: MISS\r\n");
+        *slot = Some(CacheSlot {
+            exchange,
+            stale: found,
+            request: Some(request_facts(req, url, &self.policy.key_headers)),
+            flight: leading.then_some(flight_key),
+            invalidates: None,
+            miss_line,
+        });
+        Ok(Flow::Continue)
+    }
+
+    /// The validators of the stale entry being revalidated.
+    pub fn on_upstream_request(slot: Option<&CacheSlot>, edits: &mut HeaderEdits) {
+        if let Some(s) = slot {
+            edits.append_lines(&s.exchange.conditional);
+        }
+    }
+}
+
+/// `Invalidate::on_request`: an unsafe request may change what its URL returns.
+pub fn invalidate_on_request(req: &RequestInfo<'_>, slot: &mut Option<CacheSlot>) {
+    if !req.view.head.method.is_safe() {
+        *slot = Some(CacheSlot::invalidating(req));
+    }
+}
+
+/// However the exchange ended: store what came back (a miss), refresh the entry a 304
+/// revalidated (and answer from it: `Flow::Cached`), invalidate what a successful unsafe
+/// request changed, and land the flight this request led, after storing, so that its waiters
+/// find the entry.
+pub fn on_done(
+    cx: &Ctx<'_>,
+    slot: &mut Option<CacheSlot>,
+    ok: bool,
+    status: u16,
+    lines: &mut Vec<u8>,
+) -> Flow {
+    let (Some(s), Some(cache)) = (slot.take(), cx.cache) else {
+        return Flow::Continue;
+    };
+    let flow = conclude(
+        cache,
+        cx,
+        s.exchange,
+        s.stale,
+        s.request,
+        s.invalidates,
+        ok,
+        status,
+    );
+    if let Flow::Cached(..) = flow {
+        lines.truncate(s.miss_line);
+    }
+    if let Some(key) = s.flight {
+        cache.land(key);
+    }
+    flow
+}
+
+#[allow(clippy::too_many_arguments)]
+fn conclude(
+    cache: &WorkerCache,
+    cx: &Ctx<'_>,
+    exchange: CacheExchange,
+    stale: Option<Arc<Entry>>,
+    request: Option<Request>,
+    invalidates: Option<(Box<[u8]>, u64)>,
+    ok: bool,
+    status: u16,
+) -> Flow {
+    if let Some((host, own)) = invalidates {
+        if ok && (200..400).contains(&status) {
+            invalidate(cache, &host, own, &exchange.locations.borrow());
+        }
+        return Flow::Continue;
+    }
+    if exchange.not_modified.get() {
+        if let Some(stale) = stale {
+            let rec = exchange
+                .capture
+                .as_ref()
+                .and_then(|c| c.recorded.borrow_mut().take());
+            let fresh = refreshed(&stale, rec, Instant::now());
+            cache.insert(Arc::clone(&fresh));
+            return Flow::Cached(fresh, CacheOutcome::Revalidated);
+        }
+    }
+    cx.metrics.borrow_mut().record_cache(CacheOutcome::Miss);
+    if ok {
+        if let Some(entry) = request.and_then(|r| exchange.into_entry(&r, Instant::now())) {
+            cache.insert(Arc::new(entry));
+        }
+    }
+    Flow::Continue
+}
+
+/// Invalidates `own` and the same-origin URLs in `locations` (RFC 9111 §4.4: a path, or an
+/// absolute URL on the same host), here and on every other worker.
+fn invalidate(cache: &WorkerCache, host: &[u8], own: u64, locations: &[Box<[u8]>]) {
+    cache.invalidate(own);
+    for value in locations {
+        let target = if value.starts_with(b"/") {
+            Some(&value[..])
+        } else {
+            let rest = value
+                .strip_prefix(b"http://")
+                .or_else(|| value.strip_prefix(b"https://"));
+            rest.and_then(|r| {
+                let slash = r.iter().position(|&b| b == b'/').unwrap_or(r.len());
+                r[..slash].eq_ignore_ascii_case(host).then_some(&r[slash..])
+            })
+        };
+        if let Some(t) = target.filter(|t| !t.is_empty()) {
+            cache.invalidate(url_hash(host, t));
+        }
+    }
+    tracing::debug!("unsafe request invalidated its URL");
+}
