@@ -78,18 +78,14 @@ pub(super) async fn proxy<S: Io>(
     result
 }
 
-/// Sends the request on `conn` and the response back: the body of `proxy`.
-#[allow(clippy::too_many_arguments)]
-async fn forward<S: Io>(
+/// The `on_upstream_request` phase and the head going upstream, written into `up_out`.
+fn write_upstream_head<S: Io>(
     c: &mut Session<'_, S>,
     w: &Worker,
     route: &RouteEntry,
-    up: &UpstreamState,
+    target_name: &[u8],
     strip_prefix: Option<&[u8]>,
-    lease: &TargetLease<'_>,
-    mut conn: UpstreamConn,
-    head_at: &Cell<Option<Instant>>,
-) -> Result<Next, Failure> {
+) {
     let head = &c.head;
     let buf = c.rbuf.data();
     let trace = *c
@@ -113,12 +109,34 @@ async fn forward<S: Io>(
             client_ip: c.ex.client_ip.as_bytes(),
             proto: b"http",
             request_id: &c.ex.request_id,
-            fallback_host: up.target(lease.target).name.as_bytes(),
+            fallback_host: target_name,
             strip_prefix,
             traceparent: &trace.header,
             edits: &c.ex.up_edits,
         },
     );
+}
+
+/// Sends the request on `conn` and the response back: the body of `proxy`.
+#[allow(clippy::too_many_arguments)]
+async fn forward<S: Io>(
+    c: &mut Session<'_, S>,
+    w: &Worker,
+    route: &RouteEntry,
+    up: &UpstreamState,
+    strip_prefix: Option<&[u8]>,
+    lease: &TargetLease<'_>,
+    mut conn: UpstreamConn,
+    head_at: &Cell<Option<Instant>>,
+) -> Result<Next, Failure> {
+    write_upstream_head(
+        c,
+        w,
+        route,
+        up.target(lease.target).name.as_bytes(),
+        strip_prefix,
+    );
+    let head = &c.head;
     let method = head.method;
     let expect_continue = head.expect_continue && head.version == Version::Http11;
     let reframe = match head.body {

@@ -16,7 +16,7 @@ use crate::buffer::write_out;
 use crate::deadline::Deadline;
 use crate::error::ProxyError;
 use crate::http::write::field;
-use crate::http::{parse_response, ResponseError, ResponseHead};
+use crate::http::{parse_response, BodyLength, ResponseError, ResponseHead};
 use crate::metrics::UpstreamOutcome;
 use crate::worker::Worker;
 
@@ -192,18 +192,30 @@ async fn exchange(
     }
     let raw_head = conn.rbuf.data()[..head.len].to_vec();
     conn.rbuf.consume(head.len);
-    let mut reader = BodyReader::new(head.body, limits);
-    let too_large = matches!(head.body, crate::http::BodyLength::Length(n) if n > max_body as u64);
-    if too_large {
-        return Ok((
-            Response {
-                raw_head,
-                head,
-                body: None,
-            },
-            false,
-        ));
+    let (body, complete) = read_body(w, conn, &head, max_body).await?;
+    let reusable = head.keep_alive && complete;
+    Ok((
+        Response {
+            raw_head,
+            head,
+            body,
+        },
+        reusable,
+    ))
+}
+
+/// The response body, decoded, if it fits in `max_body` (`None` otherwise: not read whole);
+/// and whether it was read to its end.
+async fn read_body(
+    w: &Worker,
+    conn: &mut UpstreamConn,
+    head: &ResponseHead,
+    max_body: usize,
+) -> Result<(Option<Vec<u8>>, bool), ProxyError> {
+    if matches!(head.body, BodyLength::Length(n) if n > max_body as u64) {
+        return Ok((None, false));
     }
+    let mut reader = BodyReader::new(head.body, &w.parse_limits);
     let mut body = Vec::new();
     let mut seen = 0u64;
     let max = Some(max_body as u64);
@@ -217,23 +229,14 @@ async fn exchange(
             None,
         ) {
             Ok(()) if body.len() <= max_body => {}
-            Ok(()) | Err(BodyError::TooLarge) => {
-                return Ok((
-                    Response {
-                        raw_head,
-                        head,
-                        body: None,
-                    },
-                    false,
-                ))
-            }
+            Ok(()) | Err(BodyError::TooLarge) => return Ok((None, false)),
             Err(_) => return Err(ProxyError::UpstreamInvalid("malformed response body")),
         }
         if reader.is_done() {
-            break;
+            return Ok((Some(body), true));
         }
         match conn.rbuf.fill(&mut conn.r, 64 * 1024).await {
-            Ok(0) if matches!(reader, BodyReader::UntilClose) => break,
+            Ok(0) if matches!(reader, BodyReader::UntilClose) => return Ok((Some(body), false)),
             Ok(n) if n > 0 => {}
             _ => {
                 return Err(ProxyError::UpstreamUnreachable(
@@ -242,13 +245,4 @@ async fn exchange(
             }
         }
     }
-    let reusable = head.keep_alive && reader.is_done();
-    Ok((
-        Response {
-            raw_head,
-            head,
-            body: Some(body),
-        },
-        reusable,
-    ))
 }
