@@ -99,7 +99,7 @@ impl Validator<'_> {
     }
 
     fn field_name(&self, name: &str, span: Range<usize>, key: &str) -> Result<String, ConfigError> {
-        if !crate::http::is_token(name.as_bytes()) {
+        if !crate::http::is_token(name.as_bytes()) || name.len() > 255 {
             return Err(self.err(span, key, format!("{name:?} is not a valid header name")));
         }
         let lower = name.to_ascii_lowercase();

@@ -156,6 +156,15 @@ impl Filter {
 #[derive(Default)]
 pub struct Chain {
     filters: Box<[Filter]>,
+    /// Which phases any filter of the chain acts in: the pipeline skips the others.
+    phases: Phases,
+}
+
+#[derive(Default, Clone, Copy)]
+struct Phases {
+    response: bool,
+    request: bool,
+    upstream_request: bool,
 }
 
 impl Chain {
@@ -182,13 +191,42 @@ impl Chain {
             }
             _ => {}
         }
+        let mut phases = Phases::default();
+        for f in &filters {
+            match f {
+                Filter::Headers { request, response } => {
+                    phases.response |= response.is_some();
+                    phases.upstream_request |= request.is_some();
+                }
+                Filter::RateLimit(_) | Filter::Invalidate => phases.request = true,
+                Filter::Cache(_) => {
+                    phases.request = true;
+                    phases.upstream_request = true;
+                }
+            }
+        }
         Chain {
             filters: filters.into(),
+            phases,
         }
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.filters.is_empty()
+    /// Whether `on_response` does anything on this route.
+    #[inline]
+    pub fn runs_on_response(&self) -> bool {
+        self.phases.response
+    }
+
+    /// Whether `on_request` does anything on this route.
+    #[inline]
+    pub fn runs_on_request(&self) -> bool {
+        self.phases.request
+    }
+
+    /// Whether `on_upstream_request` does anything on this route.
+    #[inline]
+    pub fn runs_on_upstream_request(&self) -> bool {
+        self.phases.upstream_request
     }
 
     pub fn on_response(&self, req: &RequestInfo<'_>, edits: &mut HeaderEdits) {

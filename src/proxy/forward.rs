@@ -93,7 +93,10 @@ fn write_upstream_head<S: Io>(
         .log
         .trace
         .get_or_insert_with(|| Trace::new(head.traceparent.map(|t| t.get(buf)), &w.rng));
-    if let Some(id) = c.ex.route.filter(|_| !route.chain.is_empty()) {
+    if let Some(id) =
+        c.ex.route
+            .filter(|_| route.chain.runs_on_upstream_request())
+    {
         let info = request_info(buf, head, &c.ex.client_ip, &c.ex.request_id, id, route);
         let slot = c.ex.cache.as_ref();
         route

@@ -37,7 +37,7 @@ pub(super) async fn run<S: Io>(c: &mut Session<'_, S>, w: &Rc<Worker>) -> Result
     };
     c.ex.route = Some(id);
     let route = gen.route(id);
-    if !route.chain.is_empty() {
+    if route.chain.runs_on_response() {
         let info = request_info(
             c.rbuf.data(),
             &c.head,
@@ -54,7 +54,7 @@ pub(super) async fn run<S: Io>(c: &mut Session<'_, S>, w: &Rc<Worker>) -> Result
         }
     }
     let mut flow = Flow::Continue;
-    if !route.chain.is_empty() {
+    if route.chain.runs_on_request() {
         let info = request_info(
             c.rbuf.data(),
             &c.head,

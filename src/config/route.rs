@@ -1,0 +1,326 @@
+//! Route validation: matching (host, path, methods), the action (upstream or a fixed
+//! response), and what a route applies (rate limits, cache, header transforms).
+
+use toml::Spanned;
+
+use super::file::{RespondFile, RouteFile};
+use super::{
+    ms, ConfigError, HostMatch, Listener, ListenerId, PathMatch, RateLimit, RateLimitId, Respond,
+    Route, RouteAction, RouteCache, Upstream, UpstreamId, Validator,
+};
+
+impl Validator<'_> {
+    pub(super) fn route(
+        &self,
+        i: usize,
+        r: &RouteFile,
+        listeners: &[Listener],
+        upstreams: &[Upstream],
+        rate_limits: &[RateLimit],
+        has_cache: bool,
+    ) -> Result<Route, ConfigError> {
+        let key = format!("routes[{i}]");
+        let name = self.name(&r.name, &format!("{key}.name"))?;
+        let listener = listeners
+            .iter()
+            .position(|l| &l.name == r.listener.get_ref())
+            .ok_or_else(|| {
+                self.err(
+                    r.listener.span(),
+                    &format!("{key}.listener"),
+                    format!("unknown listener {:?}", r.listener.get_ref()),
+                )
+            })?;
+
+        let host = match &r.host {
+            None => HostMatch::Any,
+            Some(h) => self.host(h, &format!("{key}.host"))?,
+        };
+
+        let path = self.path_match(r, &key)?;
+        let methods = self.methods(r, &key)?;
+        let strip_prefix = match &r.strip_prefix {
+            None => None,
+            Some(p) => Some(self.path(p, &format!("{key}.strip_prefix"))?),
+        };
+
+        let action = match (&r.upstream, &r.respond) {
+            (Some(u), None) => {
+                let id = upstreams
+                    .iter()
+                    .position(|o| &o.name == u.get_ref())
+                    .ok_or_else(|| {
+                        self.err(
+                            u.span(),
+                            &format!("{key}.upstream"),
+                            format!("unknown upstream {:?}", u.get_ref()),
+                        )
+                    })?;
+                RouteAction::Proxy(UpstreamId(id as u16))
+            }
+            (None, Some(resp)) => RouteAction::Respond(self.respond(resp, &key)?),
+            _ => {
+                return Err(self.err(
+                    r.name.span(),
+                    &key,
+                    "a route needs exactly one of upstream and respond",
+                ))
+            }
+        };
+
+        if r.rate_limits.len() > crate::ratelimit::MAX_LIMITS_PER_ROUTE {
+            return Err(self.err(
+                r.name.span(),
+                &format!("{key}.rate_limits"),
+                format!(
+                    "at most {} rate limits per route",
+                    crate::ratelimit::MAX_LIMITS_PER_ROUTE
+                ),
+            ));
+        }
+        let cache = self.route_cache(r, &key, has_cache)?;
+        let limits = self.route_limits(r, &key, rate_limits)?;
+
+        Ok(Route {
+            name,
+            listener: ListenerId(listener as u16),
+            host,
+            path,
+            methods,
+            strip_prefix,
+            action,
+            max_body_bytes: r.max_body_bytes,
+            rate_limits: limits,
+            cache,
+            request_headers: r
+                .request_headers
+                .as_ref()
+                .map(|t| self.header_transform(t, &format!("{key}.request_headers")))
+                .transpose()?,
+            response_headers: r
+                .response_headers
+                .as_ref()
+                .map(|t| self.header_transform(t, &format!("{key}.response_headers")))
+                .transpose()?,
+        })
+    }
+
+    fn path_match(&self, r: &RouteFile, key: &str) -> Result<PathMatch, ConfigError> {
+        Ok(match (&r.path, &r.path_prefix, &r.path_regex) {
+            (None, None, None) => PathMatch::Prefix("/".to_owned()),
+            (Some(p), None, None) => PathMatch::Exact(self.path(p, &format!("{key}.path"))?),
+            (None, Some(p), None) => {
+                PathMatch::Prefix(self.path(p, &format!("{key}.path_prefix"))?)
+            }
+            (None, None, Some(p)) => {
+                if let Err(e) = regex_automata::meta::Regex::new(p.get_ref()) {
+                    return Err(self.err(
+                        p.span(),
+                        &format!("{key}.path_regex"),
+                        format!("invalid regex: {e}"),
+                    ));
+                }
+                PathMatch::Regex(p.get_ref().clone())
+            }
+            _ => {
+                return Err(self.err(
+                    r.name.span(),
+                    key,
+                    "give at most one of path, path_prefix and path_regex",
+                ))
+            }
+        })
+    }
+
+    fn methods(&self, r: &RouteFile, key: &str) -> Result<Option<Vec<String>>, ConfigError> {
+        Ok(match &r.methods {
+            None => None,
+            Some(list) if list.is_empty() => {
+                return Err(self.err(
+                    r.name.span(),
+                    &format!("{key}.methods"),
+                    "an empty methods list matches nothing; omit it to allow every method",
+                ))
+            }
+            Some(list) => {
+                let mut out = Vec::with_capacity(list.len());
+                for m in list {
+                    if !crate::http::is_token(m.get_ref().as_bytes()) {
+                        return Err(self.err(
+                            m.span(),
+                            &format!("{key}.methods"),
+                            format!("{:?} is not a valid method", m.get_ref()),
+                        ));
+                    }
+                    out.push(m.get_ref().clone());
+                }
+                Some(out)
+            }
+        })
+    }
+
+    fn route_cache(
+        &self,
+        r: &RouteFile,
+        key: &str,
+        has_cache: bool,
+    ) -> Result<Option<RouteCache>, ConfigError> {
+        Ok(match &r.cache {
+            None => None,
+            Some(c) => {
+                if !has_cache {
+                    return Err(self.err(
+                        c.span(),
+                        &format!("{key}.cache"),
+                        "route caching needs a [cache] section",
+                    ));
+                }
+                if r.upstream.is_none() {
+                    return Err(self.err(
+                        c.span(),
+                        &format!("{key}.cache"),
+                        "only routes with an upstream can cache",
+                    ));
+                }
+                let mut key_headers = Vec::new();
+                for h in &c.get_ref().key_headers {
+                    if !crate::http::is_token(h.get_ref().as_bytes()) {
+                        return Err(self.err(
+                            h.span(),
+                            &format!("{key}.cache.key_headers"),
+                            format!("{:?} is not a header name", h.get_ref()),
+                        ));
+                    }
+                    key_headers.push(h.get_ref().to_ascii_lowercase());
+                }
+                Some(RouteCache {
+                    default_ttl: ms(c.get_ref().default_ttl_ms),
+                    key_headers,
+                })
+            }
+        })
+    }
+
+    fn route_limits(
+        &self,
+        r: &RouteFile,
+        key: &str,
+        rate_limits: &[RateLimit],
+    ) -> Result<Vec<RateLimitId>, ConfigError> {
+        let mut limits = Vec::with_capacity(r.rate_limits.len());
+        for l in &r.rate_limits {
+            let id = rate_limits
+                .iter()
+                .position(|o| &o.name == l.get_ref())
+                .ok_or_else(|| {
+                    self.err(
+                        l.span(),
+                        &format!("{key}.rate_limits"),
+                        format!("unknown rate limit {:?}", l.get_ref()),
+                    )
+                })?;
+            if !limits.contains(&RateLimitId(id as u16)) {
+                limits.push(RateLimitId(id as u16));
+            }
+        }
+        Ok(limits)
+    }
+
+    fn host(&self, h: &Spanned<String>, key: &str) -> Result<HostMatch, ConfigError> {
+        let s = h.get_ref().to_ascii_lowercase();
+        let (wild, rest) = match s.strip_prefix("*.") {
+            Some(rest) => (true, rest),
+            None => (false, s.as_str()),
+        };
+        let valid = !rest.is_empty()
+            && rest
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'));
+        if !valid {
+            return Err(self.err(
+                h.span(),
+                key,
+                format!(
+                    "{:?} is not a host name or \"*.domain\" (hosts are matched without a port)",
+                    h.get_ref()
+                ),
+            ));
+        }
+        Ok(if wild {
+            HostMatch::Suffix(format!(".{rest}"))
+        } else {
+            HostMatch::Exact(rest.to_owned())
+        })
+    }
+
+    fn path(&self, p: &Spanned<String>, key: &str) -> Result<String, ConfigError> {
+        let s = p.get_ref();
+        if s.starts_with('/') && s.bytes().all(|b| b.is_ascii_graphic()) {
+            Ok(s.clone())
+        } else {
+            Err(self.err(
+                p.span(),
+                key,
+                format!("{s:?} must start with '/' and contain no spaces"),
+            ))
+        }
+    }
+
+    fn respond(&self, r: &Spanned<RespondFile>, key: &str) -> Result<Respond, ConfigError> {
+        let resp = r.get_ref();
+        let status = *resp.status.get_ref();
+        if !(200..=599).contains(&status) {
+            return Err(self.err(
+                resp.status.span(),
+                &format!("{key}.respond.status"),
+                "must be between 200 and 599",
+            ));
+        }
+        if matches!(status, 204 | 304) && !resp.body.is_empty() {
+            return Err(self.err(
+                resp.status.span(),
+                &format!("{key}.respond.body"),
+                format!("a {status} response cannot have a body"),
+            ));
+        }
+        let mut headers = Vec::with_capacity(resp.headers.len());
+        for (name, value) in &resp.headers {
+            let hkey = format!("{key}.respond.headers");
+            if !crate::http::is_token(name.as_bytes()) {
+                return Err(self.err(
+                    value.span(),
+                    &hkey,
+                    format!("{name:?} is not a valid header name"),
+                ));
+            }
+            let lower = name.to_ascii_lowercase();
+            if matches!(
+                lower.as_str(),
+                "content-length" | "transfer-encoding" | "connection" | "x-request-id"
+            ) {
+                return Err(self.err(
+                    value.span(),
+                    &hkey,
+                    format!("{name} is set by ringway and cannot be configured"),
+                ));
+            }
+            if value
+                .get_ref()
+                .bytes()
+                .any(|b| b.is_ascii_control() && b != b'\t')
+            {
+                return Err(self.err(
+                    value.span(),
+                    &hkey,
+                    "header values cannot contain control characters",
+                ));
+            }
+            headers.push((lower, value.get_ref().clone()));
+        }
+        Ok(Respond {
+            status,
+            headers,
+            body: resp.body.clone(),
+        })
+    }
+}
