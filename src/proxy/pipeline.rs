@@ -37,15 +37,15 @@ pub(super) async fn run<S: Io>(c: &mut Session<'_, S>, w: &Rc<Worker>) -> Result
     };
     c.ex.route = Some(id);
     let route = gen.route(id);
+    let info = request_info(
+        c.rbuf.data(),
+        &c.head,
+        &c.ex.client_ip,
+        &c.ex.request_id,
+        id,
+        route,
+    );
     if route.chain.runs_on_response() {
-        let info = request_info(
-            c.rbuf.data(),
-            &c.head,
-            &c.ex.client_ip,
-            &c.ex.request_id,
-            id,
-            route,
-        );
         route.chain.on_response(&info, &mut c.ex.resp_edits);
     }
     if let (Some(max), BodyLength::Length(n)) = (route.max_body_bytes, c.head.body) {
@@ -55,14 +55,6 @@ pub(super) async fn run<S: Io>(c: &mut Session<'_, S>, w: &Rc<Worker>) -> Result
     }
     let mut flow = Flow::Continue;
     if route.chain.runs_on_request() {
-        let info = request_info(
-            c.rbuf.data(),
-            &c.head,
-            &c.ex.client_ip,
-            &c.ex.request_id,
-            id,
-            route,
-        );
         let cx = w.filter_ctx(&c.deadline);
         let mut out = RequestOut {
             lines: &mut c.ex.extra,

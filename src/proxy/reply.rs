@@ -47,24 +47,7 @@ pub(super) async fn error<S: Io>(
     }))
     .unwrap_or_default();
     c.ex.log.status = status;
-    c.out.clear();
-    write::generated_response(
-        &mut c.out,
-        &Generated {
-            status,
-            reason: b"",
-            headers: &headers,
-            only: None,
-            extra: &c.ex.extra,
-            edits: &c.ex.resp_edits,
-            body: &body,
-            content_length: Some(body.len() as u64),
-            head_only: c.head.method == Method::Head,
-            keep_alive,
-            client_version: c.head.version,
-            request_id: &c.ex.request_id,
-        },
-    );
+    write_generated(c, status, &headers, &body, keep_alive);
     let log = &c.ex.log;
     log.bytes_out.set(log.bytes_out.get() + c.out.len() as u64);
     send(&mut c.w, &mut c.out, &c.deadline, w.limits.write_timeout)
@@ -82,7 +65,7 @@ pub(super) async fn respond<S: Io>(
     body: &[u8],
 ) -> Result<Next, Failure> {
     let head = &c.head;
-    let (version, to_head, mut keep) = (head.version, head.method == Method::Head, head.keep_alive);
+    let mut keep = head.keep_alive;
     let mut reader = BodyReader::new(head.body, &w.parse_limits);
     c.rbuf.consume(head.len);
     let mut seen = 0;
@@ -100,24 +83,7 @@ pub(super) async fn respond<S: Io>(
     c.up_out.clear();
     // A body still on its way is not worth waiting for: answer, then close.
     keep &= reader.is_done() && !w.draining.get();
-    c.out.clear();
-    write::generated_response(
-        &mut c.out,
-        &Generated {
-            status,
-            reason: b"",
-            headers,
-            only: None,
-            extra: &c.ex.extra,
-            edits: &c.ex.resp_edits,
-            body,
-            content_length: Some(body.len() as u64),
-            head_only: to_head,
-            keep_alive: keep,
-            client_version: version,
-            request_id: &c.ex.request_id,
-        },
-    );
+    write_generated(c, status, headers, body, keep);
     c.ex.log.status = status;
     c.ex.log.bytes_in = c.head.len as u64 + seen;
     c.ex.log.bytes_out.set(c.out.len() as u64);
@@ -131,4 +97,33 @@ pub(super) async fn respond<S: Io>(
         linger(c).await;
     }
     Ok(if keep { Next::KeepAlive } else { Next::Close })
+}
+
+/// Writes a gateway-generated response with a standard reason phrase into `out`, with the
+/// gateway's lines and the route's edits.
+fn write_generated<S: Io>(
+    c: &mut Session<'_, S>,
+    status: u16,
+    headers: &[u8],
+    body: &[u8],
+    keep_alive: bool,
+) {
+    c.out.clear();
+    write::generated_response(
+        &mut c.out,
+        &Generated {
+            status,
+            reason: b"",
+            headers,
+            only: None,
+            extra: &c.ex.extra,
+            edits: &c.ex.resp_edits,
+            body,
+            content_length: Some(body.len() as u64),
+            head_only: c.head.method == Method::Head,
+            keep_alive,
+            client_version: c.head.version,
+            request_id: &c.ex.request_id,
+        },
+    );
 }
