@@ -119,19 +119,23 @@ impl Filter {
         }
     }
 
-    async fn on_request(
+    /// The synchronous filters' `on_request`; the cache's may wait, and `Chain` awaits it
+    /// directly (one async layer less on every request).
+    #[inline]
+    fn on_request_now(
         &self,
         cx: &Ctx<'_>,
         req: &RequestInfo<'_>,
         out: &mut RequestOut<'_>,
-    ) -> Result<Flow, ProxyError> {
+    ) -> Result<(), ProxyError> {
         match self {
-            Filter::RateLimit(limit) => limit.on_request(cx, req, out.lines)?,
-            Filter::Cache(c) => return c.on_request(cx, req, out.lines, out.cache).await,
-            Filter::Invalidate => cache::invalidate_on_request(req, out.cache),
-            Filter::Headers { .. } => {}
+            Filter::RateLimit(limit) => limit.on_request(cx, req, out.lines),
+            Filter::Invalidate => {
+                cache::invalidate_on_request(req, out.cache);
+                Ok(())
+            }
+            Filter::Headers { .. } | Filter::Cache(_) => Ok(()),
         }
-        Ok(Flow::Continue)
     }
 
     #[inline]
@@ -243,8 +247,9 @@ impl Chain {
         out: &mut RequestOut<'_>,
     ) -> Result<Flow, ProxyError> {
         for f in self.filters.iter() {
-            if let Flow::Cached(entry, outcome) = f.on_request(cx, req, out).await? {
-                return Ok(Flow::Cached(entry, outcome));
+            match f {
+                Filter::Cache(c) => return c.on_request(cx, req, out.lines, out.cache).await,
+                f => f.on_request_now(cx, req, out)?,
             }
         }
         Ok(Flow::Continue)

@@ -113,8 +113,7 @@ async fn serve_entry<S: Io>(
         c.rbuf.consume(c.head.len);
     }
     let status = if not_modified { 304 } else { entry.status };
-    // The gateway's lines: Age and X-Cache, then what the filters added (RateLimit-*).
-    let filters_added = c.ex.extra.len();
+    // The gateway's lines: what the filters added (RateLimit-*), then Age and X-Cache.
     c.ex.extra.extend_from_slice(b"age: ");
     c.ex.extra.extend_from_slice(
         itoa::Buffer::new()
@@ -124,7 +123,6 @@ async fn serve_entry<S: Io>(
     c.ex.extra.extend_from_slice(b"\r\nx-cache: ");
     c.ex.extra.extend_from_slice(state);
     c.ex.extra.extend_from_slice(b"\r\n");
-    c.ex.extra.rotate_left(filters_added);
     let with_body = !not_modified && !to_head && !entry.body.is_empty();
     let copy = with_body && entry.body.len() <= COPY_BODY_BYTES;
     c.out.clear();
