@@ -1,21 +1,27 @@
 //! ringway: a thread-per-core HTTP/1.1 API gateway on monoio (io_uring).
 //!
-//! The binary is thin (`main.rs`: CLI → `config::load` → `runtime::run`). The request path
-//! reads top to bottom in `proxy`. Modules by concern:
+//! The binary is thin (`main.rs`: CLI → `config::load` → `runtime::run`). A request's phases
+//! read top to bottom in `proxy::pipeline` (route → filters → terminal → ending). Modules by
+//! concern:
 //!
 //! - `config`: the TOML file, validated into plain data.
 //! - `runtime`: threads, core pinning, drivers, SO_REUSEPORT listeners, signals and drain.
-//! - `worker`: what each worker thread owns.
-//! - `http`: the HTTP/1.1 codec (parse, framing, chunked, write).
+//! - `worker`: what each worker thread owns; `generation`: the swappable request path built
+//!   from one config (router, route chains and terminals, upstreams).
+//! - `proxy`: the connection (`session`), per-request state (`exchange`), the phases
+//!   (`pipeline`), the proxy terminal (`forward`, `response`, `tunnel`), generated answers
+//!   (`reply`, `cached`). Generic over the client stream.
+//! - `filter`: the per-route filter chain (rate limit, header transforms, cache).
+//! - `http`: the HTTP/1.1 codec (parse, framing, chunked, header edits, head writers).
 //! - `router`: route selection.
-//! - `upstream`: per-worker pools, balancers and passive health.
+//! - `upstream`: per-worker pools, balancers and passive health; the buffered client.
 //! - `body`, `buffer`: streaming bodies through bounded buffers.
 //! - `deadline`: coarse per-connection timeouts, woken by the worker's tick.
 //! - `cache`: per-worker response caches sharing entries (`bytes::Bytes`) over crossbeam.
 //! - `ratelimit`: per-worker token quotas, granted by a sync thread from global buckets.
 //! - `metrics`: per-worker recording, merged on the admin thread; Prometheus and JSON.
 //! - `access_log`: per-worker buffered access log lines, written by their own thread.
-//! - `trace`: W3C trace context.
+//! - `trace`: W3C trace context; `hash`: stable hashing (a leaf).
 //! - `admin`: the admin listener on its own thread.
 
 pub mod access_log;

@@ -3,21 +3,19 @@
 //!
 //! 1. route: the router on the request's generation (404 / 405); the declared body size (413).
 //! 2. `on_response` filters: the route's edits for every head the client will get.
-//! 3. `on_request` filters: may refuse (429), or add the gateway's response lines.
+//! 3. `on_request` filters: may refuse (429), answer from the cache (`cached::serve`), or add
+//!    the gateway's response lines.
 //! 4. the terminal: `Respond` (a fixed answer), or `Proxy` (`forward`: pick a target through
-//!    the pools, `on_upstream_request` edits, write the head and body, read the final head,
-//!    stream the response back; a 101 becomes a tunnel), with the cache's phases (`cached`)
-//!    around it for routes that cache.
-//! 5. the ending: `session` decides whether the connection goes on, answers a failure through
-//!    the one error funnel (`reply::error`), and records metrics and the access log.
+//!    the pools, `on_upstream_request` edits, write the head and body; `response`: read the
+//!    final head, which the cache filter sees first, and stream the response back; a 101
+//!    becomes a `tunnel`).
+//! 5. `on_done` filters (the cache stores, refreshes or invalidates; a revalidated entry is
+//!    answered from), then `session` decides whether the connection goes on, answers a failure
+//!    through the one error funnel (`reply::error`), and records metrics and the access log.
 //!
 //! A failure before the response head went out becomes an error response (`ProxyError` says
 //! which); after it, the client connection is closed, so a truncated response never looks
 //! whole. Every head the client gets is written by `http::write`, with the route's edits.
-//!
-//! Files: `session` (the connection), `exchange` (per-request state), `pipeline` (the phases),
-//! `forward` (the proxy terminal), `response` (its response side), `tunnel` (after a 101), `cached` (the cache around it),
-//! `reply` (generated heads).
 
 mod cached;
 mod exchange;
