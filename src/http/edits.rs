@@ -84,13 +84,21 @@ impl HeaderEdits {
         false
     }
 
-    /// The appended lines.
-    pub fn appended(&self) -> &[u8] {
-        &self.append
+    /// Writes the appended lines to `out` (nothing at all, not even an empty copy, when there
+    /// are none: the common case on the hot path).
+    #[inline]
+    pub fn write_appended(&self, out: &mut Vec<u8>) {
+        if !self.append.is_empty() {
+            out.extend_from_slice(&self.append);
+        }
     }
 
     /// Appends the lines of `lines` (each ending in CRLF) whose field is not dropped.
+    #[inline]
     pub fn copy_kept(&self, out: &mut Vec<u8>, lines: &[u8]) {
+        if lines.is_empty() {
+            return;
+        }
         if !self.removes_any() {
             out.extend_from_slice(lines);
             return;
@@ -159,7 +167,9 @@ mod tests {
         assert!(e.is_empty());
         e.append_lines(b"x-env: pr");
         e.append_lines(b"od\r\n");
-        assert_eq!(e.appended(), b"x-env: prod\r\n");
+        let mut out = Vec::new();
+        e.write_appended(&mut out);
+        assert_eq!(out, b"x-env: prod\r\n");
         e.clear();
         assert!(e.is_empty());
     }

@@ -139,7 +139,7 @@ pub fn upstream_request(out: &mut Vec<u8>, buf: &[u8], head: &RequestHead, fwd: 
     if keep(b"traceparent") {
         field(out, b"traceparent", fwd.traceparent);
     }
-    out.extend_from_slice(edits.appended());
+    edits.write_appended(out);
     if head.upgrade {
         out.extend_from_slice(b"connection: upgrade\r\n");
     }
@@ -195,7 +195,7 @@ pub fn client_response(out: &mut Vec<u8>, buf: &[u8], resp: &ResponseHead, head:
         }
     });
     edits.copy_kept(out, head.extra);
-    out.extend_from_slice(edits.appended());
+    edits.write_appended(out);
     field(out, b"x-request-id", head.request_id);
     match framing {
         ClientFraming::Length(n) => content_length(out, n),
@@ -281,7 +281,7 @@ pub fn generated_response(out: &mut Vec<u8>, r: &Generated<'_>) {
         }
     }
     r.edits.copy_kept(out, r.extra);
-    out.extend_from_slice(r.edits.appended());
+    r.edits.write_appended(out);
     field(out, b"x-request-id", r.request_id);
     if let Some(n) = r.content_length {
         content_length(out, n);
