@@ -49,8 +49,37 @@ fn parse_args() -> Result<(Command, PathBuf), lexopt::Error> {
     Ok((command, config))
 }
 
+/// The log filter from `RINGWAY_LOG` (default `info`). A bare word must be a level or one of
+/// ringway's (or monoio's) targets: `EnvFilter` would take a typo such as `debg` as a target
+/// name and silently log nothing at all.
+fn log_filter() -> Result<EnvFilter, String> {
+    let Ok(spec) = std::env::var("RINGWAY_LOG") else {
+        return Ok(EnvFilter::new("info"));
+    };
+    let levels = ["trace", "debug", "info", "warn", "error", "off"];
+    for directive in spec.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        let known = directive.contains('=')
+            || levels.iter().any(|l| directive.eq_ignore_ascii_case(l))
+            || directive.starts_with("ringway")
+            || directive.starts_with("monoio");
+        if !known {
+            return Err(format!(
+                "RINGWAY_LOG={spec:?}: {directive:?} is neither a level ({}) nor TARGET=LEVEL",
+                levels.join(", ")
+            ));
+        }
+    }
+    EnvFilter::try_new(&spec).map_err(|e| format!("RINGWAY_LOG={spec:?}: {e}"))
+}
+
 fn main() -> ExitCode {
-    let filter = EnvFilter::try_from_env("RINGWAY_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = match log_filter() {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -88,7 +117,7 @@ fn main() -> ExitCode {
             match ringway::runtime::run(config) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    tracing::error!("{e}");
+                    // Once, on stderr: a log line too would print it twice.
                     eprintln!("error: {e}");
                     ExitCode::from(1)
                 }

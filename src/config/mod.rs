@@ -239,6 +239,14 @@ pub struct Respond {
     pub body: String,
 }
 
+/// Whether two listening addresses would take the same port (port 0 never clashes: each bind
+/// gets a port of its own; an unspecified IP takes the port on every address).
+fn clash(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() != 0
+        && a.port() == b.port()
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
 fn ms(v: u64) -> Duration {
     Duration::from_millis(v)
 }
@@ -295,12 +303,21 @@ impl Validator<'_> {
                 ));
             }
             let addr = self.socket_addr(&l.address, &format!("{key}.address"))?;
-            if addr.port() != 0 && listeners.iter().any(|o| o.addr == addr) {
+            if let Some(other) = listeners.iter().find(|o| clash(o.addr, addr)) {
                 return Err(self.err(
                     l.address.span(),
-                    "",
-                    format!("address {addr} is already used by another listener"),
+                    &format!("{key}.address"),
+                    format!("{addr} is also listener {:?}'s address", other.name),
                 ));
+            }
+            if let (Some(admin), Some(a)) = (admin, &f.admin) {
+                if clash(admin, addr) {
+                    return Err(self.err(
+                        a.address.span(),
+                        "admin.address",
+                        format!("{admin} is also listener {name:?}'s address ({key}.address)"),
+                    ));
+                }
             }
             listeners.push(Listener { name, addr });
         }

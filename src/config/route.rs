@@ -9,6 +9,11 @@ use super::{
     Route, RouteAction, RouteCache, Upstream, UpstreamId, Validator,
 };
 
+/// RFC 9110's methods and PATCH: written in any other case, a config almost certainly meant them.
+const STANDARD_METHODS: [&str; 9] = [
+    "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
+];
+
 impl Validator<'_> {
     pub(super) fn route(
         &self,
@@ -117,7 +122,11 @@ impl Validator<'_> {
                     return Err(self.err(
                         p.span(),
                         &format!("{key}.path_regex"),
-                        format!("invalid regex: {e}"),
+                        format!(
+                            "invalid regex: {}",
+                            e.syntax_error()
+                                .map_or_else(|| e.to_string(), |s| s.to_string())
+                        ),
                     ));
                 }
                 PathMatch::Regex(p.get_ref().clone())
@@ -150,6 +159,17 @@ impl Validator<'_> {
                             m.span(),
                             &format!("{key}.methods"),
                             format!("{:?} is not a valid method", m.get_ref()),
+                        ));
+                    }
+                    let upper = m.get_ref().to_ascii_uppercase();
+                    if upper != *m.get_ref() && STANDARD_METHODS.contains(&upper.as_str()) {
+                        return Err(self.err(
+                            m.span(),
+                            &format!("{key}.methods"),
+                            format!(
+                                "{:?} would never match: methods are case-sensitive; did you mean {upper:?}?",
+                                m.get_ref()
+                            ),
                         ));
                     }
                     out.push(m.get_ref().clone());

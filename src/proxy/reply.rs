@@ -119,7 +119,9 @@ fn write_generated<S: Io>(
             extra: &c.ex.extra,
             edits: &c.ex.resp_edits,
             body,
-            content_length: Some(body.len() as u64),
+            // RFC 9110 §8.6: none on a 204 (or 1xx), and a gateway's own 304 describes no
+            // representation whose length it could repeat.
+            content_length: (!matches!(status, 100..=199 | 204 | 304)).then_some(body.len() as u64),
             head_only: c.head.method == Method::Head,
             keep_alive,
             client_version: c.head.version,

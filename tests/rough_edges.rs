@@ -1,0 +1,144 @@
+//! What a new user trips over (issue 17), each fixed with a test that failed before: generated
+//! 204s without Content-Length, lower-case methods, an admin address that is also a listener's,
+//! regex errors that say what is wrong, a mistyped `RINGWAY_LOG`, and start-up errors printed
+//! once.
+
+mod common;
+
+use std::io::Write;
+use std::net::TcpListener;
+use std::process::Command;
+
+use common::*;
+
+const BASE: &str = "[[listeners]]\nname = \"public\"\naddress = \"127.0.0.1:0\"\n[[upstreams]]\nname = \"app\"\ntargets = [\"127.0.0.1:9\"]\n";
+
+fn write_config(dir: &tempfile::TempDir, body: &str) -> String {
+    let path = dir.path().join("ringway.toml");
+    std::fs::write(&path, body).unwrap();
+    path.to_str().unwrap().to_owned()
+}
+
+/// `ringway check` on `body`: exit status 2, and stderr has `location` (after the path) and
+/// `message`. Running it refuses the same way.
+fn assert_config_error(body: &str, location: &str, message: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(&dir, body);
+    let (status, _, stderr) = run_ringway(&["check", "--config", &path]);
+    assert_eq!(status.code(), Some(2), "{body}\n{stderr}");
+    assert!(
+        stderr.contains(&format!("error: {path}{location}")),
+        "expected {location} in:\n{stderr}"
+    );
+    assert!(
+        stderr.contains(message),
+        "expected {message:?} in:\n{stderr}"
+    );
+    let (status, _, _) = run_ringway(&["--config", &path]);
+    assert_eq!(status.code(), Some(2));
+}
+
+#[test]
+fn a_generated_204_has_no_content_length_and_keeps_the_connection() {
+    let gw = Gateway::start(
+        "[[listeners]]\nname = \"public\"\naddress = \"127.0.0.1:0\"\n[[routes]]\nname = \"empty\"\nlistener = \"public\"\nrespond = { status = 204 }\n",
+    );
+    let mut c = ResponseReader::new(connect(gw.addr("public")));
+    for _ in 0..2 {
+        c.stream
+            .write_all(b"GET /anything HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let r = c.read_response(false).expect("a response");
+        assert_eq!(r.status, 204);
+        assert!(r.header("content-length").is_none(), "{}", r.head);
+        assert!(r.header("transfer-encoding").is_none(), "{}", r.head);
+    }
+}
+
+#[test]
+fn standard_methods_in_lower_case_are_a_config_error_with_a_hint() {
+    assert_config_error(
+        &format!("{BASE}[[routes]]\nname = \"r\"\nlistener = \"public\"\nupstream = \"app\"\nmethods = [\"GET\", \"post\"]\n"),
+        ":11:19: routes[0].methods:",
+        "methods are case-sensitive; did you mean \"POST\"?",
+    );
+    // A method that is not a standard one may be in any case.
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(
+        &dir,
+        &format!("{BASE}[[routes]]\nname = \"r\"\nlistener = \"public\"\nupstream = \"app\"\nmethods = [\"purge\"]\n"),
+    );
+    let (status, _, stderr) = run_ringway(&["check", "--config", &path]);
+    assert_eq!(status.code(), Some(0), "{stderr}");
+}
+
+#[test]
+fn an_admin_address_that_is_a_listeners_names_both() {
+    assert_config_error(
+        "[admin]\naddress = \"127.0.0.1:18931\"\n[[listeners]]\nname = \"public\"\naddress = \"127.0.0.1:18931\"\n",
+        ":2:11: admin.address:",
+        "127.0.0.1:18931 is also listener \"public\"'s address (listeners[0].address)",
+    );
+    assert_config_error(
+        "[[listeners]]\nname = \"a\"\naddress = \"0.0.0.0:18932\"\n[[listeners]]\nname = \"b\"\naddress = \"127.0.0.1:18932\"\n",
+        ":6:11: listeners[1].address:",
+        "127.0.0.1:18932 is also listener \"a\"'s address",
+    );
+}
+
+#[test]
+fn a_bad_path_regex_says_what_is_wrong() {
+    assert_config_error(
+        &format!("{BASE}[[routes]]\nname = \"r\"\nlistener = \"public\"\nupstream = \"app\"\npath_regex = \"^/v(1|2/\"\n"),
+        ":11:14: routes[0].path_regex:",
+        "unclosed group",
+    );
+}
+
+#[test]
+fn a_mistyped_log_filter_is_an_error_naming_the_variable() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(&dir, BASE);
+    for spec in ["debg", "info,ringway::proxy=debgu"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_ringway"))
+            .args(["check", "--config", &path])
+            .env("RINGWAY_LOG", spec)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{spec}: {stderr}");
+        assert!(stderr.contains("RINGWAY_LOG"), "{stderr}");
+    }
+    for spec in ["debug", "ringway=debug,info", "ringway::proxy", "WARN"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_ringway"))
+            .args(["check", "--config", &path])
+            .env("RINGWAY_LOG", spec)
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{spec}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn a_start_up_error_is_printed_once() {
+    let held = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = held.local_addr().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(
+        &dir,
+        &format!("[[listeners]]\nname = \"public\"\naddress = \"{addr}\"\n"),
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_ringway"))
+        .args(["--config", &path])
+        .env("RINGWAY_LOG", "info")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.matches("address in use").count(), 1, "{stderr}");
+}
