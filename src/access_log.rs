@@ -2,7 +2,9 @@
 //! its tick or when the buffer passes 64 KiB, hands the whole buffer (whole lines only) to a
 //! writer thread over a bounded crossbeam channel. The request path never touches the disk and
 //! lines from different workers never interleave mid-line. If the writer falls behind (a slow
-//! disk), batches are dropped and counted rather than queued without bound.
+//! disk), batches are dropped and counted rather than queued without bound. The process tells the
+//! writer to reopen its file (SIGUSR1, after a log rotation) or to finish (at shutdown, once
+//! every worker has handed over its last lines) on a control channel of its own.
 
 use std::cell::{Cell, RefCell};
 use std::fs::OpenOptions;
@@ -11,7 +13,7 @@ use std::thread::{self, JoinHandle};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
-use tracing::warn;
+use tracing::{info, warn};
 
 use crate::config::{AccessLogConfig, AccessLogFormat};
 
@@ -50,33 +52,76 @@ pub struct AccessLog {
     second: RefCell<(u64, String)>,
 }
 
-/// Starts the writer thread; workers get clones of the sender.
-pub fn spawn_writer(config: &AccessLogConfig) -> io::Result<(Sender<Vec<u8>>, JoinHandle<()>)> {
-    let mut out: Box<dyn Write + Send> = if config.path == "stdout" {
+/// What the process asks of the writer thread.
+pub enum LogControl {
+    /// Open the file again (logrotate's convention after renaming it); a failure keeps the old.
+    Reopen,
+    /// Write what is queued, then end.
+    Finish,
+}
+
+/// The writer thread: workers get clones of `lines`; the process keeps `control` and `handle`.
+pub struct Writer {
+    pub lines: Sender<Vec<u8>>,
+    pub control: Sender<LogControl>,
+    pub handle: JoinHandle<()>,
+}
+
+fn open(path: &str) -> io::Result<Box<dyn Write + Send>> {
+    Ok(if path == "stdout" {
         Box::new(io::stdout())
     } else {
-        Box::new(
-            OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&config.path)?,
-        )
-    };
+        Box::new(OpenOptions::new().create(true).append(true).open(path)?)
+    })
+}
+
+/// Starts the writer thread.
+pub fn spawn_writer(config: &AccessLogConfig) -> io::Result<Writer> {
+    let mut out = open(&config.path)?;
+    let path = config.path.clone();
     let (tx, rx): (Sender<Vec<u8>>, Receiver<Vec<u8>>) = crossbeam_channel::bounded(QUEUE_BATCHES);
+    let (control, orders) = crossbeam_channel::bounded(8);
     let handle = thread::Builder::new()
         .name("ringway-log".into())
         .spawn(move || {
             let mut failed = false;
-            for batch in rx {
-                if let Err(e) = out.write_all(&batch).and_then(|()| out.flush()) {
+            let mut write = |out: &mut Box<dyn Write + Send>, batch: &[u8]| {
+                if let Err(e) = out.write_all(batch).and_then(|()| out.flush()) {
                     if !failed {
                         warn!(error = %e, "access log write failed");
                         failed = true;
                     }
                 }
+            };
+            loop {
+                crossbeam_channel::select! {
+                    recv(rx) -> batch => match batch {
+                        Ok(batch) => write(&mut out, &batch),
+                        Err(_) => break,
+                    },
+                    recv(orders) -> order => match order {
+                        Ok(LogControl::Reopen) => match open(&path) {
+                            Ok(file) => {
+                                out = file;
+                                info!(path = %path, "access log reopened");
+                            }
+                            Err(e) => warn!(path = %path, error = %e, "access log not reopened; writing to the old file"),
+                        },
+                        Ok(LogControl::Finish) | Err(_) => {
+                            for batch in rx.try_iter() {
+                                write(&mut out, &batch);
+                            }
+                            break;
+                        }
+                    },
+                }
             }
         })?;
-    Ok((tx, handle))
+    Ok(Writer {
+        lines: tx,
+        control,
+        handle,
+    })
 }
 
 impl AccessLog {

@@ -15,10 +15,11 @@ use crossbeam_channel::{Receiver, Sender};
 use monoio::io::{CancelHandle, Canceller};
 use monoio::net::TcpListener;
 use monoio::{IoUringDriver, LegacyDriver, RuntimeBuilder};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
 use socket2::{Domain, Protocol, Socket, Type};
 use tracing::{error, info, warn};
 
-use crate::access_log::{self, AccessLog};
+use crate::access_log::{self, AccessLog, LogControl};
 use crate::admin::{self, AdminState};
 use crate::cache::{self, Batch};
 use crate::config::{Config, DriverChoice, ListenerId};
@@ -158,7 +159,7 @@ pub fn run(config: Config) -> Result<(), StartError> {
             control: rx,
             events: events_tx.clone(),
             metrics: metrics_tx.clone(),
-            access_log: access_log.as_ref().map(|(tx, _)| tx.clone()),
+            access_log: access_log.as_ref().map(|log| log.lines.clone()),
             reports: (!config.rate_limits.is_empty()).then(|| reports_tx.clone()),
             grants,
             cache: cache_links,
@@ -171,7 +172,7 @@ pub fn run(config: Config) -> Result<(), StartError> {
     drop(events_tx);
     drop(metrics_tx);
     drop(reports_tx);
-    let log_writer = access_log.map(|(_, handle)| handle);
+    let log_writer = access_log.map(|log| (log.control, log.handle));
 
     for _ in 0..workers {
         match events.recv() {
@@ -199,11 +200,27 @@ pub fn run(config: Config) -> Result<(), StartError> {
     admin_state.set_ready();
     info!(workers, "ready");
 
-    crossbeam_channel::select! {
-        recv(signals) -> sig => info!(signal = sig.unwrap_or_default(), "draining"),
-        recv(events) -> ev => {
-            if let Ok(Event::Stopped { worker, .. }) = ev {
-                error!(worker, "worker stopped unexpectedly; shutting down");
+    loop {
+        crossbeam_channel::select! {
+            recv(signals) -> sig => match sig.unwrap_or_default() {
+                SIGHUP => warn!("SIGHUP: reloading the configuration is not supported yet; ignored"),
+                SIGUSR1 => match &log_writer {
+                    Some((control, _)) => {
+                        info!("SIGUSR1: reopening the access log");
+                        let _ = control.try_send(LogControl::Reopen);
+                    }
+                    None => info!("SIGUSR1: no access log to reopen"),
+                },
+                sig => {
+                    info!(signal = sig, "draining");
+                    break;
+                }
+            },
+            recv(events) -> ev => {
+                if let Ok(Event::Stopped { worker, .. }) = ev {
+                    error!(worker, "worker stopped unexpectedly; shutting down");
+                }
+                break;
             }
         }
     }
@@ -225,9 +242,11 @@ pub fn run(config: Config) -> Result<(), StartError> {
                 Ok(_) => {}
                 Err(_) => break,
             },
-            recv(signals) -> _ => {
-                warn!("second signal: exiting without waiting");
-                break;
+            recv(signals) -> sig => {
+                if matches!(sig, Ok(SIGTERM | SIGINT)) {
+                    warn!("second signal: exiting without waiting");
+                    break;
+                }
             },
             default(deadline.saturating_duration_since(Instant::now())) => {
                 warn!("workers did not stop in time");
@@ -235,22 +254,25 @@ pub fn run(config: Config) -> Result<(), StartError> {
             }
         }
     }
-    // The access log writer ends when every worker has dropped its sender; give it a moment
-    // to write what they flushed on the way out.
-    if let Some(handle) = log_writer {
+    // Every worker handed over its last lines before it stopped: the writer writes what is
+    // queued and ends (bounded, in case the disk hangs).
+    if let Some((control, handle)) = log_writer {
+        let _ = control.send(LogControl::Finish);
         let deadline = Instant::now() + Duration::from_secs(2);
         while !handle.is_finished() && Instant::now() < deadline {
-            thread::sleep(Duration::from_millis(5));
+            thread::sleep(Duration::from_millis(1));
         }
     }
     info!("stopped");
     Ok(())
 }
 
+/// SIGTERM and SIGINT drain and stop; SIGHUP is logged and ignored (until reload exists, it must
+/// not kill the gateway: logrotate's `postrotate kill -HUP` is common); SIGUSR1 reopens the
+/// access log.
 fn signal_channel() -> Result<Receiver<i32>, StartError> {
-    use signal_hook::consts::{SIGINT, SIGTERM};
-    let mut signals =
-        signal_hook::iterator::Signals::new([SIGTERM, SIGINT]).map_err(StartError::Signals)?;
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP, SIGUSR1])
+        .map_err(StartError::Signals)?;
     let (tx, rx) = crossbeam_channel::bounded(4);
     thread::Builder::new()
         .name("ringway-signals".into())
