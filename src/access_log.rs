@@ -197,9 +197,9 @@ impl AccessLog {
         let _ = write!(out, ".{millis:03}Z\",\"worker\":{},\"client\":", e.worker);
         json_str(out, e.client_ip);
         out.extend_from_slice(b",\"method\":");
-        json_str(out, e.method);
+        json_str(out, or_dash(e.method));
         out.extend_from_slice(b",\"path\":");
-        json_str(out, e.target);
+        json_str(out, or_dash(e.target));
         let _ = write!(
             out,
             ",\"status\":{},\"bytes_in\":{},\"bytes_out\":{},\"route\":",
@@ -227,37 +227,28 @@ impl AccessLog {
         out.extend_from_slice(b" - - [");
         out.extend_from_slice(self.date_time(secs).1.as_bytes());
         out.extend_from_slice(b"] \"");
-        quoted(out, e.method);
-        out.push(b' ');
-        quoted(out, e.target);
-        out.extend_from_slice(if e.http10 {
-            b" HTTP/1.0\" "
+        if e.method.is_empty() {
+            // No request line could be read (a malformed head): Apache's "-".
+            out.extend_from_slice(b"-\" ");
         } else {
-            b" HTTP/1.1\" "
-        });
+            quoted(out, e.method);
+            out.push(b' ');
+            quoted(out, e.target);
+            out.extend_from_slice(if e.http10 {
+                b" HTTP/1.0\" "
+            } else {
+                b" HTTP/1.1\" "
+            });
+        }
         let _ = write!(out, "{} {} \"", e.status, e.bytes_out);
-        quoted(
-            out,
-            if e.referer.is_empty() {
-                b"-"
-            } else {
-                e.referer
-            },
-        );
+        quoted(out, or_dash(e.referer));
         out.extend_from_slice(b"\" \"");
-        quoted(
-            out,
-            if e.user_agent.is_empty() {
-                b"-"
-            } else {
-                e.user_agent
-            },
-        );
+        quoted(out, or_dash(e.user_agent));
         let _ = write!(
             out,
             "\" worker={} route={} upstream={} upstream_us=",
             e.worker,
-            e.route,
+            dash(e.route),
             dash(e.upstream)
         );
         match e.upstream_us {
@@ -273,18 +264,24 @@ impl AccessLog {
         );
         quoted(out, e.request_id);
         out.extend_from_slice(b" trace_id=");
-        out.extend_from_slice(if e.trace_id.is_empty() {
-            b"-"
-        } else {
-            e.trace_id
-        });
+        out.extend_from_slice(or_dash(e.trace_id));
         out.push(b'\n');
     }
 }
 
+/// `-` for a field that is unknown or empty, as the combined format writes it.
 fn dash(s: &str) -> &str {
     if s.is_empty() {
         "-"
+    } else {
+        s
+    }
+}
+
+/// `dash`, for byte strings.
+fn or_dash(s: &[u8]) -> &[u8] {
+    if s.is_empty() {
+        b"-"
     } else {
         s
     }

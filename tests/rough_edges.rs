@@ -1,7 +1,7 @@
 //! What a new user trips over (issue 17), each fixed with a test that failed before: generated
 //! 204s without Content-Length, lower-case methods, an admin address that is also a listener's,
-//! regex errors that say what is wrong, a mistyped `RINGWAY_LOG`, and start-up errors printed
-//! once.
+//! regex errors that say what is wrong, a mistyped `RINGWAY_LOG`, start-up errors printed once,
+//! SIGHUP and SIGUSR1, a prompt shutdown with an access log, and what the access log records.
 
 mod common;
 
@@ -206,4 +206,123 @@ fn shutdown_with_an_access_log_does_not_wait_for_the_writer() {
         file_text(&log).contains("/last"),
         "the last line was written"
     );
+}
+
+/// The access log's lines after the gateway has stopped (its last lines are written by then).
+fn log_after_stop(mut gw: Gateway, path: &std::path::Path) -> Vec<String> {
+    gw.signal(libc::SIGTERM);
+    assert!(gw.wait_exit().success());
+    file_text(path).lines().map(str::to_owned).collect()
+}
+
+#[test]
+fn the_access_log_counts_what_was_read_and_writes_dash_for_unknown_fields() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("access.log");
+    // Nothing listens behind the upstream: /api/x is a 502.
+    let gw = Gateway::start(&format!(
+        "[access_log]\npath = \"{}\"\n{}",
+        path.display(),
+        proxy_config(&[closed_port()], "", "")
+            .replace("path_prefix = \"/\"", "path_prefix = \"/api\"")
+    ));
+    let not_found = b"GET /nowhere HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    let bad_gateway = b"GET /api/x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    let malformed = b"GET /x HTTP/1.1\r\nHost: x\r\nBad Header: 1\r\n\r\n";
+    assert_eq!(exchange(gw.addr("public"), not_found).status, 404);
+    assert_eq!(exchange(gw.addr("public"), bad_gateway).status, 502);
+    assert_eq!(exchange(gw.addr("public"), malformed).status, 400);
+    let lines = log_after_stop(gw, &path);
+    let entries: Vec<serde_json::Value> = lines
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let by_status = |s: u64| {
+        entries
+            .iter()
+            .find(|e| e["status"] == s)
+            .unwrap_or_else(|| panic!("no {s} in {lines:?}"))
+    };
+    assert_eq!(by_status(404)["bytes_in"], not_found.len());
+    assert_eq!(by_status(502)["bytes_in"], bad_gateway.len());
+    let bad = by_status(400);
+    assert_eq!(bad["bytes_in"], malformed.len());
+    assert_eq!((&bad["method"], &bad["path"]), (&"-".into(), &"-".into()));
+    assert_eq!(bad["route"], "");
+}
+
+#[test]
+fn the_combined_log_writes_dash_for_a_request_line_it_could_not_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("access.log");
+    let gw = Gateway::start(&format!(
+        "[access_log]\npath = \"{}\"\nformat = \"combined\"\n[[listeners]]\nname = \"public\"\naddress = \"127.0.0.1:0\"\n",
+        path.display()
+    ));
+    let resp = exchange(
+        gw.addr("public"),
+        b"GET /x HTTP/1.1\r\nHost: x\r\nBad Header: 1\r\n\r\n",
+    );
+    assert_eq!(resp.status, 400);
+    let lines = log_after_stop(gw, &path);
+    assert!(lines[0].contains("] \"-\" 400 "), "{lines:?}");
+    assert!(lines[0].contains(" route=- "), "{lines:?}");
+}
+
+#[test]
+fn an_upgraded_tunnel_logs_the_bytes_relayed_each_way() {
+    let (listener, addr) = raw_upstream();
+    let upstream = std::thread::spawn(move || {
+        use std::io::Read;
+        let (mut s, _) = listener.accept().unwrap();
+        read_head(&mut s);
+        s.write_all(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: echo\r\nConnection: Upgrade\r\n\r\n",
+        )
+        .unwrap();
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = s.read(&mut buf).unwrap();
+            if n == 0 {
+                break;
+            }
+            // Twice what came: the two directions' counts differ.
+            s.write_all(&buf[..n]).unwrap();
+            s.write_all(&buf[..n]).unwrap();
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("access.log");
+    let gw = Gateway::start(&format!(
+        "[access_log]\npath = \"{}\"\n{}",
+        path.display(),
+        proxy_config(&[addr], "", "")
+    ));
+    let head = "GET /t HTTP/1.1\r\nHost: x\r\nUpgrade: echo\r\nConnection: Upgrade\r\n\r\n";
+    let mut conn = ResponseReader::new(connect(gw.addr("public")));
+    conn.stream.write_all(head.as_bytes()).unwrap();
+    let resp = conn.read_response(false).unwrap();
+    assert_eq!(resp.status, 101);
+    let (mut s, mut got) = conn.into_parts();
+    s.write_all(&[b'a'; 1000]).unwrap();
+    while got.len() < 2000 {
+        use std::io::Read;
+        let mut buf = [0u8; 4096];
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0);
+        got.extend_from_slice(&buf[..n]);
+    }
+    half_close(&s);
+    upstream.join().unwrap();
+    // The tunnel closes once both ways have; the line is written then.
+    eventually("the tunnel to close", || {
+        let mut rest = Vec::new();
+        use std::io::Read;
+        s.read_to_end(&mut rest).ok().map(|_| ())
+    });
+    let lines = log_after_stop(gw, &path);
+    let v: serde_json::Value = serde_json::from_str(&lines[0]).unwrap();
+    assert_eq!(v["status"], 101);
+    assert_eq!(v["bytes_in"], head.len() + 1000, "{v}");
+    assert_eq!(v["bytes_out"], resp.head.len() + 2000, "{v}");
 }

@@ -80,6 +80,8 @@ async fn serve_request<S: Io>(c: &mut Session<'_, S>, w: &Rc<Worker>) -> Next {
     let next = match ready {
         HeadRead::Ready => {
             let _inflight = w.begin_request();
+            // What was read, whatever answers: terminals add the body they read.
+            c.ex.log.bytes_in = c.head.len as u64;
             if w.access_log.is_some() {
                 let buf = c.rbuf.data();
                 c.ex.log_text.capture(buf, &c.head);
@@ -96,6 +98,7 @@ async fn serve_request<S: Io>(c: &mut Session<'_, S>, w: &Rc<Worker>) -> Next {
         }
         HeadRead::Closed => return Next::Close,
         HeadRead::Failed(e) => {
+            c.ex.log.bytes_in = c.rbuf.len() as u64;
             c.ex.log_text.clear();
             c.ex.request_id.clear();
             w.rng.hex_id(&mut c.ex.request_id);

@@ -14,6 +14,7 @@ use crate::upstream::UpstreamConn;
 use crate::worker::Worker;
 
 /// After a 101: bytes flow both ways untouched until both sides close or the pair goes idle.
+/// The bytes relayed each way are added to the request's log record.
 pub(super) async fn run<S: Io>(
     c: &mut Session<'_, S>,
     w: &Worker,
@@ -38,7 +39,10 @@ pub(super) async fn run<S: Io>(
         idle,
         &down_deadline,
     );
-    monoio::join!(up, down);
+    let (sent_up, sent_down) = monoio::join!(up, down);
+    let log = &mut c.ex.log;
+    log.bytes_in += sent_up;
+    log.bytes_out.set(log.bytes_out.get() + sent_down);
 }
 
 async fn relay<R, W>(
@@ -48,18 +52,22 @@ async fn relay<R, W>(
     last: &Cell<Instant>,
     idle: Duration,
     deadline: &Deadline<'_>,
-) where
+) -> u64
+where
     R: CancelableAsyncReadRent,
     W: AsyncWriteRent,
 {
+    let mut relayed = 0u64;
     loop {
         if !rbuf.is_empty() {
+            let pending = rbuf.len() as u64;
             if !matches!(
                 deadline.within(idle, rbuf.write_all_to(w)).await,
                 Ok(Ok(()))
             ) {
                 break;
             }
+            relayed += pending;
             last.set(Instant::now());
         }
         deadline.arm(idle);
@@ -74,4 +82,5 @@ async fn relay<R, W>(
         }
     }
     let _ = w.shutdown().await;
+    relayed
 }
