@@ -26,6 +26,7 @@ use crate::config::{Config, DriverChoice, ListenerId};
 use crate::metrics::Snapshot;
 use crate::proxy;
 use crate::ratelimit::{self, Grants, Report};
+use crate::upstream;
 use crate::worker::Worker;
 
 /// How often a worker looks at its channels and does upkeep (at most: a shorter rate-limit
@@ -448,9 +449,11 @@ async fn worker_main(mut ctx: WorkerStart<'_>, driver: &'static str) {
         ticks = ticks.wrapping_add(1);
         worker.deadlines.tick();
         if ticks % SWEEP_EVERY == 0 {
-            for up in worker.generation().upstreams.iter() {
+            let gen = worker.generation();
+            for up in gen.upstreams.iter() {
                 up.sweep_idle(worker.now());
             }
+            upstream::client::summarize_failures(&worker, &gen.upstreams);
         }
         worker.flush_access_log();
         if let Some(tx) = &ctx.channels.reports {

@@ -326,3 +326,27 @@ fn an_upgraded_tunnel_logs_the_bytes_relayed_each_way() {
     assert_eq!(v["bytes_in"], head.len() + 1000, "{v}");
     assert_eq!(v["bytes_out"], resp.head.len() + 2000, "{v}");
 }
+
+#[test]
+fn upstream_state_changes_and_failures_are_logged_at_the_default_level() {
+    let port = closed_port();
+    let gw = Gateway::start(&proxy_config(&[port], "fail_timeout_ms = 100", ""));
+    let target = port.to_string();
+    assert_eq!(get(gw.addr("public"), "/x").status, 502);
+    let down = gw.wait_log("the target-down warning", |l| {
+        l.contains("WARN") && l.contains("target down") && l.contains(&target)
+    });
+    assert!(down.contains("upstream=app"), "{down}");
+    gw.wait_log("the failure summary", |l| {
+        l.contains("WARN") && l.contains("upstream exchanges failed") && l.contains("upstream=app")
+    });
+    // The target comes back: the next connect after fail_timeout_ms succeeds and says so.
+    let up = Upstream::start_on(port, |_| Reply::ok("back"));
+    eventually("a 200 from the returning target", || {
+        (get(gw.addr("public"), "/x").status == 200).then_some(())
+    });
+    gw.wait_log("the target-up line", |l| {
+        l.contains("target up again") && l.contains(&target)
+    });
+    drop(up);
+}

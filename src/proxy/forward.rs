@@ -29,7 +29,7 @@ use crate::http::write::{self, Forwarding};
 use crate::http::{BodyLength, Method, ResponseHead, Version};
 use crate::metrics::UpstreamOutcome;
 use crate::trace::Trace;
-use crate::upstream::client::{acquire, TargetLease};
+use crate::upstream::client::{self, acquire, TargetLease};
 use crate::upstream::{ConnectError, TargetId, UpstreamConn, UpstreamState};
 use crate::worker::Worker;
 
@@ -69,9 +69,7 @@ pub(super) async fn proxy<S: Io>(
         (Ok(_), None) => None,
     };
     if let Some(outcome) = outcome {
-        w.metrics
-            .borrow_mut()
-            .record_upstream(up.id, lease.target, outcome, latency_us);
+        client::record(w, up, lease.target, outcome, latency_us);
     }
     c.ex.log.upstream = Some((up.id, lease.target));
     c.ex.log.upstream_us = latency_us;
@@ -425,8 +423,8 @@ async fn exchange<W: AsyncWriteRent>(
                     Err(ConnectError::TimedOut) => {
                         return Err(ResponseFailure::new(ProxyError::UpstreamTimeout))
                     }
-                    Err(ConnectError::Refused(_)) => {
-                        up.mark_down(target);
+                    Err(e @ ConnectError::Refused(_)) => {
+                        client::mark_down(ctx.worker, up, target, &e);
                         return Err(ResponseFailure::new(ProxyError::UpstreamUnreachable(
                             "connect failed",
                         )));

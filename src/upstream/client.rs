@@ -8,7 +8,7 @@
 
 use std::time::Instant;
 
-use tracing::debug;
+use tracing::{info, warn};
 
 use super::{ConnectError, TargetId, UpstreamConn, UpstreamState};
 use crate::body::{BodyError, BodyReader, Reframe};
@@ -52,18 +52,14 @@ pub async fn acquire<'a>(
             Some(conn) => conn,
             None => match up.connect(t, deadline).await {
                 Ok(conn) => {
-                    up.mark_up(t);
+                    if up.mark_up(t) {
+                        info!(worker = w.id, upstream = %up.name, target = %up.target(t).name, "target up again");
+                    }
                     conn
                 }
                 Err(e) => {
-                    debug!(upstream = %up.name, target = %up.target(t).name, error = ?e, "connect failed; target marked down");
-                    w.metrics.borrow_mut().record_upstream(
-                        up.id,
-                        t,
-                        UpstreamOutcome::ConnectFailed,
-                        None,
-                    );
-                    up.mark_down(t);
+                    record(w, up, t, UpstreamOutcome::ConnectFailed, None);
+                    mark_down(w, up, t, &e);
                     last = match e {
                         ConnectError::Refused(_) => {
                             ProxyError::UpstreamUnreachable("connect failed")
@@ -78,6 +74,42 @@ pub async fn acquire<'a>(
         return Ok((TargetLease { up, target: t }, conn));
     }
     Err(last)
+}
+
+/// Records how an exchange with target `t` ended: its metrics, and a failure for the worker's
+/// periodic summary (`summarize_failures`).
+pub fn record(
+    w: &Worker,
+    up: &UpstreamState,
+    t: TargetId,
+    outcome: UpstreamOutcome,
+    latency_us: Option<u64>,
+) {
+    if outcome != UpstreamOutcome::Response {
+        up.count_failure();
+    }
+    w.metrics
+        .borrow_mut()
+        .record_upstream(up.id, t, outcome, latency_us);
+}
+
+/// Marks `t` down after a failed connect, with a warning when that changes its state.
+pub fn mark_down(w: &Worker, up: &UpstreamState, t: TargetId, e: &ConnectError) {
+    if up.mark_down(t) {
+        warn!(worker = w.id, upstream = %up.name, target = %up.target(t).name, error = ?e,
+            "target down: connect failed; skipped for fail_timeout_ms");
+    }
+}
+
+/// Logs, at most every 10 s per upstream, how many exchanges failed on this worker since the
+/// last summary: a 502 storm is visible at the default level without a line per request.
+pub fn summarize_failures(w: &Worker, upstreams: &[std::rc::Rc<UpstreamState>]) {
+    let now = w.now();
+    for up in upstreams {
+        if let Some(failed) = up.failures_to_report(now) {
+            warn!(worker = w.id, upstream = %up.name, failed, "upstream exchanges failed (connect, reset, timeout or invalid response) since the last summary");
+        }
+    }
 }
 
 /// A request without a body, written by the gateway.
@@ -125,9 +157,7 @@ pub async fn fetch(
         Err(_) => UpstreamOutcome::Failed,
     };
     let latency = started.elapsed().as_micros() as u64;
-    w.metrics
-        .borrow_mut()
-        .record_upstream(up.id, lease.target, outcome, Some(latency));
+    record(w, up, lease.target, outcome, Some(latency));
     let (response, reusable) = result?;
     if reusable {
         up.checkin(lease.target, conn, w.now());

@@ -48,7 +48,13 @@ pub struct UpstreamState {
     idle_timeout: Duration,
     max_idle: usize,
     fail_timeout: Duration,
+    /// Failed exchanges since the last summary line.
+    failures: Cell<u64>,
+    last_summary: Cell<Option<Instant>>,
 }
+
+/// How often, at most, a worker logs a summary of an upstream's failures.
+const SUMMARY_EVERY: Duration = Duration::from_secs(10);
 
 pub struct TargetState {
     pub name: String,
@@ -103,6 +109,8 @@ impl UpstreamState {
             idle_timeout: cfg.idle_timeout,
             max_idle: cfg.max_idle_per_target,
             fail_timeout: cfg.fail_timeout,
+            failures: Cell::new(0),
+            last_summary: Cell::new(None),
         }
     }
 
@@ -172,16 +180,41 @@ impl UpstreamState {
         })
     }
 
-    pub fn mark_down(&self, t: TargetId) {
+    /// Skips `t` for `fail_timeout`; returns whether it was up until now (a state change,
+    /// worth a warning).
+    pub fn mark_down(&self, t: TargetId) -> bool {
         let target = &self.targets[t.0];
-        target
-            .down_until
-            .set(Some(Instant::now() + self.fail_timeout));
+        let now = Instant::now();
+        let was_up = target.down_until.get().is_none_or(|until| now >= until);
+        target.down_until.set(Some(now + self.fail_timeout));
         target.idle.borrow_mut().clear();
+        was_up
     }
 
-    pub fn mark_up(&self, t: TargetId) {
-        self.targets[t.0].down_until.set(None);
+    /// Returns whether `t` had been marked down (a state change).
+    pub fn mark_up(&self, t: TargetId) -> bool {
+        self.targets[t.0].down_until.take().is_some()
+    }
+
+    /// Counts a failed exchange (connect, reset, timeout, invalid response) for the summary.
+    pub fn count_failure(&self) {
+        self.failures.set(self.failures.get() + 1);
+    }
+
+    /// Failures counted since the last summary, if one is due: at most one per
+    /// `SUMMARY_EVERY`, so that a 502 storm shows in the log without flooding it.
+    pub fn failures_to_report(&self, now: Instant) -> Option<u64> {
+        let n = self.failures.get();
+        let due = self
+            .last_summary
+            .get()
+            .is_none_or(|at| now.saturating_duration_since(at) >= SUMMARY_EVERY);
+        if n == 0 || !due {
+            return None;
+        }
+        self.failures.set(0);
+        self.last_summary.set(Some(now));
+        Some(n)
     }
 
     pub fn begin_request(&self, t: TargetId) {

@@ -498,6 +498,17 @@ impl Upstream {
         Self::from_listener(TcpListener::bind("127.0.0.1:0").unwrap(), handler)
     }
 
+    /// An upstream on a given address (e.g. one a test first left closed).
+    pub fn start_on(
+        addr: SocketAddr,
+        handler: impl Fn(&Received) -> Reply + Send + Sync + 'static,
+    ) -> Upstream {
+        Self::from_listener(
+            TcpListener::bind(addr).expect("bind the given address"),
+            handler,
+        )
+    }
+
     fn from_listener(
         listener: TcpListener,
         handler: impl Fn(&Received) -> Reply + Send + Sync + 'static,
