@@ -18,6 +18,11 @@ alternating order (A B C D, then D C B A, ...) so that machine drift cancels out
 
 Results go to loadtest/results/<date>-<host>.{json,md,png}; the last line printed is the ratio
 summary. Only 127.0.0.1 is targeted and every step is bounded in time.
+
+--callgrind-only [--reps N] [--baseline BINARY] counts only ringway's instructions and
+allocations per request (proxied on both drivers, with three header transforms, cache hits),
+alternating with another build when one is given, into loadtest/results/<date>-callgrind.*:
+the before/after check for a change to the request path.
 """
 
 import argparse
