@@ -20,15 +20,8 @@ listener = "public"
 respond = { status = 200, body = "hi" }
 "#;
 
-fn write_config(dir: &tempfile::TempDir, body: &str) -> String {
-    let path = dir.path().join("bad.toml");
-    std::fs::write(&path, body).unwrap();
-    path.to_str().unwrap().to_owned()
-}
-
 #[test]
 fn bad_configs_exit_2_naming_file_line_column_and_key() {
-    let dir = tempfile::tempdir().unwrap();
     let base = "[[listeners]]\nname = \"public\"\naddress = \"127.0.0.1:0\"\n[[upstreams]]\nname = \"app\"\ntargets = [\"127.0.0.1:9\"]\n";
     let route = "[[routes]]\nname = \"r\"\nlistener = \"public\"\n";
     let cases: Vec<(String, &str, &str)> = vec![
@@ -138,20 +131,7 @@ fn bad_configs_exit_2_naming_file_line_column_and_key() {
         ),
     ];
     for (body, location, message) in cases {
-        let path = write_config(&dir, &body);
-        let (status, _, stderr) = run_ringway(&["check", "--config", &path]);
-        assert_eq!(status.code(), Some(2), "{body}\n{stderr}");
-        assert!(
-            stderr.contains(&format!("error: {path}{location}")),
-            "expected {location} in:\n{stderr}\nfor:\n{body}"
-        );
-        assert!(
-            stderr.contains(message),
-            "expected {message:?} in:\n{stderr}"
-        );
-        // Running (not just checking) refuses the same way.
-        let (status, _, _) = run_ringway(&["--config", &path]);
-        assert_eq!(status.code(), Some(2));
+        assert_config_error(&body, location, message);
     }
     let (status, _, stderr) = run_ringway(&["check", "--config", "/nonexistent/ringway.toml"]);
     assert_eq!(status.code(), Some(2));

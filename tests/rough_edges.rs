@@ -13,31 +13,6 @@ use common::*;
 
 const BASE: &str = "[[listeners]]\nname = \"public\"\naddress = \"127.0.0.1:0\"\n[[upstreams]]\nname = \"app\"\ntargets = [\"127.0.0.1:9\"]\n";
 
-fn write_config(dir: &tempfile::TempDir, body: &str) -> String {
-    let path = dir.path().join("ringway.toml");
-    std::fs::write(&path, body).unwrap();
-    path.to_str().unwrap().to_owned()
-}
-
-/// `ringway check` on `body`: exit status 2, and stderr has `location` (after the path) and
-/// `message`. Running it refuses the same way.
-fn assert_config_error(body: &str, location: &str, message: &str) {
-    let dir = tempfile::tempdir().unwrap();
-    let path = write_config(&dir, body);
-    let (status, _, stderr) = run_ringway(&["check", "--config", &path]);
-    assert_eq!(status.code(), Some(2), "{body}\n{stderr}");
-    assert!(
-        stderr.contains(&format!("error: {path}{location}")),
-        "expected {location} in:\n{stderr}"
-    );
-    assert!(
-        stderr.contains(message),
-        "expected {message:?} in:\n{stderr}"
-    );
-    let (status, _, _) = run_ringway(&["--config", &path]);
-    assert_eq!(status.code(), Some(2));
-}
-
 #[test]
 fn a_generated_204_has_no_content_length_and_keeps_the_connection() {
     let gw = Gateway::start(

@@ -284,7 +284,6 @@ response_headers = { add = { "x-new" = "2" }, remove = ["x-old"] }
 
 #[test]
 fn bad_transforms_are_config_errors_naming_line_and_key() {
-    let dir = tempfile::tempdir().unwrap();
     let base = "[[listeners]]\nname = \"public\"\naddress = \"127.0.0.1:0\"\n[[upstreams]]\nname = \"app\"\ntargets = [\"127.0.0.1:9\"]\n[[routes]]\nname = \"r\"\nlistener = \"public\"\nupstream = \"app\"\n";
     let cases = [
         (
@@ -334,19 +333,6 @@ fn bad_transforms_are_config_errors_naming_line_and_key() {
         ),
     ];
     for (line, location, message) in cases {
-        let body = format!("{base}{line}\n");
-        let path = dir.path().join("bad.toml");
-        std::fs::write(&path, &body).unwrap();
-        let path = path.to_str().unwrap();
-        let (status, _, stderr) = run_ringway(&["check", "--config", path]);
-        assert_eq!(status.code(), Some(2), "{body}\n{stderr}");
-        assert!(
-            stderr.contains(&format!("error: {path}{location}")),
-            "expected {location} in:\n{stderr}\nfor:\n{body}"
-        );
-        assert!(
-            stderr.contains(message),
-            "expected {message:?} in:\n{stderr}"
-        );
+        assert_config_error(&format!("{base}{line}\n"), location, message);
     }
 }

@@ -198,6 +198,32 @@ pub fn run_ringway(args: &[&str]) -> (ExitStatus, String, String) {
     )
 }
 
+/// Writes `body` as `ringway.toml` in `dir`; returns its path.
+pub fn write_config(dir: &tempfile::TempDir, body: &str) -> String {
+    let path = dir.path().join("ringway.toml");
+    std::fs::write(&path, body).unwrap();
+    path.to_str().unwrap().to_owned()
+}
+
+/// `ringway check` on `body` exits 2 with `error: PATH{location}` and `message` on stderr, and
+/// running it (not just checking) refuses the same way.
+pub fn assert_config_error(body: &str, location: &str, message: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(&dir, body);
+    let (status, _, stderr) = run_ringway(&["check", "--config", &path]);
+    assert_eq!(status.code(), Some(2), "{body}\n{stderr}");
+    assert!(
+        stderr.contains(&format!("error: {path}{location}")),
+        "expected {location} in:\n{stderr}\nfor:\n{body}"
+    );
+    assert!(
+        stderr.contains(message),
+        "expected {message:?} in:\n{stderr}"
+    );
+    let (status, _, _) = run_ringway(&["--config", &path]);
+    assert_eq!(status.code(), Some(2));
+}
+
 // ---------------------------------------------------------------------------------------------
 // A raw HTTP/1.1 client
 
