@@ -416,10 +416,12 @@ async fn worker_main(mut ctx: WorkerStart<'_>, driver: &'static str) {
     let cache_links = ctx.channels.cache.take();
     let worker = Rc::new(Worker::new(ctx.id, ctx.config, access_log, cache_links));
     let mut canceller = Canceller::new();
+    let mut accepting = Vec::with_capacity(ctx.listeners.len());
     for (id, socket) in ctx.listeners {
         match TcpListener::from_std(socket) {
             Ok(l) => {
-                monoio::spawn(accept_loop(l, id, Rc::clone(&worker), canceller.handle()));
+                let task = accept_loop(l, id, Rc::clone(&worker), canceller.handle());
+                accepting.push(monoio::spawn(task));
             }
             Err(e) => {
                 let _ = ctx
@@ -478,6 +480,11 @@ async fn worker_main(mut ctx: WorkerStart<'_>, driver: &'static str) {
             if drain {
                 worker.draining.set(true);
                 canceller = std::mem::take(&mut canceller).cancel();
+                // Every listener stops listening before this worker does anything else, busy or
+                // idle: an idle worker would otherwise leave at once with its accept in flight.
+                for task in accepting.drain(..) {
+                    task.await;
+                }
                 drain_deadline = Some(Instant::now() + ctx.config.runtime.drain_timeout);
             }
         }
@@ -494,6 +501,18 @@ async fn worker_main(mut ctx: WorkerStart<'_>, driver: &'static str) {
     });
 }
 
+/// Takes the socket out of LISTEN at once, resetting connections still in its accept queue.
+/// Dropping a monoio listener closes it only when the driver next submits, and not at all if the
+/// runtime is gone by then; `shutdown` on a listening socket is synchronous.
+fn stop_listening(listener: &TcpListener) {
+    use std::os::fd::{AsRawFd, BorrowedFd};
+    // SAFETY: the descriptor belongs to `listener`, which outlives this borrow.
+    let fd = unsafe { BorrowedFd::borrow_raw(listener.as_raw_fd()) };
+    if let Err(e) = socket2::SockRef::from(&fd).shutdown(std::net::Shutdown::Read) {
+        warn!(error = %e, "cannot stop listening");
+    }
+}
+
 async fn accept_loop(
     listener: TcpListener,
     id: ListenerId,
@@ -506,7 +525,10 @@ async fn accept_loop(
                 let _ = stream.set_nodelay(true);
                 monoio::spawn(proxy::serve(stream, peer, id, Rc::clone(&worker)));
             }
-            Err(_) if worker.draining.get() => break,
+            Err(_) if worker.draining.get() => {
+                stop_listening(&listener);
+                break;
+            }
             Err(e) => {
                 warn!(worker = worker.id, error = %e, "accept failed");
                 // Out of descriptors or memory: back off rather than spin.

@@ -318,3 +318,51 @@ fn drain_gives_up_after_drain_timeout_and_still_exits_0() {
         l.contains("abandoning requests in flight")
     });
 }
+
+/// Issue 17 item 2: with a request in flight on one worker, every worker's listening socket
+/// closes when the drain begins; a new connection is refused, never accepted and left hanging.
+fn every_listener_closes_at_once_on_drain(driver: &str) {
+    let (up, go) = held_upstream();
+    let mut gw = Gateway::start(&format!(
+        "[runtime]\nworkers = 2\npin_cores = false\ndriver = \"{driver}\"\n{}",
+        proxy_config(&[up.addr], "", "")
+    ));
+    let addr = gw.addr("public");
+    assert_eq!(listening_sockets(addr.port()), 2);
+    let in_flight = thread::spawn(move || get(addr, "/slow"));
+    up.wait_for(1);
+    gw.signal(libc::SIGTERM);
+    gw.wait_log("drain to begin", |l| l.contains("draining"));
+    eventually("both listening sockets to close", || {
+        (listening_sockets(addr.port()) == 0).then_some(())
+    });
+    for _ in 0..50 {
+        assert!(
+            TcpStream::connect(addr).is_err(),
+            "a connection was accepted during the drain"
+        );
+    }
+    {
+        let (lock, cv) = &*go;
+        *lock.lock().unwrap() = true;
+        cv.notify_all();
+    }
+    let answered = in_flight.join();
+    assert!(
+        answered.is_ok(),
+        "the request in flight was lost: {:#?}",
+        gw.logs()
+    );
+    assert_eq!(answered.unwrap().text(), "finished");
+    assert_eq!(gw.wait_exit().code(), Some(0));
+}
+
+#[test]
+fn every_listener_closes_at_once_on_drain_io_uring() {
+    every_listener_closes_at_once_on_drain("io_uring");
+}
+
+#[test]
+fn every_listener_closes_at_once_on_drain_legacy() {
+    every_listener_closes_at_once_on_drain("legacy");
+}
