@@ -139,7 +139,7 @@ fn rate_limit(c: &mut Criterion) {
         "[[listeners]]\nname = \"p\"\naddress = \"127.0.0.1:0\"\n[[rate_limits]]\nname = \"l\"\nkey = \"client_ip\"\nrate = 1e9\nburst = 1e9\n",
     )
     .unwrap();
-    let mut limiter = Limiter::new(RateLimitId(0), &cfg.rate_limits[0], 2);
+    let mut limiter = Limiter::new(RateLimitId(0), &cfg.rate_limits[0]);
     let keys: Vec<u64> = (0..1000u32)
         .map(|i| Limiter::hash_key(format!("10.0.{}.{}", i / 256, i % 256).as_bytes()))
         .collect();

@@ -79,7 +79,7 @@ impl Worker {
                     .rate_limits
                     .iter()
                     .enumerate()
-                    .map(|(i, l)| Limiter::new(RateLimitId(i as u16), l, config.runtime.workers))
+                    .map(|(i, l)| Limiter::new(RateLimitId(i as u16), l))
                     .collect(),
             ),
             connections_active: Cell::new(0),

@@ -18,19 +18,25 @@
 //! since the report the grant was based on, so consumption racing a grant is not counted twice
 //! or not at all.
 //!
-//! A key a worker has never seen starts with a quota q0 = max(r·T, 1) (a burst spread over all
-//! workers would be B/N; q0 keeps a new worker's first interval small when the key is busy
-//! elsewhere, and still lets a new client's first request through).
+//! A key a worker does not hold (never seen, or evicted) starts with a full bucket's quota, B:
+//! a full bucket admits its burst at once, whichever worker the burst lands on. When a key has
+//! had no demand anywhere and its global bucket is full again, the sync thread says so to every
+//! worker that holds it (a grant of B at share 1), so a burst after idle gets B too, not the
+//! remainder of the last grant.
 //!
 //! # Error bound
 //!
-//! With N workers, over any period t, per key: admitted ≤ r·t + B + (N−1)·q0 (the only excess
-//! is each worker's starting quota for a key that is already busy elsewhere, and it happens once
-//! per worker and key until the key goes idle or is evicted). Under sustained demand above the rate, admitted
-//! ≥ r·t + B − r·(T + t_tick)·k − f·(r·T + B), where k is the number of times the traffic moved
-//! wholly to another worker (each move costs at most one round at the floor share) and t_tick
-//! (25 ms) is how late a worker may apply a grant. With r = 100/s, B = 200, T = 50 ms, N = 2
-//! over 5 s: at most 705 admitted; at least about 690 with one move (±2% of 700).
+//! With N workers, over any period t, per key: admitted ≤ r·t + N·B. The excess over one bucket,
+//! at most (N−1)·B, arises only when a burst on a full (new or idle) key lands on several workers
+//! within one round (T plus a tick), each admitting from its optimistic B. The sync thread
+//! charges all of it to the global bucket, which then grants nothing until it has refilled from
+//! that debt (grants are what the bucket holds plus one interval of refill, never less than
+//! zero), so over a period that includes the repayment admitted ≤ r·t + B, and the excess cannot
+//! recur before the bucket is full again. A burst on one worker gets exactly B. Under sustained
+//! demand above the rate, admitted ≥ r·t + B − r·(T + t_tick)·k − f·(r·T + B), where k is the
+//! number of times the traffic moved wholly to another worker (each move costs at most one round
+//! at the floor share) and t_tick (25 ms) is how late a worker may apply a grant. With r = 100/s,
+//! B = 200, T = 50 ms, N = 2 over 5 s: at least about 690 with one move (±2% of 700).
 //!
 //! # Memory
 //!
@@ -127,7 +133,7 @@ struct Slot {
     key: u64,
     /// Tokens this worker may still admit.
     tokens: f64,
-    /// This worker's share of the key, from the last grant (1/N until one arrives).
+    /// This worker's share of the key, from the last grant (1 until one arrives).
     share: f64,
     /// Admitted since the last report, and in the last report.
     consumed: u32,
@@ -150,7 +156,6 @@ pub struct Limiter {
     rate: f64,
     burst: f64,
     interval: Duration,
-    workers: usize,
     max_keys: usize,
     index: AHashMap<u64, u32>,
     slots: Vec<Slot>,
@@ -195,7 +200,7 @@ pub struct Grants {
 }
 
 impl Limiter {
-    pub fn new(id: RateLimitId, cfg: &RateLimit, workers: usize) -> Limiter {
+    pub fn new(id: RateLimitId, cfg: &RateLimit) -> Limiter {
         Limiter {
             id,
             name: cfg.name.clone(),
@@ -205,7 +210,6 @@ impl Limiter {
             rate: cfg.rate,
             burst: cfg.burst,
             interval: cfg.sync_interval,
-            workers,
             max_keys: cfg.max_keys,
             // Reserved up front so the table never doubles (and briefly holds twice its size);
             // pages are touched only as keys arrive.
@@ -235,14 +239,6 @@ impl Limiter {
         stable_hash(key)
     }
 
-    /// A key's first quota on this worker, until a grant arrives: one interval of rate, and
-    /// at least one request (within the burst), so that a new client is never refused first.
-    fn first_quota(&self) -> f64 {
-        (self.rate * self.interval.as_secs_f64())
-            .max(1.0)
-            .min(self.burst)
-    }
-
     /// The slot for `key`, creating it (evicting if the table is full).
     fn slot(&mut self, key: u64) -> usize {
         if let Some(&i) = self.index.get(&key) {
@@ -250,8 +246,8 @@ impl Limiter {
         }
         let fresh = Slot {
             key,
-            tokens: self.first_quota(),
-            share: 1.0 / self.workers as f64,
+            tokens: self.burst,
+            share: 1.0,
             consumed: 0,
             consumed_reported: 0,
             demand: 0,
@@ -394,16 +390,16 @@ mod tests {
             sync_interval: Duration::from_millis(50),
             headers: true,
         };
-        Limiter::new(RateLimitId(0), &cfg, 2)
+        Limiter::new(RateLimitId(0), &cfg)
     }
 
     #[test]
-    fn a_new_key_starts_with_one_interval_of_rate() {
+    fn a_new_key_starts_with_a_full_burst() {
         let mut l = limiter(100.0, 200.0, 10);
-        let admitted = (0..20)
+        let admitted = (0..300)
             .filter(|_| l.check(7).map(|i| l.charge(i)).is_ok())
             .count();
-        assert_eq!(admitted, 5);
+        assert_eq!(admitted, 200);
     }
 
     #[test]

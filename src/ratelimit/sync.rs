@@ -173,11 +173,24 @@ fn round(id: RateLimitId, table: &mut Table, now: Instant, grants: &[Sender<Gran
                     table.forget(i);
                     continue;
                 }
+                // Idle and full again: the holders may admit a whole burst (a grant that is
+                // lost is repeated each round until the key is forgotten).
+                for (k, keys) in out.iter_mut().enumerate() {
+                    if table.seen[i * w + k] {
+                        keys.push(KeyGrant {
+                            key: bucket.key,
+                            tokens: table.burst,
+                            share: 1.0,
+                        });
+                    }
+                }
             }
             i += 1;
             continue;
         }
-        let available = bucket.level.max(0.0) + table.rate * table.interval.as_secs_f64();
+        // A bucket in debt (workers admitted more than it held, racing on a full key) grants
+        // nothing until it has refilled from the debt.
+        let available = (bucket.level + table.rate * table.interval.as_secs_f64()).max(0.0);
         let mut sum = 0.0;
         for (s, d) in shares.iter_mut().zip(demand) {
             *s = (d / total).max(FLOOR_SHARE);
@@ -270,6 +283,37 @@ mod tests {
         let (g0, g1) = grants_for(&mut tables);
         assert!((g1.keys[0].share - FLOOR_SHARE / (1.0 + FLOOR_SHARE)).abs() < 1e-9);
         assert!(g0.keys[0].share > 0.97);
+    }
+
+    #[test]
+    fn a_bucket_in_debt_grants_nothing_until_repaid() {
+        let mut tables = vec![table()];
+        // Both workers admitted a whole burst from their optimistic quota: 200 over the bucket.
+        apply_report(&mut tables, report(0, 200, 200));
+        apply_report(&mut tables, report(1, 200, 200));
+        let (g0, g1) = grants_for(&mut tables);
+        assert_eq!((g0.keys[0].tokens, g1.keys[0].tokens), (0.0, 0.0));
+    }
+
+    #[test]
+    fn an_idle_key_whose_bucket_is_full_again_gets_a_whole_burst_on_every_holder() {
+        let mut tables = vec![table()];
+        apply_report(&mut tables, report(0, 0, 1));
+        apply_report(&mut tables, report(1, 0, 1));
+        let (tx0, rx0) = crossbeam_channel::unbounded();
+        let (tx1, rx1) = crossbeam_channel::unbounded();
+        let full = |g: Grants| g.keys.iter().any(|k| k.tokens == 200.0 && k.share == 1.0);
+        let mut rounds = 0;
+        while !(rx0.try_iter().any(full) && rx1.try_iter().any(full)) {
+            rounds += 1;
+            assert!(rounds < 20, "no full grant after the demand died down");
+            round(
+                RateLimitId(0),
+                &mut tables[0],
+                Instant::now(),
+                &[tx0.clone(), tx1.clone()],
+            );
+        }
     }
 
     #[test]
