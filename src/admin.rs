@@ -17,7 +17,7 @@ use std::rc::Rc;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 use monoio::io::AsyncWriteRentExt;
@@ -26,6 +26,7 @@ use monoio::{LegacyDriver, RuntimeBuilder};
 use tracing::warn;
 
 use crate::buffer::ReadBuf;
+use crate::cache::coherence::Purged;
 use crate::cache::{Batch, Change};
 use crate::config::Config;
 use crate::http::write::{generated_response, Generated};
@@ -37,7 +38,8 @@ use crate::metrics::render::{self, Process};
 use crate::metrics::Snapshot;
 
 /// `POST /cache/purge` with `{"prefix": "/api/"}` or `{"key": "/exact/target?q"}`: removes
-/// matching entries on every worker (each applies it on its next tick).
+/// matching entries on every worker: each applies it before its next lookup, so a request sent
+/// after the answer never sees a purged entry.
 fn purge(body: &[u8], workers: &[Sender<Batch>]) -> (u16, &'static [u8], Vec<u8>) {
     const JSON: &[u8] = b"content-type: application/json\r\n";
     if workers.is_empty() {
@@ -54,8 +56,8 @@ fn purge(body: &[u8], workers: &[Sender<Batch>]) -> (u16, &'static [u8], Vec<u8>
         }
     };
     let change = match (request["prefix"].as_str(), request["key"].as_str()) {
-        (Some(p), None) => Change::Prefix(p.as_bytes().into()),
-        (None, Some(k)) => Change::Target(k.as_bytes().into()),
+        (Some(p), None) => Purged::Prefix(p.as_bytes().into()),
+        (None, Some(k)) => Purged::Target(k.as_bytes().into()),
         _ => {
             return (
                 400,
@@ -64,7 +66,7 @@ fn purge(body: &[u8], workers: &[Sender<Batch>]) -> (u16, &'static [u8], Vec<u8>
             )
         }
     };
-    let batch: Batch = Arc::new(vec![change]);
+    let batch: Batch = Arc::new(vec![Change::Purge(Arc::new(change), Instant::now())]);
     let sent = workers
         .iter()
         .filter(|w| w.try_send(Arc::clone(&batch)).is_ok())

@@ -187,10 +187,14 @@ pub struct Transfer<'a> {
     pub sent: &'a Cell<u64>,
     /// Where to copy the data as it passes, if anywhere.
     pub tee: Option<&'a RefCell<Tee>>,
+    /// Leave the last bytes in `out` for the caller to send, so that it can act once the input
+    /// has ended but before the receiver has all of it.
+    pub keep_last: bool,
 }
 
 /// Streams the rest of a body from `src` to `dst`. `out` may hold bytes to send first (a head);
-/// it is flushed before every wait for input, so the receiver never waits on the gateway.
+/// it is flushed before every wait for input, so the receiver never waits on the gateway, and at
+/// the end unless `keep_last`.
 #[allow(clippy::too_many_arguments)]
 pub async fn copy_body<R: AsyncReadRent, W: AsyncWriteRent>(
     src: &mut R,
@@ -241,7 +245,7 @@ pub async fn copy_body<R: AsyncReadRent, W: AsyncWriteRent>(
             Ok(Err(e)) => return Err(BodyError::Read(e)),
         }
     }
-    if !out.is_empty() {
+    if !out.is_empty() && !t.keep_last {
         t.sent.set(t.sent.get() + out.len() as u64);
         send(dst, out, t.deadline, t.write_timeout)
             .await

@@ -462,7 +462,7 @@ async fn worker_main(mut ctx: WorkerStart<'_>, driver: &'static str) {
             worker.sync_rate_limits(tx, &ctx.channels.grants);
         }
         if let Some(cache) = &worker.cache {
-            cache.sync(worker.now(), tick);
+            cache.sync(worker.now());
         }
         if let Some(tx) = &ctx.channels.metrics {
             let now = worker.now();

@@ -1,14 +1,16 @@
 //! Response caching. Each worker has its own index (`Store`: an LRU by bytes, no lock); the
 //! entries in it are `Arc<Entry>` whose body is `bytes::Bytes`, so an entry one worker stores is
-//! handed to the others without copying its bytes. Every `[cache] sync_interval_ms` a worker
-//! sends the entries it stored and the keys it removed (invalidated, purged or evicted for
-//! space) to every other worker over crossbeam channels, and applies what it received. Each
-//! worker owns `max_bytes / workers` and evicts only the entries it stored, so the workers hold
-//! one set of entries, whose bodies count once, within `max_bytes` (see `store`).
+//! handed to the others without copying its bytes. A worker sends every entry it stores and every
+//! key it removes (invalidated, purged or evicted for space) to every other worker over crossbeam
+//! channels at once, and applies what it received before every lookup, so that the workers are
+//! one cache (see `coherence`). Each worker owns `max_bytes / workers` and evicts only the entries
+//! it stored, so the workers hold one set of entries, whose bodies count once, within `max_bytes`
+//! (see `store`).
 //!
 //! What may be stored and for how long follows RFC 9111 (`policy`). Concurrent misses for one
 //! key on a worker make one upstream request (`Flight`); the others wait for it, bounded.
 
+pub mod coherence;
 pub mod policy;
 pub mod record;
 mod store;
@@ -23,6 +25,7 @@ use ahash::AHashMap;
 use bytes::Bytes;
 use crossbeam_channel::{Receiver, Sender};
 
+use coherence::{Peers, Purged, Tombstones};
 pub use store::Store;
 
 use crate::config::CacheSettings;
@@ -114,20 +117,24 @@ pub fn variant_hash<'a>(
     h.finish()
 }
 
-/// What workers tell each other about their caches.
-#[derive(Debug)]
+/// What workers tell each other about their caches. Each carries its time (see `coherence`):
+/// a removal takes the matching entries whose response arrived at or before `at`.
+#[derive(Debug, Clone)]
 pub enum Change {
     Stored(Arc<Entry>),
     /// Every variant of a URL.
-    Url(u64),
+    Url {
+        url: u64,
+        at: Instant,
+    },
+    /// One variant its owner evicted for space (`at`: the evicted entry's `stored_at`).
     Variant {
         url: u64,
         variant: u64,
+        at: Instant,
     },
-    /// Every entry whose request-target starts with this.
-    Prefix(Box<[u8]>),
-    /// Every entry with exactly this request-target (on any host).
-    Target(Box<[u8]>),
+    /// Every entry whose request-target starts with this, or is exactly this (on any host).
+    Purge(Arc<Purged>, Instant),
 }
 
 pub type Batch = Arc<Vec<Change>>;
@@ -135,16 +142,15 @@ pub type Batch = Arc<Vec<Change>>;
 /// A worker's links: senders to every other worker, and its own inbox.
 pub type Links = (Vec<Sender<Batch>>, Receiver<Batch>);
 
-/// A worker's cache: its store, its outgoing changes, its flights, and its links to the
-/// other workers.
+/// A worker's cache: its store, its links to the other workers, what it removed recently, and
+/// its flights.
 pub struct WorkerCache {
     pub settings: CacheSettings,
     pub store: RefCell<Store>,
-    outbox: RefCell<Vec<Change>>,
-    peers: Vec<Sender<Batch>>,
+    peers: RefCell<Peers>,
     inbox: Receiver<Batch>,
+    tombstones: RefCell<Tombstones>,
     flights: RefCell<AHashMap<u64, Rc<Flight>>>,
-    last_sync: Cell<Instant>,
 }
 
 impl WorkerCache {
@@ -152,60 +158,82 @@ impl WorkerCache {
         WorkerCache {
             store: RefCell::new(Store::new(settings.max_bytes, peers.len() + 1)),
             settings,
-            outbox: RefCell::new(Vec::new()),
-            peers,
+            peers: RefCell::new(Peers::new(peers)),
             inbox,
+            tombstones: RefCell::new(Tombstones::new(Instant::now())),
             flights: RefCell::new(AHashMap::new()),
-            last_sync: Cell::new(Instant::now()),
         }
     }
 
-    /// Stores an entry here and tells the other workers.
+    /// Looks `url` up, after applying what the other workers sent (an empty inbox costs one
+    /// `try_recv`).
+    pub fn get(&self, url: u64, variant_of: impl Fn(&Entry) -> u64) -> Option<Arc<Entry>> {
+        self.receive();
+        self.store.borrow_mut().get(url, variant_of)
+    }
+
+    /// Stores an entry here and sends it to the other workers, unless a removal newer than its
+    /// response has been seen.
     pub fn insert(&self, entry: Arc<Entry>) {
+        self.receive();
+        if self.tombstones.borrow().bury(&entry, Instant::now()) {
+            return;
+        }
         let evicted = self.store.borrow_mut().insert(Arc::clone(&entry));
-        let mut outbox = self.outbox.borrow_mut();
-        outbox.push(Change::Stored(entry));
-        outbox.extend(
+        let mut changes = Vec::with_capacity(1 + evicted.len());
+        changes.push(Change::Stored(entry));
+        changes.extend(
             evicted
                 .into_iter()
-                .map(|(url, variant)| Change::Variant { url, variant }),
+                .map(|(url, variant, at)| Change::Variant { url, variant, at }),
         );
+        self.peers.borrow_mut().publish(changes);
     }
 
-    /// Removes every variant of a URL here and on the other workers.
-    pub fn invalidate(&self, url: u64) {
-        self.store.borrow_mut().remove_url(url);
-        self.outbox.borrow_mut().push(Change::Url(url));
+    /// Removes every variant of these URLs here and on the other workers, now.
+    pub fn invalidate(&self, urls: &[u64]) {
+        let at = Instant::now();
+        let changes: Vec<Change> = urls.iter().map(|&url| Change::Url { url, at }).collect();
+        self.apply(&changes);
+        self.peers.borrow_mut().publish(changes);
     }
 
-    /// Applies what other workers (or the admin) sent, and sends this worker's changes if the
-    /// sync interval has passed (to within half a `tick`, the caller's period, so that timer
-    /// jitter does not cost a whole extra tick: a change reaches every worker within about two
-    /// sync intervals).
-    pub fn sync(&self, now: Instant, tick: Duration) {
-        let mut store = self.store.borrow_mut();
+    /// Applies what the other workers (or the admin) sent.
+    pub fn receive(&self) {
         for batch in self.inbox.try_iter() {
-            for change in batch.iter() {
-                store.apply(change);
+            self.apply(&batch);
+        }
+    }
+
+    fn apply(&self, changes: &[Change]) {
+        let now = Instant::now();
+        let mut store = self.store.borrow_mut();
+        let mut tombstones = self.tombstones.borrow_mut();
+        for change in changes {
+            match change {
+                Change::Stored(e) if !tombstones.bury(e, now) => {
+                    store.insert_replica(Arc::clone(e))
+                }
+                Change::Stored(_) => {}
+                Change::Url { url, at } => {
+                    store.remove_url(*url, *at);
+                    tombstones.url(*url, *at);
+                }
+                Change::Variant { url, variant, at } => store.remove_variant(*url, *variant, *at),
+                Change::Purge(what, at) => {
+                    store.remove_where(|e| e.stored_at <= *at && what.matches(&e.target));
+                    tombstones.purge(Arc::clone(what), *at);
+                }
             }
         }
-        drop(store);
-        if now.saturating_duration_since(self.last_sync.get()) + tick / 2
-            < self.settings.sync_interval
-        {
-            return;
-        }
-        self.last_sync.set(now);
-        let changes = std::mem::take(&mut *self.outbox.borrow_mut());
-        if changes.is_empty() {
-            return;
-        }
-        let batch: Batch = Arc::new(changes);
-        for peer in &self.peers {
-            // A peer too far behind misses this batch: its entries age out, and a missed
-            // invalidation is the same staleness a shared cache has between workers anyway.
-            let _ = peer.try_send(Arc::clone(&batch));
-        }
+    }
+
+    /// The worker's tick: applies the inbox, retries changes a full peer inbox refused, and
+    /// forgets old removals.
+    pub fn sync(&self, now: Instant) {
+        self.receive();
+        self.peers.borrow_mut().flush();
+        self.tombstones.borrow_mut().expire(now);
     }
 
     /// The flight for `key` if a request for it is already on its way upstream, or a new

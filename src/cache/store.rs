@@ -8,11 +8,12 @@
 //! whose bodies they share, add up to at most `max_bytes`, whichever worker's traffic is hot.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use ahash::AHashMap;
 use slab::Slab;
 
-use super::{Change, Entry};
+use super::Entry;
 
 /// Variants kept per URL; a new one past this replaces the coldest.
 const MAX_VARIANTS: usize = 8;
@@ -132,32 +133,44 @@ impl Store {
         node.entry
     }
 
-    /// Stores `entry` as this worker's own (replacing the same URL and variant); returns the
-    /// own entries evicted for space, as `(url, variant)`, for the other workers to drop.
-    pub fn insert(&mut self, entry: Arc<Entry>) -> Vec<(u64, u64)> {
+    /// Stores `entry` as this worker's own (replacing an older one for the same URL and
+    /// variant); returns the own entries evicted for space, as `(url, variant, stored_at)`, for
+    /// the other workers to drop.
+    pub fn insert(&mut self, entry: Arc<Entry>) -> Vec<(u64, u64, Instant)> {
         if entry.size() > self.budget {
-            self.remove_variant(entry.url, entry.variant);
+            self.remove_variant(entry.url, entry.variant, entry.stored_at);
             return Vec::new();
         }
-        let id = self.link(entry, OWN);
+        let Some(id) = self.link(entry, OWN) else {
+            return Vec::new();
+        };
         let mut evicted = Vec::new();
         while self.lists[OWN].bytes > self.budget && self.lists[OWN].oldest != id {
             let e = self.remove(self.lists[OWN].oldest);
             self.evictions += 1;
-            evicted.push((e.url, e.variant));
+            evicted.push((e.url, e.variant, e.stored_at));
         }
         self.trim_replicas();
         evicted
     }
 
     /// Indexes another worker's entry (its owner evicts it).
-    fn insert_replica(&mut self, entry: Arc<Entry>) {
+    pub(super) fn insert_replica(&mut self, entry: Arc<Entry>) {
         self.link(entry, REPLICA);
         self.trim_replicas();
     }
 
-    fn link(&mut self, entry: Arc<Entry>, list: usize) -> usize {
-        self.remove_variant(entry.url, entry.variant);
+    /// Links `entry` in, replacing the same URL and variant unless that one is newer (then
+    /// returns `None`: of two entries for one key, the newer stays, in whichever order they
+    /// arrive).
+    fn link(&mut self, entry: Arc<Entry>, list: usize) -> Option<usize> {
+        if self
+            .variant(entry.url, entry.variant)
+            .is_some_and(|id| self.nodes[id].entry.stored_at > entry.stored_at)
+        {
+            return None;
+        }
+        self.remove_variant(entry.url, entry.variant, entry.stored_at);
         if let Some(ids) = self.urls.get(&entry.url) {
             if ids.len() >= MAX_VARIANTS {
                 let coldest = ids[0];
@@ -174,7 +187,7 @@ impl Store {
         self.push_newest(id);
         self.urls.entry(url).or_default().push(id);
         self.lists[list].bytes += size;
-        id
+        Some(id)
     }
 
     /// Only when a peer's evictions were missed (its channel was full) do replicas exceed
@@ -185,31 +198,40 @@ impl Store {
         }
     }
 
-    pub fn remove_url(&mut self, url: u64) {
+    /// Removes every variant of `url` whose response arrived at or before `at`.
+    pub fn remove_url(&mut self, url: u64, at: Instant) {
         if let Some(ids) = self.urls.get(&url).cloned() {
             for id in ids {
+                if self.nodes[id].entry.stored_at <= at {
+                    self.remove(id);
+                }
+            }
+        }
+    }
+
+    fn variant(&self, url: u64, variant: u64) -> Option<usize> {
+        self.urls.get(&url).and_then(|ids| {
+            ids.iter()
+                .copied()
+                .find(|&id| self.nodes[id].entry.variant == variant)
+        })
+    }
+
+    /// Removes the variant if its response arrived at or before `at`.
+    pub fn remove_variant(&mut self, url: u64, variant: u64, at: Instant) {
+        if let Some(id) = self.variant(url, variant) {
+            if self.nodes[id].entry.stored_at <= at {
                 self.remove(id);
             }
         }
     }
 
-    fn remove_variant(&mut self, url: u64, variant: u64) {
-        let found = self.urls.get(&url).and_then(|ids| {
-            ids.iter()
-                .copied()
-                .find(|&id| self.nodes[id].entry.variant == variant)
-        });
-        if let Some(id) = found {
-            self.remove(id);
-        }
-    }
-
-    /// Removes the entries whose request-target `matches`; returns how many.
-    pub fn remove_where(&mut self, matches: impl Fn(&[u8]) -> bool) -> usize {
+    /// Removes the entries `matches` selects; returns how many.
+    pub fn remove_where(&mut self, matches: impl Fn(&Entry) -> bool) -> usize {
         let ids: Vec<usize> = self
             .nodes
             .iter()
-            .filter(|(_, n)| matches(&n.entry.target))
+            .filter(|(_, n)| matches(&n.entry))
             .map(|(id, _)| id)
             .collect();
         for &id in &ids {
@@ -217,32 +239,17 @@ impl Store {
         }
         ids.len()
     }
-
-    /// Applies another worker's (or the admin's) change.
-    pub fn apply(&mut self, change: &Change) {
-        match change {
-            Change::Stored(entry) => self.insert_replica(Arc::clone(entry)),
-            Change::Url(url) => self.remove_url(*url),
-            Change::Variant { url, variant } => self.remove_variant(*url, *variant),
-            Change::Prefix(prefix) => {
-                self.remove_where(|t| t.starts_with(prefix));
-            }
-            Change::Target(target) => {
-                self.remove_where(|t| t == &target[..]);
-            }
-        }
-    }
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use std::time::{Duration, Instant};
 
     use bytes::Bytes;
 
     use super::*;
 
-    fn entry(url: u64, variant: u64, body: usize) -> Arc<Entry> {
+    pub(in crate::cache) fn entry(url: u64, variant: u64, body: usize) -> Arc<Entry> {
         Arc::new(Entry {
             url,
             variant,
@@ -273,7 +280,8 @@ mod tests {
         }
         assert!(s.get(1, |_| 0).is_some()); // 1 is now the newest
         let evicted = s.insert(entry(4, 0, 1000));
-        assert_eq!(evicted, [(2, 0)]);
+        assert_eq!(evicted.len(), 1);
+        assert_eq!((evicted[0].0, evicted[0].1), (2, 0));
         assert!(s.get(2, |_| 0).is_none());
         assert!(s.get(1, |_| 0).is_some());
         assert_eq!(s.bytes(), size * 3);
@@ -289,16 +297,19 @@ mod tests {
         for i in 0..20u64 {
             for (store, batch, url) in [(&mut a, &mut from_a, i), (&mut b, &mut from_b, 100 + i)] {
                 let e = entry(url, 0, 1000);
-                batch.push(Change::Stored(Arc::clone(&e)));
-                for (url, variant) in store.insert(e) {
-                    batch.push(Change::Variant { url, variant });
-                }
+                batch.push((Arc::clone(&e), store.insert(e)));
             }
             // Hits on a worker's own entries do not change what the other holds.
             assert!(a.get(i, |_| 0).is_some());
         }
-        from_a.iter().for_each(|c| b.apply(c));
-        from_b.iter().for_each(|c| a.apply(c));
+        for (store, batch) in [(&mut b, &from_a), (&mut a, &from_b)] {
+            for (e, evicted) in batch {
+                store.insert_replica(Arc::clone(e));
+                for &(url, variant, at) in evicted {
+                    store.remove_variant(url, variant, at);
+                }
+            }
+        }
         let held = |s: &Store| {
             let mut urls: Vec<u64> = s.nodes.iter().map(|(_, n)| n.entry.url).collect();
             urls.sort_unstable();
@@ -319,9 +330,29 @@ mod tests {
         assert!(s.get(7, |_| 3).is_none());
         s.insert(entry(7, 2, 20));
         assert_eq!(s.len(), 2);
-        s.remove_url(7);
+        s.remove_url(7, Instant::now());
         assert!(s.is_empty());
         assert_eq!(s.bytes(), 0);
+    }
+
+    #[test]
+    fn of_two_entries_for_one_key_the_newer_stays_whichever_arrives_last() {
+        let older = entry(5, 0, 10);
+        let mut newer = Arc::try_unwrap(entry(5, 0, 20)).expect("unique");
+        newer.stored_at = older.stored_at + Duration::from_millis(1);
+        let newer = Arc::new(newer);
+        for order in [[&older, &newer], [&newer, &older]] {
+            let mut s = Store::new(1 << 20, 2);
+            for e in order {
+                s.insert_replica(Arc::clone(e));
+            }
+            assert_eq!(s.get(5, |_| 0).unwrap().body.len(), 20);
+        }
+        // A removal takes only what is not newer than it.
+        let mut s = Store::new(1 << 20, 2);
+        s.insert_replica(Arc::clone(&newer));
+        s.remove_url(5, older.stored_at);
+        assert_eq!(s.len(), 1);
     }
 
     #[test]
@@ -330,7 +361,7 @@ mod tests {
         s.insert(entry(11, 0, 1));
         s.insert(entry(12, 0, 1));
         s.insert(entry(21, 0, 1));
-        assert_eq!(s.remove_where(|t| t.starts_with(b"/u1")), 2);
+        assert_eq!(s.remove_where(|e| e.target.starts_with(b"/u1")), 2);
         assert_eq!(s.len(), 1);
     }
 }

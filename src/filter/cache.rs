@@ -3,11 +3,12 @@
 //! pipeline revalidates it in the background), waits for another request's fetch of the same
 //! key (one per key on a worker at a time), or lets the request go upstream (MISS) with a
 //! `CacheSlot` in the exchange; `on_upstream_request` adds the validators of a stale entry;
-//! the response side records the upstream's head and copies a storable body (`CacheExchange`);
-//! `on_done` stores what came back, or refreshes the entry a 304 revalidated and asks the
-//! pipeline to answer from it. `Invalidate`, on routes without `cache` while `[cache]` is on,
-//! and `Cache` for unsafe methods: a successful unsafe request invalidates its URL (and its
-//! `Location` / `Content-Location`) on every worker.
+//! the response side records the upstream's head, copies a storable body and stores it once the
+//! body is whole, before its last bytes go to the client (`CacheExchange`); `on_done` refreshes
+//! the entry a 304 revalidated and asks the pipeline to answer from it. `Invalidate`, on routes
+//! without `cache` while `[cache]` is on, and `Cache` for unsafe methods: an unsafe request
+//! whose response head is not an error invalidates its URL (and its `Location` /
+//! `Content-Location`) on every worker before the head goes to the client.
 
 use std::cell::{Cell, RefCell};
 use std::sync::Arc;
@@ -41,12 +42,8 @@ pub struct CacheSlot {
     pub exchange: CacheExchange,
     /// The stale entry this request revalidates, if any.
     stale: Option<Arc<Entry>>,
-    /// What storing the response needs from the request (read before its head is consumed).
-    request: Option<Request>,
     /// The flight this request leads, landed when it ends.
     flight: Option<u64>,
-    /// For an unsafe request: the host and URL it invalidates if it succeeds.
-    invalidates: Option<(Box<[u8]>, u64)>,
     /// Where `X-Cache: MISS` starts in the gateway's lines (dropped if a 304 revalidates).
     miss_line: usize,
 }
@@ -59,11 +56,13 @@ pub struct CacheExchange {
     /// Conditional header lines for the upstream request.
     conditional: Vec<u8>,
     capture: Option<Capture>,
-    /// The response's `Location` and `Content-Location` values (for invalidation).
-    locations: RefCell<Vec<Box<[u8]>>>,
+    /// For an unsafe request: the host and URL it invalidates if it succeeds.
+    invalidates: Option<(Box<[u8]>, u64)>,
 }
 
 struct Capture {
+    /// What storing the response needs from the request (read before its head is consumed).
+    request: Request,
     tee: RefCell<Tee>,
     recorded: RefCell<Option<Recorded>>,
     authorized: bool,
@@ -78,15 +77,21 @@ impl CacheExchange {
             not_modified: Cell::new(false),
             conditional: Vec::new(),
             capture,
-            locations: RefCell::new(Vec::new()),
+            invalidates: None,
         }
     }
 
     /// The upstream's final head, before the client sees anything: a 304 to a revalidation is
     /// recorded and taken over (the caller writes nothing; the pipeline answers from the
-    /// refreshed entry); anything else is noted for storing and invalidation. Returns whether
-    /// the response was taken over.
-    pub fn on_upstream_response(&self, buf: &[u8], resp: &ResponseHead) -> bool {
+    /// refreshed entry); a non-error answer to an unsafe request invalidates now, so no worker
+    /// can serve the old entry once the client has the answer; anything else is noted for
+    /// storing. Returns whether the response was taken over.
+    pub fn on_upstream_response(
+        &self,
+        cache: Option<&WorkerCache>,
+        buf: &[u8],
+        resp: &ResponseHead,
+    ) -> bool {
         if self.revalidating && resp.status == 304 {
             if let Some(cap) = &self.capture {
                 *cap.recorded.borrow_mut() = Some(Recorded::from_head(buf, resp));
@@ -94,16 +99,17 @@ impl CacheExchange {
             self.not_modified.set(true);
             return true;
         }
-        let mut locations = self.locations.borrow_mut();
-        for h in &resp.headers {
-            let name = h.name.get(buf);
-            if name.eq_ignore_ascii_case(b"location")
-                || name.eq_ignore_ascii_case(b"content-location")
-            {
-                locations.push(h.value.get(buf).into());
+        if let (Some((host, own)), Some(cache)) = (&self.invalidates, cache) {
+            if (200..400).contains(&resp.status) {
+                let locations = resp.headers.iter().filter_map(|h| {
+                    let name = h.name.get(buf);
+                    (name.eq_ignore_ascii_case(b"location")
+                        || name.eq_ignore_ascii_case(b"content-location"))
+                    .then(|| h.value.get(buf))
+                });
+                invalidate(cache, host, *own, locations);
             }
         }
-        drop(locations);
         let Some(cap) = &self.capture else {
             return false;
         };
@@ -128,21 +134,26 @@ impl CacheExchange {
             .map(|c| &c.tee)
     }
 
-    /// The entry to store, if the response was storable and its body was copied whole.
-    fn into_entry(self, request: &Request, now: Instant) -> Option<Entry> {
-        let cap = self.capture?;
-        let rec = cap.recorded.into_inner()?;
-        let tee = cap.tee.into_inner();
-        if tee.overflowed {
-            return None;
+    /// The body arrived whole: stores the response if it was storable and copied whole (before
+    /// its last bytes go to the client, so that every worker has it by the time the client
+    /// can ask again). `arrived` is when the response head came.
+    pub fn on_body_complete(&self, cache: Option<&WorkerCache>, arrived: Instant) {
+        let (Some(cap), Some(cache)) = (&self.capture, cache) else {
+            return;
+        };
+        if self.not_modified.get() {
+            return;
         }
-        Some(new_entry(
-            request,
-            rec,
-            Bytes::from(tee.data),
-            now,
-            cap.default_ttl,
-        ))
+        let Some(rec) = cap.recorded.borrow_mut().take() else {
+            return;
+        };
+        let mut tee = cap.tee.borrow_mut();
+        if tee.overflowed {
+            return;
+        }
+        let body = Bytes::from(std::mem::take(&mut tee.data));
+        let entry = new_entry(&cap.request, rec, body, arrived, cap.default_ttl);
+        cache.insert(Arc::new(entry));
     }
 }
 
@@ -150,12 +161,12 @@ impl CacheSlot {
     /// For an unsafe request: nothing to store, only its URL to invalidate if it succeeds.
     pub fn invalidating(req: &RequestInfo<'_>) -> CacheSlot {
         let host = req.view.host();
+        let mut exchange = CacheExchange::new(None);
+        exchange.invalidates = Some((host.into(), url_hash(host, origin_target(req))));
         CacheSlot {
-            exchange: CacheExchange::new(None),
+            exchange,
             stale: None,
-            request: None,
             flight: None,
-            invalidates: Some((host.into(), url_hash(host, origin_target(req)))),
             miss_line: 0,
         }
     }
@@ -267,7 +278,7 @@ impl Cache {
             })
         };
         let now = Instant::now();
-        let found = cache.store.borrow_mut().get(url, |e| variant_of(&e.vary));
+        let found = cache.get(url, |e| variant_of(&e.vary));
         if let Some(entry) = &found {
             if entry.is_fresh(now) && !directives.revalidate {
                 return Ok(Flow::Cached(Arc::clone(entry), CacheOutcome::Hit));
@@ -292,13 +303,14 @@ impl Cache {
                     .deadline
                     .within(self.coalesce_wait, flight.landed())
                     .await;
-                let again = cache.store.borrow_mut().get(url, |e| variant_of(&e.vary));
+                let again = cache.get(url, |e| variant_of(&e.vary));
                 if let Some(entry) = again.filter(|e| e.is_fresh(Instant::now())) {
                     return Ok(Flow::Cached(entry, CacheOutcome::Coalesced));
                 }
             }
         }
         let mut exchange = CacheExchange::new((method == Method::Get).then(|| Capture {
+            request: request_facts(req, url, &self.policy.key_headers),
             tee: RefCell::new(Tee::new(cache.settings.max_entry_bytes)),
             recorded: RefCell::new(None),
             authorized: asked.authorized,
@@ -316,9 +328,7 @@ impl Cache {
         *slot = Some(CacheSlot {
             exchange,
             stale: found,
-            request: Some(request_facts(req, url, &self.policy.key_headers)),
             flight: leading.then_some(flight_key),
-            invalidates: None,
             miss_line,
         });
         Ok(Flow::Continue)
@@ -339,83 +349,47 @@ pub fn invalidate_on_request(req: &RequestInfo<'_>, slot: &mut Option<CacheSlot>
     }
 }
 
-/// However the exchange ended: store what came back (a miss), refresh the entry a 304
-/// revalidated (and answer from it: `Flow::Cached`), invalidate what a successful unsafe
-/// request changed, and land the flight this request led, after storing, so that its waiters
-/// find the entry.
-pub fn on_done(
-    cx: &Ctx<'_>,
-    slot: &mut Option<CacheSlot>,
-    ok: bool,
-    status: u16,
-    lines: &mut Vec<u8>,
-) -> Flow {
+/// However the exchange ended: refresh the entry a 304 revalidated (and answer from it:
+/// `Flow::Cached`), count a miss, and land the flight this request led, after storing, so that
+/// its waiters find the entry.
+pub fn on_done(cx: &Ctx<'_>, slot: &mut Option<CacheSlot>, lines: &mut Vec<u8>) -> Flow {
     let (Some(s), Some(cache)) = (slot.take(), cx.cache) else {
         return Flow::Continue;
     };
-    let flow = conclude(
-        cache,
-        cx,
-        s.exchange,
-        s.stale,
-        s.request,
-        s.invalidates,
-        ok,
-        status,
-    );
-    if let Flow::Cached(..) = flow {
+    let flow = if s.exchange.invalidates.is_some() {
+        Flow::Continue
+    } else if let Some(stale) = s.stale.filter(|_| s.exchange.not_modified.get()) {
+        let rec = s
+            .exchange
+            .capture
+            .as_ref()
+            .and_then(|c| c.recorded.borrow_mut().take());
+        let fresh = refreshed(&stale, rec, Instant::now());
+        cache.insert(Arc::clone(&fresh));
         lines.truncate(s.miss_line);
-    }
+        Flow::Cached(fresh, CacheOutcome::Revalidated)
+    } else {
+        cx.metrics.borrow_mut().record_cache(CacheOutcome::Miss);
+        Flow::Continue
+    };
     if let Some(key) = s.flight {
         cache.land(key);
     }
     flow
 }
 
-#[allow(clippy::too_many_arguments)]
-fn conclude(
-    cache: &WorkerCache,
-    cx: &Ctx<'_>,
-    exchange: CacheExchange,
-    stale: Option<Arc<Entry>>,
-    request: Option<Request>,
-    invalidates: Option<(Box<[u8]>, u64)>,
-    ok: bool,
-    status: u16,
-) -> Flow {
-    if let Some((host, own)) = invalidates {
-        if ok && (200..400).contains(&status) {
-            invalidate(cache, &host, own, &exchange.locations.borrow());
-        }
-        return Flow::Continue;
-    }
-    if exchange.not_modified.get() {
-        if let Some(stale) = stale {
-            let rec = exchange
-                .capture
-                .as_ref()
-                .and_then(|c| c.recorded.borrow_mut().take());
-            let fresh = refreshed(&stale, rec, Instant::now());
-            cache.insert(Arc::clone(&fresh));
-            return Flow::Cached(fresh, CacheOutcome::Revalidated);
-        }
-    }
-    cx.metrics.borrow_mut().record_cache(CacheOutcome::Miss);
-    if ok {
-        if let Some(entry) = request.and_then(|r| exchange.into_entry(&r, Instant::now())) {
-            cache.insert(Arc::new(entry));
-        }
-    }
-    Flow::Continue
-}
-
 /// Invalidates `own` and the same-origin URLs in `locations` (RFC 9111 §4.4: a path, or an
 /// absolute URL on the same host), here and on every other worker.
-fn invalidate(cache: &WorkerCache, host: &[u8], own: u64, locations: &[Box<[u8]>]) {
-    cache.invalidate(own);
+fn invalidate<'a>(
+    cache: &WorkerCache,
+    host: &[u8],
+    own: u64,
+    locations: impl Iterator<Item = &'a [u8]>,
+) {
+    let mut urls = vec![own];
     for value in locations {
         let target = if value.starts_with(b"/") {
-            Some(&value[..])
+            Some(value)
         } else {
             let rest = value
                 .strip_prefix(b"http://")
@@ -426,8 +400,9 @@ fn invalidate(cache: &WorkerCache, host: &[u8], own: u64, locations: &[Box<[u8]>
             })
         };
         if let Some(t) = target.filter(|t| !t.is_empty()) {
-            cache.invalidate(url_hash(host, t));
+            urls.push(url_hash(host, t));
         }
     }
+    cache.invalidate(&urls);
     tracing::debug!("unsafe request invalidated its URL");
 }

@@ -266,16 +266,9 @@ impl Chain {
         }
     }
 
-    /// However the terminal ended (`ok`, and the status the upstream gave): the cache's
-    /// ending. Only a request that left a `CacheSlot` has one.
-    pub fn on_done(
-        &self,
-        cx: &Ctx<'_>,
-        slot: &mut Option<CacheSlot>,
-        ok: bool,
-        status: u16,
-        lines: &mut Vec<u8>,
-    ) -> Flow {
-        cache::on_done(cx, slot, ok, status, lines)
+    /// However the terminal ended: the cache's ending. Only a request that left a `CacheSlot`
+    /// has one.
+    pub fn on_done(&self, cx: &Ctx<'_>, slot: &mut Option<CacheSlot>, lines: &mut Vec<u8>) -> Flow {
+        cache::on_done(cx, slot, lines)
     }
 }

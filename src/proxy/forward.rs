@@ -278,6 +278,7 @@ async fn stream_both_ways<S: Io>(
         deadline: &pump_deadline,
         sent: &pump_sent,
         tee: None,
+        keep_last: false,
     };
     let UpstreamConn {
         r: ur,

@@ -93,11 +93,7 @@ pub(super) async fn run<S: Io>(c: &mut Session<'_, S>, w: &Rc<Worker>) -> Result
         return result;
     }
     let cx = w.filter_ctx(&c.deadline);
-    let (ok, status) = (result.is_ok(), c.resp.status);
-    match route
-        .chain
-        .on_done(&cx, &mut c.ex.cache, ok, status, &mut c.ex.extra)
-    {
+    match route.chain.on_done(&cx, &mut c.ex.cache, &mut c.ex.extra) {
         Flow::Cached(entry, outcome) => {
             result?;
             cached::serve(c, w, route, &entry, outcome).await

@@ -207,7 +207,7 @@ pub(super) async fn send_response<R: AsyncReadRent, W: AsyncWriteRent>(
     // (the pipeline answers from the refreshed entry), so nothing is written here.
     if ctx
         .cache
-        .is_some_and(|cx| cx.on_upstream_response(urbuf.data(), resp))
+        .is_some_and(|cx| cx.on_upstream_response(ctx.worker.cache.as_ref(), urbuf.data(), resp))
     {
         urbuf.consume(resp.len);
         return Ok(ResponseDone {
@@ -252,6 +252,7 @@ pub(super) async fn send_response<R: AsyncReadRent, W: AsyncWriteRent>(
         deadline: ctx.deadline,
         sent: ctx.sent,
         tee: ctx.cache.and_then(CacheExchange::tee),
+        keep_last: ctx.cache.is_some(),
     };
     let mut seen = 0;
     if let Err(e) = copy_body(ur, urbuf, cw, out, &mut body, reframe, &mut seen, &transfer).await {
@@ -259,6 +260,20 @@ pub(super) async fn send_response<R: AsyncReadRent, W: AsyncWriteRent>(
         return Err(ResponseFailure::new(ProxyError::UpstreamUnreachable(
             "closed inside the response body",
         )));
+    }
+    if let Some(cx) = ctx.cache {
+        // Stored (and sent to every worker) before the client can have the whole response.
+        let arrived = ctx.head_at.get().unwrap_or_else(Instant::now);
+        cx.on_body_complete(ctx.worker.cache.as_ref(), arrived);
+        if !out.is_empty() {
+            ctx.sent.set(ctx.sent.get() + out.len() as u64);
+            send(cw, out, ctx.deadline, ctx.write_timeout)
+                .await
+                .map_err(|_| {
+                    ResponseFailure::new(ProxyError::UpstreamUnreachable("client gone"))
+                })?;
+            out.clear();
+        }
     }
     Ok(ResponseDone {
         client_keep_alive: keep,
