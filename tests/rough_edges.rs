@@ -71,6 +71,15 @@ fn a_bad_path_regex_says_what_is_wrong() {
 }
 
 #[test]
+fn a_duplicate_key_is_named() {
+    assert_config_error(
+        &format!("{BASE}[runtime]\nworkers = 1\nworkers = 2\n"),
+        ":9:1: runtime.workers:",
+        "duplicate key",
+    );
+}
+
+#[test]
 fn a_mistyped_log_filter_is_an_error_naming_the_variable() {
     let dir = tempfile::tempdir().unwrap();
     let path = write_config(&dir, BASE);

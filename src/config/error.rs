@@ -76,7 +76,13 @@ impl ConfigError {
 
     pub fn from_toml(file: &Path, source: &str, err: &toml::de::Error) -> Self {
         let span = err.span().unwrap_or(0..0);
-        let mut e = Self::at(file, source, span.clone(), "", err.message().trim());
+        let message = err.message().trim();
+        let key = if message == "duplicate key" {
+            duplicate_key_path(source, span.clone()).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        let mut e = Self::at(file, source, span.clone(), &key, message);
         if e.line == 0 {
             // serde reports some errors (e.g. a missing field) without a span.
             e.line = 1;
@@ -102,6 +108,32 @@ fn key_path(source: &str, offset: usize) -> Option<String> {
     let mut path = String::new();
     walk_table(doc.get_ref(), offset, &mut path);
     (!path.is_empty()).then_some(path)
+}
+
+/// The parser drops a duplicate key, so its path is not in the tree: the key is the text at the
+/// span, inside the table whose header comes last before it.
+fn duplicate_key_path(source: &str, span: Range<usize>) -> Option<String> {
+    let name = source.get(span.clone())?.trim().trim_matches(['"', '\'']);
+    if name.is_empty() || name.contains('\n') {
+        return None;
+    }
+    let before = &source[..span.start];
+    let header = before
+        .rmatch_indices('\n')
+        .map(|(i, _)| i + 1)
+        .chain(std::iter::once(0))
+        .find(|&i| source[i..].trim_start().starts_with('['))
+        .filter(|&i| i < span.start);
+    let table = header.and_then(|h| {
+        let inside = h + source[h..].find(|c: char| c != '[' && !c.is_whitespace())?;
+        (inside < span.start)
+            .then(|| key_path(source, inside))
+            .flatten()
+    });
+    Some(match table {
+        Some(t) => format!("{t}.{name}"),
+        None => name.to_owned(),
+    })
 }
 
 fn walk_table(table: &DeTable<'_>, offset: usize, path: &mut String) -> bool {
@@ -172,6 +204,23 @@ mod tests {
         assert_eq!(key_path(DOC, at).as_deref(), Some("routes[1].upstream"));
         let at = DOC.find("2").unwrap();
         assert_eq!(key_path(DOC, at).as_deref(), Some("runtime.workers"));
+    }
+
+    #[test]
+    fn a_duplicate_key_is_named_with_its_table() {
+        let doc = "top = 1\n[runtime]\nworkers = 1\nworkers = 2\n[[routes]]\nname = \"a\"\n[[routes]]\nname = \"b\"\nname = \"c\"\n";
+        let err = |src: &str| {
+            let e = toml::from_str::<toml::Table>(src).unwrap_err();
+            ConfigError::from_toml(Path::new("f.toml"), src, &e).to_string()
+        };
+        assert_eq!(
+            err(&doc[..doc.find("[[routes]]").unwrap()]),
+            "f.toml:4:1: runtime.workers: duplicate key"
+        );
+        assert_eq!(err(doc), "f.toml:4:1: runtime.workers: duplicate key");
+        let later = doc.replace("workers = 2\n", "");
+        assert_eq!(err(&later), "f.toml:8:1: routes[1].name: duplicate key");
+        assert_eq!(err("a = 1\na = 2\n"), "f.toml:2:1: a: duplicate key");
     }
 
     #[test]
