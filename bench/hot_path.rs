@@ -159,51 +159,82 @@ fn rate_limit(c: &mut Criterion) {
     });
 }
 
-/// A cache hit's index work: hash the URL, find the entry among 10,000, move it to the LRU head.
+/// A test entry for `target`, stored now.
+fn cache_entry(target: &str) -> ringway::cache::Entry {
+    use ringway::cache::{url_hash, variant_hash, Entry};
+    use std::time::{Duration, Instant};
+    Entry {
+        url: url_hash(b"api.example.com", target.as_bytes()),
+        variant: variant_hash(std::iter::empty(), |_| b""),
+        vary: Vec::new(),
+        target: target.as_bytes().into(),
+        host: b"api.example.com"[..].into(),
+        request_headers: Box::default(),
+        status: 200,
+        reason: b"OK"[..].into(),
+        head: bytes::Bytes::from_static(b"content-type: application/json\r\n"),
+        body: bytes::Bytes::from(vec![b'x'; 512]),
+        etag: None,
+        last_modified: None,
+        stored_at: Instant::now(),
+        initial_age: Duration::ZERO,
+        freshness: Duration::from_secs(60),
+        stale_while_revalidate: Duration::ZERO,
+        must_revalidate: false,
+    }
+}
+
+/// A cache hit's index work on one of two workers: apply the (empty) inbox, hash the URL, find
+/// the entry among 10,000, move it to the LRU head. And a store: index it and send it to the
+/// other worker, which applies it.
 fn cache_lookup(c: &mut Criterion) {
-    use ringway::cache::{url_hash, variant_hash, Entry, Store};
+    use ringway::cache::{links, url_hash, variant_hash, WorkerCache};
+    use ringway::config::CacheSettings;
     use std::sync::Arc;
     use std::time::{Duration, Instant};
 
-    let mut store = Store::new(1 << 30, 1);
+    let settings = CacheSettings {
+        max_bytes: 1 << 30,
+        max_entry_bytes: 1 << 20,
+        sync_interval: Duration::from_millis(20),
+    };
+    let (mut per_worker, _admin) = links(2);
+    let (peers_b, inbox_b) = per_worker.pop().expect("two workers");
+    let (peers_a, inbox_a) = per_worker.pop().expect("two workers");
+    let a = WorkerCache::new(settings.clone(), peers_a, inbox_a);
+    let b = WorkerCache::new(settings, peers_b, inbox_b);
     let targets: Vec<String> = (0..10_000).map(|i| format!("/api/items/{i}?v=1")).collect();
     for t in &targets {
-        store.insert(Arc::new(Entry {
-            url: url_hash(b"api.example.com", t.as_bytes()),
-            variant: variant_hash(std::iter::empty(), |_| b""),
-            vary: Vec::new(),
-            target: t.as_bytes().into(),
-            host: b"api.example.com"[..].into(),
-            request_headers: Box::default(),
-            status: 200,
-            reason: b"OK"[..].into(),
-            head: bytes::Bytes::from_static(b"content-type: application/json\r\n"),
-            body: bytes::Bytes::from(vec![b'x'; 512]),
-            etag: None,
-            last_modified: None,
-            stored_at: Instant::now(),
-            initial_age: Duration::ZERO,
-            freshness: Duration::from_secs(60),
-            stale_while_revalidate: Duration::ZERO,
-            must_revalidate: false,
-        }));
+        a.insert(Arc::new(cache_entry(t)));
+        b.receive();
     }
-    let lookup = |store: &mut Store, target: &str| {
+    let lookup = |cache: &WorkerCache, target: &str| {
         let url = url_hash(black_box(b"api.example.com:8080"), target.as_bytes());
-        let entry = store.get(url, |e| {
+        let entry = cache.get(url, |e| {
             variant_hash(e.vary.iter().map(|n| &n[..]), |_| b"")
         });
         entry.is_some_and(|e| e.is_fresh(Instant::now()))
     };
-    c.bench_function("cache_lookup_hot_entry", |b| {
-        b.iter(|| black_box(lookup(&mut store, &targets[42])))
+    c.bench_function("cache_lookup_hot_entry", |bench| {
+        bench.iter(|| black_box(lookup(&b, &targets[42])))
     });
     // Random entries: each lookup's index, entry and LRU neighbours are cold in the CPU cache.
     let mut i = 0;
-    c.bench_function("cache_lookup_10k_entries", |b| {
-        b.iter(|| {
+    c.bench_function("cache_lookup_10k_entries", |bench| {
+        bench.iter(|| {
             i = (i + 7919) % targets.len();
-            black_box(lookup(&mut store, &targets[i]))
+            black_box(lookup(&b, &targets[i]))
+        })
+    });
+    let fresh: Vec<Arc<_>> = (0..1000)
+        .map(|i| Arc::new(cache_entry(&targets[i])))
+        .collect();
+    let mut n = 0;
+    c.bench_function("cache_store_and_replicate", |bench| {
+        bench.iter(|| {
+            n = (n + 1) % fresh.len();
+            a.insert(Arc::clone(&fresh[n]));
+            b.receive();
         })
     });
 }
