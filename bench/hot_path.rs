@@ -165,7 +165,7 @@ fn cache_entry(target: &str) -> ringway::cache::Entry {
     use std::time::{Duration, Instant};
     Entry {
         url: url_hash(b"api.example.com", target.as_bytes()),
-        variant: variant_hash(std::iter::empty(), |_| b""),
+        variant: variant_hash(std::iter::empty(), |_| std::iter::empty()),
         vary: Vec::new(),
         target: target.as_bytes().into(),
         host: b"api.example.com"[..].into(),
@@ -176,11 +176,13 @@ fn cache_entry(target: &str) -> ringway::cache::Entry {
         body: bytes::Bytes::from(vec![b'x'; 512]),
         etag: None,
         last_modified: None,
+        date: None,
         stored_at: Instant::now(),
         initial_age: Duration::ZERO,
         freshness: Duration::from_secs(60),
         stale_while_revalidate: Duration::ZERO,
         must_revalidate: false,
+        stale_if_error: None,
     }
 }
 
@@ -211,7 +213,7 @@ fn cache_lookup(c: &mut Criterion) {
     let lookup = |cache: &WorkerCache, target: &str| {
         let url = url_hash(black_box(b"api.example.com:8080"), target.as_bytes());
         let entry = cache.get(url, |e| {
-            variant_hash(e.vary.iter().map(|n| &n[..]), |_| b"")
+            variant_hash(e.vary.iter().map(|n| &n[..]), |_| std::iter::empty())
         });
         entry.is_some_and(|e| e.is_fresh(Instant::now()))
     };

@@ -12,6 +12,7 @@
 
 pub mod coherence;
 pub mod policy;
+pub mod range;
 pub mod record;
 mod store;
 
@@ -54,12 +55,19 @@ pub struct Entry {
     pub body: Bytes,
     pub etag: Option<Box<[u8]>>,
     pub last_modified: Option<(SystemTime, Box<[u8]>)>,
+    /// The response's `Date`: what `If-Modified-Since` is compared with when it has no
+    /// `Last-Modified` (RFC 9110 §13.1.3).
+    pub date: Option<SystemTime>,
     /// When the response arrived, and the age it already had (its `Age`).
     pub stored_at: Instant,
     pub initial_age: Duration,
     pub freshness: Duration,
     pub stale_while_revalidate: Duration,
     pub must_revalidate: bool,
+    /// How long past freshness the response's own `stale-if-error` lets it answer when the
+    /// origin fails; `None` when it may never (`must-revalidate`, `proxy-revalidate`,
+    /// `no-cache`, `s-maxage`: RFC 9111 §4.2.4 and §5.2.2 for a shared cache).
+    pub stale_if_error: Option<Duration>,
 }
 
 impl Entry {
@@ -81,6 +89,13 @@ impl Entry {
     pub fn may_serve_stale(&self, now: Instant) -> bool {
         !self.must_revalidate && self.age(now) < self.freshness + self.stale_while_revalidate
     }
+
+    /// May answer when the origin has failed: within its own `stale-if-error`, or the route's
+    /// `serve_stale_on_error_ms`, past freshness, unless it forbids being served stale.
+    pub fn may_serve_on_error(&self, now: Instant, route_window: Duration) -> bool {
+        self.stale_if_error
+            .is_some_and(|own| self.age(now) < self.freshness + own.max(route_window))
+    }
 }
 
 /// Hash of a URL: lower-cased host without port, and the request-target.
@@ -90,31 +105,51 @@ pub fn url_hash(host: &[u8], target: &[u8]) -> u64 {
         _ => host,
     };
     let mut h = stable_hasher();
-    for chunk in host.chunks(64) {
+    write_lowercase(&mut h, host);
+    h.write_u8(b' ');
+    h.write(target);
+    h.finish()
+}
+
+/// Hash of the request's values for `names` (each lower-cased), normalised as RFC 9111 §4.1
+/// allows: every line of a field, split into list items without the whitespace around them, so
+/// that `a,b`, `a, b` and two lines `a` and `b` are one variant; the values of fields whose
+/// values are case-insensitive compared without case. Missing fields count as empty.
+pub fn variant_hash<'a, I: Iterator<Item = &'a [u8]>>(
+    names: impl Iterator<Item = &'a [u8]>,
+    values_of: impl Fn(&'a [u8]) -> I,
+) -> u64 {
+    let mut h = stable_hasher();
+    for name in names {
+        h.write(name);
+        h.write_u8(b':');
+        let fold = CASELESS_VALUES.iter().any(|n| name.eq_ignore_ascii_case(n));
+        for value in values_of(name) {
+            for item in crate::http::list_items(value) {
+                if fold {
+                    write_lowercase(&mut h, item);
+                } else {
+                    h.write(item);
+                }
+                h.write_u8(b',');
+            }
+        }
+        h.write_u8(b'\n');
+    }
+    h.finish()
+}
+
+/// Request fields whose values compare without case (content codings, charsets, language tags).
+const CASELESS_VALUES: [&[u8]; 3] = [b"accept-encoding", b"accept-charset", b"accept-language"];
+
+fn write_lowercase(h: &mut impl Hasher, bytes: &[u8]) {
+    for chunk in bytes.chunks(64) {
         let mut lower = [0u8; 64];
         let lower = &mut lower[..chunk.len()];
         lower.copy_from_slice(chunk);
         lower.make_ascii_lowercase();
         h.write(lower);
     }
-    h.write_u8(b' ');
-    h.write(target);
-    h.finish()
-}
-
-/// Hash of the request's values for `names` (each lower-cased; missing ones count as empty).
-pub fn variant_hash<'a>(
-    names: impl Iterator<Item = &'a [u8]>,
-    value_of: impl Fn(&[u8]) -> &'a [u8],
-) -> u64 {
-    let mut h = stable_hasher();
-    for name in names {
-        h.write(name);
-        h.write_u8(b':');
-        h.write(value_of(name));
-        h.write_u8(b'\n');
-    }
-    h.finish()
 }
 
 /// What workers tell each other about their caches. Each carries its time (see `coherence`):

@@ -17,6 +17,8 @@ pub struct CacheControl {
     pub max_age: Option<u64>,
     pub s_maxage: Option<u64>,
     pub stale_while_revalidate: Option<u64>,
+    /// RFC 5861: how long past freshness a stale response may answer when the origin fails.
+    pub stale_if_error: Option<u64>,
     pub only_if_cached: bool,
 }
 
@@ -58,6 +60,8 @@ impl CacheControl {
                 self.only_if_cached = true;
             } else if is("stale-while-revalidate") {
                 self.stale_while_revalidate = seconds();
+            } else if is("stale-if-error") {
+                self.stale_if_error = seconds();
             }
         }
     }
@@ -78,6 +82,7 @@ pub struct ResponseFacts<'a> {
     pub cc: &'a CacheControl,
     pub expires: Option<SystemTime>,
     pub date: Option<SystemTime>,
+    pub last_modified: Option<SystemTime>,
     pub has_set_cookie: bool,
     pub vary_star: bool,
     pub request_has_authorization: bool,
@@ -102,19 +107,44 @@ pub fn storable(f: &ResponseFacts<'_>) -> bool {
     }
 }
 
-/// How long the response is fresh (RFC 9111 §4.2.1); `default` stands in when it says nothing.
-pub fn freshness(f: &ResponseFacts<'_>, default: Duration) -> Duration {
+/// What stands in for freshness when a response gives none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Implicit {
+    /// The route's `default_ttl_ms`.
+    pub ttl: Duration,
+    /// The route's `heuristic_percent`: this share of the time since `Last-Modified`, at most
+    /// `ttl` (RFC 9111 §4.2.2), for heuristically cacheable statuses.
+    pub heuristic_percent: Option<u32>,
+}
+
+impl Implicit {
+    pub fn ttl(ttl: Duration) -> Implicit {
+        Implicit {
+            ttl,
+            heuristic_percent: None,
+        }
+    }
+}
+
+/// How long the response is fresh (RFC 9111 §4.2.1), with `implicit` when it says nothing.
+pub fn freshness(f: &ResponseFacts<'_>, implicit: Implicit) -> Duration {
     if f.cc.no_cache {
         return Duration::ZERO;
     }
     if let Some(s) = f.cc.s_maxage.or(f.cc.max_age) {
         return Duration::from_secs(s);
     }
+    let date = f.date.unwrap_or_else(SystemTime::now);
     if let Some(expires) = f.expires {
-        let date = f.date.unwrap_or_else(SystemTime::now);
         return expires.duration_since(date).unwrap_or(Duration::ZERO);
     }
-    default
+    match (implicit.heuristic_percent, f.last_modified) {
+        (Some(percent), Some(modified)) if heuristically_cacheable(f.status) => {
+            let since = date.duration_since(modified).unwrap_or(Duration::ZERO);
+            (since * percent / 100).min(implicit.ttl)
+        }
+        _ => implicit.ttl,
+    }
 }
 
 /// What a request asks of the cache (RFC 9111 §5.2.1).
@@ -136,9 +166,38 @@ pub fn request_directives(cc: &CacheControl) -> RequestDirectives {
     }
 }
 
-/// Parses an HTTP date (IMF-fixdate, and the obsolete forms RFC 9110 says to accept).
+/// Parses an HTTP date: IMF-fixdate and the obsolete RFC 850 and asctime forms (RFC 9110
+/// §5.6.7), in any letter case (RFC 9111 §4.2), and with a weekday that does not match the date
+/// (which says nothing the date does not).
 pub fn http_date(v: &[u8]) -> Option<SystemTime> {
-    httpdate::parse_http_date(std::str::from_utf8(v).ok()?.trim()).ok()
+    const DAYS: [&str; 7] = ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"];
+    const LONG_DAYS: [&str; 7] = [
+        "Monday",
+        "Tuesday",
+        "Wednesday",
+        "Thursday",
+        "Friday",
+        "Saturday",
+        "Sunday",
+    ];
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let text = std::str::from_utf8(v).ok()?.trim();
+    if let Ok(t) = httpdate::parse_http_date(text) {
+        return Some(t);
+    }
+    // httpdate wants the canonical case and the right weekday: give it both.
+    let (weekday, rest) = text.split_at(text.find([',', ' '])?);
+    let mut rest = rest.to_ascii_uppercase();
+    for m in MONTHS {
+        rest = rest.replace(&m.to_ascii_uppercase(), m);
+    }
+    let long = weekday.len() > 3;
+    (0..7).find_map(|d| {
+        let day = if long { LONG_DAYS[d] } else { DAYS[d] };
+        httpdate::parse_http_date(&format!("{day}{rest}")).ok()
+    })
 }
 
 /// `If-None-Match` against an entity tag, with weak comparison (RFC 9110 §13.1.2).
@@ -164,6 +223,7 @@ mod tests {
             cc: c,
             expires: None,
             date: None,
+            last_modified: None,
             has_set_cookie: false,
             vary_star: false,
             request_has_authorization: false,
@@ -204,7 +264,7 @@ mod tests {
 
     #[test]
     fn freshness_prefers_s_maxage_then_max_age_then_expires_then_default() {
-        let d = Duration::from_secs(7);
+        let d = Implicit::ttl(Duration::from_secs(7));
         assert_eq!(
             freshness(&facts(200, &cc("max-age=5, s-maxage=9")), d),
             Duration::from_secs(9)
@@ -217,12 +277,46 @@ mod tests {
             freshness(&facts(200, &cc("max-age=5, no-cache")), d),
             Duration::ZERO
         );
-        assert_eq!(freshness(&facts(200, &cc("")), d), d);
+        assert_eq!(freshness(&facts(200, &cc("")), d), d.ttl);
         let empty = cc("");
         let mut f = facts(200, &empty);
         f.date = http_date(b"Sun, 06 Nov 1994 08:49:37 GMT");
         f.expires = http_date(b"Sun, 06 Nov 1994 08:50:37 GMT");
         assert_eq!(freshness(&f, d), Duration::from_secs(60));
+    }
+
+    #[test]
+    fn heuristic_freshness_is_a_share_of_the_age_since_last_modified_capped_by_the_ttl() {
+        let empty = cc("");
+        let mut f = facts(200, &empty);
+        f.date = http_date(b"Sun, 06 Nov 1994 08:49:37 GMT");
+        f.last_modified = f.date.map(|d| d - Duration::from_secs(1000));
+        let rule = |percent, ttl| Implicit {
+            ttl: Duration::from_secs(ttl),
+            heuristic_percent: Some(percent),
+        };
+        assert_eq!(freshness(&f, rule(10, 3600)), Duration::from_secs(100));
+        assert_eq!(freshness(&f, rule(10, 60)), Duration::from_secs(60));
+        f.status = 302; // not heuristically cacheable: the route's TTL as before
+        assert_eq!(freshness(&f, rule(10, 3600)), Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn dates_parse_in_any_case_in_all_three_forms_and_with_a_wrong_weekday() {
+        let t = http_date(b"Sun, 06 Nov 1994 08:49:37 GMT").unwrap();
+        for v in [
+            "sun, 06 nov 1994 08:49:37 gmt",
+            "SUN, 06 NOV 1994 08:49:37 GMT",
+            "Mon, 06 Nov 1994 08:49:37 GMT",
+            "Sunday, 06-Nov-94 08:49:37 GMT",
+            "monday, 06-nov-94 08:49:37 gmt",
+            "Sun Nov  6 08:49:37 1994",
+            "tue nov  6 08:49:37 1994",
+        ] {
+            assert_eq!(http_date(v.as_bytes()), Some(t), "{v}");
+        }
+        assert_eq!(http_date(b"yesterday"), None);
+        assert_eq!(http_date(b"Sun, 32 Nov 1994 08:49:37 GMT"), None);
     }
 
     #[test]

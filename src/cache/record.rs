@@ -7,10 +7,14 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 
-use super::policy::{self, CacheControl, ResponseFacts};
+use super::policy::{self, CacheControl, Implicit, ResponseFacts};
 use super::{variant_hash, Entry};
 use crate::http::write::copy_lines;
-use crate::http::{HeaderKind, ResponseHead};
+use crate::http::{parse_response, HeaderKind, ResponseHead, MAX_HEADERS_CEILING};
+
+/// The age of a response whose `Age` is not a non-negative integer: it is treated as stale
+/// (RFC 9111 §5.1), not as new. Far past any freshness, and far from overflowing.
+pub const INVALID_AGE: Duration = Duration::from_secs(1 << 31);
 
 /// What a response head says about caching it.
 pub struct Recorded {
@@ -31,6 +35,7 @@ pub struct Recorded {
 
 impl Recorded {
     pub fn from_head(buf: &[u8], resp: &ResponseHead) -> Recorded {
+        let mut age_seen = false;
         let mut r = Recorded {
             status: resp.status,
             reason: resp.reason.get(buf).into(),
@@ -55,9 +60,13 @@ impl Recorded {
                 r.expires = Some(policy::http_date(value).unwrap_or(SystemTime::UNIX_EPOCH));
             } else if is("date") {
                 r.date = policy::http_date(value);
-            } else if is("age") {
-                let secs = std::str::from_utf8(value).ok().and_then(|v| v.parse().ok());
-                r.age = Duration::from_secs(secs.unwrap_or(0));
+            } else if is("age") && !age_seen {
+                // The first Age line counts (RFC 9111 §5.1).
+                age_seen = true;
+                let secs = std::str::from_utf8(value)
+                    .ok()
+                    .and_then(|v| v.parse::<u64>().ok());
+                r.age = secs.map_or(INVALID_AGE, |s| Duration::from_secs(s).min(INVALID_AGE));
             } else if is("etag") {
                 r.etag = Some(value.into());
             } else if is("last-modified") {
@@ -84,12 +93,40 @@ impl Recorded {
         r
     }
 
+    /// The facts of a header block as stored (`name: value\r\n` lines), as if it came with
+    /// `status`: for an entry whose stored headers a 304 has updated.
+    fn from_lines(status: u16, reason: &[u8], lines: &[u8]) -> Option<Recorded> {
+        let mut buf = Vec::with_capacity(lines.len() + reason.len() + 32);
+        buf.extend_from_slice(b"HTTP/1.1 ");
+        buf.extend_from_slice(itoa::Buffer::new().format(status).as_bytes());
+        buf.push(b' ');
+        buf.extend_from_slice(reason);
+        buf.extend_from_slice(b"\r\n");
+        buf.extend_from_slice(lines);
+        buf.extend_from_slice(b"\r\n");
+        let mut head = ResponseHead::default();
+        match parse_response(&buf, true, buf.len(), MAX_HEADERS_CEILING, &mut head) {
+            Ok(true) => Some(Recorded::from_head(&buf, &head)),
+            _ => None,
+        }
+    }
+
+    /// Whether the response may be served stale when the origin fails, and for how long on its
+    /// own say.
+    fn stale_if_error(&self) -> Option<Duration> {
+        let cc = &self.cc;
+        let forbidden =
+            cc.must_revalidate || cc.proxy_revalidate || cc.no_cache || cc.s_maxage.is_some();
+        (!forbidden).then(|| Duration::from_secs(cc.stale_if_error.unwrap_or(0)))
+    }
+
     pub fn facts(&self, authorized: bool) -> ResponseFacts<'_> {
         ResponseFacts {
             status: self.status,
             cc: &self.cc,
             expires: self.expires,
             date: self.date,
+            last_modified: self.last_modified.as_ref().map(|(t, _)| *t),
             has_set_cookie: self.set_cookie,
             vary_star: self.vary_star,
             request_has_authorization: authorized,
@@ -110,16 +147,17 @@ pub struct Request {
 }
 
 impl Request {
-    pub fn value(&self, name: &[u8]) -> &[u8] {
+    /// Every value of header `name` (lower case), in order.
+    pub fn values<'a>(&'a self, name: &'a [u8]) -> impl Iterator<Item = &'a [u8]> + 'a {
         self.headers
             .iter()
-            .find(|(n, _)| **n == *name)
-            .map_or(&b""[..], |(_, v)| v)
+            .filter(move |(n, _)| **n == *name)
+            .map(|(_, v)| &v[..])
     }
 
     pub fn variant(&self, vary: &[Box<[u8]>]) -> u64 {
         variant_hash(self.variant_names.iter().chain(vary).map(|n| &n[..]), |n| {
-            self.value(n)
+            self.values(n)
         })
     }
 }
@@ -129,13 +167,12 @@ pub fn new_entry(
     rec: Recorded,
     body: Bytes,
     now: Instant,
-    default_ttl: Duration,
+    implicit: Implicit,
 ) -> Entry {
-    let freshness = policy::freshness(&rec.facts(false), default_ttl);
+    let freshness = policy::freshness(&rec.facts(false), implicit);
     let mut request_headers = Vec::new();
     for name in request.variant_names.iter().chain(&rec.vary) {
-        let value = request.value(name);
-        if !value.is_empty() {
+        for value in request.values(name) {
             request_headers.extend_from_slice(name);
             request_headers.extend_from_slice(b": ");
             request_headers.extend_from_slice(value);
@@ -145,6 +182,9 @@ pub fn new_entry(
     Entry {
         url: request.url,
         variant: request.variant(&rec.vary),
+        stale_if_error: rec.stale_if_error(),
+        stale_while_revalidate: Duration::from_secs(rec.cc.stale_while_revalidate.unwrap_or(0)),
+        must_revalidate: rec.cc.must_revalidate || rec.cc.proxy_revalidate,
         vary: rec.vary,
         target: request.target.clone(),
         host: request.host.clone(),
@@ -155,50 +195,107 @@ pub fn new_entry(
         body,
         etag: rec.etag,
         last_modified: rec.last_modified,
+        date: rec.date,
         stored_at: now,
         initial_age: rec.age,
         freshness,
-        stale_while_revalidate: Duration::from_secs(rec.cc.stale_while_revalidate.unwrap_or(0)),
-        must_revalidate: rec.cc.must_revalidate || rec.cc.proxy_revalidate,
     }
 }
 
-/// The entry a 304 (whose head is `rec`, if recorded) revalidated, fresh again (with the 304's
-/// freshness if it gave any).
-pub fn refreshed(stale: &Entry, rec: Option<Recorded>, now: Instant) -> Arc<Entry> {
-    let (freshness, age, etag, last_modified) = match rec {
-        Some(r) => (
-            policy::freshness(&r.facts(false), stale.freshness),
-            r.age,
-            r.etag.or_else(|| stale.etag.clone()),
-            r.last_modified.or_else(|| stale.last_modified.clone()),
-        ),
-        None => (
-            stale.freshness,
-            Duration::ZERO,
-            stale.etag.clone(),
-            stale.last_modified.clone(),
-        ),
+/// Fields a 304 does not update in a stored response: framing (RFC 9111 §3.1, §3.2).
+fn framing(name: &[u8]) -> bool {
+    name.eq_ignore_ascii_case(b"content-length") || name.eq_ignore_ascii_case(b"transfer-encoding")
+}
+
+/// The name of a stored `name: value\r\n` line.
+fn line_name(line: &[u8]) -> &[u8] {
+    line.split(|&b| b == b':')
+        .next()
+        .unwrap_or_default()
+        .trim_ascii()
+}
+
+/// The stored header lines updated from a 304's (RFC 9111 §3.2, §4.3.4): every field the 304
+/// carries replaces the stored field of that name, except framing fields.
+pub fn updated_headers(stored: &[u8], update: &[u8]) -> Vec<u8> {
+    let lines = |block: &'_ [u8]| {
+        block
+            .split_inclusive(|&b| b == b'\n')
+            .filter(|l| !l.trim_ascii().is_empty())
+            .map(<[u8]>::to_vec)
+            .collect::<Vec<_>>()
     };
+    let new: Vec<Vec<u8>> = lines(update)
+        .into_iter()
+        .filter(|l| !framing(line_name(l)))
+        .collect();
+    let replaced = |name: &[u8]| new.iter().any(|l| line_name(l).eq_ignore_ascii_case(name));
+    let mut out: Vec<u8> = lines(stored)
+        .into_iter()
+        .filter(|l| !replaced(line_name(l)))
+        .flatten()
+        .collect();
+    out.extend(new.into_iter().flatten());
+    out
+}
+
+/// The entry a 304 (whose head is `rec`, if recorded) revalidated, fresh again: its stored
+/// header fields updated from the 304's, and freshness, validators and the rest recomputed from
+/// the updated fields (the stored freshness standing in when they give none).
+pub fn refreshed(stale: &Entry, rec: Option<Recorded>, now: Instant) -> Arc<Entry> {
+    let age = rec.as_ref().map_or(Duration::ZERO, |r| r.age);
+    let head = match &rec {
+        Some(r) => updated_headers(&stale.head, &r.head),
+        None => stale.head.to_vec(),
+    };
+    let merged = Recorded::from_lines(stale.status, &stale.reason, &head);
+    let Some(m) = merged else {
+        // Unparsable together (it parsed apart): keep the stored headers, freshened.
+        return Arc::new(Entry {
+            stored_at: now,
+            initial_age: age,
+            head: stale.head.clone(),
+            ..clone_entry(stale)
+        });
+    };
+    let freshness = policy::freshness(&m.facts(false), Implicit::ttl(stale.freshness));
     Arc::new(Entry {
-        url: stale.url,
-        variant: stale.variant,
-        vary: stale.vary.clone(),
-        target: stale.target.clone(),
-        host: stale.host.clone(),
-        request_headers: stale.request_headers.clone(),
-        status: stale.status,
-        reason: stale.reason.clone(),
-        head: stale.head.clone(),
-        body: stale.body.clone(),
-        etag,
-        last_modified,
+        stale_if_error: m.stale_if_error(),
+        stale_while_revalidate: Duration::from_secs(m.cc.stale_while_revalidate.unwrap_or(0)),
+        must_revalidate: m.cc.must_revalidate || m.cc.proxy_revalidate,
+        head: Bytes::from(m.head),
+        etag: m.etag,
+        last_modified: m.last_modified,
+        date: m.date,
         stored_at: now,
         initial_age: age,
         freshness,
-        stale_while_revalidate: stale.stale_while_revalidate,
-        must_revalidate: stale.must_revalidate,
+        ..clone_entry(stale)
     })
+}
+
+fn clone_entry(e: &Entry) -> Entry {
+    Entry {
+        url: e.url,
+        variant: e.variant,
+        vary: e.vary.clone(),
+        target: e.target.clone(),
+        host: e.host.clone(),
+        request_headers: e.request_headers.clone(),
+        status: e.status,
+        reason: e.reason.clone(),
+        head: e.head.clone(),
+        body: e.body.clone(),
+        etag: e.etag.clone(),
+        last_modified: e.last_modified.clone(),
+        date: e.date,
+        stored_at: e.stored_at,
+        initial_age: e.initial_age,
+        freshness: e.freshness,
+        stale_while_revalidate: e.stale_while_revalidate,
+        must_revalidate: e.must_revalidate,
+        stale_if_error: e.stale_if_error,
+    }
 }
 
 pub fn add_validators(out: &mut Vec<u8>, entry: &Entry) {

@@ -263,11 +263,13 @@ pub(super) mod tests {
             body: Bytes::from(vec![0u8; body]),
             etag: None,
             last_modified: None,
+            date: None,
             stored_at: Instant::now(),
             initial_age: Duration::ZERO,
             freshness: Duration::from_secs(60),
             stale_while_revalidate: Duration::ZERO,
             must_revalidate: false,
+            stale_if_error: None,
         })
     }
 

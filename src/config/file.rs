@@ -386,6 +386,11 @@ pub struct RouteCacheFile {
     pub default_ttl_ms: u64,
     #[serde(default)]
     pub key_headers: Vec<Spanned<String>>,
+    /// Heuristic freshness (RFC 9111 §4.2.2): this percent of the time since Last-Modified.
+    pub heuristic_percent: Option<Spanned<u32>>,
+    /// How long past freshness a stored response may answer when the upstream fails.
+    #[serde(default)]
+    pub serve_stale_on_error_ms: u64,
 }
 
 fn d_default_ttl() -> u64 {

@@ -146,10 +146,14 @@ pub struct CacheSettings {
 /// A route's caching.
 #[derive(Debug, Clone)]
 pub struct RouteCache {
-    /// Freshness when the upstream's response gives none.
-    pub default_ttl: Duration,
+    /// Freshness when the upstream's response gives none: `default_ttl_ms`, or a share of the
+    /// time since `Last-Modified` with `heuristic_percent`.
+    pub implicit: crate::cache::policy::Implicit,
     /// Lower-cased request headers that are part of the cache key.
     pub key_headers: Vec<String>,
+    /// How long past freshness a stored response may answer when the upstream fails (beyond
+    /// what its own `stale-if-error` allows).
+    pub serve_stale_on_error: Duration,
 }
 
 #[derive(Debug, Clone)]

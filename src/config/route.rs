@@ -213,9 +213,23 @@ impl Validator<'_> {
                     }
                     key_headers.push(h.get_ref().to_ascii_lowercase());
                 }
+                let heuristic_percent = match &c.get_ref().heuristic_percent {
+                    Some(p) if !(1..=100).contains(p.get_ref()) => {
+                        return Err(self.err(
+                            p.span(),
+                            &format!("{key}.cache.heuristic_percent"),
+                            "must be 1-100",
+                        ))
+                    }
+                    p => p.as_ref().map(|p| *p.get_ref()),
+                };
                 Some(RouteCache {
-                    default_ttl: ms(c.get_ref().default_ttl_ms),
+                    implicit: crate::cache::policy::Implicit {
+                        ttl: ms(c.get_ref().default_ttl_ms),
+                        heuristic_percent,
+                    },
                     key_headers,
+                    serve_stale_on_error: ms(c.get_ref().serve_stale_on_error_ms),
                 })
             }
         })

@@ -18,7 +18,7 @@ use bytes::Bytes;
 
 use super::{Ctx, Flow, RequestInfo};
 use crate::body::Tee;
-use crate::cache::policy::{self, CacheControl};
+use crate::cache::policy::{self, CacheControl, Implicit};
 use crate::cache::record::{add_validators, new_entry, refreshed, Recorded, Request};
 use crate::cache::{url_hash, variant_hash, Entry, WorkerCache};
 use crate::config::RouteCache;
@@ -58,6 +58,10 @@ pub struct CacheExchange {
     capture: Option<Capture>,
     /// For an unsafe request: the host and URL it invalidates if it succeeds.
     invalidates: Option<(Box<[u8]>, u64)>,
+    /// The stale entry to answer with if the upstream fails, and the route's window for it.
+    fallback: Option<(Arc<Entry>, Duration)>,
+    /// The upstream answered 5xx and the fallback was taken instead.
+    failed_over: Cell<bool>,
 }
 
 struct Capture {
@@ -66,7 +70,7 @@ struct Capture {
     tee: RefCell<Tee>,
     recorded: RefCell<Option<Recorded>>,
     authorized: bool,
-    default_ttl: Duration,
+    implicit: Implicit,
     max_entry: usize,
 }
 
@@ -78,12 +82,23 @@ impl CacheExchange {
             conditional: Vec::new(),
             capture,
             invalidates: None,
+            fallback: None,
+            failed_over: Cell::new(false),
         }
+    }
+
+    /// The stale entry, if it may answer now that the upstream failed.
+    fn fallback_now(&self) -> Option<&Arc<Entry>> {
+        let (entry, window) = self.fallback.as_ref()?;
+        entry
+            .may_serve_on_error(Instant::now(), *window)
+            .then_some(entry)
     }
 
     /// The upstream's final head, before the client sees anything: a 304 to a revalidation is
     /// recorded and taken over (the caller writes nothing; the pipeline answers from the
-    /// refreshed entry); a non-error answer to an unsafe request invalidates now, so no worker
+    /// refreshed entry), and so is a 5xx when a stale entry may answer instead
+    /// (`stale-if-error`); a non-error answer to an unsafe request invalidates now, so no worker
     /// can serve the old entry once the client has the answer; anything else is noted for
     /// storing. Returns whether the response was taken over.
     pub fn on_upstream_response(
@@ -97,6 +112,10 @@ impl CacheExchange {
                 *cap.recorded.borrow_mut() = Some(Recorded::from_head(buf, resp));
             }
             self.not_modified.set(true);
+            return true;
+        }
+        if resp.status >= 500 && self.fallback_now().is_some() {
+            self.failed_over.set(true);
             return true;
         }
         if let (Some((host, own)), Some(cache)) = (&self.invalidates, cache) {
@@ -152,7 +171,7 @@ impl CacheExchange {
             return;
         }
         let body = Bytes::from(std::mem::take(&mut tee.data));
-        let entry = new_entry(&cap.request, rec, body, arrived, cap.default_ttl);
+        let entry = new_entry(&cap.request, rec, body, arrived, cap.implicit);
         cache.insert(Arc::new(entry));
     }
 }
@@ -180,6 +199,18 @@ pub fn origin_target<'a>(req: &RequestInfo<'a>) -> &'a [u8] {
     } else {
         path
     }
+}
+
+/// Every value of request header `name`, in order.
+pub fn header_values<'a>(
+    buf: &'a [u8],
+    head: &'a RequestHead,
+    name: &'a [u8],
+) -> impl Iterator<Item = &'a [u8]> + 'a {
+    head.headers
+        .iter()
+        .filter(move |h| h.name.get(buf).eq_ignore_ascii_case(name))
+        .map(move |h| h.value.get(buf))
 }
 
 /// The value of request header `name`, or empty.
@@ -274,7 +305,7 @@ impl Cache {
         let variant_of = |vary: &[Box<[u8]>]| {
             let names = self.policy.key_headers.iter().map(String::as_bytes);
             variant_hash(names.chain(vary.iter().map(|n| &n[..])), |n| {
-                header(req.view.buf, head, n)
+                header_values(req.view.buf, head, n)
             })
         };
         let now = Instant::now();
@@ -314,7 +345,7 @@ impl Cache {
             tee: RefCell::new(Tee::new(cache.settings.max_entry_bytes)),
             recorded: RefCell::new(None),
             authorized: asked.authorized,
-            default_ttl: self.policy.default_ttl,
+            implicit: self.policy.implicit,
             max_entry: cache.settings.max_entry_bytes,
         }));
         if let Some(entry) = found.as_ref().filter(|_| !asked.conditional) {
@@ -322,6 +353,9 @@ impl Cache {
                 add_validators(&mut exchange.conditional, entry);
                 exchange.revalidating = true;
             }
+        }
+        if !directives.revalidate {
+            exchange.fallback = found.clone().map(|e| (e, self.policy.serve_stale_on_error));
         }
         let miss_line = lines.len();
         lines.extend_from_slice(b"x-cache: MISS\r\n");
@@ -349,15 +383,25 @@ pub fn invalidate_on_request(req: &RequestInfo<'_>, slot: &mut Option<CacheSlot>
     }
 }
 
-/// However the exchange ended: refresh the entry a 304 revalidated (and answer from it:
-/// `Flow::Cached`), count a miss, and land the flight this request led, after storing, so that
-/// its waiters find the entry.
-pub fn on_done(cx: &Ctx<'_>, slot: &mut Option<CacheSlot>, lines: &mut Vec<u8>) -> Flow {
+/// However the exchange ended: answer from the stale entry if the upstream failed (`origin_failed`:
+/// before any of the response was sent) or answered 5xx, and the entry allows it; refresh the
+/// entry a 304 revalidated (and answer from it: `Flow::Cached`); count a miss; and land the
+/// flight this request led, after storing, so that its waiters find the entry.
+pub fn on_done(
+    cx: &Ctx<'_>,
+    slot: &mut Option<CacheSlot>,
+    origin_failed: bool,
+    lines: &mut Vec<u8>,
+) -> Flow {
     let (Some(s), Some(cache)) = (slot.take(), cx.cache) else {
         return Flow::Continue;
     };
+    let failed = origin_failed || s.exchange.failed_over.get();
     let flow = if s.exchange.invalidates.is_some() {
         Flow::Continue
+    } else if let Some(entry) = s.exchange.fallback_now().filter(|_| failed) {
+        lines.truncate(s.miss_line);
+        Flow::Cached(Arc::clone(entry), CacheOutcome::StaleIfError)
     } else if let Some(stale) = s.stale.filter(|_| s.exchange.not_modified.get()) {
         let rec = s
             .exchange

@@ -266,9 +266,15 @@ impl Chain {
         }
     }
 
-    /// However the terminal ended: the cache's ending. Only a request that left a `CacheSlot`
-    /// has one.
-    pub fn on_done(&self, cx: &Ctx<'_>, slot: &mut Option<CacheSlot>, lines: &mut Vec<u8>) -> Flow {
-        cache::on_done(cx, slot, lines)
+    /// However the terminal ended (`origin_failed`: the upstream failed before any of the
+    /// response was sent): the cache's ending. Only a request that left a `CacheSlot` has one.
+    pub fn on_done(
+        &self,
+        cx: &Ctx<'_>,
+        slot: &mut Option<CacheSlot>,
+        origin_failed: bool,
+        lines: &mut Vec<u8>,
+    ) -> Flow {
+        cache::on_done(cx, slot, origin_failed, lines)
     }
 }

@@ -95,16 +95,19 @@ pub enum CacheOutcome {
     Coalesced,
     /// A stale entry the upstream confirmed with 304, served from the cache.
     Revalidated,
+    /// A stale entry served because the upstream failed (`stale-if-error`).
+    StaleIfError,
 }
 
 impl CacheOutcome {
-    pub const ALL: [CacheOutcome; 6] = [
+    pub const ALL: [CacheOutcome; 7] = [
         CacheOutcome::Hit,
         CacheOutcome::Miss,
         CacheOutcome::Stale,
         CacheOutcome::Bypass,
         CacheOutcome::Coalesced,
         CacheOutcome::Revalidated,
+        CacheOutcome::StaleIfError,
     ];
 
     pub fn label(self) -> &'static str {
@@ -115,6 +118,7 @@ impl CacheOutcome {
             CacheOutcome::Bypass => "bypass",
             CacheOutcome::Coalesced => "coalesced",
             CacheOutcome::Revalidated => "revalidated",
+            CacheOutcome::StaleIfError => "stale_if_error",
         }
     }
 }

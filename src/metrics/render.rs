@@ -455,6 +455,7 @@ pub fn status(agg: &Aggregate, process: &Process) -> Value {
                 "bypass": agg.cache[CacheOutcome::Bypass as usize],
                 "coalesced": agg.cache[CacheOutcome::Coalesced as usize],
                 "revalidated": agg.cache[CacheOutcome::Revalidated as usize],
+                "stale_if_error": agg.cache[CacheOutcome::StaleIfError as usize],
                 "waiting": agg.workers.iter().map(|w| w.gauges.cache_waiting).sum::<usize>(),
                 "bytes": agg.workers.iter().map(|w| w.gauges.cache_bytes).max().unwrap_or(0),
                 "entries": agg.workers.iter().map(|w| w.gauges.cache_entries).max().unwrap_or(0),

@@ -14,7 +14,8 @@ use tracing::debug;
 use super::session::Session;
 use super::{Failure, Io, Next};
 use crate::buffer::send;
-use crate::cache::policy;
+use crate::cache::policy::{self, Implicit};
+use crate::cache::range::{self, Ranged};
 use crate::cache::record::{add_validators, new_entry, refreshed, Recorded, Request};
 use crate::cache::{Entry, WorkerCache};
 use crate::error::ProxyError;
@@ -30,17 +31,23 @@ use crate::worker::Worker;
 /// Bodies up to this size are copied into the response buffer; larger ones are written from
 /// the shared `Bytes` (one atomic increment instead of a copy).
 const COPY_BODY_BYTES: usize = 64 * 1024;
+/// The largest `Age` sent: larger ages (an invalid upstream `Age` makes an entry this old) are
+/// sent as 2^31 (RFC 9111 §1.2.2).
+const MAX_AGE_SHOWN: u64 = 1 << 31;
 /// Flights for background revalidation are keyed apart from fetches for misses.
 const REVALIDATION: u64 = 0x9e37_79b9_7f4a_7c15;
 
-/// Answers from a cache entry the route's cache filter found (HIT, STALE, coalesced) or
-/// refreshed (after a 304): a STALE answer also starts its background revalidation.
+/// Answers from a cache entry the route's cache filter found (HIT, STALE, coalesced), refreshed
+/// (after a 304) or fell back on (the upstream failed): a STALE answer also starts its
+/// background revalidation. `head_pending`: the request's head is still in the buffer (not yet
+/// forwarded), so its conditions and range apply.
 pub(super) async fn serve<S: Io>(
     c: &mut Session<'_, S>,
     w: &Rc<Worker>,
     route: &RouteEntry,
     entry: &Arc<Entry>,
     outcome: CacheOutcome,
+    head_pending: bool,
 ) -> Result<Next, Failure> {
     if outcome == CacheOutcome::Stale {
         if let (
@@ -55,22 +62,26 @@ pub(super) async fn serve<S: Io>(
             revalidate_in_background(w, cache, up, strip_prefix.as_deref(), Arc::clone(entry));
         }
     }
-    serve_entry(c, w, entry, outcome, Instant::now()).await
+    serve_entry(c, w, entry, outcome, head_pending, Instant::now()).await
 }
 
 /// Whether the client's own conditional request is satisfied by `entry` (RFC 9110 §13.2.2:
-/// If-None-Match wins over If-Modified-Since).
+/// If-None-Match wins over If-Modified-Since; `*` matches any stored representation; without
+/// `Last-Modified` the entry's `Date` stands in, RFC 9110 §13.1.3).
 fn not_modified_for(buf: &[u8], head: &RequestHead, entry: &Entry) -> bool {
     let inm = header(buf, head, b"if-none-match");
     if !inm.is_empty() {
-        return entry
-            .etag
-            .as_ref()
-            .is_some_and(|etag| policy::if_none_match_matches(inm, etag));
+        let any = crate::http::list_items(inm).any(|t| t == b"*");
+        return any
+            || entry
+                .etag
+                .as_ref()
+                .is_some_and(|etag| policy::if_none_match_matches(inm, etag));
     }
     let ims = header(buf, head, b"if-modified-since");
-    match (policy::http_date(ims), &entry.last_modified) {
-        (Some(since), Some((modified, _))) => *modified <= since,
+    let modified = entry.last_modified.as_ref().map(|(t, _)| *t).or(entry.date);
+    match (policy::http_date(ims), modified) {
+        (Some(since), Some(modified)) => modified <= since,
         _ => false,
     }
 }
@@ -96,47 +107,66 @@ async fn serve_entry<S: Io>(
     w: &Worker,
     entry: &Entry,
     outcome: CacheOutcome,
+    head_pending: bool,
     now: Instant,
 ) -> Result<Next, Failure> {
-    let state: &[u8] = if outcome == CacheOutcome::Stale {
-        b"STALE"
-    } else {
-        b"HIT"
+    let state: &[u8] = match outcome {
+        CacheOutcome::Stale | CacheOutcome::StaleIfError => b"STALE",
+        _ => b"HIT",
     };
-    // After a revalidation the proxy has consumed the head (and the request was not
-    // conditional); otherwise it is still in the buffer.
-    let head_pending = outcome != CacheOutcome::Revalidated;
     let not_modified = head_pending && not_modified_for(c.rbuf.data(), &c.head, entry);
+    let ranged = if head_pending && !not_modified && c.head.method == Method::Get {
+        let (buf, head) = (c.rbuf.data(), &c.head);
+        range::ranged(
+            header(buf, head, b"range"),
+            header(buf, head, b"if-range"),
+            entry,
+        )
+    } else {
+        Ranged::Full
+    };
     let to_head = c.head.method == Method::Head;
     let keep = c.head.keep_alive && !w.draining.get();
     if head_pending {
         c.rbuf.consume(c.head.len);
     }
-    let status = if not_modified { 304 } else { entry.status };
+    let len = entry.body.len();
+    let (status, body) = match ranged {
+        _ if not_modified => (304, 0..0),
+        Ranged::Full => (entry.status, 0..len),
+        Ranged::Part { first, last } => (206, first as usize..last as usize + 1),
+        Ranged::Unsatisfiable => (416, 0..0),
+    };
+    content_range(&mut c.ex.extra, ranged, len);
     // The gateway's lines: what the filters added (RateLimit-*), then Age and X-Cache.
     c.ex.extra.extend_from_slice(b"age: ");
     c.ex.extra.extend_from_slice(
         itoa::Buffer::new()
-            .format(entry.age(now).as_secs())
+            .format(entry.age(now).as_secs().min(MAX_AGE_SHOWN))
             .as_bytes(),
     );
     c.ex.extra.extend_from_slice(b"\r\nx-cache: ");
     c.ex.extra.extend_from_slice(state);
     c.ex.extra.extend_from_slice(b"\r\n");
-    let with_body = !not_modified && !to_head && !entry.body.is_empty();
-    let copy = with_body && entry.body.len() <= COPY_BODY_BYTES;
+    let with_body = !to_head && !body.is_empty();
+    let copy = with_body && body.len() <= COPY_BODY_BYTES;
     c.out.clear();
     write::generated_response(
         &mut c.out,
         &Generated {
             status,
-            reason: if not_modified { b"" } else { &entry.reason },
+            // The stored reason goes with the stored status; others get the standard one.
+            reason: if status == entry.status {
+                &entry.reason
+            } else {
+                b""
+            },
             headers: &entry.head,
             only: not_modified.then_some(keep_in_304 as fn(&[u8]) -> bool),
             extra: &c.ex.extra,
             edits: &c.ex.resp_edits,
-            body: if copy { &entry.body } else { b"" },
-            content_length: (!not_modified && status != 204).then_some(entry.body.len() as u64),
+            body: if copy { &entry.body[body.clone()] } else { b"" },
+            content_length: (!not_modified && status != 204).then_some(body.len() as u64),
             head_only: false,
             keep_alive: keep,
             client_version: c.head.version,
@@ -145,11 +175,7 @@ async fn serve_entry<S: Io>(
     );
     c.ex.log.status = status;
     c.ex.log.bytes_in = c.head.len as u64;
-    let streamed = if with_body && !copy {
-        entry.body.len()
-    } else {
-        0
-    };
+    let streamed = if with_body && !copy { body.len() } else { 0 };
     c.ex.log.bytes_out.set((c.out.len() + streamed) as u64);
     w.metrics.borrow_mut().record_cache(outcome);
     let limit = w.limits.write_timeout;
@@ -157,13 +183,31 @@ async fn serve_entry<S: Io>(
         .await
         .map_err(|_| Failure::Abort)?;
     if streamed > 0 {
-        let body = entry.body.clone();
+        let body = entry.body.slice(body);
         match c.deadline.within(limit, c.w.write_all(body)).await {
             Ok((Ok(_), _)) => {}
             _ => return Err(Failure::Abort),
         }
     }
     Ok(if keep { Next::KeepAlive } else { Next::Close })
+}
+
+/// `Content-Range` for a 206 or a 416 from the cache.
+fn content_range(out: &mut Vec<u8>, ranged: Ranged, len: usize) {
+    let mut n = itoa::Buffer::new();
+    match ranged {
+        Ranged::Full => return,
+        Ranged::Part { first, last } => {
+            out.extend_from_slice(b"content-range: bytes ");
+            out.extend_from_slice(n.format(first).as_bytes());
+            out.push(b'-');
+            out.extend_from_slice(n.format(last).as_bytes());
+        }
+        Ranged::Unsatisfiable => out.extend_from_slice(b"content-range: bytes *"),
+    }
+    out.push(b'/');
+    out.extend_from_slice(n.format(len).as_bytes());
+    out.extend_from_slice(b"\r\n");
 }
 
 /// Revalidates `entry` off the request path (stale-while-revalidate), once per URL at a time,
@@ -232,7 +276,13 @@ async fn background_fetch(
         target: entry.target.clone(),
         headers: Vec::new(),
     };
-    let mut stored = new_entry(&request, rec, Bytes::from(body), now, entry.freshness);
+    let mut stored = new_entry(
+        &request,
+        rec,
+        Bytes::from(body),
+        now,
+        Implicit::ttl(entry.freshness),
+    );
     stored.variant = entry.variant;
     stored.vary = entry.vary.clone();
     stored.request_headers = entry.request_headers.clone();

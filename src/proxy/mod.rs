@@ -72,6 +72,16 @@ impl Failure {
             _ => None,
         }
     }
+
+    /// The upstream could not give an answer (unreachable, every target down, reset, invalid,
+    /// timed out) and the client has had nothing yet: a stale entry may answer instead.
+    fn origin_failed(&self) -> bool {
+        let e = match self {
+            Failure::BeforeBody(e) | Failure::AfterBody(e) | Failure::MidBody(e) => e,
+            Failure::Abort => return false,
+        };
+        self.upstream_outcome().is_some() || matches!(e, ProxyError::NoHealthyTarget)
+    }
 }
 
 fn body_failure(e: BodyError) -> Failure {

@@ -14,6 +14,7 @@ use crate::error::ProxyError;
 use crate::filter::{Flow, RequestInfo, RequestOut, RequestView};
 use crate::generation::{RouteEntry, Terminal};
 use crate::http::{BodyLength, RequestHead};
+use crate::metrics::CacheOutcome;
 use crate::router::RouteMatch;
 use crate::worker::Worker;
 
@@ -67,7 +68,7 @@ pub(super) async fn run<S: Io>(c: &mut Session<'_, S>, w: &Rc<Worker>) -> Result
             .map_err(Failure::BeforeBody)?;
     }
     if let Flow::Cached(entry, outcome) = flow {
-        return cached::serve(c, w, route, &entry, outcome).await;
+        return cached::serve(c, w, route, &entry, outcome, true).await;
     }
     let result = match &route.terminal {
         Terminal::Respond {
@@ -93,10 +94,21 @@ pub(super) async fn run<S: Io>(c: &mut Session<'_, S>, w: &Rc<Worker>) -> Result
         return result;
     }
     let cx = w.filter_ctx(&c.deadline);
-    match route.chain.on_done(&cx, &mut c.ex.cache, &mut c.ex.extra) {
+    let origin_failed = result.as_ref().is_err_and(Failure::origin_failed);
+    match route
+        .chain
+        .on_done(&cx, &mut c.ex.cache, origin_failed, &mut c.ex.extra)
+    {
+        // The upstream failed before the client got anything: the stale entry answers instead.
+        // (A failure before the request was sent leaves its head unread.)
+        Flow::Cached(entry, CacheOutcome::StaleIfError) => {
+            let head_pending = matches!(result, Err(Failure::BeforeBody(_)));
+            let outcome = CacheOutcome::StaleIfError;
+            cached::serve(c, w, route, &entry, outcome, head_pending).await
+        }
         Flow::Cached(entry, outcome) => {
             result?;
-            cached::serve(c, w, route, &entry, outcome).await
+            cached::serve(c, w, route, &entry, outcome, false).await
         }
         Flow::Continue => result,
     }

@@ -203,16 +203,18 @@ pub(super) async fn send_response<R: AsyncReadRent, W: AsyncWriteRent>(
         && framing != ClientFraming::Close
         && !upgrade
         && !ctx.worker.draining.get();
-    // The route's cache sees the head first: a 304 that revalidated a stale entry is taken over
-    // (the pipeline answers from the refreshed entry), so nothing is written here.
+    // The route's cache sees the head first: a 304 that revalidated a stale entry, or a 5xx a
+    // stale entry answers instead, is taken over (the pipeline answers from the entry), so
+    // nothing is written here; a body left unread makes the connection unusable.
     if ctx
         .cache
         .is_some_and(|cx| cx.on_upstream_response(ctx.worker.cache.as_ref(), urbuf.data(), resp))
     {
         urbuf.consume(resp.len);
+        let bodiless = matches!(resp.body, BodyLength::None | BodyLength::Length(0));
         return Ok(ResponseDone {
             client_keep_alive: keep,
-            upstream_reusable: resp.keep_alive,
+            upstream_reusable: resp.keep_alive && bodiless,
             upgrade: false,
         });
     }
