@@ -67,6 +67,56 @@ impl CacheControl {
     }
 }
 
+/// Whether a targeted cache-control value (`CDN-Cache-Control`, RFC 9213) is a valid Structured
+/// Field dictionary (RFC 8941) whose delta directives are integers: an invalid one is ignored
+/// whole. Member parameters (`;...`) are allowed and not examined.
+pub fn targeted_valid(value: &[u8]) -> bool {
+    const DELTAS: [&[u8]; 4] = [
+        b"max-age",
+        b"s-maxage",
+        b"stale-while-revalidate",
+        b"stale-if-error",
+    ];
+    let key_ok = |k: &[u8]| {
+        k.first()
+            .is_some_and(|&c| c.is_ascii_lowercase() || c == b'*')
+            && k.iter()
+                .all(|&c| c.is_ascii_lowercase() || c.is_ascii_digit() || b"_-.*".contains(&c))
+    };
+    let integer = |v: &[u8]| {
+        let digits = v.strip_prefix(b"-").unwrap_or(v);
+        (1..=15).contains(&digits.len()) && digits.iter().all(u8::is_ascii_digit)
+    };
+    let bare_item = |v: &[u8]| {
+        let token = v
+            .first()
+            .is_some_and(|&c| c.is_ascii_alphabetic() || c == b'*')
+            && v.iter()
+                .all(|&c| c.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~:/".contains(&c));
+        let string = v.len() >= 2 && v.starts_with(b"\"") && v.ends_with(b"\"");
+        let decimal = v
+            .iter()
+            .all(|&c| c.is_ascii_digit() || c == b'.' || c == b'-');
+        integer(v) || token || string || decimal || v == b"?0" || v == b"?1"
+    };
+    value.split(|&b| b == b',').all(|member| {
+        let member = member.trim_ascii();
+        let item = member.split(|&b| b == b';').next().unwrap_or_default();
+        match item.iter().position(|&b| b == b'=') {
+            None => key_ok(item),
+            Some(eq) => {
+                let (key, v) = (&item[..eq], &item[eq + 1..]);
+                key_ok(key)
+                    && if DELTAS.contains(&key) {
+                        integer(v)
+                    } else {
+                        bare_item(v)
+                    }
+            }
+        }
+    })
+}
+
 /// Statuses a cache may store without explicit freshness (RFC 9110 §15.1, "heuristically
 /// cacheable").
 pub fn heuristically_cacheable(status: u16) -> bool {
@@ -317,6 +367,27 @@ mod tests {
         }
         assert_eq!(http_date(b"yesterday"), None);
         assert_eq!(http_date(b"Sun, 32 Nov 1994 08:49:37 GMT"), None);
+    }
+
+    #[test]
+    fn targeted_fields_must_be_valid_dictionaries() {
+        for ok in [
+            "max-age=60",
+            "no-store",
+            "foobar, max-age=3600",
+            "max-age=60;x=1, private",
+        ] {
+            assert!(targeted_valid(ok.as_bytes()), "{ok}");
+        }
+        for bad in [
+            "max-age=10000, &&&&&",
+            "max-age=\"10000\"",
+            "max-age =100",
+            "MaX-aGe=1",
+            "",
+        ] {
+            assert!(!targeted_valid(bad.as_bytes()), "{bad}");
+        }
     }
 
     #[test]

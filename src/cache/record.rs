@@ -12,9 +12,25 @@ use super::{variant_hash, Entry};
 use crate::http::write::copy_lines;
 use crate::http::{parse_response, HeaderKind, ResponseHead, MAX_HEADERS_CEILING};
 
-/// The age of a response whose `Age` is not a non-negative integer: it is treated as stale
-/// (RFC 9111 §5.1), not as new. Far past any freshness, and far from overflowing.
-pub const INVALID_AGE: Duration = Duration::from_secs(1 << 31);
+/// The largest age a response can state: larger values count as 2^31 s (RFC 9111 §1.2.2).
+pub const MAX_AGE: Duration = Duration::from_secs(1 << 31);
+
+/// A response's age from its first `Age` line (RFC 9111 §5.1): the first member of a list, and an
+/// invalid value (not a non-negative integer) ignored, as the RFC says a cache SHOULD.
+fn age_value(value: &[u8]) -> Duration {
+    let first = value
+        .split(|&b| b == b',')
+        .next()
+        .unwrap_or_default()
+        .trim_ascii();
+    if first.is_empty() || !first.iter().all(u8::is_ascii_digit) {
+        return Duration::ZERO;
+    }
+    std::str::from_utf8(first)
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .map_or(MAX_AGE, |s| Duration::from_secs(s).min(MAX_AGE))
+}
 
 /// What a response head says about caching it.
 pub struct Recorded {
@@ -36,6 +52,9 @@ pub struct Recorded {
 impl Recorded {
     pub fn from_head(buf: &[u8], resp: &ResponseHead) -> Recorded {
         let mut age_seen = false;
+        // RFC 9213: a cache in a CDN's role uses `CDN-Cache-Control` instead of `Cache-Control`.
+        let mut targeted: Option<CacheControl> = None;
+        let mut targeted_invalid = false;
         let mut r = Recorded {
             status: resp.status,
             reason: resp.reason.get(buf).into(),
@@ -55,6 +74,11 @@ impl Recorded {
             let is = |s: &str| name.eq_ignore_ascii_case(s.as_bytes());
             if is("cache-control") {
                 r.cc.add(value);
+            } else if is("cdn-cache-control") {
+                targeted_invalid |= !policy::targeted_valid(value);
+                targeted
+                    .get_or_insert_with(CacheControl::default)
+                    .add(value);
             } else if is("expires") {
                 // An invalid Expires means "already expired" (RFC 9111 §5.3).
                 r.expires = Some(policy::http_date(value).unwrap_or(SystemTime::UNIX_EPOCH));
@@ -63,10 +87,7 @@ impl Recorded {
             } else if is("age") && !age_seen {
                 // The first Age line counts (RFC 9111 §5.1).
                 age_seen = true;
-                let secs = std::str::from_utf8(value)
-                    .ok()
-                    .and_then(|v| v.parse::<u64>().ok());
-                r.age = secs.map_or(INVALID_AGE, |s| Duration::from_secs(s).min(INVALID_AGE));
+                r.age = age_value(value);
             } else if is("etag") {
                 r.etag = Some(value.into());
             } else if is("last-modified") {
@@ -82,6 +103,9 @@ impl Recorded {
                     }
                 }
             }
+        }
+        if let Some(cc) = targeted.filter(|_| !targeted_invalid) {
+            r.cc = cc;
         }
         copy_lines(&mut r.head, buf, &resp.headers, resp.len, |h| {
             !h.kind.is_hop_by_hop()

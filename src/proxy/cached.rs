@@ -31,8 +31,7 @@ use crate::worker::Worker;
 /// Bodies up to this size are copied into the response buffer; larger ones are written from
 /// the shared `Bytes` (one atomic increment instead of a copy).
 const COPY_BODY_BYTES: usize = 64 * 1024;
-/// The largest `Age` sent: larger ages (an invalid upstream `Age` makes an entry this old) are
-/// sent as 2^31 (RFC 9111 §1.2.2).
+/// The largest `Age` sent: larger ages are sent as 2^31 (RFC 9111 §1.2.2).
 const MAX_AGE_SHOWN: u64 = 1 << 31;
 /// Flights for background revalidation are keyed apart from fetches for misses.
 const REVALIDATION: u64 = 0x9e37_79b9_7f4a_7c15;
