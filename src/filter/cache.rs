@@ -213,11 +213,6 @@ pub fn header_values<'a>(
         .map(move |h| h.value.get(buf))
 }
 
-/// The value of request header `name`, or empty.
-pub fn header<'a>(buf: &'a [u8], head: &RequestHead, name: &[u8]) -> &'a [u8] {
-    head.header(buf, name).unwrap_or_default()
-}
-
 /// The request's facts a stored entry keeps, read before the head's buffer is reused.
 fn request_facts(req: &RequestInfo<'_>, url: u64, key_headers: &[String]) -> Request {
     let (buf, head) = (req.view.buf, req.view.head);

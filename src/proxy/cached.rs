@@ -19,7 +19,6 @@ use crate::cache::range::{self, Ranged};
 use crate::cache::record::{add_validators, new_entry, refreshed, Recorded, Request};
 use crate::cache::{Entry, WorkerCache};
 use crate::error::ProxyError;
-use crate::filter::cache::header;
 use crate::generation::{RouteEntry, Terminal};
 use crate::http::write::{self, Generated};
 use crate::http::{Method, RequestHead};
@@ -64,11 +63,41 @@ pub(super) async fn serve<S: Io>(
     serve_entry(c, w, entry, outcome, head_pending, Instant::now()).await
 }
 
+/// The request fields an answer from the cache depends on, read in one pass over the head.
+#[derive(Default)]
+struct Asked<'a> {
+    if_none_match: &'a [u8],
+    if_modified_since: &'a [u8],
+    range: &'a [u8],
+    if_range: &'a [u8],
+}
+
+impl<'a> Asked<'a> {
+    fn read(buf: &'a [u8], head: &RequestHead) -> Asked<'a> {
+        let mut a = Asked::default();
+        for h in &head.headers {
+            let name = h.name.get(buf);
+            // The length picks the one candidate; the first line of each counts.
+            let slot = match name.len() {
+                13 if name.eq_ignore_ascii_case(b"if-none-match") => &mut a.if_none_match,
+                17 if name.eq_ignore_ascii_case(b"if-modified-since") => &mut a.if_modified_since,
+                5 if name.eq_ignore_ascii_case(b"range") => &mut a.range,
+                8 if name.eq_ignore_ascii_case(b"if-range") => &mut a.if_range,
+                _ => continue,
+            };
+            if slot.is_empty() {
+                *slot = h.value.get(buf);
+            }
+        }
+        a
+    }
+}
+
 /// Whether the client's own conditional request is satisfied by `entry` (RFC 9110 §13.2.2:
 /// If-None-Match wins over If-Modified-Since; `*` matches any stored representation; without
 /// `Last-Modified` the entry's `Date` stands in, RFC 9110 §13.1.3).
-fn not_modified_for(buf: &[u8], head: &RequestHead, entry: &Entry) -> bool {
-    let inm = header(buf, head, b"if-none-match");
+fn not_modified_for(asked: &Asked<'_>, entry: &Entry) -> bool {
+    let inm = asked.if_none_match;
     if !inm.is_empty() {
         let any = crate::http::list_items(inm).any(|t| t == b"*");
         return any
@@ -77,7 +106,7 @@ fn not_modified_for(buf: &[u8], head: &RequestHead, entry: &Entry) -> bool {
                 .as_ref()
                 .is_some_and(|etag| policy::if_none_match_matches(inm, etag));
     }
-    let ims = header(buf, head, b"if-modified-since");
+    let ims = asked.if_modified_since;
     let modified = entry.last_modified.as_ref().map(|(t, _)| *t).or(entry.date);
     match (policy::http_date(ims), modified) {
         (Some(since), Some(modified)) => modified <= since,
@@ -113,16 +142,17 @@ async fn serve_entry<S: Io>(
         CacheOutcome::Stale | CacheOutcome::StaleIfError => b"STALE",
         _ => b"HIT",
     };
-    let not_modified = head_pending && not_modified_for(c.rbuf.data(), &c.head, entry);
-    let ranged = if head_pending && !not_modified && c.head.method == Method::Get {
-        let (buf, head) = (c.rbuf.data(), &c.head);
-        range::ranged(
-            header(buf, head, b"range"),
-            header(buf, head, b"if-range"),
-            entry,
-        )
+    let (not_modified, ranged) = if head_pending {
+        let asked = Asked::read(c.rbuf.data(), &c.head);
+        let not_modified = not_modified_for(&asked, entry);
+        let ranged = if !not_modified && c.head.method == Method::Get {
+            range::ranged(asked.range, asked.if_range, entry)
+        } else {
+            Ranged::Full
+        };
+        (not_modified, ranged)
     } else {
-        Ranged::Full
+        (false, Ranged::Full)
     };
     let to_head = c.head.method == Method::Head;
     let keep = c.head.keep_alive && !w.draining.get();
