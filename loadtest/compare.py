@@ -75,10 +75,42 @@ def wait_closed(port, timeout=20.0):
 
 
 def cpu_ticks(pid):
-    """utime + stime of a process and all its threads, in clock ticks."""
+    """(utime, stime) of a process and all its threads, in clock ticks."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])
+    return int(fields[11]), int(fields[12])
+
+
+# Kernel work counted per request while a throughput run lasts (perf, tracepoints; every thread
+# of the proxy): system calls, context switches (voluntary and not), io_uring submissions.
+KERNEL_EVENTS = {"raw_syscalls:sys_enter": "syscalls", "context-switches": "ctx_switches",
+                 "io_uring:io_uring_submit_req": "uring_submits"}
+
+
+class KernelCounts:
+    """`perf stat` attached to a process for the length of a `with` block."""
+
+    def __init__(self, pid):
+        self.pid, self.proc, self.counts = pid, None, {}
+
+    def __enter__(self):
+        if shutil.which("perf"):
+            self.proc = subprocess.Popen(
+                ["perf", "stat", "-x", ",", "-e", ",".join(KERNEL_EVENTS), "-p", str(self.pid)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            time.sleep(0.2)  # attached before the load starts
+        return self
+
+    def __exit__(self, *exc):
+        if self.proc is None:
+            return False
+        self.proc.send_signal(signal.SIGINT)
+        _, err = self.proc.communicate(timeout=30)
+        for line in err.splitlines():
+            cols = line.split(",")
+            if len(cols) > 2 and cols[2] in KERNEL_EVENTS and cols[0].strip().isdigit():
+                self.counts[KERNEL_EVENTS[cols[2]]] = int(cols[0])
+        return False
 
 
 def cpu_busy(cpu):
@@ -125,6 +157,10 @@ class Proxy:
 
     def ticks(self):
         return cpu_ticks(self.proc.pid)
+
+    @property
+    def pid(self):
+        return self.proc.pid
 
 
 def write(path, text):
@@ -265,12 +301,20 @@ def wrk(port, path, seconds, connections=50, close=False, cpus=LOAD_CPU):
 
 
 def throughput(proxy, path, seconds, **kw):
-    t0 = proxy.ticks()
-    b0 = cpu_busy(LOAD_CPU)
-    r = wrk(proxy.port, path, seconds, **kw)
-    b1 = cpu_busy(LOAD_CPU)
-    t1 = proxy.ticks()
-    r["cpu_us_per_req"] = (t1 - t0) / CLK_TCK * 1e6 / max(r["requests"], 1)
+    """Requests/s, and per request: CPU µs (user, system, both), system calls, context switches
+    and io_uring submissions of the proxy, counted over the whole run."""
+    with KernelCounts(proxy.pid) as kernel:
+        t0 = proxy.ticks()
+        b0 = cpu_busy(LOAD_CPU)
+        r = wrk(proxy.port, path, seconds, **kw)
+        b1 = cpu_busy(LOAD_CPU)
+        t1 = proxy.ticks()
+    n = max(r["requests"], 1)
+    r["user_us_per_req"] = (t1[0] - t0[0]) / CLK_TCK * 1e6 / n
+    r["sys_us_per_req"] = (t1[1] - t0[1]) / CLK_TCK * 1e6 / n
+    r["cpu_us_per_req"] = r["user_us_per_req"] + r["sys_us_per_req"]
+    for key, count in kernel.counts.items():
+        r[f"{key}_per_req"] = count / n
     r["load_cpu_busy"] = (b1[0] - b0[0]) / max(b1[1] - b0[1], 1)
     return r
 
@@ -371,7 +415,14 @@ def main():
                          "(proxied io_uring and epoll, 3 header transforms, cache hits)")
     ap.add_argument("--baseline", metavar="BINARY",
                     help="with --callgrind-only: also measure this ringway build, for before/after")
+    ap.add_argument("--guard", action="store_true",
+                    help="exit 1, loudly, if instructions per request (callgrind: proxied on both "
+                         "drivers, cache hits) rose more than 5%% above loadtest/guard.json")
+    ap.add_argument("--record", action="store_true",
+                    help="with --guard: write the figures measured now into loadtest/guard.json")
     args = ap.parse_args()
+    if args.guard:
+        return guard(args)
     if args.callgrind_only:
         return callgrind_only(args)
     if args.quick:
@@ -409,15 +460,11 @@ def main():
             for body in BODIES:
                 for p in alternate(proxies, rep):
                     r = throughput(p, f"/{body}", args.seconds)
-                    log(f"   {body:6} {p.name:15} {r['rps']:>10.0f} rps  {r['cpu_us_per_req']:6.2f} "
-                        f"CPU us/req  load CPU busy {r['load_cpu_busy']:.0%}")
+                    log(f"   {body:6} {p.name:15} {r['rps']:>10.0f} rps  {per_request(r)}  "
+                        f"load CPU busy {r['load_cpu_busy']:.0%}")
                     tp[body][p.name].append(r)
         results["throughput"] = {
-            body: {name: {"rps": median([r["rps"] for r in runs]),
-                          "cpu_us_per_req": median([r["cpu_us_per_req"] for r in runs]),
-                          "load_cpu_busy": median([r["load_cpu_busy"] for r in runs]),
-                          "runs": runs}
-                   for name, runs in per.items()}
+            body: {name: medians(runs) for name, runs in per.items()}
             for body, per in tp.items()}
 
         # Fixed-rate latency at 50% and 80% of nginx's max, alternating, medians per percentile.
@@ -475,10 +522,9 @@ def main():
                     extra[title].setdefault(p.name, []).append(r)
             for p in group:
                 p.stop()
-            extra[title] = {n: {"rps": median([r["rps"] for r in rs]),
-                                "cpu_us_per_req": median([r["cpu_us_per_req"] for r in rs])}
-                            for n, rs in extra[title].items()}
-            log(f"   {title}: " + ", ".join(f"{n} {v['rps']:.0f} rps" for n, v in extra[title].items()))
+            extra[title] = {n: medians(rs) for n, rs in extra[title].items()}
+            log(f"   {title}: " + "; ".join(f"{n} {v['rps']:.0f} rps, {per_request(v)}"
+                                           for n, v in extra[title].items()))
         # Scaling: 1 worker vs 2 workers, load generator on both CPUs.
         one, two = ringway(tmp, "ringway-1w", 18096), ringway(tmp, "ringway-2w", 18097, workers=2)
         scale = {}
@@ -567,6 +613,50 @@ def callgrind_only(args):
     print("\n".join(md))
 
 
+GUARD = os.path.join(ROOT, "loadtest", "guard.json")
+GUARD_VARIANTS = [("io_uring", {}), ("epoll", {"driver": "legacy"}), ("cache hits", {"cache": True})]
+
+
+def guard(args):
+    """The regression guard: instructions per request are exact under callgrind (io_uring within a
+    few, epoll within ~2%), so a rise of more than 5% over the recorded figure is a real one."""
+    tmp = tempfile.mkdtemp(prefix="ringway-guard-")
+    os.makedirs(os.path.join(tmp, "www"))
+    origin = subprocess.Popen(["taskset", "-c", LOAD_CPU, "nginx", "-c", origin_config(tmp)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    now = {}
+    try:
+        wait_port(ORIGIN_PORT)
+        for port, (name, kw) in enumerate(GUARD_VARIANTS, start=18300):
+            p = ringway(tmp, name, port, **kw)
+            try:
+                now[name] = round(callgrind(p, tmp, 5000, 25000)["instr_per_req"])
+            finally:
+                p.kill()
+    finally:
+        origin.terminate()
+        origin.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
+    if args.record:
+        write(GUARD, json.dumps({"recorded": datetime.date.today().isoformat(),
+                                 "machine": cpu_model(), "instr_per_req": now}, indent=1) + "\n")
+        print(f"recorded {now} in {GUARD}")
+        return 0
+    with open(GUARD) as f:
+        recorded = json.load(f)["instr_per_req"]
+    failed = False
+    for name, value in now.items():
+        limit = recorded[name] * 1.05
+        verdict = "ok" if value <= limit else "REGRESSION"
+        failed |= value > limit
+        print(f"{name:12} {value:8} instr/req  recorded {recorded[name]:8}  "
+              f"({value / recorded[name] - 1:+.1%}, limit +5%)  {verdict}")
+    if failed:
+        print("\n*** instructions per request rose more than 5% over loadtest/guard.json ***")
+        sys.exit(1)
+    return 0
+
+
 def cpu_model():
     with open("/proc/cpuinfo") as f:
         for line in f:
@@ -591,6 +681,25 @@ def ratio(a, b):
     return a / b if b else float("nan")
 
 
+# Per-request figures of a throughput run, in the order they are shown.
+PER_REQUEST = [("cpu_us_per_req", "µs CPU", 1), ("user_us_per_req", "user", 1),
+               ("sys_us_per_req", "sys", 1), ("syscalls_per_req", "syscalls", 2),
+               ("ctx_switches_per_req", "ctx sw", 3), ("uring_submits_per_req", "uring ops", 2)]
+
+
+def per_request(r):
+    """`37.9 µs CPU (user 3.1, sys 34.8), 0.41 syscalls, 0.020 ctx sw, 2.00 uring ops`."""
+    parts = [f"{r[k]:.{d}f} {label}" for k, label, d in PER_REQUEST[3:] if k in r]
+    return (f"{r['cpu_us_per_req']:.1f} µs CPU (user {r['user_us_per_req']:.1f}, "
+            f"sys {r['sys_us_per_req']:.1f})" + "".join(f", {p}" for p in parts))
+
+
+def medians(runs):
+    """The median of every per-run figure, with the runs kept."""
+    keys = [k for k in runs[0] if isinstance(runs[0][k], (int, float))]
+    return {k: median([r[k] for r in runs if k in r]) for k in keys} | {"runs": runs}
+
+
 def report(res):
     out_dir = os.path.join(ROOT, "loadtest", "results")
     os.makedirs(out_dir, exist_ok=True)
@@ -610,6 +719,13 @@ def report(res):
             f"{per[n]['rps']:.0f} rps, {per[n]['cpu_us_per_req']:.1f} µs CPU/req"
             f"{' (load CPU saturated)' if per[n]['load_cpu_busy'] > 0.95 else ''}"
             for n in names) + " |")
+    md += ["", "### Kernel work per request (13 B, max throughput runs; perf, every thread)", "",
+           "| proxy | CPU µs | user µs | system µs | system calls | context switches | "
+           "io_uring submissions |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for n in names:
+        r = res["throughput"]["13B"][n]
+        cells = [f"{r[k]:.{d}f}" if k in r else "-" for k, _, d in PER_REQUEST]
+        md.append(f"| {n} | " + " | ".join(cells) + " |")
     md += ["", "### Latency at a fixed rate (oha, open loop, latency-corrected), 13 B", "",
            "A run whose load CPU was saturated measures the load generator as much as the proxy.",
            "", "| load | proxy | achieved rps | load CPU | p50 µs | p99 µs | p99.9 µs | max µs |",
@@ -622,9 +738,9 @@ def report(res):
                       f"{r['p99_9_us']:.0f} | {r['max_us']:.0f} |")
     md += ["", "### Other scenarios (13 B)", "", "| scenario | results |", "|---|---|"]
     for title, per in res["extra"].items():
-        md.append(f"| {title} | " + ", ".join(
-            f"{n}: {v['rps']:.0f} rps" + (f" ({v['cpu_us_per_req']:.1f} µs CPU/req)"
-                                          if "cpu_us_per_req" in v else "")
+        md.append(f"| {title} | " + "; ".join(
+            f"{n}: {v['rps']:.0f} rps" + (f", {per_request(v)} per request"
+                                          if "user_us_per_req" in v else "")
             for n, v in per.items()) + " |")
     if "callgrind" in res:
         md += ["", "### Instructions per proxied request (callgrind, 13 B, keep-alive)", "",
