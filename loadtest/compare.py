@@ -415,6 +415,10 @@ def main():
                          "(proxied io_uring and epoll, 3 header transforms, cache hits)")
     ap.add_argument("--baseline", metavar="BINARY",
                     help="with --callgrind-only: also measure this ringway build, for before/after")
+    ap.add_argument("--cpu-only", action="store_true",
+                    help="only CPU and kernel work per proxied request (13 B, keep-alive) of ringway "
+                         "on both drivers, alternating with --baseline if given: before/after for a "
+                         "change to how ringway drives the kernel")
     ap.add_argument("--guard", action="store_true",
                     help="exit 1, loudly, if instructions per request (callgrind: proxied on both "
                          "drivers, cache hits) rose more than 5%% above loadtest/guard.json")
@@ -425,6 +429,8 @@ def main():
         return guard(args)
     if args.callgrind_only:
         return callgrind_only(args)
+    if args.cpu_only:
+        return cpu_only(args)
     if args.quick:
         args.seconds, args.reps = 3, 1
     cg_small, cg_large = (1000, 5000) if args.quick else (5000, 25000)
@@ -610,6 +616,54 @@ def callgrind_only(args):
     write(out + ".md", f"# Callgrind, {stamp}, {cpu_model()}, Linux {os.uname().release}\n\n"
           f"13 B responses, keep-alive, 1 worker; (Ir(25k) - Ir(5k)) / 20k; median of {args.reps}.\n\n" + "\n".join(md) + "\n")
     write(out + ".json", json.dumps(rows, indent=1))
+    print("\n".join(md))
+
+
+def cpu_only(args):
+    """CPU µs, system calls, context switches and io_uring submissions per proxied request for
+    ringway (and a baseline build), builds alternating in every rep (this VM drifts by up to a
+    third between minutes): medians, and in how many reps each build was cheaper than the other."""
+    tmp = tempfile.mkdtemp(prefix="ringway-cpu-")
+    os.makedirs(os.path.join(tmp, "www"))
+    origin = subprocess.Popen(["taskset", "-c", LOAD_CPU, "nginx", "-c", origin_config(tmp)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    builds = [("", RINGWAY)] + ([("baseline ", args.baseline)] if args.baseline else [])
+    runs = {}
+    try:
+        wait_port(ORIGIN_PORT)
+        port = 18500
+        for rep in range(args.reps):
+            for driver in ("io_uring", "legacy"):
+                for label, binary in alternate(builds, rep):
+                    port += 1
+                    p = ringway(tmp, f"{label}{driver}", port, binary=binary, driver=driver).start()
+                    try:
+                        throughput(p, "/13B", 2)  # warm-up: pools, buffers, page cache
+                        r = throughput(p, "/13B", args.seconds)
+                    finally:
+                        p.stop()
+                    runs.setdefault(p.name, []).append(r)
+                    log(f"   {p.name:20} {r['rps']:8.0f} rps  {per_request(r)}")
+    finally:
+        origin.terminate()
+        origin.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
+    md = ["| ringway | CPU µs | user µs | system µs | system calls | context switches | "
+          "io_uring submissions | cheaper in reps |", "|---|---:|---:|---:|---:|---:|---:|---|"]
+    for name, rs in runs.items():
+        m = medians(rs)
+        other = runs.get(name[len("baseline "):] if name.startswith("baseline ") else f"baseline {name}")
+        wins = (f"{sum(a['cpu_us_per_req'] < b['cpu_us_per_req'] for a, b in zip(rs, other))}"
+                f" of {len(rs)}") if other else "-"
+        cells = [f"{m[k]:.{d}f}" if k in m else "-" for k, _, d in PER_REQUEST]
+        md.append(f"| {name} | " + " | ".join(cells) + f" | {wins} |")
+    stamp = datetime.date.today().isoformat()
+    out = os.path.join(ROOT, "loadtest", "results", f"{stamp}-cpu")
+    write(out + ".md", f"# CPU and kernel work per proxied request, {stamp}, {cpu_model()}, "
+          f"Linux {os.uname().release}\n\n13 B, 50 keep-alive connections (wrk), proxy on CPU "
+          f"{PROXY_CPU}, origin and wrk on CPU {LOAD_CPU}; {args.seconds} s runs, {args.reps} reps, "
+          "builds alternating, medians.\n\n" + "\n".join(md) + "\n")
+    write(out + ".json", json.dumps(runs, indent=1))
     print("\n".join(md))
 
 

@@ -7,13 +7,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 missing=()
-for tool in wrk nginx haproxy valgrind taskset; do
+for tool in wrk nginx haproxy valgrind taskset perf; do
     command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
 done
 if ((${#missing[@]})); then
     pkgs=()
     for t in "${missing[@]}"; do
-        case "$t" in taskset) pkgs+=(util-linux) ;; *) pkgs+=("$t") ;; esac
+        case "$t" in taskset) pkgs+=(util-linux) ;; perf) pkgs+=(linux-perf) ;; *) pkgs+=("$t") ;; esac
     done
     apt-get update -qq && apt-get install -y -qq "${pkgs[@]}"
 fi
