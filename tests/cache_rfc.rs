@@ -490,3 +490,23 @@ fn cdn_cache_control_takes_the_place_of_cache_control() {
         assert_eq!(x_cache(&fetch(&gw, ignored, "")), "MISS", "{ignored}");
     }
 }
+
+#[test]
+fn a_stored_response_without_date_gets_the_time_it_was_received() {
+    // RFC 9110 §6.6.1; the recording upstream sends no Date of its own.
+    let up = Upstream::start(|_| Reply::ok("dated").header("Cache-Control", "max-age=60"));
+    let gw = gateway(up.addr, "");
+    let before = SystemTime::now() - Duration::from_secs(1);
+    fetch(&gw, "/d", "");
+    let hit = fetch(&gw, "/d", "");
+    assert_eq!(x_cache(&hit), "HIT");
+    let date = httpdate::parse_http_date(hit.header("date").expect("a Date")).unwrap();
+    assert!(date >= before && date <= SystemTime::now(), "{date:?}");
+    assert_eq!(hit.headers_named("date").len(), 1);
+    // If-Modified-Since after it: a 304 from the cache.
+    let later = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(60));
+    assert_eq!(
+        fetch(&gw, "/d", &format!("If-Modified-Since: {later}\r\n")).status,
+        304
+    );
+}

@@ -188,11 +188,20 @@ impl Request {
 
 pub fn new_entry(
     request: &Request,
-    rec: Recorded,
+    mut rec: Recorded,
     body: Bytes,
     now: Instant,
     implicit: Implicit,
 ) -> Entry {
+    if rec.date.is_none() {
+        // RFC 9110 §6.6.1: a cached response without Date gets the time it was received.
+        let received = SystemTime::now();
+        rec.head.extend_from_slice(b"date: ");
+        rec.head
+            .extend_from_slice(httpdate::fmt_http_date(received).as_bytes());
+        rec.head.extend_from_slice(b"\r\n");
+        rec.date = Some(received);
+    }
     let freshness = policy::freshness(&rec.facts(false), implicit);
     let mut request_headers = Vec::new();
     for name in request.variant_names.iter().chain(&rec.vary) {
