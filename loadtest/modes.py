@@ -1,0 +1,155 @@
+"""The load-test kit's single-purpose modes (see compare.py's docstring): `--callgrind-only`,
+`--cpu-only` and the regression guard `--guard`, built on compare.py's helpers."""
+
+import datetime
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+from compare import (LOAD_CPU, ORIGIN_PORT, PER_REQUEST, PROXY_CPU, RINGWAY, ROOT, alternate,
+                     callgrind, cpu_model, log, median, medians, origin_config, per_request,
+                     ringway, throughput, wait_port, write)
+
+
+def callgrind_only(args):
+    """Instructions and allocations per request for ringway's variants (and a baseline build),
+    exact enough to compare builds: callgrind counts instructions, not time."""
+    cg_small, cg_large = (1000, 5000) if args.quick else (5000, 25000)
+    tmp = tempfile.mkdtemp(prefix="ringway-callgrind-")
+    os.makedirs(os.path.join(tmp, "www"))
+    origin = subprocess.Popen(["taskset", "-c", LOAD_CPU, "nginx", "-c", origin_config(tmp)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    builds = [("", RINGWAY)] + ([("baseline ", args.baseline)] if args.baseline else [])
+    runs = {}
+    try:
+        wait_port(ORIGIN_PORT)
+        port = 18200
+        # Instruction counts still move by a few hundred per request between runs (how many
+        # requests share a wake-up, a tick): builds alternate, and the median is reported.
+        order = [b for rep in range(args.reps) for b in alternate(builds, rep)]
+        for label, binary in order:
+            variants = [("io_uring", {}), ("epoll", {"driver": "legacy"}),
+                        ("io_uring, 3 transforms", {"transforms": True}),
+                        ("epoll, 3 transforms", {"driver": "legacy", "transforms": True}),
+                        ("io_uring, cache hits", {"cache": True})]
+            for name, kw in variants:
+                if label and kw.get("transforms"):
+                    continue  # a baseline build may predate header transforms
+                port += 1
+                p = ringway(tmp, f"{label}{name}", port, binary=binary, **kw)
+                try:
+                    r = callgrind(p, tmp, cg_small, cg_large)
+                finally:
+                    p.kill()
+                runs.setdefault(p.name, []).append(r)
+                log(f"   {p.name:32} {r['instr_per_req']:8.0f} instr/req  "
+                    f"{r['allocs_per_req']:.2f} allocs/req")
+    finally:
+        origin.terminate()
+        origin.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
+    rows = {n: {k: median([r[k] for r in rs]) for k in rs[0]} | {"runs": rs}
+            for n, rs in runs.items()}
+    stamp = datetime.date.today().isoformat()
+    out = os.path.join(ROOT, "loadtest", "results", f"{stamp}-callgrind")
+    md = ["| ringway | instructions / request | allocations / request |", "|---|---:|---:|"]
+    md += [f"| {n} | {r['instr_per_req']:.0f} | {r['allocs_per_req']:.2f} |" for n, r in rows.items()]
+    write(out + ".md", f"# Callgrind, {stamp}, {cpu_model()}, Linux {os.uname().release}\n\n"
+          f"13 B responses, keep-alive, 1 worker; (Ir(25k) - Ir(5k)) / 20k; median of {args.reps}.\n\n" + "\n".join(md) + "\n")
+    write(out + ".json", json.dumps(rows, indent=1))
+    print("\n".join(md))
+
+
+def cpu_only(args):
+    """CPU µs, system calls, context switches and io_uring submissions per proxied request for
+    ringway (and a baseline build), builds alternating in every rep (this VM drifts by up to a
+    third between minutes): medians, and in how many reps each build was cheaper than the other."""
+    tmp = tempfile.mkdtemp(prefix="ringway-cpu-")
+    os.makedirs(os.path.join(tmp, "www"))
+    origin = subprocess.Popen(["taskset", "-c", LOAD_CPU, "nginx", "-c", origin_config(tmp)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    builds = [("", RINGWAY)] + ([("baseline ", args.baseline)] if args.baseline else [])
+    runs = {}
+    try:
+        wait_port(ORIGIN_PORT)
+        port = 18500
+        for rep in range(args.reps):
+            for driver in ("io_uring", "legacy"):
+                for label, binary in alternate(builds, rep):
+                    port += 1
+                    p = ringway(tmp, f"{label}{driver}", port, binary=binary, driver=driver).start()
+                    try:
+                        throughput(p, "/13B", 2)  # warm-up: pools, buffers, page cache
+                        r = throughput(p, "/13B", args.seconds)
+                    finally:
+                        p.stop()
+                    runs.setdefault(p.name, []).append(r)
+                    log(f"   {p.name:20} {r['rps']:8.0f} rps  {per_request(r)}")
+    finally:
+        origin.terminate()
+        origin.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
+    md = ["| ringway | CPU µs | user µs | system µs | system calls | context switches | "
+          "io_uring submissions | cheaper in reps |", "|---|---:|---:|---:|---:|---:|---:|---|"]
+    for name, rs in runs.items():
+        m = medians(rs)
+        other = runs.get(name[len("baseline "):] if name.startswith("baseline ") else f"baseline {name}")
+        wins = (f"{sum(a['cpu_us_per_req'] < b['cpu_us_per_req'] for a, b in zip(rs, other))}"
+                f" of {len(rs)}") if other else "-"
+        cells = [f"{m[k]:.{d}f}" if k in m else "-" for k, _, d in PER_REQUEST]
+        md.append(f"| {name} | " + " | ".join(cells) + f" | {wins} |")
+    stamp = datetime.date.today().isoformat()
+    out = os.path.join(ROOT, "loadtest", "results", f"{stamp}-cpu")
+    write(out + ".md", f"# CPU and kernel work per proxied request, {stamp}, {cpu_model()}, "
+          f"Linux {os.uname().release}\n\n13 B, 50 keep-alive connections (wrk), proxy on CPU "
+          f"{PROXY_CPU}, origin and wrk on CPU {LOAD_CPU}; {args.seconds} s runs, {args.reps} reps, "
+          "builds alternating, medians.\n\n" + "\n".join(md) + "\n")
+    write(out + ".json", json.dumps(runs, indent=1))
+    print("\n".join(md))
+
+
+GUARD = os.path.join(ROOT, "loadtest", "guard.json")
+GUARD_VARIANTS = [("io_uring", {}), ("epoll", {"driver": "legacy"}), ("cache hits", {"cache": True})]
+
+
+def guard(args):
+    """The regression guard: instructions per request are exact under callgrind (io_uring within a
+    few, epoll within ~2%), so a rise of more than 5% over the recorded figure is a real one."""
+    tmp = tempfile.mkdtemp(prefix="ringway-guard-")
+    os.makedirs(os.path.join(tmp, "www"))
+    origin = subprocess.Popen(["taskset", "-c", LOAD_CPU, "nginx", "-c", origin_config(tmp)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    now = {}
+    try:
+        wait_port(ORIGIN_PORT)
+        for port, (name, kw) in enumerate(GUARD_VARIANTS, start=18300):
+            p = ringway(tmp, name, port, **kw)
+            try:
+                now[name] = round(callgrind(p, tmp, 5000, 25000)["instr_per_req"])
+            finally:
+                p.kill()
+    finally:
+        origin.terminate()
+        origin.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
+    if args.record:
+        write(GUARD, json.dumps({"recorded": datetime.date.today().isoformat(),
+                                 "machine": cpu_model(), "instr_per_req": now}, indent=1) + "\n")
+        print(f"recorded {now} in {GUARD}")
+        return 0
+    with open(GUARD) as f:
+        recorded = json.load(f)["instr_per_req"]
+    failed = False
+    for name, value in now.items():
+        limit = recorded[name] * 1.05
+        verdict = "ok" if value <= limit else "REGRESSION"
+        failed |= value > limit
+        print(f"{name:12} {value:8} instr/req  recorded {recorded[name]:8}  "
+              f"({value / recorded[name] - 1:+.1%}, limit +5%)  {verdict}")
+    if failed:
+        print("\n*** instructions per request rose more than 5% over loadtest/guard.json ***")
+        sys.exit(1)
+    return 0
