@@ -60,8 +60,9 @@ pub struct CacheExchange {
     invalidates: Option<(Box<[u8]>, u64)>,
     /// The stale entry to answer with if the upstream fails, and the route's window for it.
     fallback: Option<(Arc<Entry>, Duration)>,
-    /// The upstream answered 5xx and the fallback was taken instead.
-    failed_over: Cell<bool>,
+    /// The upstream answered 5xx and this fallback was taken instead (decided once, at the head:
+    /// the 5xx is not forwarded, so the entry must answer even if its window closes meanwhile).
+    failed_over: RefCell<Option<Arc<Entry>>>,
 }
 
 struct Capture {
@@ -83,7 +84,7 @@ impl CacheExchange {
             capture,
             invalidates: None,
             fallback: None,
-            failed_over: Cell::new(false),
+            failed_over: RefCell::new(None),
         }
     }
 
@@ -114,9 +115,11 @@ impl CacheExchange {
             self.not_modified.set(true);
             return true;
         }
-        if resp.status >= 500 && self.fallback_now().is_some() {
-            self.failed_over.set(true);
-            return true;
+        if resp.status >= 500 {
+            if let Some(entry) = self.fallback_now() {
+                *self.failed_over.borrow_mut() = Some(Arc::clone(entry));
+                return true;
+            }
         }
         if let (Some((host, own)), Some(cache)) = (&self.invalidates, cache) {
             if (200..400).contains(&resp.status) {
@@ -391,12 +394,16 @@ pub fn on_done(
     let (Some(s), Some(cache)) = (slot.take(), cx.cache) else {
         return Flow::Continue;
     };
-    let failed = origin_failed || s.exchange.failed_over.get();
+    let fallback = s.exchange.failed_over.take().or_else(|| {
+        origin_failed
+            .then(|| s.exchange.fallback_now().cloned())
+            .flatten()
+    });
     let flow = if s.exchange.invalidates.is_some() {
         Flow::Continue
-    } else if let Some(entry) = s.exchange.fallback_now().filter(|_| failed) {
+    } else if let Some(entry) = fallback {
         lines.truncate(s.miss_line);
-        Flow::Cached(Arc::clone(entry), CacheOutcome::StaleIfError)
+        Flow::Cached(entry, CacheOutcome::StaleIfError)
     } else if let Some(stale) = s.stale.filter(|_| s.exchange.not_modified.get()) {
         let rec = s
             .exchange
