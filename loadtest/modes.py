@@ -1,6 +1,7 @@
 """The load-test kit's single-purpose modes (see compare.py's docstring): `--callgrind-only`,
 `--cpu-only` and the regression guard `--guard`, built on compare.py's helpers."""
 
+import contextlib
 import datetime
 import json
 import os
@@ -14,18 +15,29 @@ from compare import (LOAD_CPU, ORIGIN_PORT, PER_REQUEST, PROXY_CPU, RINGWAY, ROO
                      ringway, throughput, wait_port, write)
 
 
+@contextlib.contextmanager
+def nginx_origin(prefix):
+    """The nginx origin every mode proxies to, on the load CPU, in a temporary directory."""
+    tmp = tempfile.mkdtemp(prefix=prefix)
+    os.makedirs(os.path.join(tmp, "www"))
+    origin = subprocess.Popen(["taskset", "-c", LOAD_CPU, "nginx", "-c", origin_config(tmp)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(ORIGIN_PORT)
+        yield tmp
+    finally:
+        origin.terminate()
+        origin.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def callgrind_only(args):
     """Instructions and allocations per request for ringway's variants (and a baseline build),
     exact enough to compare builds: callgrind counts instructions, not time."""
     cg_small, cg_large = (1000, 5000) if args.quick else (5000, 25000)
-    tmp = tempfile.mkdtemp(prefix="ringway-callgrind-")
-    os.makedirs(os.path.join(tmp, "www"))
-    origin = subprocess.Popen(["taskset", "-c", LOAD_CPU, "nginx", "-c", origin_config(tmp)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     builds = [("", RINGWAY)] + ([("baseline ", args.baseline)] if args.baseline else [])
     runs = {}
-    try:
-        wait_port(ORIGIN_PORT)
+    with nginx_origin("ringway-callgrind-") as tmp:
         port = 18200
         # Instruction counts still move by a few hundred per request between runs (how many
         # requests share a wake-up, a tick): builds alternate, and the median is reported.
@@ -47,10 +59,6 @@ def callgrind_only(args):
                 runs.setdefault(p.name, []).append(r)
                 log(f"   {p.name:32} {r['instr_per_req']:8.0f} instr/req  "
                     f"{r['allocs_per_req']:.2f} allocs/req")
-    finally:
-        origin.terminate()
-        origin.wait()
-        shutil.rmtree(tmp, ignore_errors=True)
     rows = {n: {k: median([r[k] for r in rs]) for k in rs[0]} | {"runs": rs}
             for n, rs in runs.items()}
     stamp = datetime.date.today().isoformat()
@@ -67,14 +75,9 @@ def cpu_only(args):
     """CPU µs, system calls, context switches and io_uring submissions per proxied request for
     ringway (and a baseline build), builds alternating in every rep (this VM drifts by up to a
     third between minutes): medians, and in how many reps each build was cheaper than the other."""
-    tmp = tempfile.mkdtemp(prefix="ringway-cpu-")
-    os.makedirs(os.path.join(tmp, "www"))
-    origin = subprocess.Popen(["taskset", "-c", LOAD_CPU, "nginx", "-c", origin_config(tmp)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     builds = [("", RINGWAY)] + ([("baseline ", args.baseline)] if args.baseline else [])
     runs = {}
-    try:
-        wait_port(ORIGIN_PORT)
+    with nginx_origin("ringway-cpu-") as tmp:
         port = 18500
         for rep in range(args.reps):
             for driver in ("io_uring", "legacy"):
@@ -88,10 +91,6 @@ def cpu_only(args):
                         p.stop()
                     runs.setdefault(p.name, []).append(r)
                     log(f"   {p.name:20} {r['rps']:8.0f} rps  {per_request(r)}")
-    finally:
-        origin.terminate()
-        origin.wait()
-        shutil.rmtree(tmp, ignore_errors=True)
     md = ["| ringway | CPU µs | user µs | system µs | system calls | context switches | "
           "io_uring submissions | cheaper in reps |", "|---|---:|---:|---:|---:|---:|---:|---|"]
     for name, rs in runs.items():
@@ -118,23 +117,14 @@ GUARD_VARIANTS = [("io_uring", {}), ("epoll", {"driver": "legacy"}), ("cache hit
 def guard(args):
     """The regression guard: instructions per request are exact under callgrind (io_uring within a
     few, epoll within ~2%), so a rise of more than 5% over the recorded figure is a real one."""
-    tmp = tempfile.mkdtemp(prefix="ringway-guard-")
-    os.makedirs(os.path.join(tmp, "www"))
-    origin = subprocess.Popen(["taskset", "-c", LOAD_CPU, "nginx", "-c", origin_config(tmp)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     now = {}
-    try:
-        wait_port(ORIGIN_PORT)
+    with nginx_origin("ringway-guard-") as tmp:
         for port, (name, kw) in enumerate(GUARD_VARIANTS, start=18300):
             p = ringway(tmp, name, port, **kw)
             try:
                 now[name] = round(callgrind(p, tmp, 5000, 25000)["instr_per_req"])
             finally:
                 p.kill()
-    finally:
-        origin.terminate()
-        origin.wait()
-        shutil.rmtree(tmp, ignore_errors=True)
     if args.record:
         write(GUARD, json.dumps({"recorded": datetime.date.today().isoformat(),
                                  "machine": cpu_model(), "instr_per_req": now}, indent=1) + "\n")
