@@ -36,6 +36,7 @@ use crate::http::{
 use crate::metrics::aggregate::Aggregate;
 use crate::metrics::render::{self, Process};
 use crate::metrics::Snapshot;
+use crate::tls::watch::CertExpiries;
 
 /// `POST /cache/purge` with `{"prefix": "/api/"}` or `{"key": "/exact/target?q"}`: removes
 /// matching entries on every worker: each applies it before its next lookup, so a request sent
@@ -82,24 +83,37 @@ const READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the aggregator drains the workers' snapshots.
 const DRAIN_EVERY: Duration = Duration::from_millis(10);
 
-/// Lifecycle state shared between the main thread and the admin thread (never a worker).
-pub struct AdminState(AtomicU8);
+/// State shared between the main thread, the TLS watcher and the admin thread (never a
+/// worker): the lifecycle phase and the served certificates' expiry dates.
+pub struct AdminState {
+    phase: AtomicU8,
+    pub certs: Arc<CertExpiries>,
+}
 
 impl AdminState {
     pub fn new() -> Self {
-        AdminState(AtomicU8::new(STARTING))
+        AdminState {
+            phase: AtomicU8::new(STARTING),
+            certs: Arc::default(),
+        }
     }
 
     pub fn set_ready(&self) {
-        self.0.store(READY, Ordering::Release);
+        self.phase.store(READY, Ordering::Release);
     }
 
     pub fn set_draining(&self) {
-        self.0.store(DRAINING, Ordering::Release);
+        self.phase.store(DRAINING, Ordering::Release);
     }
 
     fn get(&self) -> u8 {
-        self.0.load(Ordering::Acquire)
+        self.phase.load(Ordering::Acquire)
+    }
+
+    fn process(&self, agg: &Aggregate) -> Process {
+        let mut p = Process::read(agg);
+        p.tls_certs = self.certs.snapshot();
+        p
     }
 }
 
@@ -228,7 +242,7 @@ async fn handle(
             },
             b"/metrics" => {
                 let agg = aggregate.borrow();
-                let body = render::prometheus(&agg, &Process::read(&agg));
+                let body = render::prometheus(&agg, &state.process(&agg));
                 (200, text, body.into_bytes())
             }
             b"/metrics/hdr" => {
@@ -253,7 +267,7 @@ async fn handle(
             b"/cache/purge" if head.method == Method::Post => purge(&body, &cache_purge),
             b"/status" => {
                 let agg = aggregate.borrow();
-                let value = render::status(&agg, &Process::read(&agg));
+                let value = render::status(&agg, &state.process(&agg));
                 (
                     200,
                     json,

@@ -143,10 +143,20 @@ pub enum Reject {
     UnsupportedVersion,
     /// A connection closed at accept: the worker was at `max_connections`.
     ConnectionLimit,
+    /// A TLS listener's handshake did not finish within `handshake_timeout_ms`.
+    TlsHandshakeTimeout,
+    /// A plain HTTP request on a TLS listener (answered 400).
+    TlsPlainHttp,
+    /// Bytes that are neither TLS nor HTTP on a TLS listener.
+    TlsNotTls,
+    /// A handshake rustls refused: no common version or cipher suite, a bad message.
+    TlsHandshakeFailed,
+    /// A missing or untrusted client certificate where one is required.
+    TlsClientCertificate,
 }
 
 impl Reject {
-    pub const ALL: [Reject; 11] = [
+    pub const ALL: [Reject; 16] = [
         Reject::MalformedHead,
         Reject::MalformedBody,
         Reject::HeadTimeout,
@@ -158,6 +168,11 @@ impl Reject {
         Reject::UnsupportedMethod,
         Reject::UnsupportedVersion,
         Reject::ConnectionLimit,
+        Reject::TlsHandshakeTimeout,
+        Reject::TlsPlainHttp,
+        Reject::TlsNotTls,
+        Reject::TlsHandshakeFailed,
+        Reject::TlsClientCertificate,
     ];
 
     pub fn label(self) -> &'static str {
@@ -173,6 +188,11 @@ impl Reject {
             Reject::UnsupportedMethod => "unsupported_method",
             Reject::UnsupportedVersion => "unsupported_version",
             Reject::ConnectionLimit => "connection_limit",
+            Reject::TlsHandshakeTimeout => "tls_handshake_timeout",
+            Reject::TlsPlainHttp => "tls_plain_http",
+            Reject::TlsNotTls => "tls_not_tls",
+            Reject::TlsHandshakeFailed => "tls_handshake_failed",
+            Reject::TlsClientCertificate => "tls_client_certificate",
         }
     }
 }

@@ -22,6 +22,7 @@
 //! - `metrics`: per-worker recording, merged on the admin thread; Prometheus and JSON.
 //! - `access_log`: per-worker buffered access log lines, written by their own thread.
 //! - `trace`: W3C trace context; `hash`: stable hashing (a leaf).
+//! - `tls`: TLS termination (rustls): certificates, the stream adapter, rotation.
 //! - `admin`: the admin listener on its own thread.
 
 pub mod access_log;
@@ -42,6 +43,7 @@ pub mod ratelimit;
 pub mod rng;
 pub mod router;
 pub mod runtime;
+pub mod tls;
 pub mod trace;
 pub mod upstream;
 pub mod worker;

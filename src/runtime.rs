@@ -26,6 +26,7 @@ use crate::config::{Config, DriverChoice, ListenerId};
 use crate::metrics::Snapshot;
 use crate::proxy;
 use crate::ratelimit::{self, Grants, Report};
+use crate::tls::{self, watch::TlsUpdate};
 use crate::upstream;
 use crate::worker::Worker;
 
@@ -150,9 +151,19 @@ pub fn run(config: Config) -> Result<(), StartError> {
         }
         None => ((0..workers).map(|_| None).collect(), Vec::new()),
     };
+    // Rotated certificates go from the watcher to every worker.
+    let (tls_tx, tls_rx): (Vec<Sender<TlsUpdate>>, Vec<Receiver<TlsUpdate>>) =
+        (0..workers).map(|_| crossbeam_channel::bounded(8)).unzip();
+    let admin_state = Arc::new(AdminState::new());
+    tls::watch::spawn(&config, tls_tx, Arc::clone(&admin_state.certs))
+        .map_err(|e| StartError::Worker(e.to_string()))?;
     let mut controls = Vec::with_capacity(workers);
-    let links = sockets.into_iter().zip(grant_channels).zip(cache_links);
-    for (id, ((listeners, (_, grants)), cache_links)) in links.enumerate() {
+    let links = sockets
+        .into_iter()
+        .zip(grant_channels)
+        .zip(cache_links)
+        .zip(tls_rx);
+    for (id, (((listeners, (_, grants)), cache_links), tls)) in links.enumerate() {
         let (tx, rx) = crossbeam_channel::bounded(4);
         controls.push(tx);
         let config = Arc::clone(&config);
@@ -164,6 +175,7 @@ pub fn run(config: Config) -> Result<(), StartError> {
             reports: (!config.rate_limits.is_empty()).then(|| reports_tx.clone()),
             grants,
             cache: cache_links,
+            tls,
         };
         thread::Builder::new()
             .name(format!("ringway-w{id}"))
@@ -187,7 +199,6 @@ pub fn run(config: Config) -> Result<(), StartError> {
             Err(_) => return Err(StartError::Worker("a worker thread died".into())),
         }
     }
-    let admin_state = Arc::new(AdminState::new());
     if let Some(s) = admin_socket {
         admin::spawn(
             s,
@@ -332,6 +343,7 @@ struct Channels {
     reports: Option<Sender<Report>>,
     grants: Receiver<Grants>,
     cache: Option<cache::Links>,
+    tls: Receiver<TlsUpdate>,
 }
 
 fn worker_thread(
@@ -420,7 +432,8 @@ async fn worker_main(mut ctx: WorkerStart<'_>, driver: &'static str) {
     for (id, socket) in ctx.listeners {
         match TcpListener::from_std(socket) {
             Ok(l) => {
-                let task = accept_loop(l, id, Rc::clone(&worker), canceller.handle());
+                let tls = ctx.config.listeners[usize::from(id.0)].tls.is_some();
+                let task = accept_loop(l, id, tls, Rc::clone(&worker), canceller.handle());
                 accepting.push(monoio::spawn(task));
             }
             Err(e) => {
@@ -463,6 +476,9 @@ async fn worker_main(mut ctx: WorkerStart<'_>, driver: &'static str) {
         }
         if let Some(cache) = &worker.cache {
             cache.sync(worker.now());
+        }
+        for update in ctx.channels.tls.try_iter() {
+            worker.install_tls(update);
         }
         if let Some(tx) = &ctx.channels.metrics {
             let now = worker.now();
@@ -516,6 +532,7 @@ fn stop_listening(listener: &TcpListener) {
 async fn accept_loop(
     listener: TcpListener,
     id: ListenerId,
+    tls: bool,
     worker: Rc<Worker>,
     cancel: CancelHandle,
 ) {
@@ -523,7 +540,12 @@ async fn accept_loop(
         match listener.cancelable_accept(cancel.clone()).await {
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
-                monoio::spawn(proxy::serve(stream, peer, id, Rc::clone(&worker)));
+                let w = Rc::clone(&worker);
+                if tls {
+                    monoio::spawn(tls::accept::serve(stream, peer, id, w));
+                } else {
+                    monoio::spawn(proxy::serve(stream, peer, id, w));
+                }
             }
             Err(_) if worker.draining.get() => {
                 stop_listening(&listener);

@@ -5,11 +5,15 @@
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rustls::ServerConfig;
+use tracing::error;
 
 use crate::access_log::AccessLog;
 use crate::cache::{Links, WorkerCache};
-use crate::config::{Config, Limits, RateLimitId};
+use crate::config::{Config, Limits, ListenerId, ListenerTls, RateLimitId};
 use crate::deadline::{Deadline, Deadlines};
 use crate::error::Reject;
 use crate::filter::Ctx;
@@ -18,6 +22,7 @@ use crate::http::ParseLimits;
 use crate::metrics::{Gauges, Snapshot, WorkerMetrics};
 use crate::ratelimit::{Grants, Limiter, Report};
 use crate::rng::Rng;
+use crate::tls::{self, watch::TlsUpdate};
 
 pub struct Worker {
     pub id: usize,
@@ -41,6 +46,14 @@ pub struct Worker {
     pub cache: Option<WorkerCache>,
     connections_active: Cell<usize>,
     connections_total: Cell<u64>,
+    /// Per listener (by `ListenerId`): its TLS settings and this worker's current rustls
+    /// config, which rotation replaces; `None` for cleartext listeners.
+    tls: RefCell<Vec<Option<TlsListener>>>,
+}
+
+struct TlsListener {
+    settings: ListenerTls,
+    config: Arc<ServerConfig>,
 }
 
 impl Worker {
@@ -84,6 +97,41 @@ impl Worker {
             ),
             connections_active: Cell::new(0),
             connections_total: Cell::new(0),
+            tls: RefCell::new(
+                config
+                    .listeners
+                    .iter()
+                    .map(|l| {
+                        let settings = l.tls.clone()?;
+                        // Checked when the config was loaded; a failure here is logged and
+                        // the listener refuses TLS connections.
+                        let config = tls::server_config(&settings, &settings.files)
+                            .map_err(|e| error!(listener = %l.name, error = %e, "TLS unusable"))
+                            .ok()?;
+                        Some(TlsListener { settings, config })
+                    })
+                    .collect(),
+            ),
+        }
+    }
+
+    /// A TLS listener's current rustls config and handshake timeout.
+    pub fn tls_config(&self, listener: ListenerId) -> Option<(Arc<ServerConfig>, Duration)> {
+        let all = self.tls.borrow();
+        let l = all.get(usize::from(listener.0))?.as_ref()?;
+        Some((Arc::clone(&l.config), l.settings.handshake_timeout))
+    }
+
+    /// Builds the next rustls config of a TLS listener from rotated files; new handshakes
+    /// use it, connections already open keep theirs.
+    pub fn install_tls(&self, update: TlsUpdate) {
+        let mut all = self.tls.borrow_mut();
+        let Some(Some(l)) = all.get_mut(usize::from(update.listener.0)) else {
+            return;
+        };
+        match tls::server_config(&l.settings, &update.files) {
+            Ok(config) => l.config = config,
+            Err(e) => error!(worker = self.id, error = %e, "rotated TLS files unusable here"),
         }
     }
 

@@ -278,6 +278,7 @@ fn d_metrics_interval() -> Spanned<u64> {
 pub struct ListenerFile {
     pub name: Spanned<String>,
     pub address: Spanned<String>,
+    pub tls: Option<Spanned<super::tls::ListenerTlsFile>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -37,13 +37,34 @@ pub enum TemplatePart {
     Route,
     /// `${host}`: the request's Host (or absolute-form authority), empty without one.
     Host,
+    /// `${tls_sni}`, `${tls_version}`, `${tls_cipher}`, `${tls_client_subject}`,
+    /// `${tls_client_san}`: empty on cleartext (and without a client certificate).
+    Tls(TlsVar),
 }
 
-const VARIABLES: [(&str, TemplatePart); 4] = [
+/// What a TLS connection negotiated, as a template variable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsVar {
+    Sni,
+    Version,
+    Cipher,
+    ClientSubject,
+    ClientSan,
+}
+
+const VARIABLES: [(&str, TemplatePart); 9] = [
     ("request_id", TemplatePart::RequestId),
     ("client_ip", TemplatePart::ClientIp),
     ("route", TemplatePart::Route),
     ("host", TemplatePart::Host),
+    ("tls_sni", TemplatePart::Tls(TlsVar::Sni)),
+    ("tls_version", TemplatePart::Tls(TlsVar::Version)),
+    ("tls_cipher", TemplatePart::Tls(TlsVar::Cipher)),
+    (
+        "tls_client_subject",
+        TemplatePart::Tls(TlsVar::ClientSubject),
+    ),
+    ("tls_client_san", TemplatePart::Tls(TlsVar::ClientSan)),
 ];
 
 /// Fields ringway writes or removes itself, so a transform could only corrupt the framing or

@@ -7,6 +7,7 @@ mod error;
 mod file;
 mod headers;
 mod route;
+mod tls;
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::ops::Range;
@@ -16,7 +17,8 @@ use std::time::Duration;
 pub use error::ConfigError;
 pub use file::{AccessLogFormat, Balance, DriverChoice};
 use file::{File, PinCores, UpstreamFile, Workers};
-pub use headers::{HeaderTransform, Template, TemplatePart};
+pub use headers::{HeaderTransform, Template, TemplatePart, TlsVar};
+pub use tls::{ClientAuth, ListenerTls, TlsVersion};
 use toml::Spanned;
 
 use crate::http::{ParseLimits, MAX_HEADERS_CEILING};
@@ -167,6 +169,8 @@ pub struct AccessLogConfig {
 pub struct Listener {
     pub name: String,
     pub addr: SocketAddr,
+    /// Present on a TLS listener.
+    pub tls: Option<ListenerTls>,
 }
 
 #[derive(Debug, Clone)]
@@ -323,7 +327,11 @@ impl Validator<'_> {
                     ));
                 }
             }
-            listeners.push(Listener { name, addr });
+            let tls = match &l.tls {
+                Some(t) => Some(self.listener_tls(t, &format!("{key}.tls"))?),
+                None => None,
+            };
+            listeners.push(Listener { name, addr, tls });
         }
         self.fits_id(listeners.len(), "listeners")?;
         if listeners.is_empty() {

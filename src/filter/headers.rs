@@ -4,7 +4,7 @@
 //! copies per direction, and `${...}` values are expanded straight into the reused edit buffers.
 
 use super::RequestInfo;
-use crate::config::{HeaderTransform, TemplatePart};
+use crate::config::{HeaderTransform, TemplatePart, TlsVar};
 use crate::http::HeaderEdits;
 
 /// One direction's transforms, compiled from the config.
@@ -22,6 +22,7 @@ enum Part {
     ClientIp,
     Route,
     Host,
+    Tls(TlsVar),
 }
 
 impl HeaderRules {
@@ -45,6 +46,7 @@ impl HeaderRules {
                     TemplatePart::ClientIp => Part::ClientIp,
                     TemplatePart::Route => Part::Route,
                     TemplatePart::Host => Part::Host,
+                    TemplatePart::Tls(v) => Part::Tls(*v),
                 };
                 if !literal.is_empty() {
                     append.push(Part::Literal(std::mem::take(&mut literal).into()));
@@ -71,6 +73,7 @@ impl HeaderRules {
                 Part::ClientIp => req.client_ip,
                 Part::Route => req.route_name.as_bytes(),
                 Part::Host => req.view.host(),
+                Part::Tls(v) => req.tls.map_or(&[][..], |t| t.var(*v)),
             });
         }
     }

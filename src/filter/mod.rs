@@ -72,6 +72,8 @@ impl<'b> RequestView<'b> {
 pub struct RequestInfo<'a> {
     pub view: RequestView<'a>,
     pub client_ip: &'a [u8],
+    /// What the connection's TLS negotiated; `None` on cleartext.
+    pub tls: Option<&'a crate::tls::TlsInfo>,
     pub route: RouteId,
     pub route_name: &'a str,
     pub request_id: &'a [u8],

@@ -9,6 +9,7 @@ use serde_json::{json, Map, Value};
 use super::aggregate::{Aggregate, WorkerFigures};
 use super::{CacheOutcome, UpstreamOutcome, METHODS, STATUS_CLASSES};
 use crate::error::Reject;
+use crate::tls::watch::CertExpiry;
 
 /// Prometheus histogram bucket bounds, in seconds; counts come from the HDR data.
 const BUCKETS: [f64; 18] = [
@@ -60,6 +61,8 @@ pub struct Process {
     pub resident_bytes: u64,
     pub open_fds: u64,
     pub uptime_seconds: f64,
+    /// Every served TLS certificate's expiry.
+    pub tls_certs: Vec<CertExpiry>,
 }
 
 impl Process {
@@ -74,6 +77,7 @@ impl Process {
             resident_bytes,
             open_fds,
             uptime_seconds: agg.started.elapsed().as_secs_f64(),
+            tls_certs: Vec::new(),
         }
     }
 }
@@ -205,6 +209,26 @@ pub fn prometheus(agg: &Aggregate, process: &Process) -> String {
             "ringway_upstream_idle_connections{{upstream=\"{}\"}} {idle}",
             esc(uname)
         );
+    }
+    if !process.tls_certs.is_empty() {
+        header(
+            &mut out,
+            "ringway_tls_cert_expiry_seconds",
+            "gauge",
+            "Seconds until each served TLS certificate expires (negative once it has).",
+        );
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        for c in &process.tls_certs {
+            let _ = writeln!(
+                out,
+                "ringway_tls_cert_expiry_seconds{{listener=\"{}\",name=\"{}\"}} {}",
+                esc(&c.listener),
+                esc(&c.name),
+                c.not_after - now
+            );
+        }
     }
     header(
         &mut out,

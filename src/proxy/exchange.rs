@@ -13,6 +13,7 @@ use crate::config::{ListenerId, RouteId, UpstreamId};
 use crate::filter::cache::CacheSlot;
 use crate::generation::{Generation, RouteEntry};
 use crate::http::{HeaderEdits, RequestHead};
+use crate::tls::TlsInfo;
 use crate::trace::Trace;
 use crate::upstream::TargetId;
 
@@ -21,6 +22,8 @@ pub(crate) struct Exchange {
     pub gen: Rc<Generation>,
     pub listener: ListenerId,
     pub client_ip: IpText,
+    /// What the connection's TLS negotiated; `None` on cleartext.
+    pub tls: Option<TlsInfo>,
     pub route: Option<RouteId>,
     pub request_id: Vec<u8>,
     /// What the request did, for metrics and the access log.
@@ -39,11 +42,17 @@ pub(crate) struct Exchange {
 }
 
 impl Exchange {
-    pub fn new(gen: Rc<Generation>, listener: ListenerId, peer: SocketAddr) -> Exchange {
+    pub fn new(
+        gen: Rc<Generation>,
+        listener: ListenerId,
+        peer: SocketAddr,
+        tls: Option<TlsInfo>,
+    ) -> Exchange {
         Exchange {
             gen,
             listener,
             client_ip: IpText::new(peer),
+            tls,
             route: None,
             request_id: Vec::with_capacity(64),
             log: RequestLog::new(),

@@ -10,7 +10,7 @@ use std::pin::pin;
 use std::task::Poll;
 use std::time::Instant;
 
-use monoio::io::{AsyncWriteRent, OwnedReadHalf, OwnedWriteHalf};
+use monoio::io::AsyncWriteRent;
 use tracing::debug;
 
 use super::pipeline::request_info;
@@ -95,7 +95,8 @@ fn write_upstream_head<S: Io>(
         c.ex.route
             .filter(|_| route.chain.runs_on_upstream_request())
     {
-        let info = request_info(buf, head, &c.ex.client_ip, &c.ex.request_id, id, route);
+        let (ip, tls) = (&c.ex.client_ip, c.ex.tls.as_ref());
+        let info = request_info(buf, head, ip, tls, &c.ex.request_id, id, route);
         let slot = c.ex.cache.as_ref();
         route
             .chain
@@ -108,7 +109,11 @@ fn write_upstream_head<S: Io>(
         head,
         &Forwarding {
             client_ip: c.ex.client_ip.as_bytes(),
-            proto: b"http",
+            proto: if c.ex.tls.is_some() {
+                b"https"
+            } else {
+                b"http"
+            },
             request_id: &c.ex.request_id,
             fallback_host: target_name,
             strip_prefix,
@@ -198,7 +203,7 @@ async fn forward<S: Io>(
                 .await
                 .map_err(|_| Failure::Abort)?;
         }
-        let client = ClientSide {
+        let client = ClientSide::<S> {
             r: &mut c.r,
             w: &mut c.w,
             rbuf: &mut c.rbuf,
@@ -234,8 +239,8 @@ async fn forward<S: Io>(
 /// The client connection's parts a streaming exchange borrows, each on its own, so that the
 /// request pump and the response side can hold theirs at once.
 struct ClientSide<'a, S: Io> {
-    r: &'a mut OwnedReadHalf<S>,
-    w: &'a mut OwnedWriteHalf<S>,
+    r: &'a mut S::Read,
+    w: &'a mut S::Write,
     rbuf: &'a mut ReadBuf,
     out: &'a mut Vec<u8>,
     up_out: &'a mut Vec<u8>,

@@ -26,18 +26,50 @@ mod response;
 mod session;
 mod tunnel;
 
-use monoio::io::{AsyncReadRent, AsyncWriteRent, CancelableAsyncReadRent, Split};
+use monoio::io::{
+    AsyncReadRent, AsyncWriteRent, CancelableAsyncReadRent, OwnedReadHalf, OwnedWriteHalf, Split,
+    Splitable,
+};
 
 use crate::body::BodyError;
 use crate::error::ProxyError;
 use crate::metrics::UpstreamOutcome;
+use crate::tls::{TlsInfo, TlsReader, TlsStream, TlsWriter};
 
 pub use session::serve;
+pub(crate) use session::serve_admitted;
 
-/// A client stream the pipeline can serve: TCP today, TLS next. Monomorphised, never boxed.
-pub trait Io: AsyncReadRent + AsyncWriteRent + CancelableAsyncReadRent + Split + 'static {}
+/// A client stream the pipeline can serve (TCP, TLS, in-memory in tests), as two halves that
+/// a request can read and write at once. Monomorphised, never boxed.
+pub trait Io: 'static {
+    type Read: CancelableAsyncReadRent + 'static;
+    type Write: AsyncWriteRent + 'static;
+    fn into_halves(self) -> (Self::Read, Self::Write);
+    /// What TLS negotiated, on a TLS stream.
+    fn tls(&self) -> Option<TlsInfo> {
+        None
+    }
+}
 
-impl<T: AsyncReadRent + AsyncWriteRent + CancelableAsyncReadRent + Split + 'static> Io for T {}
+/// Plain streams split the way monoio splits them.
+impl<T: AsyncReadRent + AsyncWriteRent + CancelableAsyncReadRent + Split + 'static> Io for T {
+    type Read = OwnedReadHalf<T>;
+    type Write = OwnedWriteHalf<T>;
+    fn into_halves(self) -> (Self::Read, Self::Write) {
+        self.into_split()
+    }
+}
+
+impl Io for TlsStream {
+    type Read = TlsReader;
+    type Write = TlsWriter;
+    fn into_halves(self) -> (Self::Read, Self::Write) {
+        TlsStream::into_halves(self)
+    }
+    fn tls(&self) -> Option<TlsInfo> {
+        Some(self.info().clone())
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Next {

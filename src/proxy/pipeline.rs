@@ -16,6 +16,7 @@ use crate::generation::{RouteEntry, Terminal};
 use crate::http::{BodyLength, RequestHead};
 use crate::metrics::CacheOutcome;
 use crate::router::RouteMatch;
+use crate::tls::TlsInfo;
 use crate::worker::Worker;
 
 pub(super) async fn run<S: Io>(c: &mut Session<'_, S>, w: &Rc<Worker>) -> Result<Next, Failure> {
@@ -42,6 +43,7 @@ pub(super) async fn run<S: Io>(c: &mut Session<'_, S>, w: &Rc<Worker>) -> Result
         c.rbuf.data(),
         &c.head,
         &c.ex.client_ip,
+        c.ex.tls.as_ref(),
         &c.ex.request_id,
         id,
         route,
@@ -120,6 +122,7 @@ pub(super) fn request_info<'a>(
     buf: &'a [u8],
     head: &'a RequestHead,
     client_ip: &'a super::exchange::IpText,
+    tls: Option<&'a TlsInfo>,
     request_id: &'a [u8],
     route: RouteId,
     entry: &'a RouteEntry,
@@ -127,6 +130,7 @@ pub(super) fn request_info<'a>(
     RequestInfo {
         view: RequestView { buf, head },
         client_ip: client_ip.as_bytes(),
+        tls,
         route,
         route_name: &entry.name,
         request_id,

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::Instant;
 
-use monoio::io::{AsyncWriteRent, OwnedReadHalf, OwnedWriteHalf, Splitable};
+use monoio::io::AsyncWriteRent;
 use tracing::debug;
 
 use super::exchange::Exchange;
@@ -32,8 +32,8 @@ const LINGER_BYTES: usize = 1 << 20;
 pub(crate) struct Session<'w, S: Io> {
     /// Times this connection's pending operation.
     pub deadline: Deadline<'w>,
-    pub r: OwnedReadHalf<S>,
-    pub w: OwnedWriteHalf<S>,
+    pub r: S::Read,
+    pub w: S::Write,
     pub rbuf: ReadBuf,
     /// Bytes to the client.
     pub out: Vec<u8>,
@@ -53,8 +53,20 @@ pub async fn serve<S: Io>(io: S, peer: SocketAddr, listener: ListenerId, w: Rc<W
         debug!(worker = w.id, reason = "connection_limit", %peer, "connection rejected at accept");
         return;
     };
-    let (r, wr) = io.into_split();
-    let mut c = Session {
+    serve_admitted(io, peer, listener, &w).await;
+}
+
+/// `serve` for a connection already counted against the worker's limit (a TLS one, admitted
+/// before its handshake).
+pub(crate) async fn serve_admitted<S: Io>(
+    io: S,
+    peer: SocketAddr,
+    listener: ListenerId,
+    w: &Rc<Worker>,
+) {
+    let tls = io.tls();
+    let (r, wr) = io.into_halves();
+    let mut c = Session::<S> {
         deadline: w.deadlines.slot(),
         r,
         w: wr,
@@ -64,9 +76,9 @@ pub async fn serve<S: Io>(io: S, peer: SocketAddr, listener: ListenerId, w: Rc<W
         head: RequestHead::default(),
         resp: ResponseHead::default(),
         served: 0,
-        ex: Exchange::new(w.generation(), listener, peer),
+        ex: Exchange::new(w.generation(), listener, peer, tls),
     };
-    while serve_request(&mut c, &w).await == Next::KeepAlive {
+    while serve_request(&mut c, w).await == Next::KeepAlive {
         c.served += 1;
     }
 }

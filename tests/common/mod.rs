@@ -270,14 +270,14 @@ pub fn connect(addr: SocketAddr) -> TcpStream {
 }
 
 /// Reads one response from `s`, framed per RFC 9112 (`head_request`: the request was HEAD).
-pub struct ResponseReader {
-    pub stream: TcpStream,
+pub struct ResponseReader<S = TcpStream> {
+    pub stream: S,
     buf: Vec<u8>,
     record: Option<Arc<Mutex<Vec<u8>>>>,
 }
 
-impl ResponseReader {
-    pub fn new(stream: TcpStream) -> Self {
+impl<S: Read> ResponseReader<S> {
+    pub fn new(stream: S) -> Self {
         ResponseReader {
             stream,
             buf: Vec::new(),
@@ -297,7 +297,7 @@ impl ResponseReader {
 
     /// The stream, and what was received past the last response (e.g. tunnelled bytes that
     /// arrived with a 101).
-    pub fn into_parts(self) -> (TcpStream, Vec<u8>) {
+    pub fn into_parts(self) -> (S, Vec<u8>) {
         (self.stream, self.buf)
     }
 

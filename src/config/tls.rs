@@ -1,0 +1,216 @@
+//! `[listeners.tls]`: TLS termination settings, checked with the files they name: every
+//! certificate is read, its key matched and its dates checked here, so a broken file stops the
+//! start with the line of the entry that names it.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use rustls::server::ProducesTickets;
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::{ConfigError, Validator};
+use crate::tls::certs::CertPaths;
+use crate::tls::{FileAt, TlsFiles};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerTlsFile {
+    pub certificates: Spanned<Vec<Spanned<CertificateFile>>>,
+    pub min_version: Option<Spanned<String>>,
+    pub alpn: Option<Spanned<Vec<Spanned<String>>>>,
+    pub client_auth: Option<Spanned<String>>,
+    pub client_ca: Option<Spanned<String>>,
+    pub handshake_timeout_ms: Option<Spanned<u64>>,
+    pub session_tickets: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateFile {
+    pub cert: Spanned<String>,
+    pub key: Spanned<String>,
+}
+
+/// A TLS listener's settings.
+#[derive(Debug, Clone)]
+pub struct ListenerTls {
+    /// The first is the default: served when SNI is absent or matches no certificate.
+    pub certificates: Vec<CertPaths>,
+    pub min_version: TlsVersion,
+    /// ALPN protocols offered, in preference order.
+    pub alpn: Vec<String>,
+    pub client_auth: ClientAuth,
+    pub client_ca: Option<PathBuf>,
+    pub handshake_timeout: Duration,
+    /// The ticket keys (rotated by rustls every 6 hours), shared by every worker so that a
+    /// ticket resumes on any; `None` when `session_tickets = false`.
+    pub tickets: Option<Arc<dyn ProducesTickets>>,
+    /// What the files held at load; rotation replaces it at run time, not here.
+    pub files: Arc<TlsFiles>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsVersion {
+    V12,
+    V13,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientAuth {
+    None,
+    Optional,
+    Required,
+}
+
+const DEFAULT_HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
+
+impl Validator<'_> {
+    pub(super) fn listener_tls(
+        &self,
+        t: &Spanned<ListenerTlsFile>,
+        key: &str,
+    ) -> Result<ListenerTls, ConfigError> {
+        let f = t.get_ref();
+        let dir = self.path.parent().unwrap_or(Path::new("."));
+        let resolve = |p: &str| -> PathBuf { dir.join(p) };
+        if f.certificates.get_ref().is_empty() {
+            return Err(self.err(
+                f.certificates.span(),
+                &format!("{key}.certificates"),
+                "give at least one { cert = \"...\", key = \"...\" }",
+            ));
+        }
+        let certificates: Vec<CertPaths> = f
+            .certificates
+            .get_ref()
+            .iter()
+            .map(|c| CertPaths {
+                cert: resolve(c.get_ref().cert.get_ref()),
+                key: resolve(c.get_ref().key.get_ref()),
+            })
+            .collect();
+        let min_version = match f.min_version.as_ref().map(|v| (v, v.get_ref().as_str())) {
+            None | Some((_, "1.2")) => TlsVersion::V12,
+            Some((_, "1.3")) => TlsVersion::V13,
+            Some((v, other)) => {
+                return Err(self.err(
+                    v.span(),
+                    &format!("{key}.min_version"),
+                    format!("{other:?}: give \"1.2\" or \"1.3\" (older versions are not offered)"),
+                ))
+            }
+        };
+        let alpn = match &f.alpn {
+            None => vec!["http/1.1".to_owned()],
+            Some(list) => {
+                if list.get_ref().is_empty() {
+                    return Err(self.err(
+                        list.span(),
+                        &format!("{key}.alpn"),
+                        "give at least one protocol (\"http/1.1\")",
+                    ));
+                }
+                for p in list.get_ref() {
+                    if p.get_ref() != "http/1.1" {
+                        return Err(self.err(
+                            p.span(),
+                            &format!("{key}.alpn"),
+                            format!(
+                                "{:?}: only \"http/1.1\" is served (HTTP/2 is not supported yet)",
+                                p.get_ref()
+                            ),
+                        ));
+                    }
+                }
+                list.get_ref().iter().map(|p| p.get_ref().clone()).collect()
+            }
+        };
+        let client_auth = match f.client_auth.as_ref().map(|v| (v, v.get_ref().as_str())) {
+            None | Some((_, "none")) => ClientAuth::None,
+            Some((_, "optional")) => ClientAuth::Optional,
+            Some((_, "required")) => ClientAuth::Required,
+            Some((v, other)) => {
+                return Err(self.err(
+                    v.span(),
+                    &format!("{key}.client_auth"),
+                    format!("{other:?}: give \"none\", \"optional\" or \"required\""),
+                ))
+            }
+        };
+        match (&f.client_ca, client_auth) {
+            (None, ClientAuth::Optional | ClientAuth::Required) => {
+                let span = f.client_auth.as_ref().map_or(t.span(), |v| v.span());
+                return Err(self.err(
+                    span,
+                    &format!("{key}.client_auth"),
+                    "client certificates need client_ca, the CA file they must chain to",
+                ));
+            }
+            (Some(ca), ClientAuth::None) => {
+                return Err(self.err(
+                    ca.span(),
+                    &format!("{key}.client_ca"),
+                    "client_ca is set but client_auth is \"none\": give \"optional\" or \"required\"",
+                ));
+            }
+            _ => {}
+        }
+        let client_ca = f.client_ca.as_ref().map(|p| resolve(p.get_ref()));
+        let handshake_timeout = match &f.handshake_timeout_ms {
+            None => Duration::from_millis(DEFAULT_HANDSHAKE_TIMEOUT_MS),
+            Some(v) if (1..=600_000).contains(v.get_ref()) => Duration::from_millis(*v.get_ref()),
+            Some(v) => {
+                return Err(self.err(
+                    v.span(),
+                    &format!("{key}.handshake_timeout_ms"),
+                    "must be between 1 and 600000",
+                ))
+            }
+        };
+        let files = TlsFiles::load(&certificates, client_ca.as_deref(), SystemTime::now())
+            .map_err(|e| {
+                let (span, k) = match e.at {
+                    FileAt::Cert(i) => {
+                        let c = &f.certificates.get_ref()[i];
+                        (
+                            c.get_ref().cert.span(),
+                            format!("{key}.certificates[{i}].cert"),
+                        )
+                    }
+                    FileAt::Key(i) => {
+                        let c = &f.certificates.get_ref()[i];
+                        (
+                            c.get_ref().key.span(),
+                            format!("{key}.certificates[{i}].key"),
+                        )
+                    }
+                    FileAt::ClientCa => match &f.client_ca {
+                        Some(ca) => (ca.span(), format!("{key}.client_ca")),
+                        None => (t.span(), key.to_owned()),
+                    },
+                };
+                self.err(span, &k, e.message)
+            })?;
+        let tickets = match f.session_tickets {
+            Some(false) => None,
+            _ => Some(rustls::crypto::aws_lc_rs::Ticketer::new().map_err(|e| {
+                self.err(t.span(), &format!("{key}.session_tickets"), e.to_string())
+            })?),
+        };
+        let tls = ListenerTls {
+            certificates,
+            min_version,
+            alpn,
+            client_auth,
+            client_ca,
+            handshake_timeout,
+            tickets,
+            files: Arc::new(files),
+        };
+        // What only building the rustls config finds (a client CA it cannot use).
+        crate::tls::server_config(&tls, &tls.files).map_err(|e| self.err(t.span(), key, e))?;
+        Ok(tls)
+    }
+}
