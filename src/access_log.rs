@@ -15,7 +15,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use tracing::{info, warn};
 
-use crate::config::{AccessLogConfig, AccessLogFormat};
+use crate::config::{AccessLogConfig, AccessLogFormat, TlsVar};
+use crate::tls::TlsInfo;
 
 /// A worker's buffer is handed over early once it holds this much.
 const FLUSH_BYTES: usize = 64 * 1024;
@@ -40,6 +41,8 @@ pub struct Entry<'a> {
     pub trace_id: &'a [u8],
     pub referer: &'a [u8],
     pub user_agent: &'a [u8],
+    /// On a TLS connection: what it negotiated (logged only then).
+    pub tls: Option<&'a TlsInfo>,
 }
 
 /// A worker's side of the access log.
@@ -218,6 +221,12 @@ impl AccessLog {
         json_str(out, e.request_id);
         out.extend_from_slice(b",\"trace_id\":");
         json_str(out, e.trace_id);
+        if let Some(t) = e.tls {
+            for (key, v) in TLS_FIELDS {
+                let _ = write!(out, ",\"{key}\":");
+                json_str(out, t.var(v));
+            }
+        }
         out.extend_from_slice(b"}\n");
     }
 
@@ -265,9 +274,22 @@ impl AccessLog {
         quoted(out, e.request_id);
         out.extend_from_slice(b" trace_id=");
         out.extend_from_slice(or_dash(e.trace_id));
+        if let Some(t) = e.tls {
+            for (key, v) in TLS_FIELDS {
+                let _ = write!(out, " {key}=");
+                quoted(out, or_dash(t.var(v)));
+            }
+        }
         out.push(b'\n');
     }
 }
+
+/// What a TLS connection adds to its requests' lines.
+const TLS_FIELDS: [(&str, TlsVar); 3] = [
+    ("tls_version", TlsVar::Version),
+    ("tls_cipher", TlsVar::Cipher),
+    ("tls_sni", TlsVar::Sni),
+];
 
 /// `-` for a field that is unknown or empty, as the combined format writes it.
 fn dash(s: &str) -> &str {
@@ -357,6 +379,7 @@ mod tests {
             trace_id: b"4bf92f3577b34da6a3ce929d0e0e4736",
             referer: b"",
             user_agent: b"curl/8",
+            tls: None,
         }
     }
 
@@ -372,6 +395,22 @@ mod tests {
         assert_eq!(line["upstream_us"], 250);
         assert_eq!(line["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
         assert!(line["time"].as_str().unwrap().ends_with('Z'));
+        assert!(line.get("tls_version").is_none(), "cleartext lines have no TLS fields");
+
+        let tls = TlsInfo {
+            sni: Some("api.test".into()),
+            version: "TLSv1.3",
+            cipher: "TLS13_AES_128_GCM_SHA256",
+            client: None,
+        };
+        let mut e = entry(b"/");
+        e.tls = Some(&tls);
+        log.write(&e);
+        log.flush();
+        let line: serde_json::Value = serde_json::from_slice(&rx.try_recv().unwrap()).unwrap();
+        assert_eq!(line["tls_version"], "TLSv1.3");
+        assert_eq!(line["tls_cipher"], "TLS13_AES_128_GCM_SHA256");
+        assert_eq!(line["tls_sni"], "api.test");
     }
 
     #[test]

@@ -261,3 +261,53 @@ fn plain_http_garbage_and_slow_handshakes_on_a_tls_port() {
     let r = request(&mut s, "GET / HTTP/1.1\r\nHost: api.test\r\n\r\n");
     assert_eq!(r.status, 200);
 }
+
+#[test]
+fn the_access_log_records_what_tls_negotiated() {
+    let ca = Ca::new("test-ca");
+    let cert = ca.server("api", &["api.test"]);
+    let up = Upstream::start(|_| Reply::ok("ok"));
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let gw = Gateway::start(&format!(
+        r#"
+[access_log]
+path = "{}"
+format = "combined"
+
+[[listeners]]
+name = "tls"
+address = "127.0.0.1:0"
+[listeners.tls]
+certificates = [{}]
+
+[[upstreams]]
+name = "app"
+targets = ["{}"]
+
+[[routes]]
+name = "all"
+listener = "tls"
+path_prefix = "/"
+upstream = "app"
+"#,
+        log.display(),
+        pair(&cert),
+        up.addr
+    ));
+    let cfg = Arc::new(client_config(ca.roots()));
+    let mut s = tls_connect(gw.addr("tls"), "api.test", &cfg).unwrap();
+    let r = request(&mut s, "GET /logged HTTP/1.1\r\nHost: api.test\r\n\r\n");
+    assert_eq!(r.status, 200);
+    let cipher = s.conn.negotiated_cipher_suite().unwrap().suite().as_str().unwrap();
+    let line = eventually("the access log line", || {
+        let text = std::fs::read_to_string(&log).ok()?;
+        text.lines().find(|l| l.contains("/logged")).map(str::to_owned)
+    });
+    assert!(
+        line.ends_with(&format!(
+            " tls_version=TLSv1.3 tls_cipher={cipher} tls_sni=api.test"
+        )),
+        "{line}"
+    );
+}

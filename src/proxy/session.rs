@@ -202,6 +202,7 @@ fn finish<S: Io>(c: &mut Session<'_, S>, w: &Worker) {
         trace_id: trace.trace_id(),
         referer: ex.log_text.part(2),
         user_agent: ex.log_text.part(3),
+        tls: ex.tls.as_ref(),
     });
     if dropped > 0 {
         w.metrics.borrow_mut().record_access_log_dropped(dropped);
