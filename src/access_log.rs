@@ -395,7 +395,10 @@ mod tests {
         assert_eq!(line["upstream_us"], 250);
         assert_eq!(line["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
         assert!(line["time"].as_str().unwrap().ends_with('Z'));
-        assert!(line.get("tls_version").is_none(), "cleartext lines have no TLS fields");
+        assert!(
+            line.get("tls_version").is_none(),
+            "cleartext lines have no TLS fields"
+        );
 
         let tls = TlsInfo {
             sni: Some("api.test".into()),

@@ -43,6 +43,16 @@ pub enum Terminal {
         headers: Box<[u8]>,
         body: Box<[u8]>,
     },
+    /// A redirect to the request's path and query at `scheme://host:port`.
+    Redirect {
+        status: u16,
+        /// `https://` or `http://`.
+        scheme: Box<[u8]>,
+        /// The configured host; `None`: the request's.
+        host: Option<Box<[u8]>>,
+        /// `:port`, or empty for the scheme's default.
+        port: Box<[u8]>,
+    },
 }
 
 impl Generation {
@@ -72,6 +82,18 @@ impl Generation {
                         upstream: *upstream,
                         strip_prefix: r.strip_prefix.as_ref().map(|p| p.as_bytes().into()),
                     },
+                    RouteAction::Redirect(r) => {
+                        let default = if r.scheme == "https" { 443 } else { 80 };
+                        Terminal::Redirect {
+                            status: r.status,
+                            scheme: format!("{}://", r.scheme).into_bytes().into(),
+                            host: r.host.as_ref().map(|h| h.as_bytes().into()),
+                            port: match r.port {
+                                Some(p) if p != default => format!(":{p}").into_bytes().into(),
+                                _ => Box::default(),
+                            },
+                        }
+                    }
                     RouteAction::Respond(resp) => {
                         let mut headers = Vec::new();
                         for (name, value) in &resp.headers {

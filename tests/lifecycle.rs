@@ -58,7 +58,7 @@ fn bad_configs_exit_2_naming_file_line_column_and_key() {
         (
             format!("{base}{route}\n"),
             ":8:8: routes[0]:",
-            "exactly one of upstream and respond",
+            "exactly one of upstream, respond and redirect",
         ),
         (
             "[[listeners]]\nname = \"p\"\naddress = \"not an address\"\n".into(),
@@ -78,7 +78,7 @@ fn bad_configs_exit_2_naming_file_line_column_and_key() {
         (
             format!("{base}{route}upstream = \"app\"\nrespond = {{ status = 99 }}\n"),
             ":8:8: routes[0]:",
-            "exactly one of upstream and respond",
+            "exactly one of upstream, respond and redirect",
         ),
         (
             format!("{base}{route}respond = {{ status = 99 }}\n"),

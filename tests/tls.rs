@@ -299,15 +299,107 @@ upstream = "app"
     let mut s = tls_connect(gw.addr("tls"), "api.test", &cfg).unwrap();
     let r = request(&mut s, "GET /logged HTTP/1.1\r\nHost: api.test\r\n\r\n");
     assert_eq!(r.status, 200);
-    let cipher = s.conn.negotiated_cipher_suite().unwrap().suite().as_str().unwrap();
+    let cipher = s
+        .conn
+        .negotiated_cipher_suite()
+        .unwrap()
+        .suite()
+        .as_str()
+        .unwrap();
     let line = eventually("the access log line", || {
         let text = std::fs::read_to_string(&log).ok()?;
-        text.lines().find(|l| l.contains("/logged")).map(str::to_owned)
+        text.lines()
+            .find(|l| l.contains("/logged"))
+            .map(str::to_owned)
     });
     assert!(
         line.ends_with(&format!(
             " tls_version=TLSv1.3 tls_cipher={cipher} tls_sni=api.test"
         )),
         "{line}"
+    );
+}
+
+#[test]
+fn a_redirect_route_sends_port_80_to_https_keeping_path_and_query() {
+    let gw = Gateway::start(
+        r#"
+[[listeners]]
+name = "plain"
+address = "127.0.0.1:0"
+
+[[routes]]
+name = "to-https"
+listener = "plain"
+path_prefix = "/"
+redirect = { scheme = "https", status = 308 }
+
+[[routes]]
+name = "elsewhere"
+listener = "plain"
+host = "old.test"
+path_prefix = "/"
+redirect = { host = "new.test", port = 8443, status = 301 }
+
+[[routes]]
+name = "default-port"
+listener = "plain"
+host = "443.test"
+path_prefix = "/"
+redirect = { host = "secure.test", port = 443 }
+"#,
+    );
+    let addr = gw.addr("plain");
+    let r = exchange(
+        addr,
+        b"POST /orders/7?expand=items&x=%20 HTTP/1.1\r\nHost: api.test:8080\r\nContent-Length: 3\r\n\r\nabc",
+    );
+    assert_eq!(r.status, 308);
+    assert_eq!(
+        r.header("location"),
+        Some("https://api.test/orders/7?expand=items&x=%20")
+    );
+    assert_eq!(r.header("content-length"), Some("0"));
+    let r = exchange(addr, b"GET / HTTP/1.1\r\nHost: [::1]:8080\r\n\r\n");
+    assert_eq!(r.header("location"), Some("https://[::1]/"));
+    let r = exchange(addr, b"GET /a HTTP/1.1\r\nHost: old.test\r\n\r\n");
+    assert_eq!(r.status, 301);
+    assert_eq!(r.header("location"), Some("https://new.test:8443/a"));
+    let r = exchange(addr, b"GET /b?c HTTP/1.1\r\nHost: 443.test\r\n\r\n");
+    assert_eq!(r.status, 308);
+    assert_eq!(r.header("location"), Some("https://secure.test/b?c"));
+    // No Host to send the client back to: a 400, not a broken Location.
+    let r = exchange(addr, b"GET /x HTTP/1.0\r\n\r\n");
+    assert_eq!(r.status, 400);
+    assert!(r.header("location").is_none());
+}
+
+#[test]
+fn redirect_config_errors() {
+    let base = "[[listeners]]\nname = \"p\"\naddress = \"127.0.0.1:0\"\n\n[[routes]]\nname = \"r\"\nlistener = \"p\"\npath_prefix = \"/\"\n";
+    assert_config_error(
+        &format!("{base}redirect = {{ status = 200 }}\n"),
+        ":9:",
+        "routes[0].redirect.status",
+    );
+    assert_config_error(
+        &format!("{base}redirect = {{ scheme = \"ftp\" }}\n"),
+        ":9:",
+        "give \"https\" or \"http\"",
+    );
+    assert_config_error(
+        &format!("{base}redirect = {{ host = \"evil.test/x\" }}\n"),
+        ":9:",
+        "is not a host name or address",
+    );
+    assert_config_error(
+        &format!("{base}redirect = {{ port = 70000 }}\n"),
+        ":9:",
+        "must be between 1 and 65535",
+    );
+    assert_config_error(
+        &format!("{base}redirect = {{}}\nrespond = {{ status = 200 }}\n"),
+        ":6:",
+        "exactly one of upstream, respond and redirect",
     );
 }

@@ -340,6 +340,7 @@ pub struct RouteFile {
     pub strip_prefix: Option<Spanned<String>>,
     pub upstream: Option<Spanned<String>>,
     pub respond: Option<Spanned<RespondFile>>,
+    pub redirect: Option<Spanned<RedirectFile>>,
     pub max_body_bytes: Option<u64>,
     #[serde(default)]
     pub rate_limits: Vec<Spanned<String>>,
@@ -421,6 +422,15 @@ fn d_sync_interval() -> Spanned<u64> {
 }
 fn d_true() -> bool {
     true
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedirectFile {
+    pub scheme: Option<Spanned<String>>,
+    pub status: Option<Spanned<u16>>,
+    pub host: Option<Spanned<String>>,
+    pub port: Option<Spanned<u32>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -238,6 +238,20 @@ pub enum PathMatch {
 pub enum RouteAction {
     Proxy(UpstreamId),
     Respond(Respond),
+    Redirect(Redirect),
+}
+
+/// A redirect to the same path and query on another scheme, host or port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Redirect {
+    /// 301, 302, 303, 307 or 308.
+    pub status: u16,
+    /// `"https"` or `"http"`.
+    pub scheme: String,
+    /// The host to send clients to; the request's own host (without its port) when unset.
+    pub host: Option<String>,
+    /// Written only when it is not the scheme's default port.
+    pub port: Option<u16>,
 }
 
 #[derive(Debug, Clone)]

@@ -3,10 +3,10 @@
 
 use toml::Spanned;
 
-use super::file::{RespondFile, RouteFile};
+use super::file::{RedirectFile, RespondFile, RouteFile};
 use super::{
-    ms, ConfigError, HostMatch, Listener, ListenerId, PathMatch, RateLimit, RateLimitId, Respond,
-    Route, RouteAction, RouteCache, Upstream, UpstreamId, Validator,
+    ms, ConfigError, HostMatch, Listener, ListenerId, PathMatch, RateLimit, RateLimitId, Redirect,
+    Respond, Route, RouteAction, RouteCache, Upstream, UpstreamId, Validator,
 };
 
 /// RFC 9110's methods and PATCH: written in any other case, a config almost certainly meant them.
@@ -49,8 +49,8 @@ impl Validator<'_> {
             Some(p) => Some(self.path(p, &format!("{key}.strip_prefix"))?),
         };
 
-        let action = match (&r.upstream, &r.respond) {
-            (Some(u), None) => {
+        let action = match (&r.upstream, &r.respond, &r.redirect) {
+            (Some(u), None, None) => {
                 let id = upstreams
                     .iter()
                     .position(|o| &o.name == u.get_ref())
@@ -63,12 +63,15 @@ impl Validator<'_> {
                     })?;
                 RouteAction::Proxy(UpstreamId(id as u16))
             }
-            (None, Some(resp)) => RouteAction::Respond(self.respond(resp, &key)?),
+            (None, Some(resp), None) => RouteAction::Respond(self.respond(resp, &key)?),
+            (None, None, Some(redirect)) => {
+                RouteAction::Redirect(self.redirect(redirect, &format!("{key}.redirect"))?)
+            }
             _ => {
                 return Err(self.err(
                     r.name.span(),
                     &key,
-                    "a route needs exactly one of upstream and respond",
+                    "a route needs exactly one of upstream, respond and redirect",
                 ))
             }
         };
@@ -298,6 +301,64 @@ impl Validator<'_> {
                 format!("{s:?} must start with '/' and contain no spaces"),
             ))
         }
+    }
+
+    fn redirect(&self, r: &Spanned<RedirectFile>, key: &str) -> Result<Redirect, ConfigError> {
+        let f = r.get_ref();
+        let scheme = match &f.scheme {
+            None => "https".to_owned(),
+            Some(s) if matches!(s.get_ref().as_str(), "https" | "http") => s.get_ref().clone(),
+            Some(s) => {
+                return Err(self.err(
+                    s.span(),
+                    &format!("{key}.scheme"),
+                    format!("{:?}: give \"https\" or \"http\"", s.get_ref()),
+                ))
+            }
+        };
+        let status = match &f.status {
+            None => 308,
+            Some(s) if matches!(s.get_ref(), 301 | 302 | 303 | 307 | 308) => *s.get_ref(),
+            Some(s) => {
+                return Err(self.err(
+                    s.span(),
+                    &format!("{key}.status"),
+                    "give 301, 302, 303, 307 or 308 (307 and 308 keep the method and body)",
+                ))
+            }
+        };
+        let host = match &f.host {
+            None => None,
+            Some(h) if crate::proxy::valid_redirect_host(h.get_ref().as_bytes()) => {
+                Some(h.get_ref().to_ascii_lowercase())
+            }
+            Some(h) => {
+                return Err(self.err(
+                    h.span(),
+                    &format!("{key}.host"),
+                    format!("{:?} is not a host name or address", h.get_ref()),
+                ))
+            }
+        };
+        let port = match &f.port {
+            None => None,
+            Some(p) => match u16::try_from(*p.get_ref()) {
+                Ok(p) if p > 0 => Some(p),
+                _ => {
+                    return Err(self.err(
+                        p.span(),
+                        &format!("{key}.port"),
+                        "must be between 1 and 65535",
+                    ))
+                }
+            },
+        };
+        Ok(Redirect {
+            status,
+            scheme,
+            host,
+            port,
+        })
     }
 
     fn respond(&self, r: &Spanned<RespondFile>, key: &str) -> Result<Respond, ConfigError> {

@@ -36,6 +36,7 @@ use crate::error::ProxyError;
 use crate::metrics::UpstreamOutcome;
 use crate::tls::{TlsInfo, TlsReader, TlsStream, TlsWriter};
 
+pub use reply::valid_redirect_host;
 pub use session::serve;
 pub(crate) use session::serve_admitted;
 

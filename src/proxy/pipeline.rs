@@ -78,6 +78,21 @@ pub(super) async fn run<S: Io>(c: &mut Session<'_, S>, w: &Rc<Worker>) -> Result
             headers,
             body,
         } => reply::respond(c, w, route, *status, headers, body).await,
+        Terminal::Redirect {
+            status,
+            scheme,
+            host,
+            port,
+        } => {
+            reply::redirect(
+                c,
+                w,
+                route,
+                *status,
+                [scheme, host.as_deref().unwrap_or_default(), port],
+            )
+            .await
+        }
         Terminal::Proxy {
             upstream,
             strip_prefix,

@@ -99,6 +99,76 @@ pub(super) async fn respond<S: Io>(
     Ok(if keep { Next::KeepAlive } else { Next::Close })
 }
 
+/// A `redirect` route: `location` is `parts` (scheme, host, port) and the request's path and
+/// query; an empty host means the request's own, without its port.
+pub(super) async fn redirect<S: Io>(
+    c: &mut Session<'_, S>,
+    w: &Worker,
+    route: &RouteEntry,
+    status: u16,
+    [scheme, host, port]: [&[u8]; 3],
+) -> Result<Next, Failure> {
+    let buf = c.rbuf.data();
+    let host = match host {
+        b"" => {
+            let authority = c.head.host.map_or(&b""[..], |h| h.get(buf));
+            let host = without_port(authority);
+            if !valid_redirect_host(host) {
+                return Err(Failure::BeforeBody(ProxyError::BadRequest(
+                    "a redirect needs the request's Host",
+                )));
+            }
+            host
+        }
+        configured => configured,
+    };
+    let path = match c.head.path.get(buf) {
+        b"" => &b"/"[..],
+        p => p,
+    };
+    let lines = &mut c.ex.extra;
+    lines.extend_from_slice(b"location: ");
+    for part in [scheme, host, port, path] {
+        lines.extend_from_slice(part);
+    }
+    lines.extend_from_slice(b"\r\n");
+    respond(c, w, route, status, b"", b"").await
+}
+
+/// A Host value's host: an IPv6 literal with its brackets, or what precedes the port.
+fn without_port(authority: &[u8]) -> &[u8] {
+    if authority.starts_with(b"[") {
+        let end = authority
+            .iter()
+            .position(|&b| b == b']')
+            .map_or(0, |i| i + 1);
+        return &authority[..end];
+    }
+    match authority.iter().position(|&b| b == b':') {
+        Some(i) => &authority[..i],
+        None => authority,
+    }
+}
+
+/// A host name, an IPv4 address or a bracketed IPv6 literal: nothing that could turn a
+/// `Location` into another URL (`/`, `@`, `?`, `#`, `\\`).
+pub fn valid_redirect_host(h: &[u8]) -> bool {
+    match h {
+        [] => false,
+        [b'[', inner @ .., b']'] => {
+            !inner.is_empty()
+                && inner
+                    .iter()
+                    .all(|b| b.is_ascii_hexdigit() || b".:".contains(b))
+        }
+        _ => {
+            h.len() <= 253
+                && h.iter()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-.".contains(b))
+        }
+    }
+}
+
 /// Writes a gateway-generated response with a standard reason phrase into `out`, with the
 /// gateway's lines and the route's edits.
 fn write_generated<S: Io>(
