@@ -101,6 +101,11 @@ pub fn run(config: Config) -> Result<(), StartError> {
             sockets[w].push((ListenerId(i as u16), s));
         }
     }
+    for u in &config.upstreams {
+        if u.tls.as_ref().is_some_and(|t| !t.verify) {
+            warn!(upstream = %u.name, "TLS verification is off for this upstream (verify = false): any server can pose as it");
+        }
+    }
     let admin_socket = match config.admin {
         Some(addr) => {
             let s = StdListener::bind(addr).map_err(|error| StartError::Bind {

@@ -299,6 +299,7 @@ pub struct UpstreamFile {
     pub max_idle_per_target: usize,
     #[serde(default = "d_fail_timeout")]
     pub fail_timeout_ms: u64,
+    pub tls: Option<Spanned<super::tls::UpstreamTlsFile>>,
 }
 
 fn d_connect_timeout() -> Spanned<u64> {

@@ -18,7 +18,7 @@ pub use error::ConfigError;
 pub use file::{AccessLogFormat, Balance, DriverChoice};
 use file::{File, PinCores, UpstreamFile, Workers};
 pub use headers::{HeaderTransform, Template, TemplatePart, TlsVar};
-pub use tls::{ClientAuth, ListenerTls, TlsVersion};
+pub use tls::{ClientAuth, ListenerTls, TlsVersion, UpstreamTls};
 use toml::Spanned;
 
 use crate::http::{ParseLimits, MAX_HEADERS_CEILING};
@@ -184,6 +184,8 @@ pub struct Upstream {
     pub idle_timeout: Duration,
     pub max_idle_per_target: usize,
     pub fail_timeout: Duration,
+    /// TLS to the targets, when configured.
+    pub tls: Option<UpstreamTls>,
 }
 
 #[derive(Debug, Clone)]
@@ -729,6 +731,10 @@ impl Validator<'_> {
                 ));
             }
         }
+        let tls = match &u.tls {
+            Some(t) => Some(self.upstream_tls(t, &format!("{key}.tls"), &targets)?),
+            None => None,
+        };
         Ok(Upstream {
             name,
             targets,
@@ -739,6 +745,7 @@ impl Validator<'_> {
             idle_timeout: ms(u.idle_timeout_ms),
             max_idle_per_target: u.max_idle_per_target,
             fail_timeout: ms(u.fail_timeout_ms),
+            tls,
         })
     }
 }

@@ -6,12 +6,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use rustls::pki_types::ServerName;
 use rustls::server::ProducesTickets;
+use rustls::RootCertStore;
 use serde::Deserialize;
 use toml::Spanned;
 
 use super::{ConfigError, Validator};
-use crate::tls::certs::CertPaths;
+use crate::tls::certs::{CertPaths, LoadedCert};
 use crate::tls::{FileAt, TlsFiles};
 
 #[derive(Debug, Deserialize)]
@@ -213,4 +215,112 @@ impl Validator<'_> {
         crate::tls::server_config(&tls, &tls.files).map_err(|e| self.err(t.span(), key, e))?;
         Ok(tls)
     }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTlsFile {
+    pub sni: Option<Spanned<String>>,
+    pub ca: Option<Spanned<String>>,
+    pub verify: Option<bool>,
+    pub client_cert: Option<Spanned<String>>,
+    pub client_key: Option<Spanned<String>>,
+}
+
+/// TLS to an upstream's targets.
+#[derive(Debug, Clone)]
+pub struct UpstreamTls {
+    /// The name each target is verified against (and sent as SNI unless it is an address),
+    /// in target order.
+    pub names: Vec<ServerName<'static>>,
+    /// False: any certificate is accepted (warned about loudly at start).
+    pub verify: bool,
+    pub roots: Arc<RootCertStore>,
+    /// The certificate and key ringway presents, when the upstream asks for one.
+    pub client: Option<LoadedCert>,
+}
+
+impl Validator<'_> {
+    pub(super) fn upstream_tls(
+        &self,
+        t: &Spanned<UpstreamTlsFile>,
+        key: &str,
+        targets: &[super::Target],
+    ) -> Result<UpstreamTls, ConfigError> {
+        let f = t.get_ref();
+        let dir = self.path.parent().unwrap_or(Path::new("."));
+        let mut names = Vec::with_capacity(targets.len());
+        for target in targets {
+            let (text, span, k) = match &f.sni {
+                Some(s) => (s.get_ref().as_str(), s.span(), format!("{key}.sni")),
+                None => (host_of(&target.name), t.span(), key.to_owned()),
+            };
+            let name = ServerName::try_from(text.to_owned()).map_err(|_| {
+                self.err(
+                    span,
+                    &k,
+                    format!("{text:?} is not a DNS name or IP address to verify the target by"),
+                )
+            })?;
+            names.push(name);
+        }
+        let roots = match &f.ca {
+            Some(ca) => crate::tls::certs::load_roots(&dir.join(ca.get_ref()))
+                .map_err(|e| self.err(ca.span(), &format!("{key}.ca"), e))?,
+            None => system_roots().map_err(|e| self.err(t.span(), &format!("{key}.ca"), e))?,
+        };
+        let client = match (&f.client_cert, &f.client_key) {
+            (None, None) => None,
+            (Some(cert), Some(k)) => {
+                let paths = CertPaths {
+                    cert: dir.join(cert.get_ref()),
+                    key: dir.join(k.get_ref()),
+                };
+                let loaded =
+                    crate::tls::certs::load(&paths, &crate::tls::provider(), SystemTime::now())
+                        .map_err(|e| match e {
+                            crate::tls::certs::CertError::Cert(m) => {
+                                self.err(cert.span(), &format!("{key}.client_cert"), m)
+                            }
+                            crate::tls::certs::CertError::Key(m) => {
+                                self.err(k.span(), &format!("{key}.client_key"), m)
+                            }
+                        })?;
+                Some(loaded)
+            }
+            (Some(s), None) | (None, Some(s)) => {
+                return Err(self.err(
+                    s.span(),
+                    key,
+                    "give both client_cert and client_key, or neither",
+                ))
+            }
+        };
+        Ok(UpstreamTls {
+            names,
+            verify: f.verify.unwrap_or(true),
+            roots: Arc::new(roots),
+            client,
+        })
+    }
+}
+
+/// `host` of a `host:port` target (an IPv6 literal without its brackets).
+fn host_of(target: &str) -> &str {
+    let host = target.rsplit_once(':').map_or(target, |(h, _)| h);
+    host.trim_start_matches('[').trim_end_matches(']')
+}
+
+/// The system's CA certificates (what `ca-certificates` installs).
+fn system_roots() -> Result<RootCertStore, String> {
+    let found = rustls_native_certs::load_native_certs();
+    let mut roots = RootCertStore::empty();
+    let (added, _) = roots.add_parsable_certificates(found.certs);
+    if added == 0 {
+        return Err(format!(
+            "no system CA certificates found ({} errors); install ca-certificates or give ca",
+            found.errors.len()
+        ));
+    }
+    Ok(roots)
 }

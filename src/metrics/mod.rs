@@ -57,6 +57,8 @@ pub enum UpstreamOutcome {
     /// A response head arrived.
     Response,
     ConnectFailed,
+    /// Connected, but the TLS handshake failed (verification, no common protocol).
+    TlsFailed,
     Timeout,
     /// The response could not be framed, or was not HTTP.
     InvalidResponse,
@@ -65,9 +67,10 @@ pub enum UpstreamOutcome {
 }
 
 impl UpstreamOutcome {
-    pub const ALL: [UpstreamOutcome; 5] = [
+    pub const ALL: [UpstreamOutcome; 6] = [
         UpstreamOutcome::Response,
         UpstreamOutcome::ConnectFailed,
+        UpstreamOutcome::TlsFailed,
         UpstreamOutcome::Timeout,
         UpstreamOutcome::InvalidResponse,
         UpstreamOutcome::Failed,
@@ -77,6 +80,7 @@ impl UpstreamOutcome {
         match self {
             UpstreamOutcome::Response => "response",
             UpstreamOutcome::ConnectFailed => "connect_failed",
+            UpstreamOutcome::TlsFailed => "tls_failed",
             UpstreamOutcome::Timeout => "timeout",
             UpstreamOutcome::InvalidResponse => "invalid_response",
             UpstreamOutcome::Failed => "failed",

@@ -426,14 +426,11 @@ async fn exchange<W: AsyncWriteRent>(
                 retried = true;
                 *conn = match up.connect(target, ctx.deadline).await {
                     Ok(fresh) => fresh,
-                    Err(ConnectError::TimedOut) => {
-                        return Err(ResponseFailure::new(ProxyError::UpstreamTimeout))
-                    }
-                    Err(e @ ConnectError::Refused(_)) => {
-                        client::mark_down(ctx.worker, up, target, &e);
-                        return Err(ResponseFailure::new(ProxyError::UpstreamUnreachable(
-                            "connect failed",
-                        )));
+                    Err(e) => {
+                        if !matches!(e, ConnectError::TimedOut) {
+                            client::mark_down(ctx.worker, up, target, &e);
+                        }
+                        return Err(ResponseFailure::new(e.proxy_error()));
                     }
                 };
             }

@@ -12,6 +12,7 @@
 
 pub mod accept;
 pub mod certs;
+pub mod client;
 mod stream;
 pub mod watch;
 

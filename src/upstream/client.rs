@@ -58,14 +58,9 @@ pub async fn acquire<'a>(
                     conn
                 }
                 Err(e) => {
-                    record(w, up, t, UpstreamOutcome::ConnectFailed, None);
+                    record(w, up, t, e.outcome(), None);
                     mark_down(w, up, t, &e);
-                    last = match e {
-                        ConnectError::Refused(_) => {
-                            ProxyError::UpstreamUnreachable("connect failed")
-                        }
-                        ConnectError::TimedOut => ProxyError::UpstreamTimeout,
-                    };
+                    last = e.proxy_error();
                     continue;
                 }
             },
@@ -96,8 +91,8 @@ pub fn record(
 /// Marks `t` down after a failed connect, with a warning when that changes its state.
 pub fn mark_down(w: &Worker, up: &UpstreamState, t: TargetId, e: &ConnectError) {
     if up.mark_down(t) {
-        warn!(worker = w.id, upstream = %up.name, target = %up.target(t).name, error = ?e,
-            "target down: connect failed; skipped for fail_timeout_ms");
+        warn!(worker = w.id, upstream = %up.name, target = %up.target(t).name, error = %e,
+            "target down; skipped for fail_timeout_ms");
     }
 }
 

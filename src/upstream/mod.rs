@@ -7,31 +7,41 @@
 
 mod balancer;
 pub mod client;
+mod stream;
 
 use std::cell::{Cell, RefCell};
 use std::io;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use monoio::io::{AsyncWriteRent, OwnedReadHalf, OwnedWriteHalf, Splitable};
+use std::sync::Arc;
+
+use monoio::io::Splitable;
 use monoio::net::TcpStream;
+use rustls::pki_types::ServerName;
+use rustls::{ClientConfig, ClientConnection, Connection};
+use tracing::error;
 
 use balancer::{Balancer, Targets};
 
 use crate::buffer::ReadBuf;
 use crate::config::{HashKey, Upstream, UpstreamId};
 use crate::deadline::Deadline;
+use crate::error::ProxyError;
+use crate::metrics::UpstreamOutcome;
 use crate::rng::Rng;
+use crate::tls::HandshakeError;
+pub use stream::{UpRead, UpWrite};
 
 /// Index of a target within its upstream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TargetId(pub usize);
 
 /// A connection to a target, split so that a request body can stream up while the response
-/// streams down. Generic over the stream; the pools hold TCP connections today.
-pub struct UpstreamConn<U: AsyncWriteRent = TcpStream> {
-    pub r: OwnedReadHalf<U>,
-    pub w: OwnedWriteHalf<U>,
+/// streams down; cleartext or TLS.
+pub struct UpstreamConn {
+    pub r: UpRead,
+    pub w: UpWrite,
     pub rbuf: ReadBuf,
     /// Taken from the idle pool rather than freshly connected: the peer may have closed it.
     pub reused: bool,
@@ -51,6 +61,8 @@ pub struct UpstreamState {
     /// Failed exchanges since the last summary line.
     failures: Cell<u64>,
     last_summary: Cell<Option<Instant>>,
+    /// This worker's TLS client config, when the upstream speaks TLS.
+    tls: Option<Arc<ClientConfig>>,
 }
 
 /// How often, at most, a worker logs a summary of an upstream's failures.
@@ -59,6 +71,8 @@ const SUMMARY_EVERY: Duration = Duration::from_secs(10);
 pub struct TargetState {
     pub name: String,
     pub addr: SocketAddr,
+    /// What the target's certificate is verified against (and the SNI), with TLS.
+    server_name: Option<ServerName<'static>>,
     inflight: Cell<u32>,
     down_until: Cell<Option<Instant>>,
     /// Most recently used last: reuse takes the warmest connection.
@@ -69,6 +83,38 @@ pub struct TargetState {
 pub enum ConnectError {
     Refused(io::Error),
     TimedOut,
+    /// The TLS handshake failed; why, in an operator's words.
+    Tls(String),
+}
+
+impl ConnectError {
+    /// The answer a client gets when no connection could be made.
+    pub fn proxy_error(&self) -> ProxyError {
+        match self {
+            ConnectError::Refused(_) => ProxyError::UpstreamUnreachable("connect failed"),
+            ConnectError::TimedOut => ProxyError::UpstreamTimeout,
+            ConnectError::Tls(_) => {
+                ProxyError::UpstreamUnreachable("TLS handshake with the upstream failed")
+            }
+        }
+    }
+
+    pub fn outcome(&self) -> UpstreamOutcome {
+        match self {
+            ConnectError::Tls(_) => UpstreamOutcome::TlsFailed,
+            _ => UpstreamOutcome::ConnectFailed,
+        }
+    }
+}
+
+impl std::fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConnectError::Refused(e) => write!(f, "connect failed: {e}"),
+            ConnectError::TimedOut => f.write_str("connect timed out"),
+            ConnectError::Tls(why) => write!(f, "TLS handshake failed: {why}"),
+        }
+    }
 }
 
 impl Targets for [TargetState] {
@@ -94,9 +140,11 @@ impl UpstreamState {
             targets: cfg
                 .targets
                 .iter()
-                .map(|t| TargetState {
+                .enumerate()
+                .map(|(i, t)| TargetState {
                     name: t.name.clone(),
                     addr: t.addr,
+                    server_name: cfg.tls.as_ref().map(|tls| tls.names[i].clone()),
                     inflight: Cell::new(0),
                     down_until: Cell::new(None),
                     idle: RefCell::new(Vec::new()),
@@ -111,6 +159,12 @@ impl UpstreamState {
             fail_timeout: cfg.fail_timeout,
             failures: Cell::new(0),
             last_summary: Cell::new(None),
+            // Checked when the config was loaded; a failure here leaves the upstream unusable.
+            tls: cfg.tls.as_ref().and_then(|t| {
+                crate::tls::client::client_config(t)
+                    .map_err(|e| error!(upstream = %cfg.name, error = %e, "TLS unusable"))
+                    .ok()
+            }),
         }
     }
 
@@ -160,24 +214,51 @@ impl UpstreamState {
         t: TargetId,
         deadline: &Deadline<'_>,
     ) -> Result<UpstreamConn, ConnectError> {
-        let addr = self.targets[t.0].addr;
-        let stream = match deadline
-            .within(self.connect_timeout, TcpStream::connect_addr(addr))
-            .await
-        {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => return Err(ConnectError::Refused(e)),
+        let target = &self.targets[t.0];
+        let connecting = async {
+            let stream = TcpStream::connect_addr(target.addr)
+                .await
+                .map_err(ConnectError::Refused)?;
+            // Latency matters more than packet count: heads and bodies go out in one write.
+            let _ = stream.set_nodelay(true);
+            self.handshake(target, stream).await
+        };
+        // One timeout covers the TCP connect and the TLS handshake.
+        let (r, w) = match deadline.within(self.connect_timeout, connecting).await {
+            Ok(halves) => halves?,
             Err(_) => return Err(ConnectError::TimedOut),
         };
-        // Latency matters more than packet count: heads and bodies go out in one write anyway.
-        let _ = stream.set_nodelay(true);
-        let (r, w) = stream.into_split();
         Ok(UpstreamConn {
             r,
             w,
             rbuf: ReadBuf::new(),
             reused: false,
         })
+    }
+
+    /// The halves of `stream`, after a TLS handshake when the upstream speaks TLS.
+    async fn handshake(
+        &self,
+        target: &TargetState,
+        stream: TcpStream,
+    ) -> Result<(UpRead, UpWrite), ConnectError> {
+        let (Some(config), Some(name)) = (&self.tls, &target.server_name) else {
+            let (r, w) = stream.into_split();
+            return Ok((UpRead::Plain(r), UpWrite::Plain(w)));
+        };
+        let conn = ClientConnection::new(Arc::clone(config), name.clone())
+            .map_err(|e| ConnectError::Tls(e.to_string()))?;
+        match crate::tls::handshake(stream, Connection::Client(conn), Vec::new()).await {
+            Ok(tls) => {
+                let (r, w) = tls.into_halves();
+                Ok((UpRead::Tls(r), UpWrite::Tls(w)))
+            }
+            Err(HandshakeError::Tls(e)) => Err(ConnectError::Tls(crate::tls::client::describe(&e))),
+            Err(HandshakeError::Closed) => {
+                Err(ConnectError::Tls("closed during the handshake".into()))
+            }
+            Err(HandshakeError::Io(e)) => Err(ConnectError::Refused(e)),
+        }
     }
 
     /// Skips `t` for `fail_timeout`; returns whether it was up until now (a state change,

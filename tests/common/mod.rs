@@ -653,15 +653,15 @@ fn serve_upstream(
 }
 
 /// Reads requests (Content-Length or chunked bodies) from a stream, for test upstreams.
-pub struct RequestReader {
-    pub stream: TcpStream,
+pub struct RequestReader<S = TcpStream> {
+    pub stream: S,
     buf: Vec<u8>,
     /// Where to copy every byte read, if anywhere.
     pub record: Option<Arc<Mutex<Vec<u8>>>>,
 }
 
-impl RequestReader {
-    pub fn new(stream: TcpStream) -> Self {
+impl<S: Read> RequestReader<S> {
+    pub fn new(stream: S) -> Self {
         RequestReader {
             stream,
             buf: Vec::new(),
@@ -710,7 +710,7 @@ impl RequestReader {
                     };
                     let body = if get("transfer-encoding").is_some() {
                         let mut r = ResponseReader {
-                            stream: self.stream.try_clone().unwrap(),
+                            stream: &mut self.stream,
                             buf: std::mem::take(&mut self.buf),
                             record: self.record.clone(),
                         };

@@ -209,3 +209,101 @@ pub fn request(s: &mut TlsStream, raw: &str) -> super::common::Response {
     let mut reader = super::common::ResponseReader::new(&mut *s);
     reader.read_response(head).expect("a response")
 }
+
+/// What a `TlsUpstream` saw of one connection.
+#[derive(Debug, Clone)]
+pub struct UpstreamConnection {
+    pub sni: Option<String>,
+    pub resumed: bool,
+    /// The client certificate's DER, when one was presented.
+    pub client_cert: Option<Vec<u8>>,
+}
+
+/// An HTTPS upstream (rustls, blocking, a thread per connection) that answers every request
+/// `200 tls-ok` (closing the connection after a path starting `/close`) and records requests
+/// and connections.
+pub struct TlsUpstream {
+    pub addr: SocketAddr,
+    pub requests: Arc<std::sync::Mutex<Vec<super::common::Received>>>,
+    pub connections: Arc<std::sync::Mutex<Vec<UpstreamConnection>>>,
+}
+
+impl TlsUpstream {
+    pub fn start(config: rustls::ServerConfig) -> TlsUpstream {
+        let config = Arc::new(config);
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let requests: Arc<std::sync::Mutex<Vec<super::common::Received>>> = Arc::default();
+        let connections: Arc<std::sync::Mutex<Vec<UpstreamConnection>>> = Arc::default();
+        let (reqs, conns) = (Arc::clone(&requests), Arc::clone(&connections));
+        std::thread::spawn(move || {
+            for (id, sock) in listener.incoming().enumerate() {
+                let Ok(mut sock) = sock else { break };
+                let (config, reqs, conns) =
+                    (Arc::clone(&config), Arc::clone(&reqs), Arc::clone(&conns));
+                std::thread::spawn(move || {
+                    sock.set_read_timeout(Some(super::common::TIMEOUT)).unwrap();
+                    let mut conn = rustls::ServerConnection::new(config).unwrap();
+                    while conn.is_handshaking() {
+                        if conn.complete_io(&mut sock).is_err() {
+                            return;
+                        }
+                    }
+                    conns.lock().unwrap().push(UpstreamConnection {
+                        sni: conn.server_name().map(str::to_owned),
+                        resumed: conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed),
+                        client_cert: conn
+                            .peer_certificates()
+                            .and_then(|c| c.first())
+                            .map(|c| c.to_vec()),
+                    });
+                    let mut reader =
+                        super::common::RequestReader::new(StreamOwned::new(conn, sock));
+                    while let Some(req) = reader.read_request(id) {
+                        let close = req.path.starts_with("/close");
+                        reqs.lock().unwrap().push(req);
+                        let out: &[u8] = match close {
+                            true => b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 6\r\n\r\ntls-ok",
+                            false => b"HTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\ntls-ok",
+                        };
+                        if reader.stream.write_all(out).is_err() || close {
+                            reader.stream.conn.send_close_notify();
+                            let _ = reader.stream.flush();
+                            break;
+                        }
+                        let _ = reader.stream.flush();
+                    }
+                });
+            }
+        });
+        TlsUpstream {
+            addr,
+            requests,
+            connections,
+        }
+    }
+
+    pub fn connections(&self) -> Vec<UpstreamConnection> {
+        self.connections.lock().unwrap().clone()
+    }
+}
+
+/// A server config for `cert`, optionally requiring client certificates from `clients`.
+pub fn server_config(cert: &Issued, clients: Option<&Ca>) -> rustls::ServerConfig {
+    let b = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap();
+    let b = match clients {
+        Some(ca) => b.with_client_cert_verifier(
+            rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(ca.roots()),
+                provider(),
+            )
+            .build()
+            .unwrap(),
+        ),
+        None => b.with_no_client_auth(),
+    };
+    b.with_single_cert(cert.chain(), cert.private_key())
+        .unwrap()
+}
