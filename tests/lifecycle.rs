@@ -158,6 +158,10 @@ fn check_accepts_the_example_configs() {
     let mut checked = 0;
     for entry in std::fs::read_dir(dir).unwrap() {
         let path = entry.unwrap().path();
+        if path.ends_with("tls.toml") {
+            // Needs certificate files: tests/tls.rs makes them and checks it.
+            continue;
+        }
         let (status, stdout, stderr) = run_ringway(&["check", "--config", path.to_str().unwrap()]);
         assert!(status.success(), "{}: {stderr}", path.display());
         assert!(stdout.contains(": ok ("), "{stdout}");

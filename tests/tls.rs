@@ -403,3 +403,38 @@ fn redirect_config_errors() {
         "exactly one of upstream, respond and redirect",
     );
 }
+
+#[test]
+fn the_tls_example_config_checks_with_its_certificates() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/config/examples/tls.toml");
+    let ca = Ca::new("ca");
+    let clients = Ca::new("clients-ca");
+    let internal = Ca::new("internal-ca");
+    let certs = ca.path("certs");
+    std::fs::create_dir(&certs).unwrap();
+    let place = |issued: &Issued, name: &str| {
+        std::fs::copy(&issued.cert, certs.join(format!("{name}.pem"))).unwrap();
+        std::fs::copy(&issued.key, certs.join(format!("{name}.key"))).unwrap();
+    };
+    place(&ca.server("a", &["api.example.com"]), "api.example.com");
+    place(&ca.server("w", &["*.example.org"]), "wildcard.example.org");
+    place(&internal.client("gw", "gateway"), "gw");
+    std::fs::copy(&clients.pem, certs.join("clients-ca.pem")).unwrap();
+    std::fs::copy(&internal.pem, certs.join("internal-ca.pem")).unwrap();
+    let config = ca.path("tls.toml");
+    std::fs::copy(example, &config).unwrap();
+    let (status, stdout, stderr) = run_ringway(&["check", "--config", config.to_str().unwrap()]);
+    assert!(status.success(), "{stderr}");
+    assert!(
+        stdout.contains(": ok (2 listeners, 2 upstreams, 3 routes"),
+        "{stdout}"
+    );
+    // Without its files the same config is refused, naming the first one.
+    std::fs::remove_file(certs.join("api.example.com.key")).unwrap();
+    let (status, _, stderr) = run_ringway(&["check", "--config", config.to_str().unwrap()]);
+    assert_eq!(status.code(), Some(2));
+    assert!(
+        stderr.contains("listeners[1].tls.certificates[0].key"),
+        "{stderr}"
+    );
+}
