@@ -156,6 +156,15 @@ fn a_proxied_request_over_tls_tells_the_upstream_and_the_transforms() {
     );
     assert_eq!(r.status, 200);
     assert_eq!(up.wait_for(4)[3].body.len(), big.len());
+
+    // The gateway ends a connection with close_notify, so a client can tell a clean end from a
+    // truncation (and OpenSSL keeps the session for resumption).
+    s.write_all(b"GET /last HTTP/1.1\r\nHost: api.test\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest)
+        .expect("a clean close_notify, not an unexpected EOF");
+    assert!(String::from_utf8_lossy(&rest).starts_with("HTTP/1.1 200"));
 }
 
 #[test]

@@ -45,6 +45,8 @@ pub(crate) use session::serve_admitted;
 pub trait Io: 'static {
     type Read: CancelableAsyncReadRent + 'static;
     type Write: AsyncWriteRent + 'static;
+    /// Whether the stream says goodbye before it closes (TLS's close_notify).
+    const CLOSE_NOTIFY: bool = false;
     fn into_halves(self) -> (Self::Read, Self::Write);
     /// What TLS negotiated, on a TLS stream.
     fn tls(&self) -> Option<TlsInfo> {
@@ -64,6 +66,7 @@ impl<T: AsyncReadRent + AsyncWriteRent + CancelableAsyncReadRent + Split + 'stat
 impl Io for TlsStream {
     type Read = TlsReader;
     type Write = TlsWriter;
+    const CLOSE_NOTIFY: bool = true;
     fn into_halves(self) -> (Self::Read, Self::Write) {
         TlsStream::into_halves(self)
     }

@@ -81,6 +81,14 @@ pub(crate) async fn serve_admitted<S: Io>(
     while serve_request(&mut c, w).await == Next::KeepAlive {
         c.served += 1;
     }
+    if S::CLOSE_NOTIFY {
+        // A TLS peer that sees the TCP close without close_notify may take the connection for
+        // truncated and drop its session (OpenSSL does), losing resumption.
+        let _ = c
+            .deadline
+            .within(w.limits.write_timeout, c.w.shutdown())
+            .await;
+    }
 }
 
 async fn serve_request<S: Io>(c: &mut Session<'_, S>, w: &Rc<Worker>) -> Next {
