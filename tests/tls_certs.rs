@@ -343,3 +343,108 @@ fn bad_certificate_files_are_config_errors_naming_the_entry() {
     let (_, out, err) = run_ringway(&["check", "--config", &path]);
     assert!(!err.contains("PRIVATE KEY") && !out.contains("PRIVATE KEY"));
 }
+
+#[test]
+fn rsa_ecdsa_and_ed25519_keys_in_pkcs8_pkcs1_and_sec1_all_serve() {
+    let dir = tempfile::tempdir().unwrap();
+    let openssl = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir.path())
+            .output()
+            .expect("openssl");
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    // (name, how the key is made, the PEM label it must carry)
+    let kinds: [(&str, &[&str], &str); 4] = [
+        (
+            "rsa-pkcs1",
+            &["genrsa", "-traditional", "-out", "k", "2048"],
+            "RSA PRIVATE KEY",
+        ),
+        (
+            "ec-sec1",
+            &[
+                "ecparam",
+                "-name",
+                "prime256v1",
+                "-genkey",
+                "-noout",
+                "-out",
+                "k",
+            ],
+            "EC PRIVATE KEY",
+        ),
+        (
+            "ec-pkcs8",
+            &[
+                "genpkey",
+                "-algorithm",
+                "EC",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-out",
+                "k",
+            ],
+            "PRIVATE KEY",
+        ),
+        (
+            "ed25519",
+            &["genpkey", "-algorithm", "ed25519", "-out", "k"],
+            "PRIVATE KEY",
+        ),
+    ];
+    let mut certs = Vec::new();
+    let mut roots = rustls::RootCertStore::empty();
+    for (name, keygen, label) in kinds {
+        let key = format!("{name}.key");
+        let cert = format!("{name}.pem");
+        let mut args: Vec<&str> = keygen.to_vec();
+        *args.iter_mut().find(|a| **a == "k").unwrap() = &key;
+        openssl(&args);
+        let pem = std::fs::read_to_string(dir.path().join(&key)).unwrap();
+        assert!(
+            pem.starts_with(&format!("-----BEGIN {label}-----")),
+            "{name}: {pem}"
+        );
+        let san = format!("subjectAltName=DNS:{name}.test");
+        let subj = format!("/CN={name}.test");
+        openssl(&[
+            "req", "-x509", "-key", &key, "-subj", &subj, "-addext", &san, "-days", "2", "-out",
+            &cert,
+        ]);
+        let der = rustls::pki_types::pem::PemObject::from_pem_file(dir.path().join(&cert)).unwrap();
+        roots
+            .add(rustls::pki_types::CertificateDer::clone(&der))
+            .unwrap();
+        certs.push((
+            name,
+            der,
+            format!(
+                "{{ cert = \"{}\", key = \"{}\" }}",
+                dir.path().join(&cert).display(),
+                dir.path().join(&key).display()
+            ),
+        ));
+    }
+    let up = Upstream::start(|_| Reply::ok("ok"));
+    let list: Vec<&str> = certs.iter().map(|c| c.2.as_str()).collect();
+    let gw = gateway(
+        1,
+        &format!("certificates = [{}]", list.join(", ")),
+        up.addr,
+        "",
+    );
+    let cfg = Arc::new(client_config(roots));
+    for (name, der, _) in &certs {
+        let mut s = tls_connect(gw.addr("tls"), &format!("{name}.test"), &cfg)
+            .unwrap_or_else(|e| panic!("{name}: {e:?}"));
+        assert_eq!(&leaf(&s), der, "{name}");
+        let r = request(&mut s, "GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+        assert_eq!(r.status, 200, "{name}");
+    }
+}

@@ -33,9 +33,23 @@ pub use stream::{handshake, HandshakeError, TlsReader, TlsStream, TlsWriter};
 use crate::config::{ClientAuth, ListenerTls, TlsVar, TlsVersion};
 use certs::{CertPaths, LoadedCert};
 
-/// The crypto provider every TLS object uses.
+/// The crypto provider every TLS object uses: aws-lc-rs's, with AES-128-GCM preferred over
+/// AES-256-GCM over ChaCha20-Poly1305 (aws-lc-rs lists AES-256 first). The SHA-256 suites are
+/// the cheap ones here: a TLS 1.3 handshake is mostly HKDF over the transcript hash, and
+/// SHA-256 runs on the CPU's SHA extensions where aws-lc's SHA-384 takes its generic code on
+/// AMD (16% of a resumed handshake's cycles, measured with perf). All three are AEADs that
+/// every current guideline accepts.
 pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+    let mut p = rustls::crypto::aws_lc_rs::default_provider();
+    p.cipher_suites.sort_by_key(|s| {
+        let name = s.suite().as_str().unwrap_or("");
+        (
+            s.version().version != rustls::ProtocolVersion::TLSv1_3,
+            !name.contains("AES_128"),
+            name.contains("CHACHA"),
+        )
+    });
+    Arc::new(p)
 }
 
 /// A TLS listener's certificates and client CA, as read from disk at one moment.
@@ -238,7 +252,8 @@ pub fn server_config(tls: &ListenerTls, files: &TlsFiles) -> Result<Arc<ServerCo
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(Arc::new(resolver));
     config.alpn_protocols = tls.alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
-    // The server's order (AES-256-GCM, AES-128-GCM, ChaCha20; ECDHE only), not the client's:
+    // The server's order (`provider`: AES-128-GCM, AES-256-GCM, ChaCha20; ECDHE only), not the
+    // client's:
     // every suite offered is a strong AEAD either way, but auditors (testssl.sh rates "no
     // cipher order" HIGH) and hardened nginx configs expect it.
     config.ignore_client_order = true;
@@ -280,6 +295,25 @@ mod tests {
         );
         assert_eq!(pick(Some("example.org")), 1);
         assert_eq!(pick(None), 1);
+    }
+
+    #[test]
+    fn suites_prefer_aes_128_then_aes_256_then_chacha_with_tls13_first() {
+        let names: Vec<&str> = provider()
+            .cipher_suites
+            .iter()
+            .map(|s| s.suite().as_str().unwrap_or(""))
+            .collect();
+        assert_eq!(
+            &names[..3],
+            [
+                "TLS13_AES_128_GCM_SHA256",
+                "TLS13_AES_256_GCM_SHA384",
+                "TLS13_CHACHA20_POLY1305_SHA256"
+            ]
+        );
+        assert!(names[3].starts_with("TLS_ECDHE_") && names[3].contains("AES_128_GCM"));
+        assert!(names.last().unwrap().contains("CHACHA20"));
     }
 
     fn dummy_key() -> Arc<dyn rustls::sign::SigningKey> {
