@@ -398,8 +398,29 @@ fn rsa_ecdsa_and_ed25519_keys_in_pkcs8_pkcs1_and_sec1_all_serve() {
             "PRIVATE KEY",
         ),
     ];
-    let mut certs = Vec::new();
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-subj",
+        "/CN=formats CA",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+    ]);
     let mut roots = rustls::RootCertStore::empty();
+    let ca = rustls::pki_types::pem::PemObject::from_pem_file(dir.path().join("ca.pem")).unwrap();
+    roots
+        .add(rustls::pki_types::CertificateDer::clone(&ca))
+        .unwrap();
+    let mut certs = Vec::new();
     for (name, keygen, label) in kinds {
         let key = format!("{name}.key");
         let cert = format!("{name}.pem");
@@ -411,16 +432,20 @@ fn rsa_ecdsa_and_ed25519_keys_in_pkcs8_pkcs1_and_sec1_all_serve() {
             pem.starts_with(&format!("-----BEGIN {label}-----")),
             "{name}: {pem}"
         );
-        let san = format!("subjectAltName=DNS:{name}.test");
-        let subj = format!("/CN={name}.test");
+        let ext = format!("{name}.ext");
+        std::fs::write(
+            dir.path().join(&ext),
+            format!("subjectAltName=DNS:{name}.test\n"),
+        )
+        .unwrap();
+        let (subj, csr) = (format!("/CN={name}.test"), format!("{name}.csr"));
+        openssl(&["req", "-new", "-key", &key, "-subj", &subj, "-out", &csr]);
         openssl(&[
-            "req", "-x509", "-key", &key, "-subj", &subj, "-addext", &san, "-days", "2", "-out",
-            &cert,
+            "x509", "-req", "-in", &csr, "-CA", "ca.pem", "-CAkey", "ca.key", "-days", "2", "-out",
+            &cert, "-extfile", &ext,
         ]);
-        let der = rustls::pki_types::pem::PemObject::from_pem_file(dir.path().join(&cert)).unwrap();
-        roots
-            .add(rustls::pki_types::CertificateDer::clone(&der))
-            .unwrap();
+        let der: rustls::pki_types::CertificateDer<'static> =
+            rustls::pki_types::pem::PemObject::from_pem_file(dir.path().join(&cert)).unwrap();
         certs.push((
             name,
             der,
