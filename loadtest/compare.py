@@ -303,10 +303,16 @@ def wrk(port, path, seconds, connections=50, close=False, cpus=LOAD_CPU):
 def throughput(proxy, path, seconds, **kw):
     """Requests/s, and per request: CPU µs (user, system, both), system calls, context switches
     and io_uring submissions of the proxy, counted over the whole run."""
+    return measured(proxy, lambda: wrk(proxy.port, path, seconds, **kw))
+
+
+def measured(proxy, run):
+    """Runs `run()` (a load generator returning a dict with `requests`), adding the proxy's CPU
+    and kernel work per request and how busy the load generator's CPU was."""
     with KernelCounts(proxy.pid) as kernel:
         t0 = proxy.ticks()
         b0 = cpu_busy(LOAD_CPU)
-        r = wrk(proxy.port, path, seconds, **kw)
+        r = run()
         b1 = cpu_busy(LOAD_CPU)
         t1 = proxy.ticks()
     n = max(r["requests"], 1)

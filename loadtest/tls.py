@@ -33,9 +33,8 @@ import sys
 import tempfile
 import time
 
-from compare import (CLK_TCK, LOAD_CPU, ORIGIN_PORT, PROXY_CPU, RINGWAY, ROOT, KernelCounts,
-                     Proxy, cpu_busy, cpu_model, log, median, origin_config, parse_callgrind,
-                     ratio, wait_port, write)
+from compare import (LOAD_CPU, ORIGIN_PORT, PROXY_CPU, RINGWAY, ROOT, Proxy, cpu_model, log,
+                     measured, median, origin_config, parse_callgrind, ratio, wait_port, write)
 
 KINDS = {"ecdsa": ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"],
          "rsa": ["-newkey", "rsa:2048"]}
@@ -120,22 +119,6 @@ def wrk_tls(port, seconds, close=False):
     out = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 30).stdout
     return {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
             "requests": int(re.search(r"(\d+) requests in", out).group(1))}
-
-
-def measured(proxy, run):
-    """Runs `run()` (returning a dict with `requests`) and adds the proxy's CPU per request."""
-    with KernelCounts(proxy.pid) as kernel:
-        t0, b0 = proxy.ticks(), cpu_busy(LOAD_CPU)
-        r = run()
-        t1, b1 = proxy.ticks(), cpu_busy(LOAD_CPU)
-    n = max(r["requests"], 1)
-    r["user_us_per_req"] = (t1[0] - t0[0]) / CLK_TCK * 1e6 / n
-    r["sys_us_per_req"] = (t1[1] - t0[1]) / CLK_TCK * 1e6 / n
-    r["cpu_us_per_req"] = r["user_us_per_req"] + r["sys_us_per_req"]
-    for k, count in kernel.counts.items():
-        r[f"{k}_per_req"] = count / n
-    r["load_cpu_busy"] = (b1[0] - b0[0]) / max(b1[1] - b0[1], 1)
-    return r
 
 
 def s_time(port, ca, seconds, reuse):

@@ -14,41 +14,11 @@ use std::time::{Duration, Instant};
 use common::*;
 use tls_support::*;
 
-/// A gateway with one TLS listener serving `certs` (TOML inline tables) and `extra` keys in
-/// its `[listeners.tls]`, proxying everything to `upstream`.
-fn tls_gateway(certs: &str, extra: &str, upstream: SocketAddr, route_extra: &str) -> Gateway {
-    Gateway::start(&format!(
-        r#"
-[admin]
-address = "127.0.0.1:0"
-
-[[listeners]]
-name = "tls"
-address = "127.0.0.1:0"
-[listeners.tls]
-certificates = [{certs}]
-{extra}
-
-[[upstreams]]
-name = "app"
-targets = ["{upstream}"]
-
-[[routes]]
-name = "all"
-listener = "tls"
-path_prefix = "/"
-upstream = "app"
-{route_extra}
-"#
-    ))
-}
-
-fn pair(i: &Issued) -> String {
-    format!(
-        "{{ cert = \"{}\", key = \"{}\" }}",
-        i.cert.display(),
-        i.key.display()
-    )
+/// A one-worker gateway with one TLS listener serving `certs` (TOML inline tables) and `extra`
+/// keys in its `[listeners.tls]`, proxying everything to `upstream`.
+fn tls_gw(certs: &str, extra: &str, upstream: SocketAddr, route_extra: &str) -> Gateway {
+    let tls = format!("certificates = [{certs}]\n{extra}");
+    tls_gateway(1, &tls, upstream, route_extra)
 }
 
 fn metric(gw: &Gateway, line_start: &str) -> f64 {
@@ -75,7 +45,7 @@ fn sni_picks_the_exact_name_then_the_wildcard_then_the_default() {
     let wild = ca.server("wild", &["*.example.org"]);
     let exact = ca.server("exact", &["api.example.org", "www.example.com"]);
     let up = Upstream::start(|_| Reply::ok("ok"));
-    let gw = tls_gateway(
+    let gw = tls_gw(
         &[pair(&default), pair(&wild), pair(&exact)].join(", "),
         "",
         up.addr,
@@ -109,7 +79,7 @@ fn a_proxied_request_over_tls_tells_the_upstream_and_the_transforms() {
     let ca = Ca::new("test-ca");
     let cert = ca.server("api", &["api.test"]);
     let up = Upstream::start(|_| Reply::ok("hello"));
-    let gw = tls_gateway(
+    let gw = tls_gw(
         &pair(&cert),
         "",
         up.addr,
@@ -172,7 +142,7 @@ fn alpn_and_protocol_versions_are_enforced() {
     let ca = Ca::new("test-ca");
     let cert = ca.server("api", &["api.test"]);
     let up = Upstream::start(|_| Reply::ok("ok"));
-    let gw = tls_gateway(&pair(&cert), "min_version = \"1.3\"", up.addr, "");
+    let gw = tls_gw(&pair(&cert), "min_version = \"1.3\"", up.addr, "");
     let addr = gw.addr("tls");
 
     let mut only_h2 = client_config(ca.roots());
@@ -224,7 +194,7 @@ fn plain_http_garbage_and_slow_handshakes_on_a_tls_port() {
     let ca = Ca::new("test-ca");
     let cert = ca.server("api", &["api.test"]);
     let up = Upstream::start(|_| Reply::ok("ok"));
-    let gw = tls_gateway(&pair(&cert), "handshake_timeout_ms = 300", up.addr, "");
+    let gw = tls_gw(&pair(&cert), "handshake_timeout_ms = 300", up.addr, "");
     let addr = gw.addr("tls");
 
     // Plain HTTP: a 400 that says why, then a close.

@@ -6,50 +6,11 @@
 mod common;
 mod tls_support;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use common::*;
 use rcgen::ExtendedKeyUsagePurpose;
 use tls_support::*;
-
-fn pair(i: &Issued) -> String {
-    format!(
-        "{{ cert = \"{}\", key = \"{}\" }}",
-        i.cert.display(),
-        i.key.display()
-    )
-}
-
-fn gateway(workers: usize, tls: &str, upstream: SocketAddr, route_extra: &str) -> Gateway {
-    Gateway::start(&format!(
-        r#"
-[runtime]
-workers = {workers}
-pin_cores = false
-
-[admin]
-address = "127.0.0.1:0"
-
-[[listeners]]
-name = "tls"
-address = "127.0.0.1:0"
-[listeners.tls]
-{tls}
-
-[[upstreams]]
-name = "app"
-targets = ["{upstream}"]
-
-[[routes]]
-name = "all"
-listener = "tls"
-path_prefix = "/"
-upstream = "app"
-{route_extra}
-"#
-    ))
-}
 
 #[test]
 fn required_client_certificates_refuse_none_and_strangers_and_pass_the_subject() {
@@ -60,7 +21,7 @@ fn required_client_certificates_refuse_none_and_strangers_and_pass_the_subject()
     let alice = clients.client("alice", "alice");
     let mallory = stranger_ca.client("mallory", "mallory");
     let up = Upstream::start(|_| Reply::ok("ok"));
-    let gw = gateway(
+    let gw = tls_gateway(
         1,
         &format!(
             "certificates = [{}]\nclient_auth = \"required\"\nclient_ca = \"{}\"",
@@ -120,7 +81,7 @@ fn optional_client_certificates_admit_both_and_only_the_verified_subject_is_pass
     let server = ca.server("api", &["api.test"]);
     let bob = clients.client("bob", "bob");
     let up = Upstream::start(|_| Reply::ok("ok"));
-    let gw = gateway(
+    let gw = tls_gateway(
         1,
         &format!(
             "certificates = [{}]\nclient_auth = \"optional\"\nclient_ca = \"{}\"",
@@ -152,7 +113,7 @@ fn certificates_rotate_on_disk_and_a_broken_file_keeps_the_old_one() {
     let ca = Ca::new("test-ca");
     let first = ca.server("api", &["api.test"]);
     let up = Upstream::start(|_| Reply::ok("ok"));
-    let gw = gateway(
+    let gw = tls_gateway(
         2,
         &format!("certificates = [{}]", pair(&first)),
         up.addr,
@@ -198,7 +159,7 @@ fn a_ticket_from_one_worker_resumes_on_every_worker() {
     let ca = Ca::new("test-ca");
     let server = ca.server("api", &["api.test"]);
     let up = Upstream::start(|_| Reply::ok("ok"));
-    let gw = gateway(
+    let gw = tls_gateway(
         2,
         &format!("certificates = [{}]", pair(&server)),
         up.addr,
@@ -255,7 +216,7 @@ fn an_expiring_certificate_is_warned_about_and_exported() {
         },
     );
     let up = Upstream::start(|_| Reply::ok("ok"));
-    let gw = gateway(1, &format!("certificates = [{}]", pair(&soon)), up.addr, "");
+    let gw = tls_gateway(1, &format!("certificates = [{}]", pair(&soon)), up.addr, "");
     gw.wait_log("an expiry warning", |l| {
         l.contains("TLS certificate expires soon") && l.contains("soon.test")
     });
@@ -458,7 +419,7 @@ fn rsa_ecdsa_and_ed25519_keys_in_pkcs8_pkcs1_and_sec1_all_serve() {
     }
     let up = Upstream::start(|_| Reply::ok("ok"));
     let list: Vec<&str> = certs.iter().map(|c| c.2.as_str()).collect();
-    let gw = gateway(
+    let gw = tls_gateway(
         1,
         &format!("certificates = [{}]", list.join(", ")),
         up.addr,

@@ -307,3 +307,49 @@ pub fn server_config(cert: &Issued, clients: Option<&Ca>) -> rustls::ServerConfi
     b.with_single_cert(cert.chain(), cert.private_key())
         .unwrap()
 }
+
+/// A `{ cert, key }` entry for `certificates`.
+pub fn pair(i: &Issued) -> String {
+    format!(
+        "{{ cert = \"{}\", key = \"{}\" }}",
+        i.cert.display(),
+        i.key.display()
+    )
+}
+
+/// A gateway with `workers` workers, an admin listener and one TLS listener (`tls`: the body of
+/// its `[listeners.tls]`), proxying every path to `upstream` (`route_extra`: more route keys).
+pub fn tls_gateway(
+    workers: usize,
+    tls: &str,
+    upstream: SocketAddr,
+    route_extra: &str,
+) -> super::common::Gateway {
+    super::common::Gateway::start(&format!(
+        r#"
+[runtime]
+workers = {workers}
+pin_cores = false
+
+[admin]
+address = "127.0.0.1:0"
+
+[[listeners]]
+name = "tls"
+address = "127.0.0.1:0"
+[listeners.tls]
+{tls}
+
+[[upstreams]]
+name = "app"
+targets = ["{upstream}"]
+
+[[routes]]
+name = "all"
+listener = "tls"
+path_prefix = "/"
+upstream = "app"
+{route_extra}
+"#
+    ))
+}
