@@ -43,6 +43,8 @@ pub struct Entry<'a> {
     pub user_agent: &'a [u8],
     /// On a TLS connection: what it negotiated (logged only then).
     pub tls: Option<&'a TlsInfo>,
+    /// The authenticated consumer (logged only when there is one).
+    pub consumer: Option<&'a str>,
 }
 
 /// A worker's side of the access log.
@@ -227,6 +229,10 @@ impl AccessLog {
                 json_str(out, t.var(v));
             }
         }
+        if let Some(c) = e.consumer {
+            out.extend_from_slice(b",\"consumer\":");
+            json_str(out, c.as_bytes());
+        }
         out.extend_from_slice(b"}\n");
     }
 
@@ -279,6 +285,10 @@ impl AccessLog {
                 let _ = write!(out, " {key}=");
                 quoted(out, or_dash(t.var(v)));
             }
+        }
+        if let Some(c) = e.consumer {
+            out.extend_from_slice(b" consumer=");
+            quoted(out, c.as_bytes());
         }
         out.push(b'\n');
     }
@@ -380,6 +390,7 @@ mod tests {
             referer: b"",
             user_agent: b"curl/8",
             tls: None,
+            consumer: None,
         }
     }
 
@@ -408,12 +419,14 @@ mod tests {
         };
         let mut e = entry(b"/");
         e.tls = Some(&tls);
+        e.consumer = Some("acme");
         log.write(&e);
         log.flush();
         let line: serde_json::Value = serde_json::from_slice(&rx.try_recv().unwrap()).unwrap();
         assert_eq!(line["tls_version"], "TLSv1.3");
         assert_eq!(line["tls_cipher"], "TLS13_AES_128_GCM_SHA256");
         assert_eq!(line["tls_sni"], "api.test");
+        assert_eq!(line["consumer"], "acme");
     }
 
     #[test]

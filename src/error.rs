@@ -2,6 +2,7 @@
 //! the status and a small JSON body `{"error": "...", "request_id": "..."}`.
 
 use std::borrow::Cow;
+use std::rc::Rc;
 
 use crate::http::chunked::ChunkError;
 use crate::http::RequestError;
@@ -38,6 +39,14 @@ pub enum ProxyError {
     RateLimited(Refusal),
     /// The request said `only-if-cached` and the cache had nothing fresh for it.
     NotCached,
+    /// No valid credentials: 401 with the route's `www-authenticate` challenge lines.
+    Unauthorized {
+        challenges: Rc<[u8]>,
+        /// Credentials were present but not valid (else absent).
+        invalid: bool,
+    },
+    /// Authenticated, but not allowed here.
+    Forbidden(&'static str),
 }
 
 impl ProxyError {
@@ -57,6 +66,8 @@ impl ProxyError {
             ProxyError::UpstreamTimeout | ProxyError::NotCached => 504,
             ProxyError::VersionNotSupported => 505,
             ProxyError::RateLimited(_) => 429,
+            ProxyError::Unauthorized { .. } => 401,
+            ProxyError::Forbidden(_) => 403,
         }
     }
 
@@ -84,6 +95,9 @@ impl ProxyError {
             ProxyError::UpstreamTimeout => "upstream timed out".into(),
             ProxyError::RateLimited(_) => "rate limited".into(),
             ProxyError::NotCached => "not in the cache (only-if-cached)".into(),
+            ProxyError::Unauthorized { invalid: false, .. } => "authentication required".into(),
+            ProxyError::Unauthorized { invalid: true, .. } => "invalid credentials".into(),
+            ProxyError::Forbidden(why) => Cow::Owned(format!("forbidden: {why}")),
         }
     }
 }

@@ -10,6 +10,7 @@
 
 use std::rc::Rc;
 
+use crate::auth::Consumers;
 use crate::config::{Config, RouteAction, RouteId, UpstreamId};
 use crate::filter::Chain;
 use crate::router::Router;
@@ -22,6 +23,8 @@ pub struct Generation {
     pub routes: Box<[RouteEntry]>,
     /// Indexed by `UpstreamId` of this generation's config.
     pub upstreams: Box<[Rc<UpstreamState>]>,
+    /// The consumers and their credentials, shared by the routes' auth filters.
+    pub consumers: Rc<Consumers>,
 }
 
 pub struct RouteEntry {
@@ -59,6 +62,7 @@ impl Generation {
     /// Builds the request path for `config`, reusing the upstream state of `previous` for every
     /// upstream whose name it already had.
     pub fn build(config: &Config, previous: Option<&Generation>) -> Generation {
+        let consumers = Rc::new(Consumers::new(config));
         let upstreams = config
             .upstreams
             .iter()
@@ -76,7 +80,7 @@ impl Generation {
             .map(|r| RouteEntry {
                 name: r.name.clone(),
                 max_body_bytes: r.max_body_bytes,
-                chain: Chain::build(r, config),
+                chain: Chain::build(r, config, &consumers),
                 terminal: match &r.action {
                     RouteAction::Proxy(upstream) => Terminal::Proxy {
                         upstream: *upstream,
@@ -117,6 +121,7 @@ impl Generation {
             router: Router::new(config),
             routes,
             upstreams,
+            consumers,
         }
     }
 

@@ -23,10 +23,12 @@
 //! - `access_log`: per-worker buffered access log lines, written by their own thread.
 //! - `trace`: W3C trace context; `hash`: stable hashing (a leaf).
 //! - `tls`: TLS termination (rustls): certificates, the stream adapter, rotation.
+//! - `auth`: consumers and their credentials (the auth filter is in `filter`).
 //! - `admin`: the admin listener on its own thread.
 
 pub mod access_log;
 pub mod admin;
+pub mod auth;
 pub mod body;
 pub mod buffer;
 pub mod cache;

@@ -101,6 +101,9 @@ pub fn run(config: Config) -> Result<(), StartError> {
             sockets[w].push((ListenerId(i as u16), s));
         }
     }
+    for c in config.consumers.iter().filter(|c| c.plain_keys) {
+        warn!(consumer = %c.name, "an API key is in the config in plain text; give its digest instead (\"sha256:\" and `printf %s KEY | sha256sum`)");
+    }
     for u in &config.upstreams {
         if u.tls.as_ref().is_some_and(|t| !t.verify) {
             warn!(upstream = %u.name, "TLS verification is off for this upstream (verify = false): any server can pose as it");

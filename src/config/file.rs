@@ -31,6 +31,10 @@ pub struct File {
     pub routes: Vec<RouteFile>,
     #[serde(default)]
     pub rate_limits: Vec<RateLimitFile>,
+    #[serde(default)]
+    pub consumers: Vec<super::auth::ConsumerFile>,
+    #[serde(default)]
+    pub auth: Vec<super::auth::AuthFile>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -348,6 +352,12 @@ pub struct RouteFile {
     pub cache: Option<Spanned<RouteCacheFile>>,
     pub request_headers: Option<Spanned<HeaderTransformFile>>,
     pub response_headers: Option<Spanned<HeaderTransformFile>>,
+    #[serde(default)]
+    pub auth: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub allow_groups: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub deny_groups: Vec<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -37,6 +37,8 @@ pub enum TemplatePart {
     Route,
     /// `${host}`: the request's Host (or absolute-form authority), empty without one.
     Host,
+    /// `${consumer}`: the authenticated consumer's name, empty without one.
+    Consumer,
     /// `${tls_sni}`, `${tls_version}`, `${tls_cipher}`, `${tls_client_subject}`,
     /// `${tls_client_san}`: empty on cleartext (and without a client certificate).
     Tls(TlsVar),
@@ -52,7 +54,8 @@ pub enum TlsVar {
     ClientSan,
 }
 
-const VARIABLES: [(&str, TemplatePart); 9] = [
+const VARIABLES: [(&str, TemplatePart); 10] = [
+    ("consumer", TemplatePart::Consumer),
     ("request_id", TemplatePart::RequestId),
     ("client_ip", TemplatePart::ClientIp),
     ("route", TemplatePart::Route),

@@ -3,6 +3,7 @@
 //! sections, addresses, regexes, ranges) before anything starts. The result, `Config`, is plain
 //! data with references resolved to ids; each worker builds its own runtime state from it.
 
+mod auth;
 mod error;
 mod file;
 mod headers;
@@ -14,6 +15,7 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use auth::{AuthId, AuthKind, AuthProvider, Consumer, ConsumerId};
 pub use error::ConfigError;
 pub use file::{AccessLogFormat, Balance, DriverChoice};
 use file::{File, PinCores, UpstreamFile, Workers};
@@ -53,6 +55,9 @@ pub struct Config {
     pub upstreams: Vec<Upstream>,
     pub routes: Vec<Route>,
     pub rate_limits: Vec<RateLimit>,
+    pub consumers: Vec<Consumer>,
+    /// Authentication providers, referenced by routes' `auth`.
+    pub auth: Vec<AuthProvider>,
 }
 
 #[derive(Debug, Clone)]
@@ -76,6 +81,8 @@ pub enum RateLimitKey {
     Header(String),
     /// One bucket per route.
     Route,
+    /// One bucket per authenticated consumer; requests without one share a bucket.
+    Consumer,
 }
 
 #[derive(Debug, Clone)]
@@ -218,6 +225,12 @@ pub struct Route {
     pub request_headers: Option<HeaderTransform>,
     /// Edits to every response head the client gets on this route.
     pub response_headers: Option<HeaderTransform>,
+    /// Providers tried in order; empty: no authentication.
+    pub auth: Vec<AuthId>,
+    /// Consumers in none of these groups get 403 (empty: any consumer).
+    pub allow_groups: Vec<String>,
+    /// Consumers in any of these groups get 403.
+    pub deny_groups: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -387,16 +400,19 @@ impl Validator<'_> {
 
         self.fits_id(rate_limits.len(), "rate limits")?;
 
+        let consumers = self.consumers(&f.consumers)?;
+        let auth = self.auth_providers(&f.auth)?;
         let mut routes: Vec<Route> = Vec::with_capacity(f.routes.len());
         for (i, r) in f.routes.iter().enumerate() {
-            let route = self.route(
-                i,
-                r,
-                &listeners,
-                &upstreams,
-                &rate_limits,
-                f.cache.is_some(),
-            )?;
+            let known = route::Known {
+                listeners: &listeners,
+                upstreams: &upstreams,
+                rate_limits: &rate_limits,
+                has_cache: f.cache.is_some(),
+                providers: &auth,
+                consumers: &consumers,
+            };
+            let route = self.route(i, r, &known)?;
             if routes.iter().any(|o| o.name == route.name) {
                 return Err(self.err(
                     r.name.span(),
@@ -465,6 +481,8 @@ impl Validator<'_> {
             upstreams,
             routes,
             rate_limits,
+            consumers,
+            auth,
         })
     }
 
@@ -485,13 +503,7 @@ impl Validator<'_> {
         let k = match l.key.get_ref().as_str() {
             "client_ip" => RateLimitKey::ClientIp,
             "route" => RateLimitKey::Route,
-            "consumer" => {
-                return Err(self.err(
-                    l.key.span(),
-                    &format!("{key}.key"),
-                    "\"consumer\" keys need authentication, which ringway does not have yet",
-                ))
-            }
+            "consumer" => RateLimitKey::Consumer,
             s => match s.strip_prefix("header:") {
                 Some(h) if crate::http::is_token(h.as_bytes()) => {
                     RateLimitKey::Header(h.to_ascii_lowercase())

@@ -5,8 +5,9 @@ use toml::Spanned;
 
 use super::file::{RedirectFile, RespondFile, RouteFile};
 use super::{
-    ms, ConfigError, HostMatch, Listener, ListenerId, PathMatch, RateLimit, RateLimitId, Redirect,
-    Respond, Route, RouteAction, RouteCache, Upstream, UpstreamId, Validator,
+    ms, AuthId, AuthProvider, ConfigError, Consumer, HostMatch, Listener, ListenerId, PathMatch,
+    RateLimit, RateLimitId, Redirect, Respond, Route, RouteAction, RouteCache, Upstream,
+    UpstreamId, Validator,
 };
 
 /// RFC 9110's methods and PATCH: written in any other case, a config almost certainly meant them.
@@ -14,16 +15,38 @@ const STANDARD_METHODS: [&str; 9] = [
     "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
 ];
 
+/// What a route may refer to: the sections validated before the routes.
+pub(super) struct Known<'a> {
+    pub listeners: &'a [Listener],
+    pub upstreams: &'a [Upstream],
+    pub rate_limits: &'a [RateLimit],
+    pub has_cache: bool,
+    pub providers: &'a [AuthProvider],
+    pub consumers: &'a [Consumer],
+}
+
+/// A route's authentication: providers in order, and the group rules.
+struct RouteAuth {
+    auth: Vec<AuthId>,
+    allow_groups: Vec<String>,
+    deny_groups: Vec<String>,
+}
+
 impl Validator<'_> {
     pub(super) fn route(
         &self,
         i: usize,
         r: &RouteFile,
-        listeners: &[Listener],
-        upstreams: &[Upstream],
-        rate_limits: &[RateLimit],
-        has_cache: bool,
+        known: &Known<'_>,
     ) -> Result<Route, ConfigError> {
+        let Known {
+            listeners,
+            upstreams,
+            rate_limits,
+            has_cache,
+            providers,
+            consumers,
+        } = *known;
         let key = format!("routes[{i}]");
         let name = self.name(&r.name, &format!("{key}.name"))?;
         let listener = listeners
@@ -89,7 +112,15 @@ impl Validator<'_> {
         let cache = self.route_cache(r, &key, has_cache)?;
         let limits = self.route_limits(r, &key, rate_limits)?;
 
+        let RouteAuth {
+            auth,
+            allow_groups,
+            deny_groups,
+        } = self.route_auth(r, &key, providers, consumers)?;
         Ok(Route {
+            auth,
+            allow_groups,
+            deny_groups,
             name,
             listener: ListenerId(listener as u16),
             host,
@@ -301,6 +332,61 @@ impl Validator<'_> {
                 format!("{s:?} must start with '/' and contain no spaces"),
             ))
         }
+    }
+
+    /// A route's `auth`, `allow_groups` and `deny_groups`.
+    fn route_auth(
+        &self,
+        r: &RouteFile,
+        key: &str,
+        providers: &[AuthProvider],
+        consumers: &[Consumer],
+    ) -> Result<RouteAuth, ConfigError> {
+        let mut auth = Vec::with_capacity(r.auth.len());
+        for a in &r.auth {
+            let Some(i) = providers.iter().position(|p| &p.name == a.get_ref()) else {
+                return Err(self.err(
+                    a.span(),
+                    &format!("{key}.auth"),
+                    format!("unknown auth provider {:?}", a.get_ref()),
+                ));
+            };
+            if auth.contains(&AuthId(i as u16)) {
+                return Err(self.err(a.span(), &format!("{key}.auth"), "listed twice"));
+            }
+            auth.push(AuthId(i as u16));
+        }
+        let mut lists = [Vec::new(), Vec::new()];
+        for (list, (field, out)) in [&r.allow_groups, &r.deny_groups].into_iter().zip(
+            ["allow_groups", "deny_groups"]
+                .into_iter()
+                .zip(lists.iter_mut()),
+        ) {
+            for g in list {
+                let k = format!("{key}.{field}");
+                if auth.is_empty() {
+                    return Err(self.err(
+                        g.span(),
+                        &k,
+                        "groups need the route's auth to name a consumer",
+                    ));
+                }
+                if !consumers.iter().any(|c| c.groups.contains(g.get_ref())) {
+                    return Err(self.err(
+                        g.span(),
+                        &k,
+                        format!("no consumer is in group {:?}", g.get_ref()),
+                    ));
+                }
+                out.push(g.get_ref().clone());
+            }
+        }
+        let [allow_groups, deny_groups] = lists;
+        Ok(RouteAuth {
+            auth,
+            allow_groups,
+            deny_groups,
+        })
     }
 
     fn redirect(&self, r: &Spanned<RedirectFile>, key: &str) -> Result<Redirect, ConfigError> {

@@ -22,6 +22,7 @@ enum Part {
     ClientIp,
     Route,
     Host,
+    Consumer,
     Tls(TlsVar),
 }
 
@@ -46,6 +47,7 @@ impl HeaderRules {
                     TemplatePart::ClientIp => Part::ClientIp,
                     TemplatePart::Route => Part::Route,
                     TemplatePart::Host => Part::Host,
+                    TemplatePart::Consumer => Part::Consumer,
                     TemplatePart::Tls(v) => Part::Tls(*v),
                 };
                 if !literal.is_empty() {
@@ -73,6 +75,7 @@ impl HeaderRules {
                 Part::ClientIp => req.client_ip,
                 Part::Route => req.route_name.as_bytes(),
                 Part::Host => req.view.host(),
+                Part::Consumer => req.consumer.unwrap_or_default().as_bytes(),
                 Part::Tls(v) => req.tls.map_or(&[][..], |t| t.var(*v)),
             });
         }

@@ -20,21 +20,25 @@
 //! write `HeaderEdits`; they never see framing bytes or the stream. A new filter is a new
 //! variant here, a file beside this one, and a line in `Chain::build`.
 
+mod auth;
 pub mod cache;
 mod headers;
 mod rate_limit;
 
 use std::cell::RefCell;
+use std::rc::Rc;
 use std::sync::Arc;
 
+use crate::auth::Consumers;
 use crate::cache::{Entry, WorkerCache};
-use crate::config::{Config, Route, RouteAction, RouteId};
+use crate::config::{Config, ConsumerId, Route, RouteAction, RouteId};
 use crate::deadline::Deadline;
 use crate::error::ProxyError;
 use crate::http::{HeaderEdits, RequestHead};
 use crate::metrics::{CacheOutcome, WorkerMetrics};
 use crate::ratelimit::Limiter;
 
+use auth::Auth;
 use cache::{Cache, CacheSlot};
 pub use headers::HeaderRules;
 pub use rate_limit::RateLimit;
@@ -77,6 +81,8 @@ pub struct RequestInfo<'a> {
     pub route: RouteId,
     pub route_name: &'a str,
     pub request_id: &'a [u8],
+    /// The authenticated consumer's name, once the auth filter has found one.
+    pub consumer: Option<&'a str>,
 }
 
 /// The worker's services a filter may use, borrowed from the worker (no filter sees `Worker`),
@@ -94,9 +100,13 @@ pub struct RequestOut<'a> {
     pub lines: &'a mut Vec<u8>,
     /// The cache's per-request state.
     pub cache: &'a mut Option<CacheSlot>,
+    /// Who is calling, once the auth filter knows.
+    pub consumer: &'a mut Option<ConsumerId>,
 }
 
 pub enum Filter {
+    /// Authentication and the route's group rules.
+    Auth(Auth),
     RateLimit(RateLimit),
     /// Header transforms, in either direction.
     Headers {
@@ -131,7 +141,8 @@ impl Filter {
         out: &mut RequestOut<'_>,
     ) -> Result<(), ProxyError> {
         match self {
-            Filter::RateLimit(limit) => limit.on_request(cx, req, out.lines),
+            Filter::Auth(auth) => auth.on_request(cx, req, out.consumer),
+            Filter::RateLimit(limit) => limit.on_request(cx, req, out.lines, *out.consumer),
             Filter::Invalidate => {
                 cache::invalidate_on_request(req, out.cache);
                 Ok(())
@@ -153,6 +164,7 @@ impl Filter {
                 ..
             } => rules.apply(req, edits),
             Filter::Cache(_) => Cache::on_upstream_request(slot, edits),
+            Filter::Auth(auth) => auth.on_upstream_request(req, edits),
             _ => {}
         }
     }
@@ -175,14 +187,19 @@ struct Phases {
 
 impl Chain {
     /// The route's filters: header transforms first (so that a refusal carries the response
-    /// edits), then rate limits, then the cache (a refused request never reaches it).
-    pub fn build(route: &Route, config: &Config) -> Chain {
+    /// edits), then authentication (so that rate limits can key on the consumer, and nobody
+    /// unknown spends a limit), then rate limits, then the cache (a refused request never
+    /// reaches it).
+    pub fn build(route: &Route, config: &Config, consumers: &Rc<Consumers>) -> Chain {
         let mut filters = Vec::new();
         if route.request_headers.is_some() || route.response_headers.is_some() {
             filters.push(Filter::Headers {
                 request: route.request_headers.as_ref().map(HeaderRules::new),
                 response: route.response_headers.as_ref().map(HeaderRules::new),
             });
+        }
+        if !route.auth.is_empty() {
+            filters.push(Filter::Auth(Auth::new(route, config, consumers)));
         }
         if !route.rate_limits.is_empty() {
             filters.push(Filter::RateLimit(RateLimit::new(&route.rate_limits)));
@@ -205,7 +222,7 @@ impl Chain {
                     phases.upstream_request |= request.is_some();
                 }
                 Filter::RateLimit(_) | Filter::Invalidate => phases.request = true,
-                Filter::Cache(_) => {
+                Filter::Cache(_) | Filter::Auth(_) => {
                     phases.request = true;
                     phases.upstream_request = true;
                 }

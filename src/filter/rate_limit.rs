@@ -2,7 +2,7 @@
 //! protocol lives in `ratelimit::admit`), or refuses it with 429 and `RateLimit-*` headers.
 
 use super::{Ctx, RequestInfo};
-use crate::config::{RateLimitId, RateLimitKey};
+use crate::config::{ConsumerId, RateLimitId, RateLimitKey};
 use crate::error::ProxyError;
 use crate::ratelimit::{self, Limiter};
 
@@ -20,10 +20,15 @@ impl RateLimit {
         cx: &Ctx<'_>,
         req: &RequestInfo<'_>,
         gateway_lines: &mut Vec<u8>,
+        consumer: Option<ConsumerId>,
     ) -> Result<(), ProxyError> {
         let key = |k: &RateLimitKey| match k {
             RateLimitKey::ClientIp => Limiter::hash_key(req.client_ip),
             RateLimitKey::Route => Limiter::hash_key(&req.route.0.to_le_bytes()),
+            // Requests without a consumer (a route without auth) share one bucket.
+            RateLimitKey::Consumer => {
+                Limiter::hash_key(&consumer.map_or(u32::MAX, |c| u32::from(c.0)).to_le_bytes())
+            }
             RateLimitKey::Header(name) => {
                 Limiter::hash_key(req.view.header(name.as_bytes()).unwrap_or_default())
             }

@@ -13,6 +13,8 @@ pub struct HeaderEdits {
     remove_lengths: u64,
     /// Complete header lines (`name: value\r\n`) to add after the kept ones.
     append: Vec<u8>,
+    /// Query parameters to drop from the target, each a length byte and the name.
+    query_drop: Vec<u8>,
 }
 
 impl HeaderEdits {
@@ -20,10 +22,36 @@ impl HeaderEdits {
         self.remove.clear();
         self.remove_lengths = 0;
         self.append.clear();
+        self.query_drop.clear();
     }
 
     pub fn is_empty(&self) -> bool {
-        self.remove.is_empty() && self.append.is_empty()
+        self.remove.is_empty() && self.append.is_empty() && self.query_drop.is_empty()
+    }
+
+    /// Drops every query parameter named `name` (at most 255 bytes) from the target sent
+    /// upstream (a credential in the URL).
+    pub fn drop_query_param(&mut self, name: &[u8]) {
+        let name = &name[..name.len().min(usize::from(u8::MAX))];
+        self.query_drop.push(name.len() as u8);
+        self.query_drop.extend_from_slice(name);
+    }
+
+    /// Whether the query parameter `name` is dropped.
+    pub fn drops_query_param(&self, name: &[u8]) -> bool {
+        let mut rest = &self.query_drop[..];
+        while let Some((&len, tail)) = rest.split_first() {
+            let (entry, next) = tail.split_at(usize::from(len).min(tail.len()));
+            if entry == name {
+                return true;
+            }
+            rest = next;
+        }
+        false
+    }
+
+    pub fn drops_any_query_param(&self) -> bool {
+        !self.query_drop.is_empty()
     }
 
     /// Appends `name` (a token of at most 255 bytes, which config validation guarantees) to an

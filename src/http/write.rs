@@ -80,16 +80,40 @@ pub fn upstream_path<'a>(path: &'a [u8], strip_prefix: Option<&[u8]>) -> (&'stat
     }
 }
 
+/// Appends `target` without the query parameters `edits` drops (and without the `?` when
+/// none is left).
+fn target_without(out: &mut Vec<u8>, target: &[u8], edits: &HeaderEdits) {
+    let Some(q) = target.iter().position(|&b| b == b'?') else {
+        out.extend_from_slice(target);
+        return;
+    };
+    out.extend_from_slice(&target[..q]);
+    let mut sep = b'?';
+    for pair in target[q + 1..].split(|&b| b == b'&') {
+        let name = pair.split(|&b| b == b'=').next().unwrap_or_default();
+        if edits.drops_query_param(name) {
+            continue;
+        }
+        out.push(sep);
+        out.extend_from_slice(pair);
+        sep = b'&';
+    }
+}
+
 /// Appends the request head to send upstream. `buf` is the buffer `head` was parsed from.
 pub fn upstream_request(out: &mut Vec<u8>, buf: &[u8], head: &RequestHead, fwd: &Forwarding<'_>) {
     out.extend_from_slice(head.method_span.get(buf));
     out.push(b' ');
+    let edits = fwd.edits;
     let (slash, path) = upstream_path(head.path.get(buf), fwd.strip_prefix);
     out.extend_from_slice(slash);
-    out.extend_from_slice(path);
+    if edits.drops_any_query_param() {
+        target_without(out, path, edits);
+    } else {
+        out.extend_from_slice(path);
+    }
     out.extend_from_slice(b" HTTP/1.1\r\n");
 
-    let edits = fwd.edits;
     let removing = edits.removes_any();
     let mut xff_seen = false;
     copy_lines(out, buf, &head.headers, head.len, |h| match h.kind {

@@ -6,7 +6,9 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 
-use super::{new_histogram, CacheOutcome, Gauges, RequestCounts, Snapshot, UpstreamOutcome};
+use super::{
+    new_histogram, AuthOutcome, CacheOutcome, Gauges, RequestCounts, Snapshot, UpstreamOutcome,
+};
 use crate::config::Config;
 use crate::error::Reject;
 
@@ -28,6 +30,9 @@ pub struct Aggregate {
     pub cache_enabled: bool,
     /// `(route, limit, refused)` for every limit a route applies.
     pub ratelimited: Vec<(usize, usize, u64)>,
+    pub auth_names: Vec<String>,
+    /// Authentication decisions by (route, provider, outcome).
+    pub auth: std::collections::BTreeMap<(usize, usize, AuthOutcome), u64>,
 }
 
 #[derive(Default)]
@@ -88,6 +93,8 @@ impl Aggregate {
             limit_names: config.rate_limits.iter().map(|l| l.name.clone()).collect(),
             cache: [0; CacheOutcome::ALL.len()],
             cache_enabled: config.cache.is_some(),
+            auth_names: config.auth.iter().map(|a| a.name.clone()).collect(),
+            auth: Default::default(),
             ratelimited: config
                 .routes
                 .iter()
@@ -138,6 +145,10 @@ impl Aggregate {
         self.access_log_dropped += s.access_log_dropped;
         for (i, n) in s.cache.iter().enumerate() {
             self.cache[i] += n;
+        }
+        for ((route, provider, outcome), n) in &s.auth {
+            let key = (usize::from(route.0), usize::from(provider.0), *outcome);
+            *self.auth.entry(key).or_default() += n;
         }
         for (route, limit, n) in &s.ratelimited {
             let pair = (usize::from(route.0), usize::from(limit.0));

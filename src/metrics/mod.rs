@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use hdrhistogram::Histogram;
 
-use crate::config::{RateLimitId, RouteId, UpstreamId};
+use crate::config::{AuthId, RateLimitId, RouteId, UpstreamId};
 use crate::error::Reject;
 use crate::http::Method;
 use crate::upstream::TargetId;
@@ -88,6 +88,30 @@ impl UpstreamOutcome {
     }
 }
 
+/// How an authentication provider decided a request: the `outcome` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum AuthOutcome {
+    /// Valid credentials, and the route lets the consumer pass.
+    Ok,
+    /// No provider's credentials were present (counted against the route's first provider).
+    Missing,
+    /// Credentials present but not valid.
+    Invalid,
+    /// Valid credentials, but the route's groups exclude the consumer (403).
+    Forbidden,
+}
+
+impl AuthOutcome {
+    pub fn label(self) -> &'static str {
+        match self {
+            AuthOutcome::Ok => "ok",
+            AuthOutcome::Missing => "missing",
+            AuthOutcome::Invalid => "invalid",
+            AuthOutcome::Forbidden => "forbidden",
+        }
+    }
+}
+
 /// How a request on a caching route was answered: the `result` label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CacheOutcome {
@@ -159,6 +183,9 @@ pub struct WorkerMetrics {
     ratelimited: Vec<u64>,
     limits: usize,
     cache: [u64; CacheOutcome::ALL.len()],
+    /// Authentication decisions by route, provider and outcome (at most routes × providers × 4
+    /// entries, each allocated once).
+    auth: ahash::AHashMap<(RouteId, AuthId, AuthOutcome), u64>,
 }
 
 /// What a finished request contributes.
@@ -175,6 +202,7 @@ impl WorkerMetrics {
             ratelimited: vec![0; routes * limits],
             limits,
             cache: [0; CacheOutcome::ALL.len()],
+            auth: ahash::AHashMap::new(),
             routes: (0..=routes).map(|_| RouteStats::default()).collect(),
             targets: targets_per_upstream
                 .iter()
@@ -226,6 +254,10 @@ impl WorkerMetrics {
 
     pub fn record_ratelimited(&mut self, route: RouteId, limit: RateLimitId) {
         self.ratelimited[usize::from(route.0) * self.limits + usize::from(limit.0)] += 1;
+    }
+
+    pub fn record_auth(&mut self, route: RouteId, provider: AuthId, outcome: AuthOutcome) {
+        *self.auth.entry((route, provider, outcome)).or_default() += 1;
     }
 
     pub fn record_cache(&mut self, outcome: CacheOutcome) {
@@ -280,7 +312,14 @@ impl WorkerMetrics {
                 (route, RateLimitId((i % limits) as u16), std::mem::take(n))
             })
             .collect();
+        let auth = self
+            .auth
+            .iter_mut()
+            .filter(|(_, n)| **n > 0)
+            .map(|(k, n)| (*k, std::mem::take(n)))
+            .collect();
         Snapshot {
+            auth,
             ratelimited,
             cache: std::mem::take(&mut self.cache),
             worker,
@@ -333,6 +372,8 @@ pub struct Snapshot {
     /// `(route, limit, refused)` for pairs with refusals.
     pub ratelimited: Vec<(RouteId, RateLimitId, u64)>,
     pub cache: [u64; CacheOutcome::ALL.len()],
+    /// Authentication decisions since the last snapshot.
+    pub auth: Vec<((RouteId, AuthId, AuthOutcome), u64)>,
 }
 
 pub struct RouteDelta {

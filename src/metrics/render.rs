@@ -244,6 +244,23 @@ pub fn prometheus(agg: &Aggregate, process: &Process) -> String {
             agg.rejections[r as usize]
         );
     }
+    if !agg.auth_names.is_empty() {
+        header(
+            &mut out,
+            "ringway_auth_total",
+            "counter",
+            "Authentication decisions, by route, provider and outcome (ok, missing, invalid, forbidden).",
+        );
+        for ((route, provider, outcome), n) in &agg.auth {
+            let _ = writeln!(
+                out,
+                "ringway_auth_total{{route=\"{}\",provider=\"{}\",outcome=\"{}\"}} {n}",
+                esc(agg.route_name(*route)),
+                esc(&agg.auth_names[*provider]),
+                outcome.label()
+            );
+        }
+    }
     header(
         &mut out,
         "ringway_ratelimited_total",

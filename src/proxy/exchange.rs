@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::Instant;
 
-use crate::config::{ListenerId, RouteId, UpstreamId};
+use crate::config::{ConsumerId, ListenerId, RouteId, UpstreamId};
 use crate::filter::cache::CacheSlot;
 use crate::generation::{Generation, RouteEntry};
 use crate::http::{HeaderEdits, RequestHead};
@@ -24,6 +24,8 @@ pub(crate) struct Exchange {
     pub client_ip: IpText,
     /// What the connection's TLS negotiated; `None` on cleartext.
     pub tls: Option<TlsInfo>,
+    /// The authenticated consumer, once the auth filter has found one.
+    pub consumer: Option<ConsumerId>,
     pub route: Option<RouteId>,
     pub request_id: Vec<u8>,
     /// What the request did, for metrics and the access log.
@@ -53,6 +55,7 @@ impl Exchange {
             listener,
             client_ip: IpText::new(peer),
             tls,
+            consumer: None,
             route: None,
             request_id: Vec::with_capacity(64),
             log: RequestLog::new(),
@@ -68,6 +71,7 @@ impl Exchange {
     pub fn reset(&mut self, gen: Rc<Generation>) {
         self.gen = gen;
         self.route = None;
+        self.consumer = None;
         self.log = RequestLog::new();
         self.extra.clear();
         self.up_edits.clear();

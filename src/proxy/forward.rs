@@ -13,7 +13,7 @@ use std::time::Instant;
 use monoio::io::AsyncWriteRent;
 use tracing::debug;
 
-use super::pipeline::request_info;
+use super::pipeline::{request_info, Who};
 use super::response::{
     read_final_head, send_response, HeadWait, ResponseCtx, ResponseDone, ResponseFailure,
 };
@@ -95,8 +95,13 @@ fn write_upstream_head<S: Io>(
         c.ex.route
             .filter(|_| route.chain.runs_on_upstream_request())
     {
-        let (ip, tls) = (&c.ex.client_ip, c.ex.tls.as_ref());
-        let info = request_info(buf, head, ip, tls, &c.ex.request_id, id, route);
+        let who = Who {
+            client_ip: &c.ex.client_ip,
+            tls: c.ex.tls.as_ref(),
+            request_id: &c.ex.request_id,
+            consumer: c.ex.consumer.map(|id| c.ex.gen.consumers.name(id)),
+        };
+        let info = request_info(buf, head, who, id, route);
         let slot = c.ex.cache.as_ref();
         route
             .chain

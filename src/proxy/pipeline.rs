@@ -42,9 +42,12 @@ pub(super) async fn run<S: Io>(c: &mut Session<'_, S>, w: &Rc<Worker>) -> Result
     let info = request_info(
         c.rbuf.data(),
         &c.head,
-        &c.ex.client_ip,
-        c.ex.tls.as_ref(),
-        &c.ex.request_id,
+        Who {
+            client_ip: &c.ex.client_ip,
+            tls: c.ex.tls.as_ref(),
+            request_id: &c.ex.request_id,
+            consumer: None,
+        },
         id,
         route,
     );
@@ -62,6 +65,7 @@ pub(super) async fn run<S: Io>(c: &mut Session<'_, S>, w: &Rc<Worker>) -> Result
         let mut out = RequestOut {
             lines: &mut c.ex.extra,
             cache: &mut c.ex.cache,
+            consumer: &mut c.ex.consumer,
         };
         flow = route
             .chain
@@ -131,23 +135,30 @@ pub(super) async fn run<S: Io>(c: &mut Session<'_, S>, w: &Rc<Worker>) -> Result
     }
 }
 
-/// What the route's filters may know about the request (borrowed field by field, so that the
+/// The exchange's facts about who sent the request, borrowed field by field (so that the
 /// caller can write the exchange's edits meanwhile).
+pub(super) struct Who<'a> {
+    pub client_ip: &'a super::exchange::IpText,
+    pub tls: Option<&'a TlsInfo>,
+    pub request_id: &'a [u8],
+    pub consumer: Option<&'a str>,
+}
+
+/// What the route's filters may know about the request.
 pub(super) fn request_info<'a>(
     buf: &'a [u8],
     head: &'a RequestHead,
-    client_ip: &'a super::exchange::IpText,
-    tls: Option<&'a TlsInfo>,
-    request_id: &'a [u8],
+    who: Who<'a>,
     route: RouteId,
     entry: &'a RouteEntry,
 ) -> RequestInfo<'a> {
     RequestInfo {
         view: RequestView { buf, head },
-        client_ip: client_ip.as_bytes(),
-        tls,
+        client_ip: who.client_ip.as_bytes(),
+        tls: who.tls,
+        consumer: who.consumer,
+        request_id: who.request_id,
         route,
         route_name: &entry.name,
-        request_id,
     }
 }

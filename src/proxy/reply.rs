@@ -39,6 +39,7 @@ pub(super) async fn error<S: Io>(
             c.ex.extra.clear();
             refusal.info.write_headers(&mut headers, true);
         }
+        ProxyError::Unauthorized { challenges, .. } => headers.extend_from_slice(challenges),
         _ => {}
     }
     let body = serde_json::to_vec(&serde_json::json!({

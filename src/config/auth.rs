@@ -1,0 +1,235 @@
+//! `[[consumers]]` and `[[auth]]`: who may call, and how they prove it. API keys are stored
+//! as SHA-256 digests (`sha256:<hex>`); a plain key is accepted and hashed at load, with a
+//! warning at start, so that the running process never holds a key it could leak.
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::{ConfigError, Validator};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsumerFile {
+    pub name: Spanned<String>,
+    #[serde(default)]
+    pub groups: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub api_keys: Vec<Spanned<String>>,
+    pub basic: Option<Spanned<toml::Table>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthFile {
+    pub name: Spanned<String>,
+    #[serde(rename = "type")]
+    pub kind: Spanned<String>,
+    pub header: Option<Spanned<String>>,
+    pub query: Option<Spanned<String>>,
+    #[serde(default)]
+    pub forward_credentials: bool,
+}
+
+/// Index of a consumer in `Config::consumers`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ConsumerId(pub u16);
+
+/// Index of a provider in `Config::auth`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct AuthId(pub u16);
+
+#[derive(Debug, Clone)]
+pub struct Consumer {
+    pub name: String,
+    pub groups: Vec<String>,
+    /// SHA-256 digests of the consumer's API keys.
+    pub api_keys: Vec<[u8; 32]>,
+    /// Some key was given in plain text (hashed here; warned about at start).
+    pub plain_keys: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct AuthProvider {
+    pub name: String,
+    pub kind: AuthKind,
+    /// Keep the credentials on the request that goes upstream (stripped by default).
+    pub forward_credentials: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthKind {
+    /// A key in a request header (lower-case name) and/or a query parameter.
+    ApiKey {
+        header: Option<String>,
+        query: Option<String>,
+    },
+}
+
+impl Validator<'_> {
+    pub(super) fn consumers(&self, files: &[ConsumerFile]) -> Result<Vec<Consumer>, ConfigError> {
+        let mut out: Vec<Consumer> = Vec::with_capacity(files.len());
+        for (i, c) in files.iter().enumerate() {
+            let key = format!("consumers[{i}]");
+            let name = self.name(&c.name, &format!("{key}.name"))?;
+            if out.iter().any(|o| o.name == name) {
+                return Err(self.err(
+                    c.name.span(),
+                    "",
+                    format!("duplicate consumer name {name:?}"),
+                ));
+            }
+            if let Some(b) = &c.basic {
+                return Err(self.err(
+                    b.span(),
+                    &format!("{key}.basic"),
+                    "basic credentials are not supported yet (api_keys are)",
+                ));
+            }
+            let mut groups = Vec::with_capacity(c.groups.len());
+            for g in &c.groups {
+                groups.push(self.name(g, &format!("{key}.groups"))?);
+            }
+            let mut api_keys = Vec::with_capacity(c.api_keys.len());
+            let mut plain_keys = false;
+            for k in &c.api_keys {
+                let (digest, plain) = self.api_key(k, &format!("{key}.api_keys"))?;
+                let taken = out.iter().find(|o| o.api_keys.contains(&digest));
+                if let Some(other) = taken
+                    .map(|o| &o.name)
+                    .or(api_keys.contains(&digest).then_some(&name))
+                {
+                    return Err(self.err(
+                        k.span(),
+                        &format!("{key}.api_keys"),
+                        format!("this key is also consumer {other:?}'s: a key names one consumer"),
+                    ));
+                }
+                plain_keys |= plain;
+                api_keys.push(digest);
+            }
+            out.push(Consumer {
+                name,
+                groups,
+                api_keys,
+                plain_keys,
+            });
+        }
+        self.fits_id(out.len(), "consumers")?;
+        Ok(out)
+    }
+
+    /// A `sha256:<64 hex digits>` digest, or a plain key hashed here (true: it was plain).
+    fn api_key(&self, k: &Spanned<String>, key: &str) -> Result<([u8; 32], bool), ConfigError> {
+        let s = k.get_ref();
+        if let Some(hex) = s.strip_prefix("sha256:") {
+            let mut digest = [0u8; 32];
+            let ok = hex.len() == 64
+                && hex
+                    .as_bytes()
+                    .chunks(2)
+                    .zip(digest.iter_mut())
+                    .all(|(pair, out)| {
+                        let text = std::str::from_utf8(pair).unwrap_or("");
+                        u8::from_str_radix(text, 16).map(|b| *out = b).is_ok()
+                    });
+            if !ok {
+                return Err(self.err(
+                    k.span(),
+                    key,
+                    "a hashed key is \"sha256:\" and 64 hex digits (sha256sum of the key)",
+                ));
+            }
+            return Ok((digest, false));
+        }
+        if s.len() < 16 {
+            return Err(self.err(
+                k.span(),
+                key,
+                "an API key needs at least 16 characters (or give its \"sha256:...\" digest)",
+            ));
+        }
+        Ok((crate::auth::digest(s.as_bytes()), true))
+    }
+
+    pub(super) fn auth_providers(
+        &self,
+        files: &[AuthFile],
+    ) -> Result<Vec<AuthProvider>, ConfigError> {
+        let mut out: Vec<AuthProvider> = Vec::with_capacity(files.len());
+        for (i, a) in files.iter().enumerate() {
+            let key = format!("auth[{i}]");
+            let name = self.name(&a.name, &format!("{key}.name"))?;
+            if out.iter().any(|o| o.name == name) {
+                return Err(self.err(
+                    a.name.span(),
+                    "",
+                    format!("duplicate auth provider {name:?}"),
+                ));
+            }
+            let kind = match a.kind.get_ref().as_str() {
+                "api_key" => {
+                    let header = match &a.header {
+                        Some(h) if crate::http::is_token(h.get_ref().as_bytes()) => {
+                            Some(h.get_ref().to_ascii_lowercase())
+                        }
+                        Some(h) => {
+                            return Err(self.err(
+                                h.span(),
+                                &format!("{key}.header"),
+                                format!("{:?} is not a header name", h.get_ref()),
+                            ))
+                        }
+                        None => None,
+                    };
+                    let query = match &a.query {
+                        Some(q)
+                            if !q.get_ref().is_empty()
+                                && q.get_ref()
+                                    .bytes()
+                                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) =>
+                        {
+                            Some(q.get_ref().clone())
+                        }
+                        Some(q) => {
+                            return Err(self.err(
+                                q.span(),
+                                &format!("{key}.query"),
+                                "a query parameter name is letters, digits, '-', '_' or '.'",
+                            ))
+                        }
+                        None => None,
+                    };
+                    let header = match (header, &query) {
+                        (None, None) => Some("x-api-key".to_owned()),
+                        (h, _) => h,
+                    };
+                    AuthKind::ApiKey { header, query }
+                }
+                "jwt" | "basic" => {
+                    return Err(self.err(
+                        a.kind.span(),
+                        &format!("{key}.type"),
+                        format!(
+                            "type {:?} is not supported yet (\"api_key\" is)",
+                            a.kind.get_ref()
+                        ),
+                    ))
+                }
+                other => {
+                    return Err(self.err(
+                        a.kind.span(),
+                        &format!("{key}.type"),
+                        format!("{other:?}: give \"api_key\""),
+                    ))
+                }
+            };
+            out.push(AuthProvider {
+                name,
+                kind,
+                forward_credentials: a.forward_credentials,
+            });
+        }
+        self.fits_id(out.len(), "auth providers")?;
+        Ok(out)
+    }
+}

@@ -1,0 +1,154 @@
+//! The authentication filter: the route's providers are tried in order, and the first whose
+//! credentials the request carries decides (a wrong key is a 401 even if a later provider would
+//! have matched something else). The consumer it finds is the request's identity; the route's
+//! `allow_groups` / `deny_groups` then decide whether that consumer may pass (403).
+//!
+//! Upstream, the identity travels as `X-Consumer` (any `X-Consumer` the client sent is dropped
+//! first), and the credentials are removed unless the provider says `forward_credentials`.
+
+use std::rc::Rc;
+
+use super::{Ctx, RequestInfo};
+use crate::auth::{query_param, Consumers};
+use crate::config::{AuthId, AuthKind, Config, ConsumerId, Route};
+use crate::error::ProxyError;
+use crate::http::HeaderEdits;
+use crate::metrics::AuthOutcome;
+
+pub struct Auth {
+    providers: Box<[Provider]>,
+    /// Per consumer: whether the route's groups let it pass; `None`: every consumer does.
+    allowed: Option<Box<[bool]>>,
+    consumers: Rc<Consumers>,
+    /// The 401's `www-authenticate` lines: one challenge per provider.
+    challenges: Rc<[u8]>,
+    /// `x-consumer`, and the credentials not forwarded, encoded for `HeaderEdits`.
+    strip: Box<[u8]>,
+    /// Query parameters holding credentials not forwarded.
+    strip_query: Box<[Box<[u8]>]>,
+}
+
+struct Provider {
+    id: AuthId,
+    header: Option<Box<[u8]>>,
+    query: Option<Box<[u8]>>,
+}
+
+impl Auth {
+    pub fn new(route: &Route, config: &Config, consumers: &Rc<Consumers>) -> Auth {
+        let mut providers = Vec::new();
+        let mut challenges = Vec::new();
+        let mut strip = Vec::new();
+        let mut strip_query = Vec::new();
+        HeaderEdits::encode_name(&mut strip, b"x-consumer");
+        for &id in &route.auth {
+            let p = &config.auth[usize::from(id.0)];
+            let AuthKind::ApiKey { header, query } = &p.kind;
+            challenges.extend_from_slice(b"www-authenticate: ApiKey realm=\"");
+            challenges.extend_from_slice(p.name.as_bytes());
+            challenges.push(b'"');
+            if let Some(h) = header {
+                challenges.extend_from_slice(format!(", header=\"{h}\"").as_bytes());
+            }
+            if let Some(q) = query {
+                challenges.extend_from_slice(format!(", query=\"{q}\"").as_bytes());
+            }
+            challenges.extend_from_slice(b"\r\n");
+            if !p.forward_credentials {
+                if let Some(h) = header {
+                    HeaderEdits::encode_name(&mut strip, h.as_bytes());
+                }
+                if let Some(q) = query {
+                    strip_query.push(q.as_bytes().into());
+                }
+            }
+            providers.push(Provider {
+                id,
+                header: header.as_ref().map(|h| h.as_bytes().into()),
+                query: query.as_ref().map(|q| q.as_bytes().into()),
+            });
+        }
+        let allowed =
+            (!route.allow_groups.is_empty() || !route.deny_groups.is_empty()).then(|| {
+                config
+                    .consumers
+                    .iter()
+                    .map(|c| {
+                        let in_any = |list: &[String]| c.groups.iter().any(|g| list.contains(g));
+                        (route.allow_groups.is_empty() || in_any(&route.allow_groups))
+                            && !in_any(&route.deny_groups)
+                    })
+                    .collect()
+            });
+        Auth {
+            providers: providers.into(),
+            allowed,
+            consumers: Rc::clone(consumers),
+            challenges: challenges.into(),
+            strip: strip.into(),
+            strip_query: strip_query.into(),
+        }
+    }
+
+    /// Finds the request's consumer (into `consumer`), or refuses it: 401 without valid
+    /// credentials, 403 for a consumer the route's groups exclude.
+    pub fn on_request(
+        &self,
+        cx: &Ctx<'_>,
+        req: &RequestInfo<'_>,
+        consumer: &mut Option<ConsumerId>,
+    ) -> Result<(), ProxyError> {
+        let record = |p: AuthId, outcome| {
+            cx.metrics.borrow_mut().record_auth(req.route, p, outcome);
+        };
+        for p in self.providers.iter() {
+            let presented = p
+                .header
+                .as_deref()
+                .and_then(|h| req.view.header(h))
+                .or_else(|| {
+                    let q = p.query.as_deref()?;
+                    query_param(req.view.head.target.get(req.view.buf), q)
+                });
+            let Some(key) = presented else { continue };
+            let Some(id) = self.consumers.by_api_key(key) else {
+                record(p.id, AuthOutcome::Invalid);
+                return Err(ProxyError::Unauthorized {
+                    challenges: Rc::clone(&self.challenges),
+                    invalid: true,
+                });
+            };
+            *consumer = Some(id);
+            if let Some(allowed) = &self.allowed {
+                if !allowed.get(usize::from(id.0)).copied().unwrap_or(false) {
+                    record(p.id, AuthOutcome::Forbidden);
+                    return Err(ProxyError::Forbidden(
+                        "this consumer may not use this route",
+                    ));
+                }
+            }
+            record(p.id, AuthOutcome::Ok);
+            return Ok(());
+        }
+        if let Some(first) = self.providers.first() {
+            record(first.id, AuthOutcome::Missing);
+        }
+        Err(ProxyError::Unauthorized {
+            challenges: Rc::clone(&self.challenges),
+            invalid: false,
+        })
+    }
+
+    /// Drops a client's `X-Consumer` and the credentials, and names the consumer upstream.
+    pub fn on_upstream_request(&self, req: &RequestInfo<'_>, edits: &mut HeaderEdits) {
+        edits.remove_encoded(&self.strip);
+        for q in self.strip_query.iter() {
+            edits.drop_query_param(q);
+        }
+        if let Some(name) = req.consumer {
+            edits.append_lines(b"x-consumer: ");
+            edits.append_lines(name.as_bytes());
+            edits.append_lines(b"\r\n");
+        }
+    }
+}

@@ -1,0 +1,291 @@
+//! Authentication through the real gateway: API keys in a header or the query (hashed and
+//! plain), the identity upstream (`X-Consumer`, a forged one removed; `${consumer}`), credentials
+//! stripped, group rules, the `consumer` rate-limit key, metrics and the access log, and the
+//! config errors.
+
+mod common;
+
+use std::net::SocketAddr;
+
+use common::*;
+
+// sha256("acme-key-0123456789") and sha256("globex-key-0123456789").
+const ACME_KEY: &str = "acme-key-0123456789";
+const GLOBEX_KEY: &str = "globex-key-0123456789";
+
+fn sha256_hex(s: &str) -> String {
+    ringway::auth::digest(s.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn gateway(upstream: SocketAddr, extra: &str) -> Gateway {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let gw = Gateway::start(&format!(
+        r#"
+[admin]
+address = "127.0.0.1:0"
+
+[access_log]
+path = "{log}"
+format = "json"
+
+[[consumers]]
+name = "acme"
+groups = ["partners"]
+api_keys = ["sha256:{acme}"]
+
+[[consumers]]
+name = "globex"
+groups = ["blocked"]
+api_keys = ["{globex}"]
+
+[[auth]]
+name = "keys"
+type = "api_key"
+header = "x-api-key"
+query = "api_key"
+
+[[auth]]
+name = "forwarding"
+type = "api_key"
+header = "x-forwarded-key"
+forward_credentials = true
+
+[[rate_limits]]
+name = "per-consumer"
+key = "consumer"
+rate = 0.001
+burst = 2
+
+[[upstreams]]
+name = "app"
+targets = ["{upstream}"]
+
+[[routes]]
+name = "open"
+listener = "public"
+path_prefix = "/open"
+upstream = "app"
+
+[[routes]]
+name = "keys"
+listener = "public"
+path_prefix = "/api"
+upstream = "app"
+auth = ["keys"]
+request_headers = {{ set = {{ "x-who" = "${{consumer}}" }} }}
+
+[[routes]]
+name = "partners"
+listener = "public"
+path_prefix = "/partners"
+upstream = "app"
+auth = ["keys"]
+allow_groups = ["partners"]
+
+[[routes]]
+name = "not-blocked"
+listener = "public"
+path_prefix = "/nb"
+upstream = "app"
+auth = ["keys"]
+deny_groups = ["blocked"]
+
+[[routes]]
+name = "limited"
+listener = "public"
+path_prefix = "/limited"
+upstream = "app"
+auth = ["keys"]
+rate_limits = ["per-consumer"]
+
+[[routes]]
+name = "forwarded"
+listener = "public"
+path_prefix = "/fwd"
+upstream = "app"
+auth = ["forwarding"]
+
+[[listeners]]
+name = "public"
+address = "127.0.0.1:0"
+{extra}
+"#,
+        log = log.display(),
+        acme = sha256_hex(ACME_KEY),
+        globex = GLOBEX_KEY,
+    ));
+    // The access log's directory lives as long as the gateway's own.
+    std::mem::forget(dir);
+    gw
+}
+
+fn call(gw: &Gateway, path: &str, headers: &str) -> Response {
+    exchange(
+        gw.addr("public"),
+        format!("GET {path} HTTP/1.1\r\nHost: test\r\n{headers}Connection: close\r\n\r\n")
+            .as_bytes(),
+    )
+}
+
+#[test]
+fn api_keys_identify_the_consumer_upstream_and_are_not_forwarded() {
+    let up = Upstream::start(|_| Reply::ok("ok"));
+    let gw = gateway(up.addr, "");
+    // A hashed key in the header; a forged X-Consumer is dropped.
+    let r = call(
+        &gw,
+        "/api/a",
+        &format!("X-Api-Key: {ACME_KEY}\r\nX-Consumer: admin\r\n"),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    // A plain key in the query, among other parameters that stay.
+    let r = call(&gw, &format!("/api/b?x=1&api_key={GLOBEX_KEY}&y=2"), "");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = call(&gw, &format!("/api/c?api_key={GLOBEX_KEY}"), "");
+    assert_eq!(r.status, 200);
+    let got = up.wait_for(3);
+    assert_eq!(got[0].headers_named("x-consumer"), vec!["acme"]);
+    assert_eq!(got[0].header("x-who"), Some("acme"));
+    assert_eq!(got[0].header("x-api-key"), None, "the key is stripped");
+    assert_eq!(got[1].path, "/api/b?x=1&y=2");
+    assert_eq!(got[1].header("x-consumer"), Some("globex"));
+    assert_eq!(got[2].path, "/api/c");
+    // The plain key was warned about at start, without the key itself.
+    let warning = gw.wait_log("the plain-key warning", |l| l.contains("plain text"));
+    assert!(
+        warning.contains("globex") && !warning.contains(GLOBEX_KEY),
+        "{warning}"
+    );
+    assert!(gw
+        .logs()
+        .iter()
+        .all(|l| !l.contains(GLOBEX_KEY) && !l.contains(ACME_KEY)));
+
+    // forward_credentials keeps them.
+    let r = call(&gw, "/fwd/x", &format!("X-Forwarded-Key: {ACME_KEY}\r\n"));
+    assert_eq!(r.status, 200);
+    assert_eq!(up.wait_for(4)[3].header("x-forwarded-key"), Some(ACME_KEY));
+}
+
+#[test]
+fn missing_and_wrong_keys_get_401_with_a_challenge() {
+    let up = Upstream::start(|_| Reply::ok("ok"));
+    let gw = gateway(up.addr, "");
+    let r = call(&gw, "/api/a", "");
+    assert_eq!(r.status, 401);
+    assert_eq!(
+        r.header("www-authenticate"),
+        Some("ApiKey realm=\"keys\", header=\"x-api-key\", query=\"api_key\"")
+    );
+    assert_eq!(r.json()["error"], "authentication required");
+    let r = call(&gw, "/api/a", "X-Api-Key: not-a-key-of-anyone\r\n");
+    assert_eq!(r.status, 401);
+    assert_eq!(r.json()["error"], "invalid credentials");
+    // A wrong key in the header decides, even with a right one in the query.
+    let r = call(
+        &gw,
+        &format!("/api/a?api_key={ACME_KEY}"),
+        "X-Api-Key: wrong-wrong-wrong\r\n",
+    );
+    assert_eq!(r.status, 401);
+    // Routes without auth are untouched.
+    assert_eq!(call(&gw, "/open", "").status, 200);
+    assert_eq!(up.count(), 1, "only the open route reached the upstream");
+    let m = eventually("the auth counters", || {
+        let m = get(gw.admin.unwrap(), "/metrics").text();
+        m.contains("outcome=\"invalid\"} 2").then_some(m)
+    });
+    assert!(
+        m.contains("ringway_auth_total{route=\"keys\",provider=\"keys\",outcome=\"missing\"} 1"),
+        "{m}"
+    );
+}
+
+#[test]
+fn group_rules_refuse_with_403() {
+    let up = Upstream::start(|_| Reply::ok("ok"));
+    let gw = gateway(up.addr, "");
+    let acme = format!("X-Api-Key: {ACME_KEY}\r\n");
+    let globex = format!("X-Api-Key: {GLOBEX_KEY}\r\n");
+    assert_eq!(call(&gw, "/partners", &acme).status, 200);
+    let r = call(&gw, "/partners", &globex);
+    assert_eq!(r.status, 403);
+    assert!(r.json()["error"].as_str().unwrap().starts_with("forbidden"));
+    assert_eq!(call(&gw, "/nb", &acme).status, 200);
+    assert_eq!(call(&gw, "/nb", &globex).status, 403);
+    assert_eq!(up.count(), 2);
+}
+
+#[test]
+fn the_consumer_rate_limit_key_gives_each_consumer_its_bucket() {
+    let up = Upstream::start(|_| Reply::ok("ok"));
+    let gw = gateway(up.addr, "");
+    let acme = format!("X-Api-Key: {ACME_KEY}\r\n");
+    let globex = format!("X-Api-Key: {GLOBEX_KEY}\r\n");
+    let statuses: Vec<u16> = (0..3)
+        .map(|_| call(&gw, "/limited", &acme).status)
+        .collect();
+    assert_eq!(statuses, [200, 200, 429]);
+    // Another consumer has its own burst.
+    assert_eq!(call(&gw, "/limited", &globex).status, 200);
+    // Unauthenticated requests never reach the limit (401 first).
+    assert_eq!(call(&gw, "/limited", "").status, 401);
+}
+
+#[test]
+fn auth_config_errors() {
+    let base = "[[listeners]]\nname = \"p\"\naddress = \"127.0.0.1:0\"\n";
+    let consumer =
+        "[[consumers]]\nname = \"c\"\ngroups = [\"g\"]\napi_keys = [\"0123456789abcdef\"]\n";
+    let auth = "[[auth]]\nname = \"k\"\ntype = \"api_key\"\n";
+    let route = |extra: &str| {
+        format!(
+            "[[routes]]\nname = \"r\"\nlistener = \"p\"\nrespond = {{ status = 200 }}\n{extra}\n"
+        )
+    };
+    assert_config_error(
+        &format!("{base}{consumer}{auth}{}", route("auth = [\"nope\"]")),
+        ":15:",
+        "unknown auth provider \"nope\"",
+    );
+    assert_config_error(
+        &format!(
+            "{base}{consumer}{auth}{}",
+            route("auth = [\"k\"]\nallow_groups = [\"gg\"]")
+        ),
+        ":16:",
+        "no consumer is in group \"gg\"",
+    );
+    assert_config_error(
+        &format!("{base}{consumer}{auth}{}", route("allow_groups = [\"g\"]")),
+        ":15:",
+        "groups need the route's auth",
+    );
+    assert_config_error(
+        &format!("{base}[[consumers]]\nname = \"c\"\napi_keys = [\"sha256:abc\"]\n"),
+        ":6:",
+        "64 hex digits",
+    );
+    assert_config_error(
+        &format!("{base}[[consumers]]\nname = \"c\"\napi_keys = [\"short\"]\n"),
+        ":6:",
+        "at least 16 characters",
+    );
+    assert_config_error(
+        &format!(
+            "{base}{consumer}[[consumers]]\nname = \"d\"\napi_keys = [\"sha256:{}\"]\n",
+            sha256_hex("0123456789abcdef")
+        ),
+        ":10:",
+        "this key is also consumer \"c\"'s",
+    );
+    assert_config_error(
+        &format!("{base}[[auth]]\nname = \"j\"\ntype = \"jwt\"\n"),
+        ":6:",
+        "type \"jwt\" is not supported yet",
+    );
+}
