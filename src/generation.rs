@@ -11,6 +11,7 @@
 use std::rc::Rc;
 
 use crate::auth::Consumers;
+use crate::cidr::Cidr;
 use crate::config::{Config, RouteAction, RouteId, UpstreamId};
 use crate::filter::Chain;
 use crate::router::Router;
@@ -25,6 +26,8 @@ pub struct Generation {
     pub upstreams: Box<[Rc<UpstreamState>]>,
     /// The consumers and their credentials, shared by the routes' auth filters.
     pub consumers: Rc<Consumers>,
+    /// `[clients] trusted_proxies`.
+    pub trusted_proxies: Box<[Cidr]>,
 }
 
 pub struct RouteEntry {
@@ -122,6 +125,7 @@ impl Generation {
             routes,
             upstreams,
             consumers,
+            trusted_proxies: config.trusted_proxies.as_slice().into(),
         }
     }
 

@@ -32,6 +32,7 @@ pub mod auth;
 pub mod body;
 pub mod buffer;
 pub mod cache;
+pub mod cidr;
 pub mod config;
 pub mod deadline;
 pub mod error;

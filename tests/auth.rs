@@ -289,3 +289,101 @@ fn auth_config_errors() {
         "type \"jwt\" is not supported yet",
     );
 }
+
+#[test]
+fn ip_rules_see_the_client_behind_trusted_proxies_v4_and_v6() {
+    let up = Upstream::start(|_| Reply::ok("ok"));
+    let routes = |trusted: &str| {
+        format!(
+            r#"
+{trusted}
+
+[[listeners]]
+name = "public"
+address = "127.0.0.1:0"
+
+[[upstreams]]
+name = "app"
+targets = ["{}"]
+
+[[routes]]
+name = "partners"
+listener = "public"
+path_prefix = "/partners"
+upstream = "app"
+ip_allow = ["203.0.113.0/24", "2001:db8::/32"]
+ip_deny = ["203.0.113.66"]
+request_headers = {{ set = {{ "x-client" = "${{client_ip}}" }} }}
+
+[[routes]]
+name = "local"
+listener = "public"
+path_prefix = "/local"
+upstream = "app"
+ip_allow = ["127.0.0.0/8"]
+"#,
+            up.addr
+        )
+    };
+    let gw = Gateway::start(&routes(
+        "[clients]\ntrusted_proxies = [\"127.0.0.1\", \"10.0.0.0/8\"]",
+    ));
+    let call = |xff: &str| {
+        let xff = if xff.is_empty() {
+            String::new()
+        } else {
+            format!("X-Forwarded-For: {xff}\r\n")
+        };
+        exchange(
+            gw.addr("public"),
+            format!("GET /partners HTTP/1.1\r\nHost: t\r\n{xff}Connection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .status
+    };
+    // The rightmost untrusted hop is the client; trusted hops (10/8) are skipped.
+    assert_eq!(call("198.51.100.9, 203.0.113.5"), 200);
+    assert_eq!(call("198.51.100.9, 203.0.113.5, 10.1.1.1"), 200);
+    assert_eq!(call("203.0.113.5, 198.51.100.9"), 403);
+    assert_eq!(call("2001:db8::7"), 200);
+    assert_eq!(call("203.0.113.66"), 403, "denied within the allowed range");
+    assert_eq!(
+        call(""),
+        403,
+        "no header: the peer (127.0.0.1) is the client"
+    );
+    assert_eq!(
+        call("garbage, 203.0.113.5"),
+        200,
+        "the walk stops at what is not an address"
+    );
+    assert_eq!(call("203.0.113.5, garbage"), 403);
+    let got = up.wait_for(4);
+    assert_eq!(got[0].header("x-client"), Some("203.0.113.5"));
+    assert_eq!(
+        got[0].header("x-forwarded-for"),
+        Some("198.51.100.9, 203.0.113.5, 127.0.0.1"),
+        "the hop list grows by the peer, not the resolved client"
+    );
+    assert_eq!(got[2].header("x-client"), Some("2001:db8::7"));
+    drop(gw);
+
+    // Without trusted proxies, X-Forwarded-For is not believed.
+    let gw = Gateway::start(&routes(""));
+    let r = exchange(
+        gw.addr("public"),
+        b"GET /partners HTTP/1.1\r\nHost: t\r\nX-Forwarded-For: 203.0.113.5\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(r.status, 403);
+    assert!(
+        r.json()["error"].as_str().unwrap().contains("address"),
+        "{}",
+        r.text()
+    );
+    assert_eq!(get(gw.addr("public"), "/local").status, 200);
+    assert_config_error(
+        &format!("{}\nip_deny = [\"10.0.0.1/8\"]\n", routes("")),
+        ":28:",
+        "has bits set past its /8 prefix",
+    );
+}

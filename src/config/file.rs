@@ -31,6 +31,7 @@ pub struct File {
     pub routes: Vec<RouteFile>,
     #[serde(default)]
     pub rate_limits: Vec<RateLimitFile>,
+    pub clients: Option<ClientsFile>,
     #[serde(default)]
     pub consumers: Vec<super::auth::ConsumerFile>,
     #[serde(default)]
@@ -358,6 +359,17 @@ pub struct RouteFile {
     pub allow_groups: Vec<Spanned<String>>,
     #[serde(default)]
     pub deny_groups: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub ip_allow: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub ip_deny: Vec<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientsFile {
+    #[serde(default)]
+    pub trusted_proxies: Vec<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

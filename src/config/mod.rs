@@ -23,6 +23,7 @@ pub use headers::{HeaderTransform, Template, TemplatePart, TlsVar};
 pub use tls::{ClientAuth, ListenerTls, TlsVersion, UpstreamTls};
 use toml::Spanned;
 
+use crate::cidr::Cidr;
 use crate::http::{ParseLimits, MAX_HEADERS_CEILING};
 
 /// Index of a listener in `Config::listeners`.
@@ -56,6 +57,8 @@ pub struct Config {
     pub routes: Vec<Route>,
     pub rate_limits: Vec<RateLimit>,
     pub consumers: Vec<Consumer>,
+    /// Peers whose `X-Forwarded-For` names the client (`[clients] trusted_proxies`).
+    pub trusted_proxies: Vec<Cidr>,
     /// Authentication providers, referenced by routes' `auth`.
     pub auth: Vec<AuthProvider>,
 }
@@ -231,6 +234,10 @@ pub struct Route {
     pub allow_groups: Vec<String>,
     /// Consumers in any of these groups get 403.
     pub deny_groups: Vec<String>,
+    /// Clients outside these ranges get 403 (empty: any client).
+    pub ip_allow: Vec<Cidr>,
+    /// Clients inside these ranges get 403.
+    pub ip_deny: Vec<Cidr>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -400,6 +407,10 @@ impl Validator<'_> {
 
         self.fits_id(rate_limits.len(), "rate limits")?;
 
+        let trusted_proxies = match &f.clients {
+            Some(c) => self.cidrs(&c.trusted_proxies, "clients.trusted_proxies")?,
+            None => Vec::new(),
+        };
         let consumers = self.consumers(&f.consumers)?;
         let auth = self.auth_providers(&f.auth)?;
         let mut routes: Vec<Route> = Vec::with_capacity(f.routes.len());
@@ -482,8 +493,16 @@ impl Validator<'_> {
             routes,
             rate_limits,
             consumers,
+            trusted_proxies,
             auth,
         })
+    }
+
+    /// A list of addresses and CIDR ranges.
+    fn cidrs(&self, list: &[Spanned<String>], key: &str) -> Result<Vec<Cidr>, ConfigError> {
+        list.iter()
+            .map(|s| Cidr::parse(s.get_ref()).map_err(|e| self.err(s.span(), key, e)))
+            .collect()
     }
 
     /// Ids are `u16`: a section with more entries is refused here, never truncated later.

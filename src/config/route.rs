@@ -117,7 +117,11 @@ impl Validator<'_> {
             allow_groups,
             deny_groups,
         } = self.route_auth(r, &key, providers, consumers)?;
+        let ip_allow = self.cidrs(&r.ip_allow, &format!("{key}.ip_allow"))?;
+        let ip_deny = self.cidrs(&r.ip_deny, &format!("{key}.ip_deny"))?;
         Ok(Route {
+            ip_allow,
+            ip_deny,
             auth,
             allow_groups,
             deny_groups,

@@ -26,11 +26,13 @@ mod headers;
 mod rate_limit;
 
 use std::cell::RefCell;
+use std::net::IpAddr;
 use std::rc::Rc;
 use std::sync::Arc;
 
 use crate::auth::Consumers;
 use crate::cache::{Entry, WorkerCache};
+use crate::cidr::{any_contains, Cidr};
 use crate::config::{Config, ConsumerId, Route, RouteAction, RouteId};
 use crate::deadline::Deadline;
 use crate::error::ProxyError;
@@ -75,6 +77,8 @@ impl<'b> RequestView<'b> {
 #[derive(Clone, Copy)]
 pub struct RequestInfo<'a> {
     pub view: RequestView<'a>,
+    /// The client (see `Exchange::client`), as an address and as text.
+    pub client: IpAddr,
     pub client_ip: &'a [u8],
     /// What the connection's TLS negotiated; `None` on cleartext.
     pub tls: Option<&'a crate::tls::TlsInfo>,
@@ -105,6 +109,11 @@ pub struct RequestOut<'a> {
 }
 
 pub enum Filter {
+    /// `ip_allow` / `ip_deny`: 403 for a client outside or inside them.
+    IpRules {
+        allow: Box<[Cidr]>,
+        deny: Box<[Cidr]>,
+    },
     /// Authentication and the route's group rules.
     Auth(Auth),
     RateLimit(RateLimit),
@@ -141,6 +150,16 @@ impl Filter {
         out: &mut RequestOut<'_>,
     ) -> Result<(), ProxyError> {
         match self {
+            Filter::IpRules { allow, deny } => {
+                if (!allow.is_empty() && !any_contains(allow, req.client))
+                    || any_contains(deny, req.client)
+                {
+                    return Err(ProxyError::Forbidden(
+                        "the client's address may not use this route",
+                    ));
+                }
+                Ok(())
+            }
             Filter::Auth(auth) => auth.on_request(cx, req, out.consumer),
             Filter::RateLimit(limit) => limit.on_request(cx, req, out.lines, *out.consumer),
             Filter::Invalidate => {
@@ -187,7 +206,7 @@ struct Phases {
 
 impl Chain {
     /// The route's filters: header transforms first (so that a refusal carries the response
-    /// edits), then authentication (so that rate limits can key on the consumer, and nobody
+    /// edits), then IP rules (the cheapest refusal), then authentication (so that rate limits can key on the consumer, and nobody
     /// unknown spends a limit), then rate limits, then the cache (a refused request never
     /// reaches it).
     pub fn build(route: &Route, config: &Config, consumers: &Rc<Consumers>) -> Chain {
@@ -196,6 +215,12 @@ impl Chain {
             filters.push(Filter::Headers {
                 request: route.request_headers.as_ref().map(HeaderRules::new),
                 response: route.response_headers.as_ref().map(HeaderRules::new),
+            });
+        }
+        if !route.ip_allow.is_empty() || !route.ip_deny.is_empty() {
+            filters.push(Filter::IpRules {
+                allow: route.ip_allow.as_slice().into(),
+                deny: route.ip_deny.as_slice().into(),
             });
         }
         if !route.auth.is_empty() {
@@ -221,7 +246,9 @@ impl Chain {
                     phases.response |= response.is_some();
                     phases.upstream_request |= request.is_some();
                 }
-                Filter::RateLimit(_) | Filter::Invalidate => phases.request = true,
+                Filter::RateLimit(_) | Filter::Invalidate | Filter::IpRules { .. } => {
+                    phases.request = true
+                }
                 Filter::Cache(_) | Filter::Auth(_) => {
                     phases.request = true;
                     phases.upstream_request = true;

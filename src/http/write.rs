@@ -14,6 +14,7 @@ use super::{BodyLength, Header, HeaderKind, RequestHead, ResponseHead, Version};
 
 /// What the gateway adds to a forwarded request.
 pub struct Forwarding<'a> {
+    /// The connection's peer, appended to `X-Forwarded-For`.
     pub client_ip: &'a [u8],
     pub proto: &'a [u8],
     pub request_id: &'a [u8],

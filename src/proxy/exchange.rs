@@ -5,14 +5,15 @@
 
 use std::cell::Cell;
 use std::io::{self, Write as _};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
 use std::time::Instant;
 
+use crate::cidr::any_contains;
 use crate::config::{ConsumerId, ListenerId, RouteId, UpstreamId};
 use crate::filter::cache::CacheSlot;
 use crate::generation::{Generation, RouteEntry};
-use crate::http::{HeaderEdits, RequestHead};
+use crate::http::{HeaderEdits, HeaderKind, RequestHead};
 use crate::tls::TlsInfo;
 use crate::trace::Trace;
 use crate::upstream::TargetId;
@@ -21,6 +22,12 @@ pub(crate) struct Exchange {
     /// The generation this request runs on, taken when its head arrived.
     pub gen: Rc<Generation>,
     pub listener: ListenerId,
+    /// The connection's peer, and as text (what `X-Forwarded-For` gets appended).
+    pub peer: IpAddr,
+    pub peer_ip: IpText,
+    /// The client: the peer, or for a peer in `trusted_proxies`, the rightmost untrusted
+    /// `X-Forwarded-For` hop. What IP rules, rate limits, `${client_ip}` and the log see.
+    pub client: IpAddr,
     pub client_ip: IpText,
     /// What the connection's TLS negotiated; `None` on cleartext.
     pub tls: Option<TlsInfo>,
@@ -53,7 +60,10 @@ impl Exchange {
         Exchange {
             gen,
             listener,
-            client_ip: IpText::new(peer),
+            peer: peer.ip(),
+            peer_ip: IpText::new(peer.ip()),
+            client: peer.ip(),
+            client_ip: IpText::new(peer.ip()),
             tls,
             consumer: None,
             route: None,
@@ -81,6 +91,38 @@ impl Exchange {
             "the cache's on_done always takes its slot"
         );
         self.cache = None;
+    }
+
+    /// Finds the request's client: the peer, unless it is a trusted proxy, in which case the
+    /// `X-Forwarded-For` hops are walked from the right past every trusted one. A hop that is
+    /// not an address stops the walk at the last address found.
+    pub fn resolve_client(&mut self, buf: &[u8], head: &RequestHead) {
+        let trusted = &self.gen.trusted_proxies;
+        let mut client = self.peer;
+        if any_contains(trusted, client) {
+            let hops = head
+                .headers
+                .iter()
+                .rev()
+                .filter(|h| h.kind == HeaderKind::XForwardedFor)
+                .flat_map(|h| h.value.get(buf).rsplit(|&b| b == b','));
+            for hop in hops {
+                let Some(ip) = std::str::from_utf8(hop)
+                    .ok()
+                    .and_then(|s| s.trim().parse::<IpAddr>().ok())
+                else {
+                    break;
+                };
+                client = ip;
+                if !any_contains(trusted, ip) {
+                    break;
+                }
+            }
+        }
+        if client != self.client {
+            self.client = client;
+            self.client_ip = IpText::new(client);
+        }
     }
 
     /// The request's route entry, once routed.
@@ -159,11 +201,11 @@ pub(crate) struct IpText {
 }
 
 impl IpText {
-    fn new(addr: SocketAddr) -> IpText {
+    fn new(ip: IpAddr) -> IpText {
         let mut buf = [0u8; 45];
         let mut cursor = io::Cursor::new(&mut buf[..]);
         // 45 bytes hold the longest IPv6 text form.
-        let _ = write!(cursor, "{}", addr.ip());
+        let _ = write!(cursor, "{ip}");
         let len = cursor.position() as usize;
         IpText { buf, len }
     }

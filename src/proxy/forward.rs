@@ -96,6 +96,7 @@ fn write_upstream_head<S: Io>(
             .filter(|_| route.chain.runs_on_upstream_request())
     {
         let who = Who {
+            client: c.ex.client,
             client_ip: &c.ex.client_ip,
             tls: c.ex.tls.as_ref(),
             request_id: &c.ex.request_id,
@@ -113,7 +114,7 @@ fn write_upstream_head<S: Io>(
         buf,
         head,
         &Forwarding {
-            client_ip: c.ex.client_ip.as_bytes(),
+            client_ip: c.ex.peer_ip.as_bytes(),
             proto: if c.ex.tls.is_some() {
                 b"https"
             } else {

@@ -43,6 +43,7 @@ pub(super) async fn run<S: Io>(c: &mut Session<'_, S>, w: &Rc<Worker>) -> Result
         c.rbuf.data(),
         &c.head,
         Who {
+            client: c.ex.client,
             client_ip: &c.ex.client_ip,
             tls: c.ex.tls.as_ref(),
             request_id: &c.ex.request_id,
@@ -138,6 +139,7 @@ pub(super) async fn run<S: Io>(c: &mut Session<'_, S>, w: &Rc<Worker>) -> Result
 /// The exchange's facts about who sent the request, borrowed field by field (so that the
 /// caller can write the exchange's edits meanwhile).
 pub(super) struct Who<'a> {
+    pub client: std::net::IpAddr,
     pub client_ip: &'a super::exchange::IpText,
     pub tls: Option<&'a TlsInfo>,
     pub request_id: &'a [u8],
@@ -154,6 +156,7 @@ pub(super) fn request_info<'a>(
 ) -> RequestInfo<'a> {
     RequestInfo {
         view: RequestView { buf, head },
+        client: who.client,
         client_ip: who.client_ip.as_bytes(),
         tls: who.tls,
         consumer: who.consumer,

@@ -100,6 +100,9 @@ async fn serve_request<S: Io>(c: &mut Session<'_, S>, w: &Rc<Worker>) -> Next {
     let next = match ready {
         HeadRead::Ready => {
             let _inflight = w.begin_request();
+            if !c.ex.gen.trusted_proxies.is_empty() {
+                c.ex.resolve_client(c.rbuf.data(), &c.head);
+            }
             // What was read, whatever answers: terminals add the body they read.
             c.ex.log.bytes_in = c.head.len as u64;
             if w.access_log.is_some() {
