@@ -387,3 +387,133 @@ ip_allow = ["127.0.0.0/8"]
         "has bits set past its /8 prefix",
     );
 }
+
+#[test]
+fn cors_preflights_are_answered_here_and_allowed_origins_get_the_headers_even_on_cache_hits() {
+    let up = Upstream::start(|_| Reply::ok("ok").header("Cache-Control", "max-age=60"));
+    let cors = r#"cors = { origins = ["https://app.example.com"], methods = ["GET", "POST"], headers = ["authorization", "x-api-key"], expose = ["x-request-id"], credentials = true, max_age_s = 600 }"#;
+    let gw = Gateway::start(&format!(
+        r#"
+[cache]
+
+[[consumers]]
+name = "acme"
+api_keys = ["sha256:{}"]
+
+[[auth]]
+name = "keys"
+type = "api_key"
+
+[[listeners]]
+name = "public"
+address = "127.0.0.1:0"
+
+[[upstreams]]
+name = "app"
+targets = ["{}"]
+
+[[routes]]
+name = "api"
+listener = "public"
+path_prefix = "/api"
+upstream = "app"
+auth = ["keys"]
+{cors}
+
+[[routes]]
+name = "cached"
+listener = "public"
+path_prefix = "/cached"
+upstream = "app"
+cache = {{ default_ttl_ms = 60000 }}
+{cors}
+"#,
+        sha256_hex(ACME_KEY),
+        up.addr
+    ));
+    let send = |raw: String| exchange(gw.addr("public"), raw.as_bytes());
+    let origin = "Origin: https://app.example.com\r\n";
+    // A preflight: answered by the gateway, without credentials, never forwarded.
+    let r = send(format!(
+        "OPTIONS /api/orders HTTP/1.1\r\nHost: t\r\n{origin}Access-Control-Request-Method: POST\r\nAccess-Control-Request-Headers: X-Api-Key, Content-Type\r\nConnection: close\r\n\r\n"
+    ));
+    assert_eq!(r.status, 204);
+    assert!(
+        r.header("access-control-allow-methods").is_none(),
+        "content-type is not allowed"
+    );
+    let r = send(format!(
+        "OPTIONS /api/orders HTTP/1.1\r\nHost: t\r\n{origin}Access-Control-Request-Method: POST\r\nAccess-Control-Request-Headers: X-Api-Key\r\nConnection: close\r\n\r\n"
+    ));
+    assert_eq!(r.status, 204);
+    assert_eq!(
+        r.header("access-control-allow-origin"),
+        Some("https://app.example.com")
+    );
+    assert_eq!(r.header("access-control-allow-credentials"), Some("true"));
+    assert_eq!(r.header("access-control-allow-methods"), Some("GET, POST"));
+    assert_eq!(
+        r.header("access-control-allow-headers"),
+        Some("authorization, x-api-key")
+    );
+    assert_eq!(r.header("access-control-max-age"), Some("600"));
+    assert!(r.headers_named("vary").iter().any(|v| v.contains("Origin")));
+    // A disallowed origin's preflight: no CORS headers.
+    let r = send(
+        "OPTIONS /api/orders HTTP/1.1\r\nHost: t\r\nOrigin: https://evil.example\r\nAccess-Control-Request-Method: GET\r\nConnection: close\r\n\r\n".into(),
+    );
+    assert_eq!(r.status, 204);
+    assert!(r.header("access-control-allow-origin").is_none());
+    assert!(r.header("access-control-allow-methods").is_none());
+    assert_eq!(up.count(), 0, "no preflight reached the upstream");
+
+    // Actual requests: the allowed origin gets the headers, on success and on a 401.
+    let key = format!("X-Api-Key: {ACME_KEY}\r\n");
+    let r = send(format!(
+        "GET /api/x HTTP/1.1\r\nHost: t\r\n{origin}{key}Connection: close\r\n\r\n"
+    ));
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.header("access-control-allow-origin"),
+        Some("https://app.example.com")
+    );
+    assert_eq!(
+        r.header("access-control-expose-headers"),
+        Some("x-request-id")
+    );
+    assert!(r.headers_named("vary").contains(&"Origin"));
+    let r = send(format!(
+        "GET /api/x HTTP/1.1\r\nHost: t\r\n{origin}Connection: close\r\n\r\n"
+    ));
+    assert_eq!(r.status, 401);
+    assert_eq!(
+        r.header("access-control-allow-origin"),
+        Some("https://app.example.com")
+    );
+    let r = send(format!("GET /api/x HTTP/1.1\r\nHost: t\r\nOrigin: https://evil.example\r\n{key}Connection: close\r\n\r\n"));
+    assert_eq!(r.status, 200);
+    assert!(r.header("access-control-allow-origin").is_none());
+
+    // On a cache hit too.
+    for expect in ["MISS", "HIT"] {
+        let r = send(format!(
+            "GET /cached/a HTTP/1.1\r\nHost: t\r\n{origin}Connection: close\r\n\r\n"
+        ));
+        assert_eq!(r.header("x-cache"), Some(expect));
+        assert_eq!(
+            r.header("access-control-allow-origin"),
+            Some("https://app.example.com")
+        );
+    }
+    let base = "[[listeners]]\nname = \"p\"\naddress = \"127.0.0.1:0\"\n\n[[routes]]\nname = \"r\"\nlistener = \"p\"\nrespond = { status = 200 }\n";
+    assert_config_error(
+        &format!("{base}cors = {{ origins = [\"*\"], credentials = true }}\n"),
+        ":9:",
+        "\"*\" cannot be used with credentials",
+    );
+    assert_config_error(
+        &format!("{base}cors = {{ origins = [\"https://app.example.com/path\"] }}\n"),
+        ":9:",
+        "is not an origin",
+    );
+}

@@ -233,3 +233,116 @@ impl Validator<'_> {
         Ok(out)
     }
 }
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CorsFile {
+    pub origins: Spanned<Vec<Spanned<String>>>,
+    pub methods: Option<Vec<Spanned<String>>>,
+    #[serde(default)]
+    pub headers: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub expose: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub credentials: bool,
+    pub max_age_s: Option<Spanned<u64>>,
+}
+
+/// A route's CORS policy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CorsPolicy {
+    /// Lower-case origins (`https://app.example.com`), or `*`.
+    pub origins: Vec<String>,
+    pub methods: Vec<String>,
+    /// Request headers a preflight may ask for, lower-case.
+    pub headers: Vec<String>,
+    /// Response headers scripts may read.
+    pub expose: Vec<String>,
+    pub credentials: bool,
+    pub max_age_s: u64,
+}
+
+impl Validator<'_> {
+    pub(super) fn cors(&self, c: &Spanned<CorsFile>, key: &str) -> Result<CorsPolicy, ConfigError> {
+        let f = c.get_ref();
+        if f.origins.get_ref().is_empty() {
+            return Err(self.err(
+                f.origins.span(),
+                &format!("{key}.origins"),
+                "give at least one origin, or \"*\"",
+            ));
+        }
+        let mut origins = Vec::new();
+        for o in f.origins.get_ref() {
+            let s = o.get_ref().to_ascii_lowercase();
+            let ok = s == "*"
+                || s.split_once("://").is_some_and(|(scheme, rest)| {
+                    matches!(scheme, "http" | "https")
+                        && !rest.is_empty()
+                        && rest
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b))
+                });
+            if !ok {
+                return Err(self.err(
+                    o.span(),
+                    &format!("{key}.origins"),
+                    format!(
+                        "{:?} is not an origin (scheme://host[:port], no path) or \"*\"",
+                        o.get_ref()
+                    ),
+                ));
+            }
+            if s == "*" && f.credentials {
+                return Err(self.err(
+                    o.span(),
+                    &format!("{key}.origins"),
+                    "\"*\" cannot be used with credentials = true: list the origins",
+                ));
+            }
+            origins.push(s);
+        }
+        let tokens = |list: &[Spanned<String>], field: &str, lower: bool| {
+            list.iter()
+                .map(|t| {
+                    if crate::http::is_token(t.get_ref().as_bytes()) {
+                        Ok(if lower {
+                            t.get_ref().to_ascii_lowercase()
+                        } else {
+                            t.get_ref().clone()
+                        })
+                    } else {
+                        Err(self.err(
+                            t.span(),
+                            &format!("{key}.{field}"),
+                            format!("{:?} is not a token", t.get_ref()),
+                        ))
+                    }
+                })
+                .collect::<Result<Vec<String>, ConfigError>>()
+        };
+        let methods = match &f.methods {
+            Some(m) => tokens(m, "methods", false)?,
+            None => vec!["GET".into(), "HEAD".into(), "POST".into()],
+        };
+        let max_age_s = match &f.max_age_s {
+            None => 600,
+            Some(v) if *v.get_ref() <= 86_400 => *v.get_ref(),
+            Some(v) => {
+                return Err(self.err(
+                    v.span(),
+                    &format!("{key}.max_age_s"),
+                    "must be at most 86400",
+                ))
+            }
+        };
+        Ok(CorsPolicy {
+            origins,
+            methods,
+            headers: tokens(&f.headers, "headers", true)?,
+            expose: tokens(&f.expose, "expose", true)?,
+            credentials: f.credentials,
+            max_age_s,
+        })
+    }
+}

@@ -359,6 +359,7 @@ pub struct RouteFile {
     pub allow_groups: Vec<Spanned<String>>,
     #[serde(default)]
     pub deny_groups: Vec<Spanned<String>>,
+    pub cors: Option<Spanned<super::auth::CorsFile>>,
     #[serde(default)]
     pub ip_allow: Vec<Spanned<String>>,
     #[serde(default)]

@@ -15,7 +15,7 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-pub use auth::{AuthId, AuthKind, AuthProvider, Consumer, ConsumerId};
+pub use auth::{AuthId, AuthKind, AuthProvider, Consumer, ConsumerId, CorsPolicy};
 pub use error::ConfigError;
 pub use file::{AccessLogFormat, Balance, DriverChoice};
 use file::{File, PinCores, UpstreamFile, Workers};
@@ -238,6 +238,7 @@ pub struct Route {
     pub ip_allow: Vec<Cidr>,
     /// Clients inside these ranges get 403.
     pub ip_deny: Vec<Cidr>,
+    pub cors: Option<CorsPolicy>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

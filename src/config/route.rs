@@ -119,7 +119,12 @@ impl Validator<'_> {
         } = self.route_auth(r, &key, providers, consumers)?;
         let ip_allow = self.cidrs(&r.ip_allow, &format!("{key}.ip_allow"))?;
         let ip_deny = self.cidrs(&r.ip_deny, &format!("{key}.ip_deny"))?;
+        let cors = match &r.cors {
+            Some(c) => Some(self.cors(c, &format!("{key}.cors"))?),
+            None => None,
+        };
         Ok(Route {
+            cors,
             ip_allow,
             ip_deny,
             auth,

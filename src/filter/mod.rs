@@ -22,6 +22,7 @@
 
 mod auth;
 pub mod cache;
+mod cors;
 mod headers;
 mod rate_limit;
 
@@ -42,6 +43,7 @@ use crate::ratelimit::Limiter;
 
 use auth::Auth;
 use cache::{Cache, CacheSlot};
+use cors::Cors;
 pub use headers::HeaderRules;
 pub use rate_limit::RateLimit;
 
@@ -50,6 +52,8 @@ pub enum Flow {
     Continue,
     /// Answer from this cache entry instead of (or after) the terminal.
     Cached(Arc<Entry>, CacheOutcome),
+    /// Answer with this status, no body, and the lines the filters wrote (a CORS preflight).
+    Respond(u16),
 }
 
 /// A read-only view of a parsed request head over the buffer it was parsed from.
@@ -114,6 +118,8 @@ pub enum Filter {
         allow: Box<[Cidr]>,
         deny: Box<[Cidr]>,
     },
+    /// CORS: preflights answered, allow headers on every response.
+    Cors(Cors),
     /// Authentication and the route's group rules.
     Auth(Auth),
     RateLimit(RateLimit),
@@ -131,12 +137,13 @@ pub enum Filter {
 impl Filter {
     #[inline]
     fn on_response(&self, req: &RequestInfo<'_>, edits: &mut HeaderEdits) {
-        if let Filter::Headers {
-            response: Some(rules),
-            ..
-        } = self
-        {
-            rules.apply(req, edits);
+        match self {
+            Filter::Headers {
+                response: Some(rules),
+                ..
+            } => rules.apply(req, edits),
+            Filter::Cors(cors) => cors.on_response(req, edits),
+            _ => {}
         }
     }
 
@@ -166,7 +173,7 @@ impl Filter {
                 cache::invalidate_on_request(req, out.cache);
                 Ok(())
             }
-            Filter::Headers { .. } | Filter::Cache(_) => Ok(()),
+            Filter::Headers { .. } | Filter::Cache(_) | Filter::Cors(_) => Ok(()),
         }
     }
 
@@ -223,6 +230,10 @@ impl Chain {
                 deny: route.ip_deny.as_slice().into(),
             });
         }
+        // Before authentication: a preflight carries no credentials.
+        if let Some(policy) = &route.cors {
+            filters.push(Filter::Cors(Cors::new(policy)));
+        }
         if !route.auth.is_empty() {
             filters.push(Filter::Auth(Auth::new(route, config, consumers)));
         }
@@ -248,6 +259,10 @@ impl Chain {
                 }
                 Filter::RateLimit(_) | Filter::Invalidate | Filter::IpRules { .. } => {
                     phases.request = true
+                }
+                Filter::Cors(_) => {
+                    phases.request = true;
+                    phases.response = true;
                 }
                 Filter::Cache(_) | Filter::Auth(_) => {
                     phases.request = true;
@@ -295,6 +310,11 @@ impl Chain {
         for f in self.filters.iter() {
             match f {
                 Filter::Cache(c) => return c.on_request(cx, req, out.lines, out.cache).await,
+                Filter::Cors(c) => {
+                    if let Some(flow) = c.on_request(req, out.lines) {
+                        return Ok(flow);
+                    }
+                }
                 f => f.on_request_now(cx, req, out)?,
             }
         }

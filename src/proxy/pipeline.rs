@@ -74,8 +74,12 @@ pub(super) async fn run<S: Io>(c: &mut Session<'_, S>, w: &Rc<Worker>) -> Result
             .await
             .map_err(Failure::BeforeBody)?;
     }
-    if let Flow::Cached(entry, outcome) = flow {
-        return cached::serve(c, w, route, &entry, outcome, true).await;
+    match flow {
+        Flow::Cached(entry, outcome) => {
+            return cached::serve(c, w, route, &entry, outcome, true).await
+        }
+        Flow::Respond(status) => return reply::respond(c, w, route, status, b"", b"").await,
+        Flow::Continue => {}
     }
     let result = match &route.terminal {
         Terminal::Respond {
@@ -132,7 +136,7 @@ pub(super) async fn run<S: Io>(c: &mut Session<'_, S>, w: &Rc<Worker>) -> Result
             result?;
             cached::serve(c, w, route, &entry, outcome, false).await
         }
-        Flow::Continue => result,
+        Flow::Continue | Flow::Respond(_) => result,
     }
 }
 
