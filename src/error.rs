@@ -47,6 +47,8 @@ pub enum ProxyError {
     },
     /// Authenticated, but not allowed here.
     Forbidden(&'static str),
+    /// The gateway cannot take this request now (503 with `Retry-After`).
+    Overloaded(&'static str),
 }
 
 impl ProxyError {
@@ -68,6 +70,7 @@ impl ProxyError {
             ProxyError::RateLimited(_) => 429,
             ProxyError::Unauthorized { .. } => 401,
             ProxyError::Forbidden(_) => 403,
+            ProxyError::Overloaded(_) => 503,
         }
     }
 
@@ -98,6 +101,7 @@ impl ProxyError {
             ProxyError::Unauthorized { invalid: false, .. } => "authentication required".into(),
             ProxyError::Unauthorized { invalid: true, .. } => "invalid credentials".into(),
             ProxyError::Forbidden(why) => Cow::Owned(format!("forbidden: {why}")),
+            ProxyError::Overloaded(why) => Cow::Owned(format!("overloaded: {why}")),
         }
     }
 }

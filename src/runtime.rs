@@ -21,6 +21,7 @@ use tracing::{error, info, warn};
 
 use crate::access_log::{self, AccessLog, LogControl};
 use crate::admin::{self, AdminState};
+use crate::auth::basic;
 use crate::cache::{self, Batch};
 use crate::config::{Config, DriverChoice, ListenerId};
 use crate::metrics::Snapshot;
@@ -165,6 +166,18 @@ pub fn run(config: Config) -> Result<(), StartError> {
     let admin_state = Arc::new(AdminState::new());
     tls::watch::spawn(&config, tls_tx, Arc::clone(&admin_state.certs))
         .map_err(|e| StartError::Worker(e.to_string()))?;
+    // Basic-auth password hashes are checked on a thread of their own.
+    let mut basic_links: Vec<Option<(basic::Jobs, basic::Answers)>> =
+        if config.consumers.iter().any(|c| c.basic.is_some()) {
+            let (jobs, answers) =
+                basic::spawn_verifier(workers).map_err(|e| StartError::Worker(e.to_string()))?;
+            answers
+                .into_iter()
+                .map(|a| Some((jobs.clone(), a)))
+                .collect()
+        } else {
+            (0..workers).map(|_| None).collect()
+        };
     let mut controls = Vec::with_capacity(workers);
     let links = sockets
         .into_iter()
@@ -184,6 +197,7 @@ pub fn run(config: Config) -> Result<(), StartError> {
             grants,
             cache: cache_links,
             tls,
+            basic: basic_links[id].take(),
         };
         thread::Builder::new()
             .name(format!("ringway-w{id}"))
@@ -352,6 +366,8 @@ struct Channels {
     grants: Receiver<Grants>,
     cache: Option<cache::Links>,
     tls: Receiver<TlsUpdate>,
+    /// The basic-auth verifier's job channel and this worker's answers.
+    basic: Option<(basic::Jobs, basic::Answers)>,
 }
 
 fn worker_thread(
@@ -435,6 +451,9 @@ async fn worker_main(mut ctx: WorkerStart<'_>, driver: &'static str) {
         .map(|(cfg, tx)| AccessLog::new(cfg.format, tx));
     let cache_links = ctx.channels.cache.take();
     let worker = Rc::new(Worker::new(ctx.id, ctx.config, access_log, cache_links));
+    if let Some((jobs, answers)) = ctx.channels.basic.take() {
+        worker.basic.link(ctx.id, jobs, answers);
+    }
     let mut canceller = Canceller::new();
     let mut accepting = Vec::with_capacity(ctx.listeners.len());
     for (id, socket) in ctx.listeners {
@@ -488,6 +507,7 @@ async fn worker_main(mut ctx: WorkerStart<'_>, driver: &'static str) {
         for update in ctx.channels.tls.try_iter() {
             worker.install_tls(update);
         }
+        worker.basic.poll_answers();
         if let Some(tx) = &ctx.channels.metrics {
             let now = worker.now();
             let interval = now.saturating_duration_since(last_snapshot);

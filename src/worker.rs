@@ -12,6 +12,7 @@ use rustls::ServerConfig;
 use tracing::error;
 
 use crate::access_log::AccessLog;
+use crate::auth::basic::BasicChecks;
 use crate::cache::{Links, WorkerCache};
 use crate::config::{Config, Limits, ListenerId, ListenerTls, RateLimitId};
 use crate::deadline::{Deadline, Deadlines};
@@ -44,6 +45,8 @@ pub struct Worker {
     pub limiters: RefCell<Vec<Limiter>>,
     /// The response cache, if `[cache]` is configured.
     pub cache: Option<WorkerCache>,
+    /// Basic-auth password checks in flight (on the verifier thread) and their answers.
+    pub basic: BasicChecks,
     connections_active: Cell<usize>,
     connections_total: Cell<u64>,
     /// Per listener (by `ListenerId`): its TLS settings and this worker's current rustls
@@ -97,6 +100,7 @@ impl Worker {
             ),
             connections_active: Cell::new(0),
             connections_total: Cell::new(0),
+            basic: BasicChecks::default(),
             tls: RefCell::new(
                 config
                     .listeners
@@ -152,6 +156,8 @@ impl Worker {
             metrics: &self.metrics,
             cache: self.cache.as_ref(),
             deadline,
+            basic: &self.basic,
+            now: self.now(),
         }
     }
 

@@ -517,3 +517,99 @@ cache = {{ default_ttl_ms = 60000 }}
         "is not an origin",
     );
 }
+
+#[test]
+fn basic_credentials_check_argon2id_and_bcrypt_hashes_off_the_worker() {
+    use argon2::password_hash::{PasswordHasher, SaltString};
+    use base64::Engine as _;
+    let salt = SaltString::from_b64("c29tZXNhbHRzb21lc2FsdA").unwrap();
+    let argon = argon2::Argon2::default()
+        .hash_password(b"alice-password", &salt)
+        .unwrap()
+        .to_string();
+    let bcrypt_hash = bcrypt::hash("bob-password", 4).unwrap();
+    let up = Upstream::start(|_| Reply::ok("ok"));
+    let gw = Gateway::start(&format!(
+        r#"
+[[consumers]]
+name = "alice"
+basic = {{ username = "alice", password_hash = "{argon}" }}
+
+[[consumers]]
+name = "bob"
+basic = {{ username = "bob", password_hash = "{bcrypt_hash}" }}
+
+[[auth]]
+name = "basic"
+type = "basic"
+realm = "orders"
+
+[[listeners]]
+name = "public"
+address = "127.0.0.1:0"
+
+[[upstreams]]
+name = "app"
+targets = ["{}"]
+
+[[routes]]
+name = "orders"
+listener = "public"
+path_prefix = "/"
+upstream = "app"
+auth = ["basic"]
+"#,
+        up.addr
+    ));
+    let call = |creds: Option<&str>| {
+        let auth = creds.map_or(String::new(), |c| {
+            format!(
+                "Authorization: Basic {}\r\n",
+                base64::engine::general_purpose::STANDARD.encode(c)
+            )
+        });
+        exchange(
+            gw.addr("public"),
+            format!("GET /o HTTP/1.1\r\nHost: t\r\n{auth}Connection: close\r\n\r\n").as_bytes(),
+        )
+    };
+    assert_eq!(call(Some("alice:alice-password")).status, 200);
+    assert_eq!(
+        call(Some("alice:alice-password")).status,
+        200,
+        "from the cache"
+    );
+    assert_eq!(call(Some("bob:bob-password")).status, 200);
+    let got = up.wait_for(3);
+    assert_eq!(got[0].header("x-consumer"), Some("alice"));
+    assert_eq!(
+        got[0].header("authorization"),
+        None,
+        "credentials are not forwarded"
+    );
+    assert_eq!(got[2].header("x-consumer"), Some("bob"));
+    for creds in [
+        Some("alice:wrong"),
+        Some("bob:alice-password"),
+        Some("mallory:x"),
+        None,
+    ] {
+        let r = call(creds);
+        assert_eq!(r.status, 401, "{creds:?}");
+        assert_eq!(
+            r.header("www-authenticate"),
+            Some("Basic realm=\"orders\", charset=\"UTF-8\"")
+        );
+    }
+    let r = exchange(
+        gw.addr("public"),
+        b"GET /o HTTP/1.1\r\nHost: t\r\nAuthorization: Basic !!notbase64\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(r.status, 401);
+    assert_eq!(up.count(), 3);
+    assert_config_error(
+        "[[listeners]]\nname = \"p\"\naddress = \"127.0.0.1:0\"\n[[consumers]]\nname = \"c\"\nbasic = { username = \"c\", password_hash = \"$1$md5\" }\n",
+        ":6:",
+        "give an argon2id",
+    );
+}

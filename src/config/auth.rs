@@ -2,6 +2,8 @@
 //! as SHA-256 digests (`sha256:<hex>`); a plain key is accepted and hashed at load, with a
 //! warning at start, so that the running process never holds a key it could leak.
 
+use std::sync::Arc;
+
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -15,7 +17,14 @@ pub struct ConsumerFile {
     pub groups: Vec<Spanned<String>>,
     #[serde(default)]
     pub api_keys: Vec<Spanned<String>>,
-    pub basic: Option<Spanned<toml::Table>>,
+    pub basic: Option<Spanned<BasicFile>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BasicFile {
+    pub username: Spanned<String>,
+    pub password_hash: Spanned<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -26,6 +35,7 @@ pub struct AuthFile {
     pub kind: Spanned<String>,
     pub header: Option<Spanned<String>>,
     pub query: Option<Spanned<String>>,
+    pub realm: Option<Spanned<String>>,
     #[serde(default)]
     pub forward_credentials: bool,
 }
@@ -46,6 +56,8 @@ pub struct Consumer {
     pub api_keys: Vec<[u8; 32]>,
     /// Some key was given in plain text (hashed here; warned about at start).
     pub plain_keys: bool,
+    /// Basic credentials: the user name and its argon2id or bcrypt hash.
+    pub basic: Option<(String, Arc<str>)>,
 }
 
 #[derive(Debug, Clone)]
@@ -63,6 +75,8 @@ pub enum AuthKind {
         header: Option<String>,
         query: Option<String>,
     },
+    /// HTTP Basic (RFC 7617) against the consumers' `basic` credentials.
+    Basic { realm: String },
 }
 
 impl Validator<'_> {
@@ -78,13 +92,38 @@ impl Validator<'_> {
                     format!("duplicate consumer name {name:?}"),
                 ));
             }
-            if let Some(b) = &c.basic {
-                return Err(self.err(
-                    b.span(),
-                    &format!("{key}.basic"),
-                    "basic credentials are not supported yet (api_keys are)",
-                ));
-            }
+            let basic = match &c.basic {
+                None => None,
+                Some(b) => {
+                    let b = b.get_ref();
+                    let user = b.username.get_ref();
+                    if user.is_empty() || user.contains(':') || user.chars().any(char::is_control) {
+                        return Err(self.err(
+                            b.username.span(),
+                            &format!("{key}.basic.username"),
+                            "a user name is not empty and has no ':' or control characters",
+                        ));
+                    }
+                    if out
+                        .iter()
+                        .any(|o| o.basic.as_ref().is_some_and(|(u, _)| u == user))
+                    {
+                        return Err(self.err(
+                            b.username.span(),
+                            &format!("{key}.basic.username"),
+                            format!("user name {user:?} is also another consumer's"),
+                        ));
+                    }
+                    crate::auth::basic::check_hash(b.password_hash.get_ref()).map_err(|e| {
+                        self.err(
+                            b.password_hash.span(),
+                            &format!("{key}.basic.password_hash"),
+                            e,
+                        )
+                    })?;
+                    Some((user.clone(), Arc::from(b.password_hash.get_ref().as_str())))
+                }
+            };
             let mut groups = Vec::with_capacity(c.groups.len());
             for g in &c.groups {
                 groups.push(self.name(g, &format!("{key}.groups"))?);
@@ -112,6 +151,7 @@ impl Validator<'_> {
                 groups,
                 api_keys,
                 plain_keys,
+                basic,
             });
         }
         self.fits_id(out.len(), "consumers")?;
@@ -205,12 +245,30 @@ impl Validator<'_> {
                     };
                     AuthKind::ApiKey { header, query }
                 }
-                "jwt" | "basic" => {
+                "basic" => AuthKind::Basic {
+                    realm: match &a.realm {
+                        Some(r)
+                            if !r.get_ref().contains(['"', '\\'])
+                                && !r.get_ref().chars().any(char::is_control) =>
+                        {
+                            r.get_ref().clone()
+                        }
+                        Some(r) => {
+                            return Err(self.err(
+                                r.span(),
+                                &format!("{key}.realm"),
+                                "a realm has no quotes, backslashes or control characters",
+                            ))
+                        }
+                        None => name.clone(),
+                    },
+                },
+                "jwt" => {
                     return Err(self.err(
                         a.kind.span(),
                         &format!("{key}.type"),
                         format!(
-                            "type {:?} is not supported yet (\"api_key\" is)",
+                            "type {:?} is not supported yet (\"api_key\" and \"basic\" are)",
                             a.kind.get_ref()
                         ),
                     ))
@@ -219,7 +277,7 @@ impl Validator<'_> {
                     return Err(self.err(
                         a.kind.span(),
                         &format!("{key}.type"),
-                        format!("{other:?}: give \"api_key\""),
+                        format!("{other:?}: give \"api_key\" or \"basic\""),
                     ))
                 }
             };

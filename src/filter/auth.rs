@@ -9,6 +9,7 @@
 use std::rc::Rc;
 
 use super::{Ctx, RequestInfo};
+use crate::auth::basic::{self, Verdict};
 use crate::auth::{query_param, Consumers};
 use crate::config::{AuthId, AuthKind, Config, ConsumerId, Route};
 use crate::error::ProxyError;
@@ -30,8 +31,15 @@ pub struct Auth {
 
 struct Provider {
     id: AuthId,
-    header: Option<Box<[u8]>>,
-    query: Option<Box<[u8]>>,
+    kind: Kind,
+}
+
+enum Kind {
+    ApiKey {
+        header: Option<Box<[u8]>>,
+        query: Option<Box<[u8]>>,
+    },
+    Basic,
 }
 
 impl Auth {
@@ -43,30 +51,40 @@ impl Auth {
         HeaderEdits::encode_name(&mut strip, b"x-consumer");
         for &id in &route.auth {
             let p = &config.auth[usize::from(id.0)];
-            let AuthKind::ApiKey { header, query } = &p.kind;
-            challenges.extend_from_slice(b"www-authenticate: ApiKey realm=\"");
-            challenges.extend_from_slice(p.name.as_bytes());
-            challenges.push(b'"');
-            if let Some(h) = header {
-                challenges.extend_from_slice(format!(", header=\"{h}\"").as_bytes());
-            }
-            if let Some(q) = query {
-                challenges.extend_from_slice(format!(", query=\"{q}\"").as_bytes());
-            }
+            let kind = match &p.kind {
+                AuthKind::ApiKey { header, query } => {
+                    let mut c = format!("www-authenticate: ApiKey realm=\"{}\"", p.name);
+                    if let Some(h) = header {
+                        c.push_str(&format!(", header=\"{h}\""));
+                    }
+                    if let Some(q) = query {
+                        c.push_str(&format!(", query=\"{q}\""));
+                    }
+                    challenges.extend_from_slice(c.as_bytes());
+                    if !p.forward_credentials {
+                        if let Some(h) = header {
+                            HeaderEdits::encode_name(&mut strip, h.as_bytes());
+                        }
+                        if let Some(q) = query {
+                            strip_query.push(q.as_bytes().into());
+                        }
+                    }
+                    Kind::ApiKey {
+                        header: header.as_ref().map(|h| h.as_bytes().into()),
+                        query: query.as_ref().map(|q| q.as_bytes().into()),
+                    }
+                }
+                AuthKind::Basic { realm } => {
+                    let c = format!("www-authenticate: Basic realm=\"{realm}\", charset=\"UTF-8\"");
+                    challenges.extend_from_slice(c.as_bytes());
+                    if !p.forward_credentials {
+                        HeaderEdits::encode_name(&mut strip, b"authorization");
+                    }
+                    Kind::Basic
+                }
+            };
             challenges.extend_from_slice(b"\r\n");
-            if !p.forward_credentials {
-                if let Some(h) = header {
-                    HeaderEdits::encode_name(&mut strip, h.as_bytes());
-                }
-                if let Some(q) = query {
-                    strip_query.push(q.as_bytes().into());
-                }
-            }
-            providers.push(Provider {
-                id,
-                header: header.as_ref().map(|h| h.as_bytes().into()),
-                query: query.as_ref().map(|q| q.as_bytes().into()),
-            });
+            providers.push(Provider { id, kind });
         }
         let allowed =
             (!route.allow_groups.is_empty() || !route.deny_groups.is_empty()).then(|| {
@@ -91,8 +109,9 @@ impl Auth {
     }
 
     /// Finds the request's consumer (into `consumer`), or refuses it: 401 without valid
-    /// credentials, 403 for a consumer the route's groups exclude.
-    pub fn on_request(
+    /// credentials, 403 for a consumer the route's groups exclude, 503 when too many Basic
+    /// checks wait.
+    pub async fn on_request(
         &self,
         cx: &Ctx<'_>,
         req: &RequestInfo<'_>,
@@ -101,22 +120,53 @@ impl Auth {
         let record = |p: AuthId, outcome| {
             cx.metrics.borrow_mut().record_auth(req.route, p, outcome);
         };
+        let unauthorized = |invalid| ProxyError::Unauthorized {
+            challenges: Rc::clone(&self.challenges),
+            invalid,
+        };
         for p in self.providers.iter() {
-            let presented = p
-                .header
-                .as_deref()
-                .and_then(|h| req.view.header(h))
-                .or_else(|| {
-                    let q = p.query.as_deref()?;
-                    query_param(req.view.head.target.get(req.view.buf), q)
-                });
-            let Some(key) = presented else { continue };
-            let Some(id) = self.consumers.by_api_key(key) else {
+            let found = match &p.kind {
+                Kind::ApiKey { header, query } => {
+                    let presented =
+                        header
+                            .as_deref()
+                            .and_then(|h| req.view.header(h))
+                            .or_else(|| {
+                                let q = query.as_deref()?;
+                                query_param(req.view.head.target.get(req.view.buf), q)
+                            });
+                    let Some(key) = presented else { continue };
+                    self.consumers.by_api_key(key)
+                }
+                Kind::Basic => {
+                    let Some(value) = req.view.header(b"authorization") else {
+                        continue;
+                    };
+                    if !value
+                        .get(..6)
+                        .is_some_and(|s| s.eq_ignore_ascii_case(b"basic "))
+                    {
+                        continue;
+                    }
+                    let Some((user, mut password)) = basic::parse(value) else {
+                        record(p.id, AuthOutcome::Invalid);
+                        return Err(unauthorized(true));
+                    };
+                    let who = self.consumers.by_user(&user);
+                    let verdict = cx.basic.check(&user, &password, who, cx.now).await;
+                    password.fill(0);
+                    match verdict {
+                        Verdict::Consumer(id) => Some(id),
+                        Verdict::Invalid => None,
+                        Verdict::Busy => {
+                            return Err(ProxyError::Overloaded("too many password checks waiting"))
+                        }
+                    }
+                }
+            };
+            let Some(id) = found else {
                 record(p.id, AuthOutcome::Invalid);
-                return Err(ProxyError::Unauthorized {
-                    challenges: Rc::clone(&self.challenges),
-                    invalid: true,
-                });
+                return Err(unauthorized(true));
             };
             *consumer = Some(id);
             if let Some(allowed) = &self.allowed {
@@ -133,10 +183,7 @@ impl Auth {
         if let Some(first) = self.providers.first() {
             record(first.id, AuthOutcome::Missing);
         }
-        Err(ProxyError::Unauthorized {
-            challenges: Rc::clone(&self.challenges),
-            invalid: false,
-        })
+        Err(unauthorized(false))
     }
 
     /// Drops a client's `X-Consumer` and the credentials, and names the consumer upstream.

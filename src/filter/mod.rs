@@ -31,6 +31,7 @@ use std::net::IpAddr;
 use std::rc::Rc;
 use std::sync::Arc;
 
+use crate::auth::basic::BasicChecks;
 use crate::auth::Consumers;
 use crate::cache::{Entry, WorkerCache};
 use crate::cidr::{any_contains, Cidr};
@@ -100,6 +101,10 @@ pub struct Ctx<'a> {
     pub metrics: &'a RefCell<WorkerMetrics>,
     pub cache: Option<&'a WorkerCache>,
     pub deadline: &'a Deadline<'a>,
+    /// Basic-auth password checks in flight, and their cache.
+    pub basic: &'a BasicChecks,
+    /// The worker's coarse clock.
+    pub now: std::time::Instant,
 }
 
 /// What `on_request` may write besides its answer.
@@ -167,13 +172,12 @@ impl Filter {
                 }
                 Ok(())
             }
-            Filter::Auth(auth) => auth.on_request(cx, req, out.consumer),
             Filter::RateLimit(limit) => limit.on_request(cx, req, out.lines, *out.consumer),
             Filter::Invalidate => {
                 cache::invalidate_on_request(req, out.cache);
                 Ok(())
             }
-            Filter::Headers { .. } | Filter::Cache(_) | Filter::Cors(_) => Ok(()),
+            Filter::Headers { .. } | Filter::Cache(_) | Filter::Cors(_) | Filter::Auth(_) => Ok(()),
         }
     }
 
@@ -315,6 +319,7 @@ impl Chain {
                         return Ok(flow);
                     }
                 }
+                Filter::Auth(a) => a.on_request(cx, req, out.consumer).await?,
                 f => f.on_request_now(cx, req, out)?,
             }
         }

@@ -40,6 +40,7 @@ pub(super) async fn error<S: Io>(
             refusal.info.write_headers(&mut headers, true);
         }
         ProxyError::Unauthorized { challenges, .. } => headers.extend_from_slice(challenges),
+        ProxyError::Overloaded(_) => headers.extend_from_slice(b"retry-after: 1\r\n"),
         _ => {}
     }
     let body = serde_json::to_vec(&serde_json::json!({

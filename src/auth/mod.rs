@@ -2,6 +2,10 @@
 //! An API key is found by its SHA-256 digest, so the table holds no key and the lookup
 //! compares digests (whose equality says nothing an attacker could use about the key).
 
+pub mod basic;
+
+use std::sync::Arc;
+
 use ahash::AHashMap;
 
 use crate::config::{Config, ConsumerId};
@@ -18,6 +22,8 @@ pub fn digest(bytes: &[u8]) -> [u8; 32] {
 pub struct Consumers {
     names: Box<[Box<str>]>,
     by_key: AHashMap<[u8; 32], ConsumerId>,
+    /// Basic credentials by user name: the consumer and its password hash.
+    by_user: AHashMap<Box<[u8]>, (ConsumerId, Arc<str>)>,
 }
 
 impl Consumers {
@@ -28,6 +34,18 @@ impl Consumers {
                 by_key.insert(*k, ConsumerId(i as u16));
             }
         }
+        let by_user = config
+            .consumers
+            .iter()
+            .enumerate()
+            .filter_map(|(i, c)| {
+                let (user, hash) = c.basic.as_ref()?;
+                Some((
+                    user.as_bytes().into(),
+                    (ConsumerId(i as u16), Arc::clone(hash)),
+                ))
+            })
+            .collect();
         Consumers {
             names: config
                 .consumers
@@ -35,12 +53,18 @@ impl Consumers {
                 .map(|c| c.name.as_str().into())
                 .collect(),
             by_key,
+            by_user,
         }
     }
 
     /// The consumer holding API key `key`, as presented.
     pub fn by_api_key(&self, key: &[u8]) -> Option<ConsumerId> {
         self.by_key.get(&digest(key)).copied()
+    }
+
+    /// The consumer with Basic user name `user`, and its password hash.
+    pub fn by_user(&self, user: &[u8]) -> Option<(ConsumerId, &Arc<str>)> {
+        self.by_user.get(user).map(|(id, h)| (*id, h))
     }
 
     pub fn name(&self, id: ConsumerId) -> &str {
