@@ -21,6 +21,14 @@ fn tls_gw(certs: &str, extra: &str, upstream: SocketAddr, route_extra: &str) -> 
     tls_gateway(1, &tls, upstream, route_extra)
 }
 
+/// The cipher suite a client negotiated, in rustls's naming (as `${tls_cipher}` has it).
+fn cipher_of(s: &TlsStream) -> &'static str {
+    s.conn
+        .negotiated_cipher_suite()
+        .and_then(|c| c.suite().as_str())
+        .expect("a negotiated suite")
+}
+
 fn metric(gw: &Gateway, line_start: &str) -> f64 {
     let body = get(gw.admin.expect("admin"), "/metrics").text();
     body.lines()
@@ -104,13 +112,7 @@ fn a_proxied_request_over_tls_tells_the_upstream_and_the_transforms() {
         Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3",
         v => panic!("{v:?}"),
     };
-    let cipher = s
-        .conn
-        .negotiated_cipher_suite()
-        .unwrap()
-        .suite()
-        .as_str()
-        .unwrap();
+    let cipher = cipher_of(&s);
     assert_eq!(
         first.header("x-tls"),
         Some(format!("api.test {version} {cipher}").as_str())
@@ -278,13 +280,7 @@ upstream = "app"
     let mut s = tls_connect(gw.addr("tls"), "api.test", &cfg).unwrap();
     let r = request(&mut s, "GET /logged HTTP/1.1\r\nHost: api.test\r\n\r\n");
     assert_eq!(r.status, 200);
-    let cipher = s
-        .conn
-        .negotiated_cipher_suite()
-        .unwrap()
-        .suite()
-        .as_str()
-        .unwrap();
+    let cipher = cipher_of(&s);
     let line = eventually("the access log line", || {
         let text = std::fs::read_to_string(&log).ok()?;
         text.lines()
