@@ -8,8 +8,8 @@ use std::net::IpAddr;
 pub struct Cidr {
     /// The network, as IPv6 bits (IPv4 in the low 32 bits with `v4`).
     net: u128,
-    /// Prefix length within the family (0-32 or 0-128).
-    bits: u8,
+    /// The prefix's bits set, in the same layout.
+    mask: u128,
     v4: bool,
 }
 
@@ -34,25 +34,26 @@ impl Cidr {
                 _ => return Err(format!("{s:?}: the prefix length must be 0-{max}")),
             },
         };
-        let net = value & mask(bits, max);
+        let mask = mask(bits, max);
+        let net = value & mask;
         if net != value {
             return Err(format!("{s:?} has bits set past its /{bits} prefix"));
         }
-        Ok(Cidr { net, bits, v4 })
+        Ok(Cidr { net, mask, v4 })
     }
 
     pub fn contains(&self, ip: IpAddr) -> bool {
-        match canonical(ip) {
-            IpAddr::V4(a) if self.v4 => u128::from(u32::from(a)) & mask(self.bits, 32) == self.net,
-            IpAddr::V6(a) if !self.v4 => u128::from(a) & mask(self.bits, 128) == self.net,
-            _ => false,
-        }
+        any_contains(std::slice::from_ref(self), ip)
     }
 }
 
-/// Whether any range of `list` holds `ip`.
+/// Whether any range of `list` holds `ip` (the address is put in the ranges' layout once).
 pub fn any_contains(list: &[Cidr], ip: IpAddr) -> bool {
-    list.iter().any(|c| c.contains(ip))
+    let (value, v4) = match canonical(ip) {
+        IpAddr::V4(a) => (u128::from(u32::from(a)), true),
+        IpAddr::V6(a) => (u128::from(a), false),
+    };
+    list.iter().any(|c| c.v4 == v4 && value & c.mask == c.net)
 }
 
 fn canonical(ip: IpAddr) -> IpAddr {
