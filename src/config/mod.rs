@@ -9,6 +9,7 @@ mod file;
 mod headers;
 mod route;
 mod tls;
+mod upstream;
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::ops::Range;
@@ -18,10 +19,11 @@ use std::time::Duration;
 pub use auth::{AuthId, AuthKind, AuthProvider, Consumer, ConsumerId, CorsPolicy};
 pub use error::ConfigError;
 pub use file::{AccessLogFormat, Balance, DriverChoice};
-use file::{File, PinCores, UpstreamFile, Workers};
+use file::{File, PinCores, Workers};
 pub use headers::{HeaderTransform, Template, TemplatePart, TlsVar};
 pub use tls::{ClientAuth, ListenerTls, TlsVersion, UpstreamTls};
 use toml::Spanned;
+pub use upstream::{HashKey, Target, Upstream};
 
 use crate::cidr::Cidr;
 use crate::http::{ParseLimits, MAX_HEADERS_CEILING};
@@ -184,35 +186,6 @@ pub struct Listener {
 }
 
 #[derive(Debug, Clone)]
-pub struct Upstream {
-    pub name: String,
-    pub targets: Vec<Target>,
-    pub balance: Balance,
-    pub hash_key: HashKey,
-    pub connect_timeout: Duration,
-    pub request_timeout: Duration,
-    pub idle_timeout: Duration,
-    pub max_idle_per_target: usize,
-    pub fail_timeout: Duration,
-    /// TLS to the targets, when configured.
-    pub tls: Option<UpstreamTls>,
-}
-
-#[derive(Debug, Clone)]
-pub struct Target {
-    /// As written in the config (`host:port`); also what consistent hashing hashes.
-    pub name: String,
-    pub addr: SocketAddr,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum HashKey {
-    ClientIp,
-    /// A request header, lower-cased.
-    Header(String),
-}
-
-#[derive(Debug, Clone)]
 pub struct Route {
     pub name: String,
     pub listener: ListenerId,
@@ -336,40 +309,7 @@ impl Validator<'_> {
             ));
         }
 
-        let mut listeners: Vec<Listener> = Vec::with_capacity(f.listeners.len());
-        for (i, l) in f.listeners.iter().enumerate() {
-            let key = format!("listeners[{i}]");
-            let name = self.name(&l.name, &format!("{key}.name"))?;
-            if listeners.iter().any(|o| o.name == name) {
-                return Err(self.err(
-                    l.name.span(),
-                    "",
-                    format!("duplicate listener name {name:?}"),
-                ));
-            }
-            let addr = self.socket_addr(&l.address, &format!("{key}.address"))?;
-            if let Some(other) = listeners.iter().find(|o| clash(o.addr, addr)) {
-                return Err(self.err(
-                    l.address.span(),
-                    &format!("{key}.address"),
-                    format!("{addr} is also listener {:?}'s address", other.name),
-                ));
-            }
-            if let (Some(admin), Some(a)) = (admin, &f.admin) {
-                if clash(admin, addr) {
-                    return Err(self.err(
-                        a.address.span(),
-                        "admin.address",
-                        format!("{admin} is also listener {name:?}'s address ({key}.address)"),
-                    ));
-                }
-            }
-            let tls = match &l.tls {
-                Some(t) => Some(self.listener_tls(t, &format!("{key}.tls"))?),
-                None => None,
-            };
-            listeners.push(Listener { name, addr, tls });
-        }
+        let listeners = self.listeners(&f, admin)?;
         self.fits_id(listeners.len(), "listeners")?;
         if listeners.is_empty() {
             return Err(ConfigError::whole_file(
@@ -712,73 +652,6 @@ impl Validator<'_> {
                 format!("{s:?} is not a host:port address ({e})"),
             )),
         }
-    }
-
-    fn upstream(&self, i: usize, u: &UpstreamFile) -> Result<Upstream, ConfigError> {
-        let key = format!("upstreams[{i}]");
-        let name = self.name(&u.name, &format!("{key}.name"))?;
-        if u.targets.get_ref().is_empty() {
-            return Err(self.err(
-                u.targets.span(),
-                &format!("{key}.targets"),
-                "an upstream needs at least one target",
-            ));
-        }
-        let mut targets = Vec::with_capacity(u.targets.get_ref().len());
-        for (j, t) in u.targets.get_ref().iter().enumerate() {
-            let addr = self.socket_addr(t, &format!("{key}.targets[{j}]"))?;
-            targets.push(Target {
-                name: t.get_ref().clone(),
-                addr,
-            });
-        }
-        // Only consistent_hash uses the key; the documented example sets it on round_robin.
-        let hash_key = match &u.hash_key {
-            None => HashKey::ClientIp,
-            Some(h) => match h.get_ref().as_str() {
-                "client_ip" => HashKey::ClientIp,
-                s => match s.strip_prefix("header:") {
-                    Some(name) if crate::http::is_token(name.as_bytes()) => {
-                        HashKey::Header(name.to_ascii_lowercase())
-                    }
-                    _ => {
-                        return Err(self.err(
-                            h.span(),
-                            &format!("{key}.hash_key"),
-                            format!("{s:?}: expected \"client_ip\" or \"header:NAME\""),
-                        ))
-                    }
-                },
-            },
-        };
-        for (v, field) in [
-            (&u.connect_timeout_ms, "connect_timeout_ms"),
-            (&u.request_timeout_ms, "request_timeout_ms"),
-        ] {
-            if *v.get_ref() == 0 {
-                return Err(self.err(
-                    v.span(),
-                    &format!("{key}.{field}"),
-                    "must be greater than 0",
-                ));
-            }
-        }
-        let tls = match &u.tls {
-            Some(t) => Some(self.upstream_tls(t, &format!("{key}.tls"), &targets)?),
-            None => None,
-        };
-        Ok(Upstream {
-            name,
-            targets,
-            balance: u.balance,
-            hash_key,
-            connect_timeout: ms(*u.connect_timeout_ms.get_ref()),
-            request_timeout: ms(*u.request_timeout_ms.get_ref()),
-            idle_timeout: ms(u.idle_timeout_ms),
-            max_idle_per_target: u.max_idle_per_target,
-            fail_timeout: ms(u.fail_timeout_ms),
-            tls,
-        })
     }
 }
 
