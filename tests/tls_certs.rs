@@ -434,3 +434,26 @@ fn rsa_ecdsa_and_ed25519_keys_in_pkcs8_pkcs1_and_sec1_all_serve() {
         assert_eq!(r.status, 200, "{name}");
     }
 }
+
+#[test]
+fn without_session_tickets_every_handshake_is_full() {
+    let ca = Ca::new("test-ca");
+    let server = ca.server("api", &["api.test"]);
+    let up = Upstream::start(|_| Reply::ok("ok"));
+    let gw = tls_gateway(
+        1,
+        &format!(
+            "certificates = [{}]\nsession_tickets = false",
+            pair(&server)
+        ),
+        up.addr,
+        "",
+    );
+    let cfg = Arc::new(client_config(ca.roots()));
+    for _ in 0..3 {
+        let mut s = tls_connect(gw.addr("tls"), "api.test", &cfg).unwrap();
+        assert_eq!(s.conn.handshake_kind(), Some(rustls::HandshakeKind::Full));
+        let r = request(&mut s, "GET / HTTP/1.1\r\nHost: api.test\r\n\r\n");
+        assert_eq!(r.status, 200);
+    }
+}
