@@ -88,6 +88,8 @@ const DRAIN_EVERY: Duration = Duration::from_millis(10);
 pub struct AdminState {
     phase: AtomicU8,
     pub certs: Arc<CertExpiries>,
+    /// Remote JWKS fetches, written by the fetcher.
+    pub jwks: Arc<crate::auth::jwks::JwksStatus>,
 }
 
 impl AdminState {
@@ -95,6 +97,7 @@ impl AdminState {
         AdminState {
             phase: AtomicU8::new(STARTING),
             certs: Arc::default(),
+            jwks: Arc::default(),
         }
     }
 
@@ -113,6 +116,7 @@ impl AdminState {
     fn process(&self, agg: &Aggregate) -> Process {
         let mut p = Process::read(agg);
         p.tls_certs = self.certs.snapshot();
+        p.jwks = self.jwks.snapshot();
         p
     }
 }

@@ -21,6 +21,14 @@ pub struct TimedOut;
 pub struct Deadlines {
     slots: RefCell<Slab<Slot>>,
     clock: Cell<Instant>,
+    /// Wall-clock seconds since the epoch at the last tick (token expiry checks).
+    unix: Cell<u64>,
+}
+
+fn unix_seconds() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 #[derive(Default)]
@@ -35,6 +43,7 @@ impl Default for Deadlines {
         Deadlines {
             slots: RefCell::new(Slab::new()),
             clock: Cell::new(Instant::now()),
+            unix: Cell::new(unix_seconds()),
         }
     }
 }
@@ -45,10 +54,16 @@ impl Deadlines {
         self.clock.get()
     }
 
+    /// The wall clock, in seconds since the epoch, as of the last `tick`.
+    pub fn unix_now(&self) -> u64 {
+        self.unix.get()
+    }
+
     /// Advances the clock and wakes every task whose deadline has passed.
     pub fn tick(&self) {
         let now = Instant::now();
         self.clock.set(now);
+        self.unix.set(unix_seconds());
         for (_, slot) in self.slots.borrow_mut().iter_mut() {
             if !slot.fired && slot.due.is_some_and(|due| due <= now) {
                 slot.fired = true;

@@ -22,6 +22,7 @@ use tracing::{error, info, warn};
 use crate::access_log::{self, AccessLog, LogControl};
 use crate::admin::{self, AdminState};
 use crate::auth::basic;
+use crate::auth::jwks;
 use crate::cache::{self, Batch};
 use crate::config::{Config, DriverChoice, ListenerId};
 use crate::metrics::Snapshot;
@@ -178,6 +179,7 @@ pub fn run(config: Config) -> Result<(), StartError> {
         } else {
             (0..workers).map(|_| None).collect()
         };
+    let mut jwt_links = jwt_links(&config, workers, &admin_state);
     let mut controls = Vec::with_capacity(workers);
     let links = sockets
         .into_iter()
@@ -198,6 +200,12 @@ pub fn run(config: Config) -> Result<(), StartError> {
             cache: cache_links,
             tls,
             basic: basic_links[id].take(),
+            jwt: jwt_links.workers[id].take(),
+            jwks_fetcher: if id == 0 {
+                jwt_links.fetcher.take()
+            } else {
+                None
+            },
         };
         thread::Builder::new()
             .name(format!("ringway-w{id}"))
@@ -368,6 +376,50 @@ struct Channels {
     tls: Receiver<TlsUpdate>,
     /// The basic-auth verifier's job channel and this worker's answers.
     basic: Option<(basic::Jobs, basic::Answers)>,
+    /// Asks to the JWKS fetcher, and its answers to this worker.
+    jwt: Option<(Sender<jwks::Ask>, Receiver<jwks::KeysUpdate>)>,
+    /// Worker 0's: the JWKS fetcher.
+    jwks_fetcher: Option<JwksFetcherStart>,
+}
+
+/// What worker 0 needs to run the JWKS fetcher.
+struct JwksFetcherStart {
+    asks: Receiver<jwks::Ask>,
+    updates: Vec<Sender<jwks::KeysUpdate>>,
+    status: Arc<jwks::JwksStatus>,
+}
+
+struct JwtLinks {
+    workers: Vec<Option<(Sender<jwks::Ask>, Receiver<jwks::KeysUpdate>)>>,
+    fetcher: Option<JwksFetcherStart>,
+}
+
+/// The JWKS channels, when some JWT provider fetches its keys.
+fn jwt_links(config: &Config, workers: usize, admin: &AdminState) -> JwtLinks {
+    let remote = config.auth.iter().any(|a| {
+        matches!(&a.kind, crate::config::AuthKind::Jwt(s)
+            if matches!(s.keys, crate::config::JwksSource::Remote { .. }))
+    });
+    if !remote {
+        return JwtLinks {
+            workers: (0..workers).map(|_| None).collect(),
+            fetcher: None,
+        };
+    }
+    let links = jwks::Links::new(workers);
+    let (ask_tx, asks) = links.asks;
+    let (updates, receivers): (Vec<_>, Vec<_>) = links.updates.into_iter().unzip();
+    JwtLinks {
+        workers: receivers
+            .into_iter()
+            .map(|rx| Some((ask_tx.clone(), rx)))
+            .collect(),
+        fetcher: Some(JwksFetcherStart {
+            asks,
+            updates,
+            status: Arc::clone(&admin.jwks),
+        }),
+    }
 }
 
 fn worker_thread(
@@ -454,6 +506,15 @@ async fn worker_main(mut ctx: WorkerStart<'_>, driver: &'static str) {
     if let Some((jobs, answers)) = ctx.channels.basic.take() {
         worker.basic.link(ctx.id, jobs, answers);
     }
+    let jwt_updates = ctx.channels.jwt.take().map(|(asks, updates)| {
+        worker.jwt.link(asks);
+        updates
+    });
+    let fetcher = ctx
+        .channels
+        .jwks_fetcher
+        .take()
+        .map(|f| jwks::Fetcher::new(ctx.config, f.asks, f.updates, f.status));
     let mut canceller = Canceller::new();
     let mut accepting = Vec::with_capacity(ctx.listeners.len());
     for (id, socket) in ctx.listeners {
@@ -490,7 +551,7 @@ async fn worker_main(mut ctx: WorkerStart<'_>, driver: &'static str) {
         monoio::time::sleep(tick).await;
         ticks = ticks.wrapping_add(1);
         worker.deadlines.tick();
-        if ticks % SWEEP_EVERY == 0 {
+        if ticks.is_multiple_of(SWEEP_EVERY) {
             let gen = worker.generation();
             for up in gen.upstreams.iter() {
                 up.sweep_idle(worker.now());
@@ -508,6 +569,12 @@ async fn worker_main(mut ctx: WorkerStart<'_>, driver: &'static str) {
             worker.install_tls(update);
         }
         worker.basic.poll_answers();
+        if let Some(fetcher) = &fetcher {
+            fetcher.poll(&worker);
+        }
+        if let Some(updates) = &jwt_updates {
+            worker.jwt.apply(updates);
+        }
         if let Some(tx) = &ctx.channels.metrics {
             let now = worker.now();
             let interval = now.saturating_duration_since(last_snapshot);

@@ -13,6 +13,7 @@ use tracing::error;
 
 use crate::access_log::AccessLog;
 use crate::auth::basic::BasicChecks;
+use crate::auth::jwks::JwtState;
 use crate::cache::{Links, WorkerCache};
 use crate::config::{Config, Limits, ListenerId, ListenerTls, RateLimitId};
 use crate::deadline::{Deadline, Deadlines};
@@ -47,6 +48,8 @@ pub struct Worker {
     pub cache: Option<WorkerCache>,
     /// Basic-auth password checks in flight (on the verifier thread) and their answers.
     pub basic: BasicChecks,
+    /// JWT providers' keys (remote ones updated by the fetcher) and verified tokens.
+    pub jwt: JwtState,
     connections_active: Cell<usize>,
     connections_total: Cell<u64>,
     /// Per listener (by `ListenerId`): its TLS settings and this worker's current rustls
@@ -101,6 +104,7 @@ impl Worker {
             connections_active: Cell::new(0),
             connections_total: Cell::new(0),
             basic: BasicChecks::default(),
+            jwt: JwtState::new(config),
             tls: RefCell::new(
                 config
                     .listeners
@@ -157,7 +161,9 @@ impl Worker {
             cache: self.cache.as_ref(),
             deadline,
             basic: &self.basic,
+            jwt: &self.jwt,
             now: self.now(),
+            unix_now: self.deadlines.unix_now(),
         }
     }
 

@@ -286,7 +286,7 @@ fn auth_config_errors() {
     assert_config_error(
         &format!("{base}[[auth]]\nname = \"j\"\ntype = \"jwt\"\n"),
         ":6:",
-        "type \"jwt\" is not supported yet",
+        "a JWT provider lists its `algorithms`",
     );
 }
 

@@ -3,7 +3,10 @@
 //! compares digests (whose equality says nothing an attacker could use about the key).
 
 pub mod basic;
+pub mod jwks;
+pub mod jwt;
 
+use std::rc::Rc;
 use std::sync::Arc;
 
 use ahash::AHashMap;
@@ -18,10 +21,44 @@ pub fn digest(bytes: &[u8]) -> [u8; 32] {
     out
 }
 
+/// Who the auth filter found the caller to be.
+#[derive(Debug, Clone)]
+pub enum Identity {
+    Consumer(ConsumerId),
+    /// A verified token: its subject, and the consumer its `consumer_claim` named.
+    Token(Rc<jwt::Verified>),
+}
+
+impl Identity {
+    pub fn consumer(&self) -> Option<ConsumerId> {
+        match self {
+            Identity::Consumer(id) => Some(*id),
+            Identity::Token(v) => v.consumer,
+        }
+    }
+
+    /// The consumer's name, or the token's subject.
+    pub fn name<'a>(&'a self, consumers: &'a Consumers) -> &'a str {
+        match self {
+            Identity::Consumer(id) => consumers.name(*id),
+            Identity::Token(v) => v.name(consumers),
+        }
+    }
+
+    /// Header lines for the upstream request (`claims_to_headers`).
+    pub fn lines(&self) -> &[u8] {
+        match self {
+            Identity::Consumer(_) => b"",
+            Identity::Token(v) => &v.lines,
+        }
+    }
+}
+
 /// The consumers of one config, for the auth filters of its routes.
 pub struct Consumers {
     names: Box<[Box<str>]>,
     by_key: AHashMap<[u8; 32], ConsumerId>,
+    by_name: AHashMap<Box<str>, ConsumerId>,
     /// Basic credentials by user name: the consumer and its password hash.
     by_user: AHashMap<Box<[u8]>, (ConsumerId, Arc<str>)>,
 }
@@ -53,6 +90,12 @@ impl Consumers {
                 .map(|c| c.name.as_str().into())
                 .collect(),
             by_key,
+            by_name: config
+                .consumers
+                .iter()
+                .enumerate()
+                .map(|(i, c)| (c.name.as_str().into(), ConsumerId(i as u16)))
+                .collect(),
             by_user,
         }
     }
@@ -65,6 +108,11 @@ impl Consumers {
     /// The consumer with Basic user name `user`, and its password hash.
     pub fn by_user(&self, user: &[u8]) -> Option<(ConsumerId, &Arc<str>)> {
         self.by_user.get(user).map(|(id, h)| (*id, h))
+    }
+
+    /// The consumer named `name`.
+    pub fn by_name(&self, name: &str) -> Option<ConsumerId> {
+        self.by_name.get(name).copied()
     }
 
     pub fn name(&self, id: ConsumerId) -> &str {

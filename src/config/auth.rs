@@ -2,12 +2,14 @@
 //! as SHA-256 digests (`sha256:<hex>`); a plain key is accepted and hashed at load, with a
 //! warning at start, so that the running process never holds a key it could leak.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::{ConfigError, Validator};
+use super::jwt::{JwksFile, JwtSettings, SecretFile};
+use super::{ConfigError, Upstream, Validator};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -38,6 +40,51 @@ pub struct AuthFile {
     pub realm: Option<Spanned<String>>,
     #[serde(default)]
     pub forward_credentials: bool,
+    pub issuer: Option<Spanned<String>>,
+    pub audiences: Option<Vec<Spanned<String>>>,
+    pub algorithms: Option<Spanned<Vec<Spanned<String>>>>,
+    pub jwks_file: Option<Spanned<String>>,
+    pub jwks: Option<Spanned<JwksFile>>,
+    pub leeway_s: Option<Spanned<u64>>,
+    pub consumer_claim: Option<Spanned<String>>,
+    pub claims_to_headers: Option<Spanned<BTreeMap<String, Spanned<String>>>>,
+    pub secret: Option<Spanned<SecretFile>>,
+}
+
+impl AuthFile {
+    /// The first key set here that type `kind` does not take, and its span.
+    fn stray_key(&self, kind: &str) -> Option<(&'static str, std::ops::Range<usize>)> {
+        let s = |v: &Option<Spanned<String>>| v.as_ref().map(Spanned::span);
+        let for_jwt = [
+            ("issuer", s(&self.issuer)),
+            ("algorithms", self.algorithms.as_ref().map(Spanned::span)),
+            ("jwks_file", s(&self.jwks_file)),
+            ("jwks", self.jwks.as_ref().map(Spanned::span)),
+            ("leeway_s", self.leeway_s.as_ref().map(Spanned::span)),
+            ("consumer_claim", s(&self.consumer_claim)),
+            (
+                "claims_to_headers",
+                self.claims_to_headers.as_ref().map(Spanned::span),
+            ),
+            ("secret", self.secret.as_ref().map(Spanned::span)),
+            (
+                "audiences",
+                self.audiences
+                    .as_ref()
+                    .and_then(|a| a.first())
+                    .map(Spanned::span),
+            ),
+        ];
+        let for_keys = [("header", s(&self.header)), ("query", s(&self.query))];
+        let for_challenges = [("realm", s(&self.realm))];
+        let stray = match kind {
+            "api_key" => [&for_jwt[..], &for_challenges[..]].concat(),
+            "basic" => [&for_jwt[..], &for_keys[..]].concat(),
+            "jwt" => for_keys.to_vec(),
+            _ => Vec::new(),
+        };
+        stray.into_iter().find_map(|(k, span)| Some((k, span?)))
+    }
 }
 
 /// Index of a consumer in `Config::consumers`.
@@ -68,7 +115,7 @@ pub struct AuthProvider {
     pub forward_credentials: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum AuthKind {
     /// A key in a request header (lower-case name) and/or a query parameter.
     ApiKey {
@@ -77,6 +124,8 @@ pub enum AuthKind {
     },
     /// HTTP Basic (RFC 7617) against the consumers' `basic` credentials.
     Basic { realm: String },
+    /// Bearer JSON Web Tokens (RFC 6750, RFC 7519).
+    Jwt(Box<JwtSettings>),
 }
 
 impl Validator<'_> {
@@ -194,6 +243,7 @@ impl Validator<'_> {
     pub(super) fn auth_providers(
         &self,
         files: &[AuthFile],
+        upstreams: &[Upstream],
     ) -> Result<Vec<AuthProvider>, ConfigError> {
         let mut out: Vec<AuthProvider> = Vec::with_capacity(files.len());
         for (i, a) in files.iter().enumerate() {
@@ -204,6 +254,13 @@ impl Validator<'_> {
                     a.name.span(),
                     "",
                     format!("duplicate auth provider {name:?}"),
+                ));
+            }
+            if let Some((stray, span)) = a.stray_key(a.kind.get_ref()) {
+                return Err(self.err(
+                    span,
+                    &format!("{key}.{stray}"),
+                    format!("`{stray}` does not apply to type {:?}", a.kind.get_ref()),
                 ));
             }
             let kind = match a.kind.get_ref().as_str() {
@@ -246,38 +303,14 @@ impl Validator<'_> {
                     AuthKind::ApiKey { header, query }
                 }
                 "basic" => AuthKind::Basic {
-                    realm: match &a.realm {
-                        Some(r)
-                            if !r.get_ref().contains(['"', '\\'])
-                                && !r.get_ref().chars().any(char::is_control) =>
-                        {
-                            r.get_ref().clone()
-                        }
-                        Some(r) => {
-                            return Err(self.err(
-                                r.span(),
-                                &format!("{key}.realm"),
-                                "a realm has no quotes, backslashes or control characters",
-                            ))
-                        }
-                        None => name.clone(),
-                    },
+                    realm: self.realm(a, &key, &name)?,
                 },
-                "jwt" => {
-                    return Err(self.err(
-                        a.kind.span(),
-                        &format!("{key}.type"),
-                        format!(
-                            "type {:?} is not supported yet (\"api_key\" and \"basic\" are)",
-                            a.kind.get_ref()
-                        ),
-                    ))
-                }
+                "jwt" => AuthKind::Jwt(Box::new(self.jwt(a, &key, &name, upstreams)?)),
                 other => {
                     return Err(self.err(
                         a.kind.span(),
                         &format!("{key}.type"),
-                        format!("{other:?}: give \"api_key\" or \"basic\""),
+                        format!("{other:?}: give \"api_key\", \"basic\" or \"jwt\""),
                     ))
                 }
             };

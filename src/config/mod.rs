@@ -7,6 +7,7 @@ mod auth;
 mod error;
 mod file;
 mod headers;
+mod jwt;
 mod route;
 mod tls;
 mod upstream;
@@ -21,6 +22,7 @@ pub use error::ConfigError;
 pub use file::{AccessLogFormat, Balance, DriverChoice};
 use file::{File, PinCores, Workers};
 pub use headers::{HeaderTransform, Template, TemplatePart, TlsVar};
+pub use jwt::{JwksSource, JwtSettings, Secret};
 pub use tls::{ClientAuth, ListenerTls, TlsVersion, UpstreamTls};
 use toml::Spanned;
 pub use upstream::{HashKey, Target, Upstream};
@@ -353,7 +355,7 @@ impl Validator<'_> {
             None => Vec::new(),
         };
         let consumers = self.consumers(&f.consumers)?;
-        let auth = self.auth_providers(&f.auth)?;
+        let auth = self.auth_providers(&f.auth, &upstreams)?;
         let mut routes: Vec<Route> = Vec::with_capacity(f.routes.len());
         for (i, r) in f.routes.iter().enumerate() {
             let known = route::Known {

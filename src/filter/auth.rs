@@ -10,8 +10,10 @@ use std::rc::Rc;
 
 use super::{Ctx, RequestInfo};
 use crate::auth::basic::{self, Verdict};
-use crate::auth::{query_param, Consumers};
-use crate::config::{AuthId, AuthKind, Config, ConsumerId, Route};
+use crate::auth::jwks::Unknown;
+use crate::auth::jwt::{Checker, Failure, MAX_TOKEN};
+use crate::auth::{query_param, Consumers, Identity};
+use crate::config::{AuthId, AuthKind, Config, Route};
 use crate::error::ProxyError;
 use crate::http::HeaderEdits;
 use crate::metrics::AuthOutcome;
@@ -40,6 +42,23 @@ enum Kind {
         query: Option<Box<[u8]>>,
     },
     Basic,
+    Jwt(Box<Jwt>),
+}
+
+struct Jwt {
+    checker: Checker,
+    /// The 401's challenge lines for a refused token (RFC 6750 `invalid_token`), and for an
+    /// expired one.
+    invalid: Rc<[u8]>,
+    expired: Rc<[u8]>,
+}
+
+/// Why a bearer token did not pass.
+enum Refused {
+    Invalid,
+    Expired,
+    /// The provider's keys could not be had in time.
+    Unavailable,
 }
 
 impl Auth {
@@ -82,6 +101,26 @@ impl Auth {
                     }
                     Kind::Basic
                 }
+                AuthKind::Jwt(settings) => {
+                    let bearer = format!("www-authenticate: Bearer realm=\"{}\"", settings.realm);
+                    challenges.extend_from_slice(bearer.as_bytes());
+                    if !p.forward_credentials {
+                        HeaderEdits::encode_name(&mut strip, b"authorization");
+                    }
+                    for (header, _) in &settings.claims_to_headers {
+                        HeaderEdits::encode_name(&mut strip, header.as_bytes());
+                    }
+                    let with_error = |description: &str| -> Rc<[u8]> {
+                        format!("{bearer}, error=\"invalid_token\", error_description=\"{description}\"\r\n")
+                            .into_bytes()
+                            .into()
+                    };
+                    Kind::Jwt(Box::new(Jwt {
+                        checker: Checker::new(settings),
+                        invalid: with_error("the access token is invalid"),
+                        expired: with_error("the access token expired"),
+                    }))
+                }
             };
             challenges.extend_from_slice(b"\r\n");
             providers.push(Provider { id, kind });
@@ -115,7 +154,7 @@ impl Auth {
         &self,
         cx: &Ctx<'_>,
         req: &RequestInfo<'_>,
-        consumer: &mut Option<ConsumerId>,
+        identity: &mut Option<Identity>,
     ) -> Result<(), ProxyError> {
         let record = |p: AuthId, outcome| {
             cx.metrics.borrow_mut().record_auth(req.route, p, outcome);
@@ -136,7 +175,31 @@ impl Auth {
                                 query_param(req.view.head.target.get(req.view.buf), q)
                             });
                     let Some(key) = presented else { continue };
-                    self.consumers.by_api_key(key)
+                    self.consumers.by_api_key(key).map(Identity::Consumer)
+                }
+                Kind::Jwt(jwt) => {
+                    let Some(token) = req.view.header(b"authorization").and_then(bearer) else {
+                        continue;
+                    };
+                    match self.check_token(cx, p.id, jwt, token).await {
+                        Ok(who) => Some(who),
+                        Err(refused) => {
+                            record(p.id, AuthOutcome::Invalid);
+                            return Err(match refused {
+                                Refused::Invalid => ProxyError::Unauthorized {
+                                    challenges: Rc::clone(&jwt.invalid),
+                                    invalid: true,
+                                },
+                                Refused::Expired => ProxyError::Unauthorized {
+                                    challenges: Rc::clone(&jwt.expired),
+                                    invalid: true,
+                                },
+                                Refused::Unavailable => ProxyError::Overloaded(
+                                    "the identity provider's keys are not available",
+                                ),
+                            });
+                        }
+                    }
                 }
                 Kind::Basic => {
                     let Some(value) = req.view.header(b"authorization") else {
@@ -156,7 +219,7 @@ impl Auth {
                     let verdict = cx.basic.check(&user, &password, who, cx.now).await;
                     password.fill(0);
                     match verdict {
-                        Verdict::Consumer(id) => Some(id),
+                        Verdict::Consumer(id) => Some(Identity::Consumer(id)),
                         Verdict::Invalid => None,
                         Verdict::Busy => {
                             return Err(ProxyError::Overloaded("too many password checks waiting"))
@@ -164,13 +227,15 @@ impl Auth {
                     }
                 }
             };
-            let Some(id) = found else {
+            let Some(who) = found else {
                 record(p.id, AuthOutcome::Invalid);
                 return Err(unauthorized(true));
             };
-            *consumer = Some(id);
+            let consumer = who.consumer();
+            *identity = Some(who);
             if let Some(allowed) = &self.allowed {
-                if !allowed.get(usize::from(id.0)).copied().unwrap_or(false) {
+                let ok = consumer.is_some_and(|id| allowed.get(usize::from(id.0)) == Some(&true));
+                if !ok {
                     record(p.id, AuthOutcome::Forbidden);
                     return Err(ProxyError::Forbidden(
                         "this consumer may not use this route",
@@ -186,16 +251,86 @@ impl Auth {
         Err(unauthorized(false))
     }
 
-    /// Drops a client's `X-Consumer` and the credentials, and names the consumer upstream.
+    /// A bearer token of provider `id`: from this worker's cache of verified tokens, or
+    /// verified now (waiting, bounded, for a refetch when its `kid` is unknown).
+    async fn check_token(
+        &self,
+        cx: &Ctx<'_>,
+        id: AuthId,
+        jwt: &Jwt,
+        token: &[u8],
+    ) -> Result<Identity, Refused> {
+        if token.len() > MAX_TOKEN {
+            return Err(Refused::Invalid);
+        }
+        let version = cx.jwt.keys_version(id);
+        if let Some(v) = cx
+            .jwt
+            .tokens
+            .borrow()
+            .get(&jwt.checker, id, token, version, cx.unix_now)
+        {
+            return Ok(Identity::Token(Rc::clone(v)));
+        }
+        let mut waited = false;
+        loop {
+            let Some(keys) = cx.jwt.keys(id) else {
+                return Err(Refused::Invalid);
+            };
+            match jwt
+                .checker
+                .verify(token, &keys, &self.consumers, cx.unix_now)
+            {
+                Ok(v) => {
+                    let v = Rc::new(v);
+                    cx.jwt.tokens.borrow_mut().insert(
+                        id,
+                        token,
+                        keys.version,
+                        Rc::clone(&v),
+                        cx.unix_now,
+                    );
+                    return Ok(Identity::Token(v));
+                }
+                Err(Failure::Expired) => return Err(Refused::Expired),
+                Err(Failure::Invalid(_)) => return Err(Refused::Invalid),
+                // Without any key (a remote JWKS never fetched), it is the provider's fault.
+                Err(Failure::UnknownKid) if keys.is_empty() && waited => {
+                    return Err(Refused::Unavailable)
+                }
+                Err(Failure::UnknownKid) if waited => return Err(Refused::Invalid),
+                Err(Failure::UnknownKid) => match cx.jwt.unknown_kid(id, cx.now).await {
+                    Unknown::Retry => waited = true,
+                    _ if keys.is_empty() => return Err(Refused::Unavailable),
+                    Unknown::Refuse | Unknown::Unavailable => return Err(Refused::Invalid),
+                },
+            }
+        }
+    }
+
+    /// Drops a client's `X-Consumer`, claim headers and credentials, and names the caller
+    /// upstream.
     pub fn on_upstream_request(&self, req: &RequestInfo<'_>, edits: &mut HeaderEdits) {
         edits.remove_encoded(&self.strip);
         for q in self.strip_query.iter() {
             edits.drop_query_param(q);
         }
-        if let Some(name) = req.consumer {
+        if let Some(name) = req.consumer.filter(|n| !n.is_empty()) {
             edits.append_lines(b"x-consumer: ");
             edits.append_lines(name.as_bytes());
             edits.append_lines(b"\r\n");
         }
+        if let Some(who) = req.identity {
+            edits.append_lines(who.lines());
+        }
     }
+}
+
+/// The token of an `Authorization: Bearer <token>` value (RFC 6750 section 2.1).
+fn bearer(value: &[u8]) -> Option<&[u8]> {
+    let scheme = value.get(..7)?;
+    if !scheme.eq_ignore_ascii_case(b"bearer ") {
+        return None;
+    }
+    Some(value[7..].trim_ascii())
 }

@@ -32,10 +32,11 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use crate::auth::basic::BasicChecks;
-use crate::auth::Consumers;
+use crate::auth::jwks::JwtState;
+use crate::auth::{Consumers, Identity};
 use crate::cache::{Entry, WorkerCache};
 use crate::cidr::{any_contains, Cidr};
-use crate::config::{Config, ConsumerId, Route, RouteAction, RouteId};
+use crate::config::{Config, Route, RouteAction, RouteId};
 use crate::deadline::Deadline;
 use crate::error::ProxyError;
 use crate::http::{HeaderEdits, RequestHead};
@@ -90,8 +91,10 @@ pub struct RequestInfo<'a> {
     pub route: RouteId,
     pub route_name: &'a str,
     pub request_id: &'a [u8],
-    /// The authenticated consumer's name, once the auth filter has found one.
+    /// The authenticated consumer's name (or token subject), once the auth filter knows.
     pub consumer: Option<&'a str>,
+    /// Who the auth filter found, for what it sends upstream.
+    pub identity: Option<&'a Identity>,
 }
 
 /// The worker's services a filter may use, borrowed from the worker (no filter sees `Worker`),
@@ -103,8 +106,11 @@ pub struct Ctx<'a> {
     pub deadline: &'a Deadline<'a>,
     /// Basic-auth password checks in flight, and their cache.
     pub basic: &'a BasicChecks,
-    /// The worker's coarse clock.
+    /// JWT providers' keys and this worker's verified tokens.
+    pub jwt: &'a JwtState,
+    /// The worker's coarse clock, and its wall-clock seconds.
     pub now: std::time::Instant,
+    pub unix_now: u64,
 }
 
 /// What `on_request` may write besides its answer.
@@ -114,7 +120,7 @@ pub struct RequestOut<'a> {
     /// The cache's per-request state.
     pub cache: &'a mut Option<CacheSlot>,
     /// Who is calling, once the auth filter knows.
-    pub consumer: &'a mut Option<ConsumerId>,
+    pub identity: &'a mut Option<Identity>,
 }
 
 pub enum Filter {
@@ -172,7 +178,7 @@ impl Filter {
                 }
                 Ok(())
             }
-            Filter::RateLimit(limit) => limit.on_request(cx, req, out.lines, *out.consumer),
+            Filter::RateLimit(limit) => limit.on_request(cx, req, out.lines, out.identity.as_ref()),
             Filter::Invalidate => {
                 cache::invalidate_on_request(req, out.cache);
                 Ok(())
@@ -319,7 +325,7 @@ impl Chain {
                         return Ok(flow);
                     }
                 }
-                Filter::Auth(a) => a.on_request(cx, req, out.consumer).await?,
+                Filter::Auth(a) => a.on_request(cx, req, out.identity).await?,
                 f => f.on_request_now(cx, req, out)?,
             }
         }

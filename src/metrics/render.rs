@@ -63,6 +63,8 @@ pub struct Process {
     pub uptime_seconds: f64,
     /// Every served TLS certificate's expiry.
     pub tls_certs: Vec<CertExpiry>,
+    /// Every remote JWKS's fetches and keys.
+    pub jwks: Vec<crate::auth::jwks::JwksStat>,
 }
 
 impl Process {
@@ -78,6 +80,7 @@ impl Process {
             open_fds,
             uptime_seconds: agg.started.elapsed().as_secs_f64(),
             tls_certs: Vec::new(),
+            jwks: Vec::new(),
         }
     }
 }
@@ -230,6 +233,7 @@ pub fn prometheus(agg: &Aggregate, process: &Process) -> String {
             );
         }
     }
+    jwks(&mut out, &process.jwks);
     header(
         &mut out,
         "ringway_rejected_requests_total",
@@ -554,6 +558,61 @@ pub fn hdr_distribution(h: &Histogram<u64>) -> String {
         sub_buckets
     );
     out
+}
+
+/// Remote JWKS: fetches by result, keys held, and the age of the keys in use.
+fn jwks(out: &mut String, all: &[crate::auth::jwks::JwksStat]) {
+    if all.is_empty() {
+        return;
+    }
+    header(
+        out,
+        "ringway_jwks_fetches_total",
+        "counter",
+        "JWKS fetches by provider and result (ok, failed; refused: a kid-triggered refetch asked for within 30 s of the last).",
+    );
+    for s in all {
+        let p = esc(&s.provider);
+        for (result, n) in [("ok", s.ok), ("failed", s.failed), ("refused", s.refused)] {
+            let _ = writeln!(
+                out,
+                "ringway_jwks_fetches_total{{provider=\"{p}\",result=\"{result}\"}} {n}"
+            );
+        }
+    }
+    header(
+        out,
+        "ringway_jwks_keys",
+        "gauge",
+        "Usable keys in each provider's current JWKS.",
+    );
+    for s in all {
+        let _ = writeln!(
+            out,
+            "ringway_jwks_keys{{provider=\"{}\"}} {}",
+            esc(&s.provider),
+            s.keys
+        );
+    }
+    header(
+        out,
+        "ringway_jwks_age_seconds",
+        "gauge",
+        "Seconds since each provider's keys were last fetched successfully (absent before the first).",
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    for s in all {
+        if let Some(at) = s.fetched_at {
+            let _ = writeln!(
+                out,
+                "ringway_jwks_age_seconds{{provider=\"{}\"}} {}",
+                esc(&s.provider),
+                now.saturating_sub(at)
+            );
+        }
+    }
 }
 
 #[cfg(test)]

@@ -9,8 +9,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
 use std::time::Instant;
 
+use crate::auth::Identity;
 use crate::cidr::any_contains;
-use crate::config::{ConsumerId, ListenerId, RouteId, UpstreamId};
+use crate::config::{ListenerId, RouteId, UpstreamId};
 use crate::filter::cache::CacheSlot;
 use crate::generation::{Generation, RouteEntry};
 use crate::http::{HeaderEdits, HeaderKind, RequestHead};
@@ -31,8 +32,8 @@ pub(crate) struct Exchange {
     pub client_ip: IpText,
     /// What the connection's TLS negotiated; `None` on cleartext.
     pub tls: Option<TlsInfo>,
-    /// The authenticated consumer, once the auth filter has found one.
-    pub consumer: Option<ConsumerId>,
+    /// Who the auth filter found the caller to be.
+    pub identity: Option<Identity>,
     pub route: Option<RouteId>,
     pub request_id: Vec<u8>,
     /// What the request did, for metrics and the access log.
@@ -65,7 +66,7 @@ impl Exchange {
             client: peer.ip(),
             client_ip: IpText::new(peer.ip()),
             tls,
-            consumer: None,
+            identity: None,
             route: None,
             request_id: Vec::with_capacity(64),
             log: RequestLog::new(),
@@ -81,7 +82,7 @@ impl Exchange {
     pub fn reset(&mut self, gen: Rc<Generation>) {
         self.gen = gen;
         self.route = None;
-        self.consumer = None;
+        self.identity = None;
         self.log = RequestLog::new();
         self.extra.clear();
         self.up_edits.clear();

@@ -100,7 +100,8 @@ fn write_upstream_head<S: Io>(
             client_ip: &c.ex.client_ip,
             tls: c.ex.tls.as_ref(),
             request_id: &c.ex.request_id,
-            consumer: c.ex.consumer.map(|id| c.ex.gen.consumers.name(id)),
+            consumer: c.ex.identity.as_ref().map(|i| i.name(&c.ex.gen.consumers)),
+            identity: c.ex.identity.as_ref(),
         };
         let info = request_info(buf, head, who, id, route);
         let slot = c.ex.cache.as_ref();

@@ -48,6 +48,7 @@ pub(super) async fn run<S: Io>(c: &mut Session<'_, S>, w: &Rc<Worker>) -> Result
             tls: c.ex.tls.as_ref(),
             request_id: &c.ex.request_id,
             consumer: None,
+            identity: None,
         },
         id,
         route,
@@ -66,7 +67,7 @@ pub(super) async fn run<S: Io>(c: &mut Session<'_, S>, w: &Rc<Worker>) -> Result
         let mut out = RequestOut {
             lines: &mut c.ex.extra,
             cache: &mut c.ex.cache,
-            consumer: &mut c.ex.consumer,
+            identity: &mut c.ex.identity,
         };
         flow = route
             .chain
@@ -148,6 +149,7 @@ pub(super) struct Who<'a> {
     pub tls: Option<&'a TlsInfo>,
     pub request_id: &'a [u8],
     pub consumer: Option<&'a str>,
+    pub identity: Option<&'a crate::auth::Identity>,
 }
 
 /// What the route's filters may know about the request.
@@ -164,6 +166,7 @@ pub(super) fn request_info<'a>(
         client_ip: who.client_ip.as_bytes(),
         tls: who.tls,
         consumer: who.consumer,
+        identity: who.identity,
         request_id: who.request_id,
         route,
         route_name: &entry.name,

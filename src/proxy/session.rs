@@ -214,7 +214,7 @@ fn finish<S: Io>(c: &mut Session<'_, S>, w: &Worker) {
         referer: ex.log_text.part(2),
         user_agent: ex.log_text.part(3),
         tls: ex.tls.as_ref(),
-        consumer: ex.consumer.map(|id| ex.gen.consumers.name(id)),
+        consumer: ex.identity.as_ref().map(|i| i.name(&ex.gen.consumers)),
     });
     if dropped > 0 {
         w.metrics.borrow_mut().record_access_log_dropped(dropped);

@@ -1,0 +1,429 @@
+//! Remote key sets (`jwks = { upstream, path }`): fetched by one worker for the whole process,
+//! through the buffered upstream client (so the upstream's TLS, timeouts and pools apply),
+//! and handed to every worker read-only as an `Arc<KeySet>`.
+//!
+//! - Refreshed every `refresh_s`; a failed fetch keeps the keys there are (stale-if-error),
+//!   logs, counts, and is tried again within `RETRY`.
+//! - A token with a `kid` no key has makes its worker ask for a refetch (one question per
+//!   worker at a time). The fetcher fetches at most once per `REFETCH_EVERY` for such asks
+//!   (single-flight: asks that arrive while a fetch runs are answered by it) and refuses the
+//!   rest; each answer tells the workers until when no refetch will happen, and until then an
+//!   unknown `kid` is refused at once, so a flood of made-up kids costs the identity provider
+//!   one request per `REFETCH_EVERY`.
+//! - Requests waiting for an answer are woken when it lands, and wait at most `wait_limit`.
+
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+use std::sync::{Arc, Mutex};
+use std::task::{Poll, Waker};
+use std::time::{Duration, Instant, SystemTime};
+
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+use tracing::{info, warn};
+
+use super::jwt::{KeySet, TokenCache};
+use crate::config::{AuthId, AuthKind, Config, JwksSource};
+use crate::upstream::client::{self, Request};
+use crate::worker::Worker;
+
+/// Kid-triggered refetches happen at most this often per provider.
+pub const REFETCH_EVERY: Duration = Duration::from_secs(30);
+/// After a failed fetch, the next try comes this soon (or at `refresh_s`, if sooner).
+const RETRY: Duration = Duration::from_secs(10);
+/// Largest JWKS document read.
+const MAX_JWKS: usize = 1024 * 1024;
+/// Requests waiting for keys per worker and provider; past it, 503.
+const MAX_WAITING: usize = 1024;
+
+/// A worker's question to the fetcher: provider `0` met a `kid` it does not know.
+pub struct Ask(pub AuthId);
+
+/// The fetcher's answer to every worker: the provider's keys now, and until when a kid it does
+/// not know is unknown (no refetch will happen before).
+pub struct KeysUpdate {
+    pub provider: AuthId,
+    pub keys: Arc<KeySet>,
+    pub settled_until: Option<Instant>,
+}
+
+/// One worker's view of every JWT provider's keys, and its verified tokens.
+#[derive(Default)]
+pub struct JwtState {
+    /// By `AuthId`; `None` for providers that are not JWT.
+    providers: RefCell<Vec<Option<ProviderKeys>>>,
+    pub tokens: RefCell<TokenCache>,
+    asks: RefCell<Option<Sender<Ask>>>,
+}
+
+struct ProviderKeys {
+    keys: Arc<KeySet>,
+    remote: bool,
+    /// How long a request may wait for this provider's keys.
+    wait_limit: Duration,
+    /// An ask is out and unanswered.
+    asked: bool,
+    settled_until: Option<Instant>,
+    /// Answers received; a waiter waits for the next one.
+    answers: u64,
+    waiters: Vec<Waker>,
+}
+
+/// What a request may do about a `kid` its provider's keys lack.
+pub enum Unknown {
+    /// Refused now: the keys are settled (recently fetched).
+    Refuse,
+    /// New keys arrived: look again.
+    Retry,
+    /// No answer in time, or too many waiting.
+    Unavailable,
+}
+
+impl JwtState {
+    pub fn new(config: &Config) -> JwtState {
+        let providers = config
+            .auth
+            .iter()
+            .map(|a| match &a.kind {
+                AuthKind::Jwt(s) => Some(ProviderKeys {
+                    keys: match &s.keys {
+                        JwksSource::File(set) => Arc::clone(set),
+                        JwksSource::None | JwksSource::Remote { .. } => Arc::new(KeySet::empty()),
+                    },
+                    remote: matches!(s.keys, JwksSource::Remote { .. }),
+                    wait_limit: match &s.keys {
+                        JwksSource::Remote { upstream, .. } => {
+                            let up = &config.upstreams[usize::from(upstream.0)];
+                            (up.connect_timeout + up.request_timeout + Duration::from_millis(100))
+                                .min(Duration::from_secs(10))
+                        }
+                        _ => Duration::ZERO,
+                    },
+                    asked: false,
+                    settled_until: None,
+                    answers: 0,
+                    waiters: Vec::new(),
+                }),
+                _ => None,
+            })
+            .collect();
+        JwtState {
+            providers: RefCell::new(providers),
+            tokens: RefCell::default(),
+            asks: RefCell::new(None),
+        }
+    }
+
+    pub fn link(&self, asks: Sender<Ask>) {
+        *self.asks.borrow_mut() = Some(asks);
+    }
+
+    /// The version of the provider's current keys (no reference counting: the cached path).
+    pub fn keys_version(&self, id: AuthId) -> u64 {
+        let all = self.providers.borrow();
+        all.get(usize::from(id.0))
+            .and_then(Option::as_ref)
+            .map_or(0, |p| p.keys.version)
+    }
+
+    /// The provider's current keys.
+    pub fn keys(&self, id: AuthId) -> Option<Arc<KeySet>> {
+        let all = self.providers.borrow();
+        Some(Arc::clone(&all.get(usize::from(id.0))?.as_ref()?.keys))
+    }
+
+    /// Applies the fetcher's answers and wakes the requests waiting on them (worker tick).
+    pub fn apply(&self, updates: &Receiver<KeysUpdate>) {
+        let mut all = self.providers.borrow_mut();
+        for u in updates.try_iter() {
+            let Some(Some(p)) = all.get_mut(usize::from(u.provider.0)) else {
+                continue;
+            };
+            p.keys = u.keys;
+            p.settled_until = u.settled_until;
+            p.asked = false;
+            p.answers += 1;
+            for w in p.waiters.drain(..) {
+                w.wake();
+            }
+        }
+    }
+
+    /// A token of provider `id` names a kid its keys lack: refuse it, or ask for a refetch and
+    /// wait (bounded) for the answer.
+    pub async fn unknown_kid(&self, id: AuthId, now: Instant) -> Unknown {
+        let (seen, limit) = {
+            let mut all = self.providers.borrow_mut();
+            let Some(Some(p)) = all.get_mut(usize::from(id.0)) else {
+                return Unknown::Refuse;
+            };
+            if !p.remote || p.settled_until.is_some_and(|t| now < t) {
+                return Unknown::Refuse;
+            }
+            if p.waiters.len() >= MAX_WAITING {
+                return Unknown::Unavailable;
+            }
+            if !p.asked {
+                let sent = self.asks.borrow().as_ref().map(|tx| tx.try_send(Ask(id)));
+                match sent {
+                    Some(Ok(())) => p.asked = true,
+                    Some(Err(TrySendError::Full(_))) => return Unknown::Unavailable,
+                    Some(Err(TrySendError::Disconnected(_))) | None => return Unknown::Refuse,
+                }
+            }
+            (p.answers, p.wait_limit)
+        };
+        let answered = std::future::poll_fn(|cx| {
+            let mut all = self.providers.borrow_mut();
+            match all.get_mut(usize::from(id.0)) {
+                Some(Some(p)) if p.answers == seen => {
+                    p.waiters.push(cx.waker().clone());
+                    Poll::Pending
+                }
+                _ => Poll::Ready(()),
+            }
+        });
+        match monoio::time::timeout(limit, answered).await {
+            Ok(()) => Unknown::Retry,
+            Err(_) => Unknown::Unavailable,
+        }
+    }
+}
+
+/// What the admin endpoint shows of each remote JWKS: written by the fetcher when a fetch
+/// ends (off the request path), read at scrape time.
+#[derive(Default)]
+pub struct JwksStatus(Mutex<Vec<JwksStat>>);
+
+#[derive(Debug, Clone, Default)]
+pub struct JwksStat {
+    pub provider: String,
+    pub keys: usize,
+    /// Seconds since the epoch of the last good fetch.
+    pub fetched_at: Option<u64>,
+    pub ok: u64,
+    pub failed: u64,
+    pub refused: u64,
+}
+
+impl JwksStatus {
+    pub fn snapshot(&self) -> Vec<JwksStat> {
+        self.0.lock().map(|v| v.clone()).unwrap_or_default()
+    }
+
+    fn update(&self, provider: &str, f: impl FnOnce(&mut JwksStat)) {
+        let Ok(mut all) = self.0.lock() else { return };
+        if let Some(s) = all.iter_mut().find(|s| s.provider == provider) {
+            f(s);
+        }
+    }
+}
+
+/// The process's links: one ask channel to the fetcher, one update channel per worker.
+pub struct Links {
+    pub asks: (Sender<Ask>, Receiver<Ask>),
+    pub updates: Vec<(Sender<KeysUpdate>, Receiver<KeysUpdate>)>,
+}
+
+impl Links {
+    pub fn new(workers: usize) -> Links {
+        Links {
+            asks: crossbeam_channel::bounded(workers * 4),
+            updates: (0..workers)
+                .map(|_| crossbeam_channel::bounded(64))
+                .collect(),
+        }
+    }
+}
+
+/// The fetching side, on worker 0: every remote JWKS provider.
+pub struct Fetcher {
+    asks: Receiver<Ask>,
+    workers: Rc<[Sender<KeysUpdate>]>,
+    remotes: Vec<Rc<Remote>>,
+    status: Arc<JwksStatus>,
+}
+
+struct Remote {
+    id: AuthId,
+    name: String,
+    upstream: usize,
+    path: Box<[u8]>,
+    host: Box<[u8]>,
+    refresh: Duration,
+    keys: RefCell<Arc<KeySet>>,
+    in_flight: Cell<bool>,
+    next_fetch: Cell<Instant>,
+    last_refetch: Cell<Option<Instant>>,
+}
+
+impl Fetcher {
+    pub fn new(
+        config: &Config,
+        asks: Receiver<Ask>,
+        workers: Vec<Sender<KeysUpdate>>,
+        status: Arc<JwksStatus>,
+    ) -> Fetcher {
+        let now = Instant::now();
+        let mut remotes = Vec::new();
+        let mut stats = Vec::new();
+        for (i, a) in config.auth.iter().enumerate() {
+            let AuthKind::Jwt(s) = &a.kind else { continue };
+            let JwksSource::Remote {
+                upstream,
+                path,
+                refresh,
+            } = &s.keys
+            else {
+                continue;
+            };
+            let up = &config.upstreams[usize::from(upstream.0)];
+            let host = up
+                .tls
+                .as_ref()
+                .and_then(|t| match t.names.first()? {
+                    rustls::pki_types::ServerName::DnsName(d) => Some(d.as_ref().to_owned()),
+                    _ => None,
+                })
+                .or_else(|| up.targets.first().map(|t| t.name.clone()))
+                .unwrap_or_default();
+            remotes.push(Rc::new(Remote {
+                id: AuthId(i as u16),
+                name: a.name.clone(),
+                upstream: usize::from(upstream.0),
+                path: path.as_bytes().into(),
+                host: host.into_bytes().into(),
+                refresh: *refresh,
+                keys: RefCell::new(Arc::new(KeySet::empty())),
+                in_flight: Cell::new(false),
+                next_fetch: Cell::new(now),
+                last_refetch: Cell::new(None),
+            }));
+            stats.push(JwksStat {
+                provider: a.name.clone(),
+                ..JwksStat::default()
+            });
+        }
+        if let Ok(mut all) = status.0.lock() {
+            *all = stats;
+        }
+        Fetcher {
+            asks,
+            workers: workers.into(),
+            remotes,
+            status,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.remotes.is_empty()
+    }
+
+    /// Takes the workers' asks and starts the fetches that are due (worker 0's tick).
+    pub fn poll(&self, w: &Rc<Worker>) {
+        let now = w.now();
+        // Scheduled fetches first: an ask that meets one in flight is answered by it, and
+        // does not spend the provider's refetch.
+        for r in &self.remotes {
+            if !r.in_flight.get() && now >= r.next_fetch.get() {
+                self.start(w, r);
+            }
+        }
+        for Ask(id) in self.asks.try_iter() {
+            let Some(r) = self.remotes.iter().find(|r| r.id == id) else {
+                continue;
+            };
+            if r.in_flight.get() {
+                continue;
+            }
+            match r.last_refetch.get() {
+                Some(t) if now < t + REFETCH_EVERY => {
+                    self.status.update(&r.name, |s| s.refused += 1);
+                    broadcast(&self.workers, r);
+                }
+                _ => {
+                    r.last_refetch.set(Some(now));
+                    self.start(w, r);
+                }
+            }
+        }
+    }
+
+    fn start(&self, w: &Rc<Worker>, r: &Rc<Remote>) {
+        r.in_flight.set(true);
+        let (w, r) = (Rc::clone(w), Rc::clone(r));
+        let (workers, status) = (Rc::clone(&self.workers), Arc::clone(&self.status));
+        monoio::spawn(async move {
+            let result = fetch(&w, &r).await;
+            let now = w.now();
+            match result {
+                Ok((set, skipped)) => {
+                    for s in skipped {
+                        warn!(provider = %r.name, "JWKS: skipped {s}");
+                    }
+                    if set.version != r.keys.borrow().version {
+                        info!(provider = %r.name, keys = set.len(), "JWKS keys loaded");
+                    }
+                    let count = set.len();
+                    *r.keys.borrow_mut() = Arc::new(set);
+                    r.next_fetch.set(now + r.refresh);
+                    let at = SystemTime::now()
+                        .duration_since(SystemTime::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_secs());
+                    status.update(&r.name, |s| {
+                        s.ok += 1;
+                        s.keys = count;
+                        s.fetched_at = Some(at);
+                    });
+                }
+                Err(e) => {
+                    warn!(provider = %r.name, error = %e, keys_kept = r.keys.borrow().len(),
+                        "JWKS fetch failed; the keys there are stay in use");
+                    r.next_fetch.set(now + r.refresh.min(RETRY));
+                    status.update(&r.name, |s| s.failed += 1);
+                }
+            }
+            r.in_flight.set(false);
+            broadcast(&workers, &r);
+        });
+    }
+}
+
+/// Sends the provider's keys to every worker, with until when they are settled.
+fn broadcast(workers: &[Sender<KeysUpdate>], r: &Remote) {
+    let settled_until = r.last_refetch.get().map(|t| t + REFETCH_EVERY);
+    for tx in workers {
+        let update = KeysUpdate {
+            provider: r.id,
+            keys: Arc::clone(&r.keys.borrow()),
+            settled_until,
+        };
+        if tx.try_send(update).is_err() {
+            warn!(provider = %r.name, "a worker is not taking JWKS updates");
+        }
+    }
+}
+
+/// Fetches and parses the provider's JWKS.
+async fn fetch(w: &Worker, r: &Remote) -> Result<(KeySet, Vec<String>), String> {
+    let gen = w.generation();
+    let up = gen
+        .upstreams
+        .get(r.upstream)
+        .ok_or("the JWKS upstream is gone")?;
+    let request = Request {
+        method: b"GET",
+        target: &r.path,
+        host: &r.host,
+        headers: b"accept: application/jwk-set+json, application/json\r\n",
+    };
+    let resp = client::fetch(w, up, 0, &request, MAX_JWKS)
+        .await
+        .map_err(|e| e.message().into_owned())?;
+    if resp.head.status != 200 {
+        return Err(format!("the JWKS endpoint answered {}", resp.head.status));
+    }
+    let body = resp
+        .body
+        .ok_or_else(|| format!("the JWKS is larger than {MAX_JWKS} bytes"))?;
+    KeySet::parse(&body)
+}

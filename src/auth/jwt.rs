@@ -1,0 +1,435 @@
+//! JSON Web Tokens (RFC 7519) checked against a provider's key set: the signature by
+//! jsonwebtoken on aws-lc-rs, then `exp`/`nbf`/`iat` with leeway, `iss` and `aud`. A token's
+//! `alg` must be one the provider allows and fit the key's type (an RSA public key is never
+//! an HMAC secret; `none` is never allowed); `kid` picks the key.
+//!
+//! A verified token is cached per worker until it expires, keyed by the token itself, so the
+//! common path is a hash and a comparison rather than a signature check.
+
+use std::rc::Rc;
+use std::str::FromStr;
+
+use ahash::{AHashMap, RandomState};
+use jsonwebtoken::jwk::Jwk;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde_json::Value;
+
+use crate::auth::Consumers;
+use crate::config::{AuthId, ConsumerId, JwtSettings};
+
+/// Longest token accepted (the value after `Bearer `).
+pub const MAX_TOKEN: usize = 8 * 1024;
+/// Verified tokens kept per worker.
+const CACHE_ENTRIES: usize = 4096;
+/// Longest claim value passed upstream as a header; longer ones are left out.
+const MAX_CLAIM_VALUE: usize = 1024;
+
+/// A provider's public keys, as its JWKS gave them.
+pub struct KeySet {
+    /// A digest of the JWKS document: it changes when the keys do, and a token cached under
+    /// another version is checked again (a key the provider withdrew stops working at once).
+    pub version: u64,
+    keys: Vec<Key>,
+}
+
+struct Key {
+    kid: Option<Box<str>>,
+    /// The JWK's `alg`, when it names one: then only that algorithm may use the key.
+    alg: Option<Algorithm>,
+    /// The algorithms this key's type and curve can verify.
+    fits: &'static [Algorithm],
+    key: DecodingKey,
+}
+
+/// Which key verifies a token.
+pub enum Lookup<'k> {
+    Found(&'k DecodingKey),
+    /// The token names a `kid` this set does not have (the provider may have rotated).
+    UnknownKid,
+    /// No key here can verify this token.
+    NoKey,
+}
+
+impl std::fmt::Debug for KeySet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeySet")
+            .field("version", &self.version)
+            .field("keys", &self.keys.len())
+            .finish()
+    }
+}
+
+impl KeySet {
+    pub fn empty() -> KeySet {
+        KeySet {
+            version: 0,
+            keys: Vec::new(),
+        }
+    }
+
+    /// Reads a JWKS document. Keys ringway cannot use (encryption keys, symmetric keys, unknown
+    /// types or curves) are skipped and described in the second value; a document that is not
+    /// a JWKS, or leaves no usable key, is an error.
+    pub fn parse(json: &[u8]) -> Result<(KeySet, Vec<String>), String> {
+        let doc: Value =
+            serde_json::from_slice(json).map_err(|e| format!("the JWKS is not JSON: {e}"))?;
+        let Some(entries) = doc.get("keys").and_then(Value::as_array) else {
+            return Err("the JWKS has no \"keys\" array".into());
+        };
+        let mut keys = Vec::with_capacity(entries.len());
+        let mut skipped = Vec::new();
+        for (i, entry) in entries.iter().enumerate() {
+            match key(entry) {
+                Ok(k) => keys.push(k),
+                Err(why) => skipped.push(format!("key {i}: {why}")),
+            }
+        }
+        if keys.is_empty() {
+            return Err(format!(
+                "the JWKS has no usable key ({})",
+                if skipped.is_empty() {
+                    "it is empty".to_owned()
+                } else {
+                    skipped.join("; ")
+                }
+            ));
+        }
+        let d = super::digest(json);
+        let version = u64::from_le_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]]).max(1);
+        Ok((KeySet { version, keys }, skipped))
+    }
+
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    /// The key for a token signed with `alg`, named `kid`. Without a `kid` the set must hold
+    /// exactly one key that fits, so that a token cannot make the gateway try every key.
+    pub fn find(&self, kid: Option<&str>, alg: Algorithm) -> Lookup<'_> {
+        let fits = |k: &&Key| k.fits.contains(&alg) && k.alg.is_none_or(|a| a == alg);
+        match kid {
+            Some(kid) => {
+                let mut named = self.keys.iter().filter(|k| k.kid.as_deref() == Some(kid));
+                let Some(first) = named.next() else {
+                    return Lookup::UnknownKid;
+                };
+                std::iter::once(first)
+                    .chain(named)
+                    .find(fits)
+                    .map_or(Lookup::NoKey, |k| Lookup::Found(&k.key))
+            }
+            None => {
+                let mut fitting = self.keys.iter().filter(fits);
+                match (fitting.next(), fitting.next()) {
+                    (Some(k), None) => Lookup::Found(&k.key),
+                    _ => Lookup::NoKey,
+                }
+            }
+        }
+    }
+}
+
+/// One JWK, if ringway can verify signatures with it.
+fn key(entry: &Value) -> Result<Key, String> {
+    if entry.get("use").and_then(Value::as_str) == Some("enc") {
+        return Err("an encryption key (\"use\": \"enc\")".into());
+    }
+    let alg = match entry.get("alg").and_then(Value::as_str) {
+        None => None,
+        Some(a) => {
+            Some(Algorithm::from_str(a).map_err(|_| format!("algorithm {a:?} is not supported"))?)
+        }
+    };
+    let kty = entry.get("kty").and_then(Value::as_str).unwrap_or("");
+    let crv = entry.get("crv").and_then(Value::as_str).unwrap_or("");
+    let fits: &'static [Algorithm] = match (kty, crv) {
+        ("RSA", _) => &[
+            Algorithm::RS256,
+            Algorithm::RS384,
+            Algorithm::RS512,
+            Algorithm::PS256,
+            Algorithm::PS384,
+            Algorithm::PS512,
+        ],
+        ("EC", "P-256") => &[Algorithm::ES256],
+        ("EC", "P-384") => &[Algorithm::ES384],
+        ("OKP", "Ed25519") => &[Algorithm::EdDSA],
+        ("oct", _) => return Err("a symmetric key has no place in a public JWKS".into()),
+        _ => return Err(format!("key type {kty:?} {crv:?} is not supported")),
+    };
+    if alg.is_some_and(|a| !fits.contains(&a)) {
+        return Err(format!("its \"alg\" does not fit a {kty} {crv} key"));
+    }
+    let jwk: Jwk = serde_json::from_value(entry.clone()).map_err(|e| format!("malformed: {e}"))?;
+    let key = DecodingKey::from_jwk(&jwk).map_err(|e| format!("unusable: {e}"))?;
+    Ok(Key {
+        kid: entry.get("kid").and_then(Value::as_str).map(|k| k.into()),
+        alg,
+        fits,
+        key,
+    })
+}
+
+/// What a verified token tells the gateway, kept in the cache and carried by the exchange.
+#[derive(Debug)]
+pub struct Verified {
+    /// The `[[consumers]]` entry `consumer_claim` named.
+    pub consumer: Option<ConsumerId>,
+    /// `sub`, or empty.
+    pub subject: Box<str>,
+    /// `claims_to_headers`, as header lines for the request going upstream.
+    pub lines: Box<[u8]>,
+    /// `exp`, in seconds since the epoch.
+    pub expires: u64,
+}
+
+impl Verified {
+    /// The name the gateway knows the caller by: the consumer's, or the token's subject.
+    pub fn name<'a>(&'a self, consumers: &'a Consumers) -> &'a str {
+        self.consumer.map_or(&self.subject, |id| consumers.name(id))
+    }
+}
+
+/// Why a token was refused. Only `Expired` is told to the client apart from the rest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    Expired,
+    UnknownKid,
+    Invalid(&'static str),
+}
+
+/// A header name (lower-case) and the path of the claim it carries.
+type ClaimHeader = (Box<[u8]>, Box<[String]>);
+
+/// A provider's checks, built once per generation.
+pub struct Checker {
+    /// One per allowed algorithm: jsonwebtoken wants a validation's algorithms to be of the
+    /// key's family, and the token's `alg` picks its own.
+    validations: Box<[Validation]>,
+    leeway: u64,
+    hs_secret: Option<DecodingKey>,
+    consumer_claim: Option<Box<[String]>>,
+    claims: Box<[ClaimHeader]>,
+}
+
+impl Checker {
+    pub fn new(s: &JwtSettings) -> Checker {
+        let validation = |alg| {
+            let mut v = Validation::new(alg);
+            v.leeway = s.leeway_s;
+            v.validate_nbf = true;
+            v.validate_aud = !s.audiences.is_empty();
+            let mut required = vec!["exp"];
+            if !s.audiences.is_empty() {
+                v.set_audience(&s.audiences);
+                required.push("aud");
+            }
+            if let Some(iss) = &s.issuer {
+                v.set_issuer(&[iss]);
+                required.push("iss");
+            }
+            v.set_required_spec_claims(&required);
+            v
+        };
+        let path = |p: &str| p.split('.').map(str::to_owned).collect::<Box<[String]>>();
+        Checker {
+            validations: s.algorithms.iter().map(|&a| validation(a)).collect(),
+            leeway: s.leeway_s,
+            hs_secret: s
+                .hs_secret
+                .as_ref()
+                .and_then(|secret| DecodingKey::from_secret(secret.expose()).ok()),
+            consumer_claim: s.consumer_claim.as_deref().map(path),
+            claims: s
+                .claims_to_headers
+                .iter()
+                .map(|(h, c)| (h.as_bytes().into(), path(c)))
+                .collect(),
+        }
+    }
+
+    /// Verifies `token` with `keys` at `now` (seconds since the epoch).
+    pub fn verify(
+        &self,
+        token: &[u8],
+        keys: &KeySet,
+        consumers: &Consumers,
+        now: u64,
+    ) -> Result<Verified, Failure> {
+        let header =
+            jsonwebtoken::decode_header(token).map_err(|_| Failure::Invalid("malformed token"))?;
+        let Some(validation) = self
+            .validations
+            .iter()
+            .find(|v| v.algorithms[..] == [header.alg])
+        else {
+            return Err(Failure::Invalid("algorithm not allowed"));
+        };
+        let key = if header.alg.family() == jsonwebtoken::AlgorithmFamily::Hmac {
+            self.hs_secret
+                .as_ref()
+                .ok_or(Failure::Invalid("no secret for HMAC"))?
+        } else {
+            match keys.find(header.kid.as_deref(), header.alg) {
+                Lookup::Found(k) => k,
+                Lookup::UnknownKid => return Err(Failure::UnknownKid),
+                Lookup::NoKey => return Err(Failure::Invalid("no key fits the token")),
+            }
+        };
+        let data =
+            jsonwebtoken::decode::<Value>(token, key, validation).map_err(|e| match e.kind() {
+                jsonwebtoken::errors::ErrorKind::ExpiredSignature => Failure::Expired,
+                jsonwebtoken::errors::ErrorKind::InvalidSignature => {
+                    Failure::Invalid("bad signature")
+                }
+                _ => Failure::Invalid("claims or encoding invalid"),
+            })?;
+        let claims = data.claims;
+        let number = |name: &str| claims.get(name).and_then(Value::as_f64);
+        if number("iat").is_some_and(|iat| iat > (now + self.leeway) as f64) {
+            return Err(Failure::Invalid("issued in the future"));
+        }
+        let expires = number("exp").map_or(0, |e| e.max(0.0) as u64);
+        let consumer = match &self.consumer_claim {
+            None => None,
+            Some(path) => {
+                let name = claim(&claims, path).and_then(Value::as_str);
+                let id = name.and_then(|n| consumers.by_name(n));
+                Some(id.ok_or(Failure::Invalid("no such consumer"))?)
+            }
+        };
+        let mut lines = Vec::new();
+        for (header, path) in self.claims.iter() {
+            if let Some(value) = claim(&claims, path).and_then(header_value) {
+                lines.extend_from_slice(header);
+                lines.extend_from_slice(b": ");
+                lines.extend_from_slice(value.as_bytes());
+                lines.extend_from_slice(b"\r\n");
+            }
+        }
+        let subject = match claims.get("sub") {
+            None => String::new(),
+            Some(sub @ Value::String(_)) => {
+                header_value(sub).ok_or(Failure::Invalid("sub is not a valid header value"))?
+            }
+            Some(_) => return Err(Failure::Invalid("sub is not a string")),
+        };
+        Ok(Verified {
+            consumer,
+            subject: subject.into(),
+            lines: lines.into(),
+            expires,
+        })
+    }
+
+    /// Whether a cached token is still within its `exp` (and leeway) at `now`.
+    fn current(&self, v: &Verified, now: u64) -> bool {
+        now <= v.expires.saturating_add(self.leeway)
+    }
+}
+
+/// The value at `path` (`org.tenant`: member `tenant` of member `org`).
+fn claim<'v>(claims: &'v Value, path: &[String]) -> Option<&'v Value> {
+    path.iter().try_fold(claims, |v, part| v.get(part))
+}
+
+/// A claim as a header value: strings as they are, numbers and booleans as JSON writes them,
+/// arrays of those joined by commas. Nothing that would not be a valid, short field value.
+fn header_value(v: &Value) -> Option<String> {
+    let one = |v: &Value| match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(_) | Value::Bool(_) => Some(v.to_string()),
+        _ => None,
+    };
+    let s = match v {
+        Value::Array(items) => items.iter().map(one).collect::<Option<Vec<_>>>()?.join(","),
+        v => one(v)?,
+    };
+    let clean =
+        s.len() <= MAX_CLAIM_VALUE && s.bytes().all(|b| b == b'\t' || (b >= 0x20 && b != 0x7f));
+    clean.then(|| s.trim().to_owned())
+}
+
+/// One worker's verified tokens: found by a keyed hash of the provider and token, confirmed
+/// by comparing the token itself.
+pub struct TokenCache {
+    hasher: RandomState,
+    entries: AHashMap<u64, Cached>,
+}
+
+struct Cached {
+    provider: AuthId,
+    token: Box<[u8]>,
+    keys_version: u64,
+    verified: Rc<Verified>,
+}
+
+impl Default for TokenCache {
+    fn default() -> Self {
+        TokenCache {
+            hasher: RandomState::new(),
+            entries: AHashMap::new(),
+        }
+    }
+}
+
+impl TokenCache {
+    fn key(&self, provider: AuthId, token: &[u8]) -> u64 {
+        self.hasher.hash_one((provider.0, token))
+    }
+
+    /// The cached result for `token`, if it was verified under `keys_version` and is current.
+    pub fn get(
+        &self,
+        checker: &Checker,
+        provider: AuthId,
+        token: &[u8],
+        keys_version: u64,
+        now: u64,
+    ) -> Option<&Rc<Verified>> {
+        let c = self.entries.get(&self.key(provider, token))?;
+        (c.provider == provider
+            && c.keys_version == keys_version
+            && *c.token == *token
+            && checker.current(&c.verified, now))
+        .then_some(&c.verified)
+    }
+
+    pub fn insert(
+        &mut self,
+        provider: AuthId,
+        token: &[u8],
+        keys_version: u64,
+        verified: Rc<Verified>,
+        now: u64,
+    ) {
+        if self.entries.len() >= CACHE_ENTRIES {
+            self.entries.retain(|_, c| c.verified.expires >= now);
+            if self.entries.len() >= CACHE_ENTRIES {
+                self.entries.clear();
+            }
+        }
+        let key = self.key(provider, token);
+        self.entries.insert(
+            key,
+            Cached {
+                provider,
+                token: token.into(),
+                keys_version,
+                verified,
+            },
+        );
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
