@@ -1,6 +1,6 @@
 //! Microbenchmarks of the per-request hot pieces: head parsing with framing checks, writing the
 //! upstream head, route matching with 10 and 1000 routes, each balancer's pick, and recording a
-//! request's metrics, a rate-limit admit, cache lookups, an API-key check and an IP rule list.
+//! request's metrics, a rate-limit admit and cache lookups (authentication's are in `auth.rs`).
 //! `cargo bench` runs them; they are not part of CI beyond being built.
 
 use std::hint::black_box;
@@ -243,37 +243,8 @@ fn cache_lookup(c: &mut Criterion) {
 
 /// An API key found among 1,000 consumers' keys (a SHA-256 and a table lookup), and a client
 /// address checked against 1,000 CIDR rules that it misses (the whole list).
-fn access(c: &mut Criterion) {
-    let mut src = String::from("[[listeners]]\nname = \"p\"\naddress = \"127.0.0.1:0\"\n");
-    for i in 0..1000 {
-        src.push_str(&format!(
-            "[[consumers]]\nname = \"c{i}\"\napi_keys = [\"sha256:{}\"]\n",
-            ringway::auth::digest(format!("key-number-{i:06}").as_bytes())
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect::<String>()
-        ));
-    }
-    let config = config::parse(Path::new("bench.toml"), &src).expect("bench config");
-    let consumers = ringway::auth::Consumers::new(&config);
-    c.bench_function("api key check (1000 consumers)", |b| {
-        b.iter(|| consumers.by_api_key(black_box(b"key-number-000777")))
-    });
-    let rules: Vec<ringway::cidr::Cidr> = (0..1000u32)
-        .map(|i| {
-            let net = std::net::Ipv4Addr::from(0x0a00_0000 | (i << 8));
-            ringway::cidr::Cidr::parse(&format!("{net}/24")).expect("a range")
-        })
-        .collect();
-    let client: std::net::IpAddr = "203.0.113.7".parse().expect("an address");
-    c.bench_function("ip rules: miss 1000 CIDRs", |b| {
-        b.iter(|| ringway::cidr::any_contains(black_box(&rules), black_box(client)))
-    });
-}
-
 criterion_group!(
     benches,
-    access,
     parse,
     route,
     balance,
