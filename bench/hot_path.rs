@@ -241,8 +241,6 @@ fn cache_lookup(c: &mut Criterion) {
     });
 }
 
-/// An API key found among 1,000 consumers' keys (a SHA-256 and a table lookup), and a client
-/// address checked against 1,000 CIDR rules that it misses (the whole list).
 criterion_group!(
     benches,
     parse,
