@@ -26,7 +26,10 @@ the before/after check for a change to the request path.
 """
 
 import argparse
+import base64
 import datetime
+import hashlib
+import hmac
 import json
 import os
 import re
@@ -127,8 +130,10 @@ def cpu_busy(cpu):
 class Proxy:
     """A proxy process started pinned to PROXY_CPU and stopped with SIGTERM."""
 
-    def __init__(self, name, port, argv, cpus=PROXY_CPU):
+    def __init__(self, name, port, argv, cpus=PROXY_CPU, headers=()):
         self.name, self.port, self.argv, self.cpus = name, port, argv, cpus
+        # Request headers every request to it carries (a JWT-protected route's token).
+        self.headers = list(headers)
         self.proc = None
 
     def start(self, under=None):
@@ -240,8 +245,28 @@ backend b
 """)
 
 
+JWT_SECRET = "the-load-test-kit-hmac-secret-0123456789"
+
+
+def jwt_token(secret=JWT_SECRET):
+    """An HS256 token of a typical size (about 700 bytes, as an RS256 one from an identity
+    provider), valid for a day. The cached path costs the same whatever the algorithm: a hash and
+    a comparison of the token's bytes."""
+    def b64(raw):
+        return base64.urlsafe_b64encode(raw).rstrip(b"=")
+    now = int(time.time())
+    claims = {"iss": "https://idp.example.com/", "aud": "orders-api", "sub": "user-1234567890",
+              "iat": now, "exp": now + 86400, "scope": "orders:read orders:write profile email",
+              "org": {"tenant": "t-42", "plan": "enterprise"},
+              "jti": "0f8c1b4e-6f7d-4a57-9d2c-" + "x" * 300}
+    signing = b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode()) + b"." + \
+        b64(json.dumps(claims).encode())
+    signature = hmac.new(secret.encode(), signing, hashlib.sha256).digest()
+    return (signing + b"." + b64(signature)).decode()
+
+
 def ringway_config(tmp, port, driver="io_uring", workers=1, routes=1, respond=False, cache=False,
-                   rate_limit=False, transforms=False):
+                   rate_limit=False, transforms=False, jwt=False):
     cores = "[0]" if workers == 1 else "[0, 1]"
     route_extra = ""
     lines = [f"""[runtime]
@@ -266,6 +291,13 @@ max_idle_per_target = 64
         lines.append('[[rate_limits]]\nname = "all"\nkey = "route"\nrate = 100000000\n'
                      'burst = 100000000\nheaders = false\n')
         route_extra += 'rate_limits = ["all"]\n'
+    if jwt:
+        secret = write(os.path.join(tmp, "jwt-secret"), JWT_SECRET)
+        lines.append(f'[[auth]]\nname = "idp"\ntype = "jwt"\nissuer = "https://idp.example.com/"\n'
+                     f'audiences = ["orders-api"]\nalgorithms = ["HS256"]\n'
+                     f'secret = {{ file = "{secret}" }}\n'
+                     f'claims_to_headers = {{ "x-tenant" = "org.tenant" }}\n')
+        route_extra += 'auth = ["idp"]\n'
     if transforms:
         # Three header transforms: two on the request, one on the response.
         route_extra += ('request_headers = { set = { "x-env" = "prod" }, add = { "x-tag" = "a" } }\n'
@@ -285,7 +317,9 @@ max_idle_per_target = 64
 
 def ringway(tmp, name, port, binary=RINGWAY, **kw):
     cpus = PROXY_CPU if kw.get("workers", 1) == 1 else f"{PROXY_CPU},{LOAD_CPU}"
-    return Proxy(name, port, [binary, "--config", ringway_config(tmp, port, **kw)], cpus=cpus)
+    headers = [f"Authorization: Bearer {jwt_token()}"] if kw.pop("token", kw.get("jwt")) else []
+    return Proxy(name, port, [binary, "--config", ringway_config(tmp, port, **kw)], cpus=cpus,
+                 headers=headers)
 
 
 def wrk(port, path, seconds, connections=50, close=False, cpus=LOAD_CPU):
@@ -354,9 +388,12 @@ def callgrind(proxy, tmp, small, large):
             if f.startswith(os.path.basename(out) + "."):
                 os.remove(os.path.join(tmp, f))
         proxy.start(under=["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}.%p"])
-        urllib.request.urlopen(f"http://127.0.0.1:{proxy.port}/13B", timeout=30).read()
-        subprocess.run(["oha", "--no-tui", "-n", str(n), "-c", "10",
-                        f"http://127.0.0.1:{proxy.port}/13B"], capture_output=True, timeout=900)
+        url = f"http://127.0.0.1:{proxy.port}/13B"
+        first = urllib.request.Request(url, headers=dict(h.split(": ", 1) for h in proxy.headers))
+        urllib.request.urlopen(first, timeout=30).read()
+        headers = [a for h in proxy.headers for a in ("-H", h)]
+        subprocess.run(["oha", "--no-tui", "-n", str(n), "-c", "10", *headers, url],
+                       capture_output=True, timeout=900)
         dump = f"{out}.{proxy.proc.pid}.1"
         subprocess.run(["callgrind_control", "-d", str(proxy.proc.pid)], capture_output=True,
                        timeout=120)
@@ -428,13 +465,18 @@ def main():
     ap.add_argument("--guard", action="store_true",
                     help="exit 1, loudly, if instructions per request (callgrind: proxied on both "
                          "drivers, cache hits) rose more than 5%% above loadtest/guard.json")
+    ap.add_argument("--auth-cost", action="store_true",
+                    help="instructions per request of a JWT-protected route (token from the cache "
+                         "of verified tokens) against the same route unprotected (callgrind)")
     ap.add_argument("--record", action="store_true",
                     help="with --guard: write the figures measured now into loadtest/guard.json")
     args = ap.parse_args()
-    if args.guard or args.callgrind_only or args.cpu_only:
+    if args.guard or args.callgrind_only or args.cpu_only or args.auth_cost:
         import modes  # the single-purpose modes, in loadtest/modes.py
         if args.guard:
             return modes.guard(args)
+        if args.auth_cost:
+            return modes.auth_cost(args)
         return modes.callgrind_only(args) if args.callgrind_only else modes.cpu_only(args)
     if args.quick:
         args.seconds, args.reps = 3, 1

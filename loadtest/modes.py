@@ -1,5 +1,5 @@
 """The load-test kit's single-purpose modes (see compare.py's docstring): `--callgrind-only`,
-`--cpu-only` and the regression guard `--guard`, built on compare.py's helpers."""
+`--cpu-only`, `--auth-cost` and the regression guard `--guard`, built on compare.py's helpers."""
 
 import contextlib
 import datetime
@@ -108,6 +108,51 @@ def cpu_only(args):
           "builds alternating, medians.\n\n" + "\n".join(md) + "\n")
     write(out + ".json", json.dumps(runs, indent=1))
     print("\n".join(md))
+
+
+# Issue 14's budget: what a JWT-protected route may add to a request, its token cached.
+AUTH_BUDGET = 1500
+
+
+def auth_cost(args):
+    """Instructions per request of the same proxied route, unprotected and JWT-protected (the
+    token verified once, then found in the worker's cache), the same request (token included) to
+    both, alternating over `--reps`; exits 1 when the median difference is over AUTH_BUDGET."""
+    runs = {"unprotected": [], "JWT-protected": []}
+    with nginx_origin("ringway-auth-") as tmp:
+        port = 18400
+        # Both send the same token, so the difference is the check, not a longer request.
+        variants = [("unprotected", {"token": True}), ("JWT-protected", {"jwt": True})]
+        for rep in range(args.reps):
+            for name, kw in alternate(variants, rep):
+                port += 1
+                p = ringway(tmp, name, port, **kw)
+                try:
+                    r = callgrind(p, tmp, 5000, 25000)
+                finally:
+                    p.kill()
+                runs[name].append(r)
+                log(f"   {name:16} {r['instr_per_req']:8.0f} instr/req  "
+                    f"{r['allocs_per_req']:.2f} allocs/req")
+    plain, jwt = (median([r["instr_per_req"] for r in runs[n]]) for n in runs)
+    allocs = median([r["allocs_per_req"] for r in runs["JWT-protected"]])
+    added = jwt - plain
+    stamp = datetime.date.today().isoformat()
+    out = os.path.join(ROOT, "loadtest", "results", f"{stamp}-auth")
+    text = (f"# JWT-protected vs unprotected route, {stamp}, {cpu_model()}, "
+            f"Linux {os.uname().release}\n\nio_uring, 1 worker, 13 B, keep-alive, the same request to "
+            f"both with a ~700-byte HS256 token (one claim to a header); callgrind, (Ir(25k) - Ir(5k)) / 20k, median of "
+            f"{args.reps}, alternating.\n\n| route | instructions / request |\n|---|---:|\n"
+            f"| unprotected | {plain:.0f} |\n| JWT-protected (cached token) | {jwt:.0f} |\n"
+            f"| added by the JWT check | {added:+.0f} (budget {AUTH_BUDGET}) |\n\n"
+            f"Allocations per protected request: {allocs:.2f}.\n")
+    write(out + ".md", text)
+    write(out + ".json", json.dumps(runs, indent=1))
+    print(text)
+    if added > AUTH_BUDGET:
+        print(f"*** the JWT check adds {added:.0f} instructions, over the {AUTH_BUDGET} budget ***")
+        sys.exit(1)
+    return 0
 
 
 GUARD = os.path.join(ROOT, "loadtest", "guard.json")
