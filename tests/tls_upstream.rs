@@ -3,6 +3,7 @@
 //! a client certificate, pooled reuse and session resumption, and the 502 a failure gets.
 
 mod common;
+mod jwt_support;
 mod tls_support;
 
 use common::*;
@@ -172,4 +173,66 @@ fn upstream_tls_config_errors() {
         "give both client_cert and client_key",
     );
     assert_config_error(&base("sni = \"not a name\""), ":9:", "is not a DNS name");
+}
+
+#[test]
+fn a_jwks_is_fetched_over_https_through_its_upstream() {
+    let ca = Ca::new("idp-ca");
+    let cert = ca.server("idp", &["idp.internal"]);
+    let key = jwt_support::SigningKey::new(jsonwebtoken::Algorithm::ES256, "k1");
+    let idp = TlsUpstream::serving(server_config(&cert, None), &jwt_support::jwks(&[&key]));
+    let app = common::Upstream::start(|_| common::Reply::ok("app"));
+    let gw = Gateway::start(&format!(
+        r#"
+[[auth]]
+name = "idp"
+type = "jwt"
+algorithms = ["ES256"]
+jwks = {{ upstream = "idp", path = "/jwks.json" }}
+
+[[upstreams]]
+name = "idp"
+targets = ["{idp}"]
+[upstreams.tls]
+sni = "idp.internal"
+ca = "{ca}"
+
+[[upstreams]]
+name = "app"
+targets = ["{app}"]
+
+[[routes]]
+name = "r"
+listener = "public"
+path_prefix = "/"
+upstream = "app"
+auth = ["idp"]
+
+[[listeners]]
+name = "public"
+address = "127.0.0.1:0"
+"#,
+        idp = idp.addr,
+        app = app.addr,
+        ca = ca.pem.display(),
+    ));
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 600;
+    let token = key.sign(&serde_json::json!({ "sub": "u1", "exp": exp }));
+    let r = common::exchange(
+        gw.addr("public"),
+        format!("GET /x HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n")
+            .as_bytes(),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(app.wait_for(1)[0].header("x-consumer"), Some("u1"));
+    let conns = idp.connections();
+    assert_eq!(conns.len(), 1, "{conns:?}");
+    assert_eq!(conns[0].sni.as_deref(), Some("idp.internal"));
+    let reqs = idp.requests.lock().unwrap().clone();
+    assert_eq!(reqs[0].path, "/jwks.json");
+    assert_eq!(reqs[0].header("host"), Some("idp.internal"));
 }

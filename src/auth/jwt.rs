@@ -438,3 +438,141 @@ impl TokenCache {
         self.entries.is_empty()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An EC P-256 JWK (the point is not checked until a signature is verified).
+    fn ec(kid: Option<&str>, alg: Option<&str>) -> Value {
+        let mut k = serde_json::json!({
+            "kty": "EC", "crv": "P-256",
+            "x": "f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU",
+            "y": "x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0",
+        });
+        if let Some(kid) = kid {
+            k["kid"] = kid.into();
+        }
+        if let Some(alg) = alg {
+            k["alg"] = alg.into();
+        }
+        k
+    }
+
+    fn set(keys: Vec<Value>) -> Result<(KeySet, Vec<String>), String> {
+        KeySet::parse(serde_json::json!({ "keys": keys }).to_string().as_bytes())
+    }
+
+    #[test]
+    fn keys_are_found_by_kid_and_must_fit_the_algorithm() {
+        let (s, skipped) = set(vec![
+            ec(Some("a"), None),
+            ec(Some("b"), Some("ES256")),
+            serde_json::json!({ "kty": "oct", "k": "c2VjcmV0", "kid": "h" }),
+            serde_json::json!({ "kty": "EC", "crv": "P-256", "use": "enc", "x": "", "y": "" }),
+        ])
+        .expect("two usable keys");
+        assert_eq!((s.len(), skipped.len()), (2, 2), "{skipped:?}");
+        assert!(matches!(
+            s.find(Some("a"), Algorithm::ES256),
+            Lookup::Found(_)
+        ));
+        assert!(matches!(s.find(Some("a"), Algorithm::RS256), Lookup::NoKey));
+        assert!(matches!(
+            s.find(Some("h"), Algorithm::HS256),
+            Lookup::UnknownKid
+        ));
+        assert!(matches!(
+            s.find(Some("zz"), Algorithm::ES256),
+            Lookup::UnknownKid
+        ));
+        // Without a kid, only a single fitting key is tried.
+        assert!(matches!(s.find(None, Algorithm::ES256), Lookup::NoKey));
+        let (one, _) = set(vec![ec(None, None)]).expect("one key");
+        assert!(matches!(one.find(None, Algorithm::ES256), Lookup::Found(_)));
+        // A JWK whose alg does not fit its type is skipped; none usable is an error.
+        let e = set(vec![ec(Some("c"), Some("RS256"))]).expect_err("no usable key");
+        assert!(e.contains("does not fit"), "{e}");
+        assert!(KeySet::parse(b"[]").is_err());
+        // The version follows the content.
+        let (again, _) = set(vec![
+            ec(Some("a"), None),
+            ec(Some("b"), Some("ES256")),
+            serde_json::json!({ "kty": "oct", "k": "c2VjcmV0", "kid": "h" }),
+            serde_json::json!({ "kty": "EC", "crv": "P-256", "use": "enc", "x": "", "y": "" }),
+        ])
+        .expect("the same set");
+        assert_eq!(again.version, s.version);
+        assert_ne!(one.version, s.version);
+    }
+
+    #[test]
+    fn claims_become_header_values_only_when_clean() {
+        assert_eq!(header_value(&"t-7".into()).as_deref(), Some("t-7"));
+        assert_eq!(header_value(&serde_json::json!(42)).as_deref(), Some("42"));
+        assert_eq!(
+            header_value(&serde_json::json!(["a", "b", 3])).as_deref(),
+            Some("a,b,3")
+        );
+        assert_eq!(header_value(&"a\r\nx-evil: 1".into()), None);
+        assert_eq!(header_value(&serde_json::json!({ "o": 1 })), None);
+        assert_eq!(header_value(&"x".repeat(2000).into()), None);
+        let claims = serde_json::json!({ "org": { "tenant": "t" } });
+        let path = ["org".to_owned(), "tenant".to_owned()];
+        assert_eq!(claim(&claims, &path), Some(&Value::from("t")));
+        assert_eq!(claim(&claims, &path[1..]), None);
+    }
+
+    #[test]
+    fn the_token_cache_holds_a_token_for_its_keys_and_lifetime() {
+        let settings = JwtSettings {
+            realm: "r".into(),
+            issuer: None,
+            audiences: Vec::new(),
+            algorithms: vec![Algorithm::ES256],
+            keys: crate::config::JwksSource::None,
+            leeway_s: 10,
+            consumer_claim: None,
+            claims_to_headers: Vec::new(),
+            hs_secret: None,
+        };
+        let checker = Checker::new(&settings);
+        let verified = || {
+            Rc::new(Verified {
+                consumer: None,
+                subject: "s".into(),
+                lines: Box::default(),
+                expires: 1000,
+            })
+        };
+        let mut cache = TokenCache::default();
+        let token = b"header.payload.signature-with-32-or-more-bytes-at-its-end";
+        cache.insert(AuthId(0), token, 7, verified(), 900);
+        assert!(cache.get(&checker, AuthId(0), token, 7, 900).is_some());
+        assert!(
+            cache.get(&checker, AuthId(0), token, 7, 1010).is_some(),
+            "leeway"
+        );
+        assert!(
+            cache.get(&checker, AuthId(0), token, 7, 1011).is_none(),
+            "expired"
+        );
+        assert!(
+            cache.get(&checker, AuthId(0), token, 8, 900).is_none(),
+            "keys changed"
+        );
+        assert!(
+            cache.get(&checker, AuthId(1), token, 7, 900).is_none(),
+            "another provider"
+        );
+        // Same length and tail, other bytes: found by the key, refused by the comparison.
+        let forged = b"HEADER.payload.signature-with-32-or-more-bytes-at-its-end";
+        assert!(cache.get(&checker, AuthId(0), forged, 7, 900).is_none());
+        // Bounded: a full table drops what expired, then everything.
+        for i in 0..CACHE_ENTRIES + 10 {
+            let t = format!("token-{i:08}-padding-padding-padding-padding");
+            cache.insert(AuthId(0), t.as_bytes(), 7, verified(), 900);
+        }
+        assert!(cache.len() <= CACHE_ENTRIES);
+    }
+}

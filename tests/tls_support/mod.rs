@@ -220,8 +220,8 @@ pub struct UpstreamConnection {
 }
 
 /// An HTTPS upstream (rustls, blocking, a thread per connection) that answers every request
-/// `200 tls-ok` (closing the connection after a path starting `/close`) and records requests
-/// and connections.
+/// `200 tls-ok` (closing the connection after a path starting `/close`), or `200` with a given
+/// body, and records requests and connections.
 pub struct TlsUpstream {
     pub addr: SocketAddr,
     pub requests: Arc<std::sync::Mutex<Vec<super::common::Received>>>,
@@ -230,7 +230,13 @@ pub struct TlsUpstream {
 
 impl TlsUpstream {
     pub fn start(config: rustls::ServerConfig) -> TlsUpstream {
+        Self::serving(config, "tls-ok")
+    }
+
+    /// Answers every request `200` with `body`.
+    pub fn serving(config: rustls::ServerConfig, body: &str) -> TlsUpstream {
         let config = Arc::new(config);
+        let body: Arc<str> = body.into();
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let requests: Arc<std::sync::Mutex<Vec<super::common::Received>>> = Arc::default();
@@ -239,8 +245,12 @@ impl TlsUpstream {
         std::thread::spawn(move || {
             for (id, sock) in listener.incoming().enumerate() {
                 let Ok(mut sock) = sock else { break };
-                let (config, reqs, conns) =
-                    (Arc::clone(&config), Arc::clone(&reqs), Arc::clone(&conns));
+                let (config, reqs, conns, body) = (
+                    Arc::clone(&config),
+                    Arc::clone(&reqs),
+                    Arc::clone(&conns),
+                    Arc::clone(&body),
+                );
                 std::thread::spawn(move || {
                     sock.set_read_timeout(Some(super::common::TIMEOUT)).unwrap();
                     let mut conn = rustls::ServerConnection::new(config).unwrap();
@@ -262,11 +272,12 @@ impl TlsUpstream {
                     while let Some(req) = reader.read_request(id) {
                         let close = req.path.starts_with("/close");
                         reqs.lock().unwrap().push(req);
-                        let out: &[u8] = match close {
-                            true => b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 6\r\n\r\ntls-ok",
-                            false => b"HTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\ntls-ok",
-                        };
-                        if reader.stream.write_all(out).is_err() || close {
+                        let out = format!(
+                            "HTTP/1.1 200 OK\r\n{}content-length: {}\r\n\r\n{body}",
+                            if close { "connection: close\r\n" } else { "" },
+                            body.len()
+                        );
+                        if reader.stream.write_all(out.as_bytes()).is_err() || close {
                             reader.stream.conn.send_close_notify();
                             let _ = reader.stream.flush();
                             break;
