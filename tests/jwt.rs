@@ -618,3 +618,25 @@ fn a_jwks_file_without_usable_keys_is_refused_at_load() {
         );
     }
 }
+
+#[test]
+fn the_auth_example_config_checks_with_its_jwks_file() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/config/examples/auth.toml");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("keys")).unwrap();
+    let key = SigningKey::new(Algorithm::ES256, "partner-1");
+    std::fs::write(dir.path().join("keys/partners-jwks.json"), jwks(&[&key])).unwrap();
+    let config = dir.path().join("auth.toml");
+    std::fs::copy(example, &config).unwrap();
+    let (status, stdout, stderr) = run_ringway(&["check", "--config", config.to_str().unwrap()]);
+    assert!(status.success(), "{stderr}");
+    assert!(
+        stdout.contains(": ok (1 listeners, 2 upstreams, 3 routes"),
+        "{stdout}"
+    );
+    // Without its key file the same config is refused, naming the entry.
+    std::fs::remove_file(dir.path().join("keys/partners-jwks.json")).unwrap();
+    let (status, _, stderr) = run_ringway(&["check", "--config", config.to_str().unwrap()]);
+    assert_eq!(status.code(), Some(2));
+    assert!(stderr.contains("auth[3].jwks_file"), "{stderr}");
+}
