@@ -97,6 +97,7 @@ type = "jwt"
 algorithms = ["HS256", "RS256"]
 jwks_file = "{jwks}"
 secret = {{ env = "TEST_JWT_SECRET" }}
+forward_credentials = true
 
 [[rate_limits]]
 name = "per-consumer"
@@ -199,6 +200,13 @@ fn valid_tokens_of_each_algorithm_pass_with_claims_upstream() {
     )
     .unwrap();
     assert_eq!(call(&gw, "/hs", Some(&hs), "").status, 200);
+    let got = up.wait_for(7);
+    let forwarded = format!("Bearer {hs}");
+    assert_eq!(
+        got[6].header("authorization"),
+        Some(forwarded.as_str()),
+        "forward_credentials keeps the token"
+    );
     // The secret never reaches a log.
     assert!(gw.logs().iter().all(|l| !l.contains(HS_SECRET)));
 }
@@ -363,7 +371,6 @@ impl IdentityProvider {
         let server = Upstream::start(move |_| {
             let mode = *m.lock().unwrap();
             match mode {
-                "fail" => Reply::ok("oops").status(500),
                 "garbage" => Reply::ok("<html>not json</html>"),
                 "hang" => {
                     std::thread::sleep(Duration::from_secs(3));
