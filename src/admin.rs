@@ -90,6 +90,8 @@ pub struct AdminState {
     pub certs: Arc<CertExpiries>,
     /// Remote JWKS fetches, written by the fetcher.
     pub jwks: Arc<crate::auth::jwks::JwksStatus>,
+    /// Active health checks' view of each probed target, written by the prober.
+    pub health: Arc<crate::upstream::health::HealthStatus>,
 }
 
 impl AdminState {
@@ -98,6 +100,7 @@ impl AdminState {
             phase: AtomicU8::new(STARTING),
             certs: Arc::default(),
             jwks: Arc::default(),
+            health: Arc::default(),
         }
     }
 
@@ -117,6 +120,7 @@ impl AdminState {
         let mut p = Process::read(agg);
         p.tls_certs = self.certs.snapshot();
         p.jwks = self.jwks.snapshot();
+        p.health = self.health.snapshot();
         p
     }
 }

@@ -180,6 +180,11 @@ pub fn run(config: Config) -> Result<(), StartError> {
             (0..workers).map(|_| None).collect()
         };
     let mut jwt_links = jwt_links(&config, workers, &admin_state);
+    // Health changes go from the prober (worker 0) to every worker.
+    let (health_tx, health_rx): (Vec<_>, Vec<_>) =
+        upstream::health::links(workers).into_iter().unzip();
+    let mut health_tx = Some(health_tx);
+    let mut health_rx: Vec<Option<_>> = health_rx.into_iter().map(Some).collect();
     let mut controls = Vec::with_capacity(workers);
     let links = sockets
         .into_iter()
@@ -203,6 +208,14 @@ pub fn run(config: Config) -> Result<(), StartError> {
             jwt: jwt_links.workers[id].take(),
             jwks_fetcher: if id == 0 {
                 jwt_links.fetcher.take()
+            } else {
+                None
+            },
+            health: health_rx[id].take(),
+            prober: if id == 0 {
+                health_tx
+                    .take()
+                    .map(|tx| (tx, Arc::clone(&admin_state.health)))
             } else {
                 None
             },
@@ -380,6 +393,13 @@ struct Channels {
     jwt: Option<(Sender<jwks::Ask>, Receiver<jwks::KeysUpdate>)>,
     /// Worker 0's: the JWKS fetcher.
     jwks_fetcher: Option<JwksFetcherStart>,
+    /// Health changes from the prober.
+    health: Option<Receiver<upstream::health::HealthUpdate>>,
+    /// Worker 0's: what the prober needs (every worker's channel, the status it writes).
+    prober: Option<(
+        Vec<Sender<upstream::health::HealthUpdate>>,
+        Arc<upstream::health::HealthStatus>,
+    )>,
 }
 
 /// What worker 0 needs to run the JWKS fetcher.
@@ -533,6 +553,10 @@ async fn worker_main(mut ctx: WorkerStart<'_>, driver: &'static str) {
             }
         }
     }
+    if let Some((workers, status)) = ctx.channels.prober.take() {
+        upstream::health::start(&worker, ctx.config, workers, status);
+    }
+    let health = ctx.channels.health.take();
     info!(worker = ctx.id, core = ?ctx.core, driver, "worker started");
     let _ = ctx.channels.events.send(Event::Started);
 
@@ -574,6 +598,9 @@ async fn worker_main(mut ctx: WorkerStart<'_>, driver: &'static str) {
         }
         if let Some(updates) = &jwt_updates {
             worker.jwt.apply(updates);
+        }
+        if let Some(updates) = &health {
+            upstream::health::apply(&worker, updates);
         }
         if let Some(tx) = &ctx.channels.metrics {
             let now = worker.now();

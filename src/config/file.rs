@@ -305,6 +305,11 @@ pub struct UpstreamFile {
     #[serde(default = "d_fail_timeout")]
     pub fail_timeout_ms: u64,
     pub tls: Option<Spanned<super::tls::UpstreamTlsFile>>,
+    #[serde(default)]
+    pub backup_targets: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub panic_routing: bool,
+    pub health_check: Option<Spanned<super::health::HealthCheckFile>>,
 }
 
 fn d_connect_timeout() -> Spanned<u64> {

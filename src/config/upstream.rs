@@ -4,12 +4,18 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use super::file::{Balance, File, UpstreamFile};
-use super::{clash, ms, ConfigError, Listener, UpstreamTls, Validator};
+use super::{clash, ms, ConfigError, HealthCheck, Listener, UpstreamTls, Validator};
 
 #[derive(Debug, Clone)]
 pub struct Upstream {
     pub name: String,
+    /// The primary targets, then the backups (`backup_targets`).
     pub targets: Vec<Target>,
+    /// How many of `targets` are primaries.
+    pub primaries: usize,
+    /// With every primary unhealthy and no backup up: try the primaries anyway (else 503).
+    pub panic_routing: bool,
+    pub health_check: Option<HealthCheck>,
     pub balance: Balance,
     pub hash_key: HashKey,
     pub connect_timeout: Duration,
@@ -90,14 +96,33 @@ impl Validator<'_> {
                 "an upstream needs at least one target",
             ));
         }
-        let mut targets = Vec::with_capacity(u.targets.get_ref().len());
-        for (j, t) in u.targets.get_ref().iter().enumerate() {
-            let addr = self.socket_addr(t, &format!("{key}.targets[{j}]"))?;
-            targets.push(Target {
-                name: t.get_ref().clone(),
-                addr,
-            });
+        let mut targets: Vec<Target> =
+            Vec::with_capacity(u.targets.get_ref().len() + u.backup_targets.len());
+        let lists = [
+            ("targets", u.targets.get_ref().as_slice()),
+            ("backup_targets", u.backup_targets.as_slice()),
+        ];
+        for (field, list) in lists {
+            for (j, t) in list.iter().enumerate() {
+                let at = format!("{key}.{field}[{j}]");
+                let addr = self.socket_addr(t, &at)?;
+                if field == "backup_targets" && targets.iter().any(|o| o.name == *t.get_ref()) {
+                    return Err(self.err(
+                        t.span(),
+                        &at,
+                        format!("{:?} is listed twice", t.get_ref()),
+                    ));
+                }
+                targets.push(Target {
+                    name: t.get_ref().clone(),
+                    addr,
+                });
+            }
         }
+        let health_check = match &u.health_check {
+            Some(h) => Some(self.health_check(h, &format!("{key}.health_check"))?),
+            None => None,
+        };
         // Only consistent_hash uses the key; the documented example sets it on round_robin.
         let hash_key = match &u.hash_key {
             None => HashKey::ClientIp,
@@ -136,6 +161,9 @@ impl Validator<'_> {
         Ok(Upstream {
             name,
             targets,
+            primaries: u.targets.get_ref().len(),
+            panic_routing: u.panic_routing,
+            health_check,
             balance: u.balance,
             hash_key,
             connect_timeout: ms(*u.connect_timeout_ms.get_ref()),

@@ -65,6 +65,8 @@ pub struct Process {
     pub tls_certs: Vec<CertExpiry>,
     /// Every remote JWKS's fetches and keys.
     pub jwks: Vec<crate::auth::jwks::JwksStat>,
+    /// Every actively probed target's health.
+    pub health: Vec<crate::upstream::health::TargetHealth>,
 }
 
 impl Process {
@@ -81,6 +83,7 @@ impl Process {
             uptime_seconds: agg.started.elapsed().as_secs_f64(),
             tls_certs: Vec::new(),
             jwks: Vec::new(),
+            health: Vec::new(),
         }
     }
 }
@@ -234,6 +237,7 @@ pub fn prometheus(agg: &Aggregate, process: &Process) -> String {
         }
     }
     jwks(&mut out, &process.jwks);
+    health(&mut out, &process.health);
     header(
         &mut out,
         "ringway_rejected_requests_total",
@@ -464,7 +468,15 @@ pub fn status(agg: &Aggregate, process: &Process) -> Value {
                         .iter()
                         .map(|o| (o.label().to_owned(), json!(f.outcomes[*o as usize])))
                         .collect();
-                    (tname.clone(), json!({ "requests": outcomes, "latency_us": percentiles(f.latency.as_ref()) }))
+                    // Active health, for probed targets: the state and the last probe's finding.
+                    let health = process
+                        .health
+                        .iter()
+                        .find(|h| h.upstream == *name && h.target == *tname)
+                        .map_or(Value::Null, |h| {
+                            json!({ "healthy": h.healthy, "backup": h.backup, "last_probe": h.last })
+                        });
+                    (tname.clone(), json!({ "requests": outcomes, "latency_us": percentiles(f.latency.as_ref()), "health": health }))
                 })
                 .collect();
             let idle: usize = agg
@@ -610,6 +622,45 @@ fn jwks(out: &mut String, all: &[crate::auth::jwks::JwksStat]) {
                 "ringway_jwks_age_seconds{{provider=\"{}\"}} {}",
                 esc(&s.provider),
                 now.saturating_sub(at)
+            );
+        }
+    }
+}
+
+/// Active health checks: each probed target's health and its probes by result.
+fn health(out: &mut String, all: &[crate::upstream::health::TargetHealth]) {
+    if all.is_empty() {
+        return;
+    }
+    header(
+        out,
+        "ringway_upstream_target_healthy",
+        "gauge",
+        "1 while active health checks find the target healthy, 0 while they do not.",
+    );
+    for t in all {
+        let _ = writeln!(
+            out,
+            "ringway_upstream_target_healthy{{upstream=\"{}\",target=\"{}\",backup=\"{}\"}} {}",
+            esc(&t.upstream),
+            esc(&t.target),
+            t.backup,
+            u8::from(t.healthy)
+        );
+    }
+    header(
+        out,
+        "ringway_health_probes_total",
+        "counter",
+        "Active health probes by upstream, target and result (ok, failed).",
+    );
+    for t in all {
+        for (result, n) in [("ok", t.ok), ("failed", t.failed)] {
+            let _ = writeln!(
+                out,
+                "ringway_health_probes_total{{upstream=\"{}\",target=\"{}\",result=\"{result}\"}} {n}",
+                esc(&t.upstream),
+                esc(&t.target)
             );
         }
     }

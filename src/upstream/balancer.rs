@@ -39,7 +39,11 @@ impl Balancer {
             Balance::LeastRequest => Balancer::LeastRequest,
             Balance::Random => Balancer::Random,
             Balance::ConsistentHash => {
-                let names: Vec<&str> = upstream.targets.iter().map(|t| t.name.as_str()).collect();
+                // Over the primaries: backups are picked only when no primary is up.
+                let names: Vec<&str> = upstream.targets[..upstream.primaries]
+                    .iter()
+                    .map(|t| t.name.as_str())
+                    .collect();
                 Balancer::ConsistentHash {
                     table: maglev_table(&names),
                 }
@@ -85,7 +89,8 @@ impl Balancer {
     }
 }
 
-fn first_up<T: Targets + ?Sized>(targets: &T, start: usize) -> Option<usize> {
+/// The first target that is up, looking from `start` round the list.
+pub fn first_up<T: Targets + ?Sized>(targets: &T, start: usize) -> Option<usize> {
     let n = targets.len();
     (0..n).map(|k| (start + k) % n).find(|&i| targets.is_up(i))
 }

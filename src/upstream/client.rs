@@ -160,6 +160,32 @@ pub async fn fetch(
     Ok(response)
 }
 
+/// Connects to target `t` itself (a health probe) and, given a request, sends it and reads
+/// the response; the connection is new and closed after, so that every probe also proves the
+/// target accepts connections. Bounded by `limit` as a
+/// whole; nothing is recorded in the request metrics or the passive health state.
+pub async fn probe(
+    w: &Worker,
+    up: &UpstreamState,
+    t: TargetId,
+    req: Option<&Request<'_>>,
+    limit: std::time::Duration,
+) -> Result<Option<Response>, String> {
+    let attempt = async {
+        let deadline = w.deadlines.slot();
+        let mut conn = up.connect(t, &deadline).await.map_err(|e| e.to_string())?;
+        let Some(req) = req else { return Ok(None) };
+        exchange(w, &mut conn, req, 64 * 1024)
+            .await
+            .map(|(resp, _)| Some(resp))
+            .map_err(|e| e.message().into_owned())
+    };
+    match monoio::time::timeout(limit, attempt).await {
+        Ok(result) => result,
+        Err(_) => Err(format!("no answer within {} ms", limit.as_millis())),
+    }
+}
+
 /// The exchange on one connection; also says whether the connection may be reused.
 async fn exchange(
     w: &Worker,

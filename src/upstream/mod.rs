@@ -7,6 +7,7 @@
 
 mod balancer;
 pub mod client;
+pub mod health;
 mod stream;
 
 use std::cell::{Cell, RefCell};
@@ -50,7 +51,10 @@ pub struct UpstreamConn {
 pub struct UpstreamState {
     pub id: UpstreamId,
     pub name: String,
+    /// The primary targets, then the backups.
     pub targets: Vec<TargetState>,
+    primaries: usize,
+    panic_routing: bool,
     balancer: Balancer,
     pub hash_key: HashKey,
     pub connect_timeout: Duration,
@@ -75,6 +79,8 @@ pub struct TargetState {
     server_name: Option<ServerName<'static>>,
     inflight: Cell<u32>,
     down_until: Cell<Option<Instant>>,
+    /// What active health checks last said (set from the prober's updates; true until then).
+    healthy: Cell<bool>,
     /// Most recently used last: reuse takes the warmest connection.
     idle: RefCell<Vec<(UpstreamConn, Instant)>>,
 }
@@ -122,10 +128,11 @@ impl Targets for [TargetState] {
         <[TargetState]>::len(self)
     }
     fn is_up(&self, i: usize) -> bool {
-        self[i]
-            .down_until
-            .get()
-            .is_none_or(|until| Instant::now() >= until)
+        let t = &self[i];
+        t.healthy.get()
+            && t.down_until
+                .get()
+                .is_none_or(|until| Instant::now() >= until)
     }
     fn inflight(&self, i: usize) -> u32 {
         self[i].inflight.get()
@@ -147,9 +154,12 @@ impl UpstreamState {
                     server_name: cfg.tls.as_ref().map(|tls| tls.names[i].clone()),
                     inflight: Cell::new(0),
                     down_until: Cell::new(None),
+                    healthy: Cell::new(true),
                     idle: RefCell::new(Vec::new()),
                 })
                 .collect(),
+            primaries: cfg.primaries,
+            panic_routing: cfg.panic_routing,
             balancer: Balancer::new(cfg),
             hash_key: cfg.hash_key.clone(),
             connect_timeout: cfg.connect_timeout,
@@ -168,11 +178,31 @@ impl UpstreamState {
         }
     }
 
-    /// Chooses a target that is up; `key` is the request's hash for consistent hashing.
+    /// Chooses a primary target that is up (`key`: the request's hash, for consistent
+    /// hashing); with none, a backup that is up; with none, any primary under `panic_routing`.
     pub fn pick(&self, rng: &Rng, key: u64) -> Option<TargetId> {
-        self.balancer
-            .pick(self.targets.as_slice(), rng, key)
-            .map(TargetId)
+        let (primaries, backups) = self.targets.split_at(self.primaries);
+        if let Some(i) = self.balancer.pick(primaries, rng, key) {
+            return Some(TargetId(i));
+        }
+        if !backups.is_empty() {
+            if let Some(i) = balancer::first_up(backups, rng.below(backups.len())) {
+                return Some(TargetId(self.primaries + i));
+            }
+        }
+        self.panic_routing
+            .then(|| TargetId(rng.below(self.primaries)))
+    }
+
+    /// Records what the active health checks say of `t`; returns whether that changed it.
+    pub fn set_healthy(&self, t: TargetId, healthy: bool) -> bool {
+        self.targets
+            .get(t.0)
+            .is_some_and(|target| target.healthy.replace(healthy) != healthy)
+    }
+
+    pub fn is_backup(&self, t: TargetId) -> bool {
+        t.0 >= self.primaries
     }
 
     /// Whether `pick` uses its key (consistent hashing only), so that others skip hashing.

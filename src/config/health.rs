@@ -1,0 +1,163 @@
+//! `[upstreams.health_check]`: active probing of an upstream's targets, and `backup_targets`,
+//! used only while no primary target is healthy.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::{ms, ConfigError, Validator};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheckFile {
+    #[serde(rename = "type")]
+    pub kind: Option<Spanned<String>>,
+    pub path: Option<Spanned<String>>,
+    pub host: Option<Spanned<String>>,
+    pub interval_ms: Option<Spanned<u64>>,
+    pub timeout_ms: Option<Spanned<u64>>,
+    pub healthy_threshold: Option<Spanned<u32>>,
+    pub unhealthy_threshold: Option<Spanned<u32>>,
+    pub expect_status: Option<Spanned<Vec<Spanned<u16>>>>,
+}
+
+/// How an upstream's targets are probed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub probe: Probe,
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// Consecutive good probes that bring an unhealthy target back.
+    pub healthy_threshold: u32,
+    /// Consecutive failed probes that take a healthy target out.
+    pub unhealthy_threshold: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Probe {
+    /// `GET path` with `Host: host` (the target's name when `None`); healthy when the status
+    /// is in `expect` (any 2xx or 3xx when empty).
+    Http {
+        path: String,
+        host: Option<String>,
+        expect: Vec<u16>,
+    },
+    /// A connection (and TLS handshake, for a TLS upstream) is made.
+    Tcp,
+}
+
+impl Validator<'_> {
+    pub(super) fn health_check(
+        &self,
+        h: &Spanned<HealthCheckFile>,
+        key: &str,
+    ) -> Result<HealthCheck, ConfigError> {
+        let f = h.get_ref();
+        let kind = f.kind.as_ref().map_or("http", |k| k.get_ref().as_str());
+        let probe = match kind {
+            "http" => {
+                let Some(path) = &f.path else {
+                    return Err(self.err(
+                        h.span(),
+                        &format!("{key}.path"),
+                        "an HTTP health check needs a `path` (or give type = \"tcp\")",
+                    ));
+                };
+                let p = path.get_ref();
+                if !p.starts_with('/') || p.bytes().any(|b| b <= b' ' || b == 0x7f) {
+                    return Err(self.err(
+                        path.span(),
+                        &format!("{key}.path"),
+                        "a path starts with '/' and has no spaces or control characters",
+                    ));
+                }
+                let host = match &f.host {
+                    Some(v) if crate::proxy::valid_redirect_host(v.get_ref().as_bytes()) => {
+                        Some(v.get_ref().clone())
+                    }
+                    Some(v) => {
+                        return Err(self.err(
+                            v.span(),
+                            &format!("{key}.host"),
+                            format!("{:?} is not a host", v.get_ref()),
+                        ))
+                    }
+                    None => None,
+                };
+                let mut expect = Vec::new();
+                if let Some(list) = &f.expect_status {
+                    for s in list.get_ref() {
+                        if !(100..=599).contains(s.get_ref()) {
+                            return Err(self.err(
+                                s.span(),
+                                &format!("{key}.expect_status"),
+                                "a status is between 100 and 599",
+                            ));
+                        }
+                        expect.push(*s.get_ref());
+                    }
+                    if expect.is_empty() {
+                        return Err(self.err(
+                            list.span(),
+                            &format!("{key}.expect_status"),
+                            "list at least one status (or leave it out: any 2xx or 3xx)",
+                        ));
+                    }
+                }
+                Probe::Http {
+                    path: p.clone(),
+                    host,
+                    expect,
+                }
+            }
+            "tcp" => {
+                let stray = [("path", &f.path), ("host", &f.host)]
+                    .into_iter()
+                    .find_map(|(name, v)| Some((name, v.as_ref()?.span())))
+                    .or_else(|| Some(("expect_status", f.expect_status.as_ref()?.span())));
+                if let Some((name, span)) = stray {
+                    return Err(self.err(
+                        span,
+                        &format!("{key}.{name}"),
+                        format!("`{name}` is for HTTP health checks, not type = \"tcp\""),
+                    ));
+                }
+                Probe::Tcp
+            }
+            other => {
+                let span = f.kind.as_ref().map_or(h.span(), Spanned::span);
+                return Err(self.err(
+                    span,
+                    &format!("{key}.type"),
+                    format!("{other:?}: give \"http\" or \"tcp\""),
+                ));
+            }
+        };
+        let number =
+            |v: &Option<Spanned<u64>>, field: &str, default: u64, range: (u64, u64)| match v {
+                None => Ok(default),
+                Some(v) if (range.0..=range.1).contains(v.get_ref()) => Ok(*v.get_ref()),
+                Some(v) => Err(self.err(
+                    v.span(),
+                    &format!("{key}.{field}"),
+                    format!("must be between {} and {}", range.0, range.1),
+                )),
+            };
+        let interval = number(&f.interval_ms, "interval_ms", 2000, (10, 3_600_000))?;
+        let timeout = number(&f.timeout_ms, "timeout_ms", 1000, (1, 60_000))?;
+        let threshold = |v: &Option<Spanned<u32>>, field: &str, default: u64| {
+            let v = v
+                .as_ref()
+                .map(|s| Spanned::new(s.span(), u64::from(*s.get_ref())));
+            number(&v, field, default, (1, 100)).map(|n| n as u32)
+        };
+        Ok(HealthCheck {
+            probe,
+            interval: ms(interval),
+            timeout: ms(timeout),
+            healthy_threshold: threshold(&f.healthy_threshold, "healthy_threshold", 2)?,
+            unhealthy_threshold: threshold(&f.unhealthy_threshold, "unhealthy_threshold", 3)?,
+        })
+    }
+}

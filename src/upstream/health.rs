@@ -1,0 +1,220 @@
+//! Active health checks: probes run once per process, on worker 0, one task per probed target,
+//! through the upstream client (so TLS and the connect timeout apply). A target turns unhealthy
+//! after `unhealthy_threshold` failed probes in a row and healthy again after
+//! `healthy_threshold` good ones; each change goes to every worker over its channel and is
+//! applied on the worker's next tick (within 25 ms), so the whole process agrees.
+
+use std::rc::Rc;
+use std::sync::{Arc, Mutex};
+
+use crossbeam_channel::{Receiver, Sender};
+use tracing::{info, warn};
+
+use super::client::{self, Request};
+use super::TargetId;
+use crate::config::{Config, HealthCheck, Probe, UpstreamId};
+use crate::worker::Worker;
+
+/// A target's new health, for every worker.
+pub struct HealthUpdate {
+    pub upstream: UpstreamId,
+    pub target: TargetId,
+    pub healthy: bool,
+}
+
+/// Per worker: the channel health changes arrive on.
+pub fn links(workers: usize) -> Vec<(Sender<HealthUpdate>, Receiver<HealthUpdate>)> {
+    (0..workers)
+        .map(|_| crossbeam_channel::bounded(256))
+        .collect()
+}
+
+/// Applies the prober's updates to this worker's upstreams (worker tick).
+pub fn apply(w: &Worker, updates: &Receiver<HealthUpdate>) {
+    let gen = w.generation();
+    for u in updates.try_iter() {
+        if let Some(up) = gen.upstreams.get(usize::from(u.upstream.0)) {
+            up.set_healthy(u.target, u.healthy);
+        }
+    }
+}
+
+/// Each probed target's state, for `/status` and `/metrics`: written by the prober when a probe
+/// ends (off the request path), read at scrape time.
+#[derive(Default)]
+pub struct HealthStatus(Mutex<Vec<TargetHealth>>);
+
+#[derive(Debug, Clone)]
+pub struct TargetHealth {
+    pub upstream: String,
+    pub target: String,
+    pub backup: bool,
+    pub healthy: bool,
+    /// What the last probe found: "ok", or why not.
+    pub last: String,
+    pub ok: u64,
+    pub failed: u64,
+}
+
+impl HealthStatus {
+    pub fn snapshot(&self) -> Vec<TargetHealth> {
+        self.0.lock().map(|v| v.clone()).unwrap_or_default()
+    }
+
+    fn update(&self, i: usize, f: impl FnOnce(&mut TargetHealth)) {
+        if let Ok(mut all) = self.0.lock() {
+            if let Some(t) = all.get_mut(i) {
+                f(t);
+            }
+        }
+    }
+}
+
+/// Starts a probing task for every target of every upstream with a `health_check` (worker 0).
+pub fn start(
+    w: &Rc<Worker>,
+    config: &Config,
+    workers: Vec<Sender<HealthUpdate>>,
+    status: Arc<HealthStatus>,
+) {
+    let workers: Rc<[Sender<HealthUpdate>]> = workers.into();
+    let mut rows = Vec::new();
+    let mut tasks = Vec::new();
+    for (u, up) in config.upstreams.iter().enumerate() {
+        let Some(check) = &up.health_check else {
+            continue;
+        };
+        let check = Rc::new(check.clone());
+        for (t, target) in up.targets.iter().enumerate() {
+            rows.push(TargetHealth {
+                upstream: up.name.clone(),
+                target: target.name.clone(),
+                backup: t >= up.primaries,
+                healthy: true,
+                last: "not probed yet".into(),
+                ok: 0,
+                failed: 0,
+            });
+            let host = match &check.probe {
+                Probe::Http { host: Some(h), .. } => h.clone(),
+                _ => target.name.clone(),
+            };
+            tasks.push(Prober {
+                upstream: UpstreamId(u as u16),
+                target: TargetId(t),
+                row: rows.len() - 1,
+                host,
+                check: Rc::clone(&check),
+            });
+        }
+    }
+    if let Ok(mut all) = status.0.lock() {
+        *all = rows;
+    }
+    for p in tasks {
+        let (w, workers, status) = (Rc::clone(w), Rc::clone(&workers), Arc::clone(&status));
+        monoio::spawn(async move { p.run(&w, &workers, &status).await });
+    }
+}
+
+struct Prober {
+    upstream: UpstreamId,
+    target: TargetId,
+    /// Its row in `HealthStatus`.
+    row: usize,
+    host: String,
+    check: Rc<HealthCheck>,
+}
+
+impl Prober {
+    async fn run(self, w: &Worker, workers: &[Sender<HealthUpdate>], status: &HealthStatus) {
+        let (mut healthy, mut streak) = (true, 0u32);
+        loop {
+            let verdict = self.probe(w).await;
+            let ok = verdict.is_ok();
+            // `streak` counts probes in a row that disagree with the current state.
+            streak = if ok != healthy { streak + 1 } else { 0 };
+            let needed = if healthy {
+                self.check.unhealthy_threshold
+            } else {
+                self.check.healthy_threshold
+            };
+            if streak >= needed {
+                healthy = ok;
+                streak = 0;
+                self.announce(w, workers, healthy, &verdict);
+            }
+            status.update(self.row, |t| {
+                t.healthy = healthy;
+                match &verdict {
+                    Ok(()) => {
+                        t.ok += 1;
+                        "ok".clone_into(&mut t.last);
+                    }
+                    Err(why) => {
+                        t.failed += 1;
+                        t.last.clone_from(why);
+                    }
+                }
+            });
+            monoio::time::sleep(self.check.interval).await;
+        }
+    }
+
+    /// One probe: `Ok` when the target is healthy, else why not.
+    async fn probe(&self, w: &Worker) -> Result<(), String> {
+        let gen = w.generation();
+        let up = gen
+            .upstreams
+            .get(usize::from(self.upstream.0))
+            .ok_or("the upstream is gone")?;
+        let Probe::Http { path, expect, .. } = &self.check.probe else {
+            return client::probe(w, up, self.target, None, self.check.timeout)
+                .await
+                .map(drop);
+        };
+        let request = Request {
+            method: b"GET",
+            target: path.as_bytes(),
+            host: self.host.as_bytes(),
+            headers: b"user-agent: ringway-health-check\r\nconnection: close\r\n",
+        };
+        let resp = client::probe(w, up, self.target, Some(&request), self.check.timeout).await?;
+        let status = resp.map_or(0, |r| r.head.status);
+        let good = if expect.is_empty() {
+            (200..400).contains(&status)
+        } else {
+            expect.contains(&status)
+        };
+        good.then_some(())
+            .ok_or_else(|| format!("answered {status}"))
+    }
+
+    fn announce(
+        &self,
+        w: &Worker,
+        workers: &[Sender<HealthUpdate>],
+        healthy: bool,
+        verdict: &Result<(), String>,
+    ) {
+        let gen = w.generation();
+        if let Some(up) = gen.upstreams.get(usize::from(self.upstream.0)) {
+            let target = &up.target(self.target).name;
+            match verdict {
+                Ok(()) => info!(upstream = %up.name, %target, "target healthy again"),
+                Err(why) => warn!(upstream = %up.name, %target, reason = %why,
+                    "target unhealthy: no requests go to it until it passes its probes"),
+            }
+        }
+        for tx in workers {
+            let update = HealthUpdate {
+                upstream: self.upstream,
+                target: self.target,
+                healthy,
+            };
+            if tx.try_send(update).is_err() {
+                warn!("a worker is not taking health updates");
+            }
+        }
+    }
+}

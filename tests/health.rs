@@ -1,0 +1,266 @@
+//! Active health checks through the real gateway: a target failing its probes gets no traffic
+//! and returns once it passes them; backups carry the traffic only while no primary is
+//! healthy; with nothing healthy, 503 (or the primaries anyway with `panic_routing`); TCP
+//! probes; `/status` and `/metrics`; config errors.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::Arc;
+
+use common::*;
+
+/// An upstream answering `name` to requests and a switchable status to `/healthz`.
+struct Backend {
+    server: Upstream,
+    health: Arc<AtomicU16>,
+}
+
+impl Backend {
+    fn start(name: &'static str) -> Backend {
+        let health = Arc::new(AtomicU16::new(200));
+        let h = Arc::clone(&health);
+        let server = Upstream::start(move |r| match r.path.as_str() {
+            "/healthz" => Reply::ok("probe").status(h.load(Ordering::SeqCst)),
+            _ => Reply::ok(name),
+        });
+        Backend { server, health }
+    }
+
+    fn set_health(&self, status: u16) {
+        self.health.store(status, Ordering::SeqCst);
+    }
+
+    /// Requests other than probes.
+    fn served(&self) -> usize {
+        self.server
+            .received()
+            .iter()
+            .filter(|r| r.path != "/healthz")
+            .count()
+    }
+
+    fn probed(&self) -> bool {
+        self.server.received().iter().any(|r| r.path == "/healthz")
+    }
+}
+
+fn gateway(targets: &[SocketAddr], backups: &[SocketAddr], extra: &str) -> Gateway {
+    let list = |a: &[SocketAddr]| {
+        a.iter()
+            .map(|t| format!("\"{t}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    Gateway::start(&format!(
+        r#"
+[runtime]
+workers = 2
+pin_cores = false
+
+[admin]
+address = "127.0.0.1:0"
+
+[[upstreams]]
+name = "app"
+targets = [{targets}]
+backup_targets = [{backups}]
+{extra}
+
+[[routes]]
+name = "all"
+listener = "public"
+path_prefix = "/"
+upstream = "app"
+
+[[listeners]]
+name = "public"
+address = "127.0.0.1:0"
+"#,
+        targets = list(targets),
+        backups = list(backups),
+    ))
+}
+
+const HTTP_CHECK: &str = "[upstreams.health_check]\npath = \"/healthz\"\ninterval_ms = 20\ntimeout_ms = 500\nhealthy_threshold = 2\nunhealthy_threshold = 2\nexpect_status = [200, 204]\n";
+
+/// The bodies (server names) of `n` requests, each on its own connection (so both workers
+/// serve them).
+fn answers(gw: &Gateway, n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| {
+            let r = get(gw.addr("public"), &format!("/r{i}"));
+            format!("{} {}", r.status, r.text())
+        })
+        .collect()
+}
+
+/// Waits until `n` requests in a row are all answered as `pred` says.
+fn eventually_all(gw: &Gateway, what: &str, pred: impl Fn(&str) -> bool) {
+    eventually(what, || {
+        answers(gw, 20).iter().all(|a| pred(a)).then_some(())
+    });
+}
+
+fn target_health(gw: &Gateway, target: SocketAddr) -> serde_json::Value {
+    let status = get(gw.admin.unwrap(), "/status").json();
+    status["upstreams"]["app"]["targets"][target.to_string()]["health"].clone()
+}
+
+#[test]
+fn a_target_failing_its_probes_gets_no_traffic_until_it_passes_them_again() {
+    let (a, b) = (Backend::start("a"), Backend::start("b"));
+    let gw = gateway(&[a.server.addr, b.server.addr], &[], HTTP_CHECK);
+    eventually("both targets serving", || {
+        let got = answers(&gw, 20);
+        (got.contains(&"200 a".into()) && got.contains(&"200 b".into())).then_some(())
+    });
+    b.set_health(500);
+    eventually_all(&gw, "b taken out", |a| a == "200 a");
+    // Once out, it stays out: not one request reaches it.
+    let before = b.served();
+    assert!(answers(&gw, 50).iter().all(|r| r == "200 a"));
+    assert_eq!(b.served(), before);
+    let h = target_health(&gw, b.server.addr);
+    assert_eq!(h["healthy"], false, "{h}");
+    assert_eq!(h["last_probe"], "answered 500", "{h}");
+    gw.wait_log("the unhealthy warning", |l| {
+        l.contains("target unhealthy") && l.contains(&b.server.addr.to_string())
+    });
+
+    // 204 is expected too: it comes back after two good probes.
+    b.set_health(204);
+    eventually("b back", || {
+        answers(&gw, 20).contains(&"200 b".into()).then_some(())
+    });
+    assert_eq!(target_health(&gw, b.server.addr)["healthy"], true);
+    let m = get(gw.admin.unwrap(), "/metrics").text();
+    let healthy = format!(
+        "ringway_upstream_target_healthy{{upstream=\"app\",target=\"{}\",backup=\"false\"}} 1",
+        b.server.addr
+    );
+    assert!(m.contains(&healthy), "{m}");
+    assert!(
+        m.contains("ringway_health_probes_total{upstream=\"app\""),
+        "{m}"
+    );
+}
+
+#[test]
+fn backups_carry_the_traffic_only_while_no_primary_is_healthy() {
+    let (a, b, spare) = (
+        Backend::start("a"),
+        Backend::start("b"),
+        Backend::start("spare"),
+    );
+    let gw = gateway(
+        &[a.server.addr, b.server.addr],
+        &[spare.server.addr],
+        HTTP_CHECK,
+    );
+    eventually("the backup probed", || spare.probed().then_some(()));
+    assert!(answers(&gw, 20).iter().all(|r| r != "200 spare"));
+    assert_eq!(
+        spare.served(),
+        0,
+        "a healthy primary leaves the backup idle"
+    );
+    a.set_health(503);
+    eventually_all(&gw, "a out", |r| r == "200 b");
+    b.set_health(503);
+    eventually_all(&gw, "the backup in", |r| r == "200 spare");
+    a.set_health(200);
+    eventually_all(&gw, "the backup released", |r| r == "200 a");
+    let h = target_health(&gw, spare.server.addr);
+    assert_eq!(h["backup"], true, "{h}");
+}
+
+#[test]
+fn with_nothing_healthy_requests_get_503_unless_panic_routing() {
+    let a = Backend::start("a");
+    a.set_health(500);
+    let gw = gateway(&[a.server.addr], &[], HTTP_CHECK);
+    eventually_all(&gw, "503 with no healthy target", |r| r.starts_with("503 "));
+    drop(gw);
+    let gw = gateway(
+        &[a.server.addr],
+        &[],
+        &format!("panic_routing = true\n{HTTP_CHECK}"),
+    );
+    eventually("a probed unhealthy", || {
+        (target_health(&gw, a.server.addr)["healthy"] == false).then_some(())
+    });
+    assert!(answers(&gw, 10).iter().all(|r| r == "200 a"));
+}
+
+#[test]
+fn tcp_probes_take_out_a_target_that_refuses_connections() {
+    let a = Backend::start("a");
+    let closed = closed_port();
+    let gw = gateway(
+        &[a.server.addr, closed],
+        &[],
+        "[upstreams.health_check]\ntype = \"tcp\"\ninterval_ms = 20\nunhealthy_threshold = 1\n",
+    );
+    eventually("the closed port marked unhealthy", || {
+        let h = target_health(&gw, closed);
+        (h["healthy"] == false).then_some(h)
+    });
+    assert!(answers(&gw, 20).iter().all(|r| r == "200 a"));
+    assert!(
+        !a.probed(),
+        "TCP probes send no request: {:?}",
+        a.server.received()
+    );
+}
+
+#[test]
+fn health_check_config_errors_name_the_key() {
+    let base = "[[listeners]]\nname = \"l\"\naddress = \"127.0.0.1:0\"\n[[upstreams]]\nname = \"u\"\ntargets = [\"127.0.0.1:9\"]\n";
+    for (extra, message) in [
+        (
+            "[upstreams.health_check]\ninterval_ms = 100\n",
+            "needs a `path`",
+        ),
+        (
+            "[upstreams.health_check]\ntype = \"udp\"\n",
+            "give \"http\" or \"tcp\"",
+        ),
+        (
+            "[upstreams.health_check]\ntype = \"tcp\"\npath = \"/h\"\n",
+            "for HTTP health checks",
+        ),
+        (
+            "[upstreams.health_check]\npath = \"h\"\n",
+            "starts with '/'",
+        ),
+        (
+            "[upstreams.health_check]\npath = \"/h\"\ninterval_ms = 5\n",
+            "between 10 and 3600000",
+        ),
+        (
+            "[upstreams.health_check]\npath = \"/h\"\nexpect_status = [700]\n",
+            "between 100 and 599",
+        ),
+        (
+            "[upstreams.health_check]\npath = \"/h\"\nhealthy_threshold = 0\n",
+            "between 1 and 100",
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_config(&dir, &format!("{base}{extra}"));
+        let (status, _, stderr) = run_ringway(&["check", "--config", &path]);
+        assert_eq!(status.code(), Some(2), "{extra}\n{stderr}");
+        assert!(stderr.contains("upstreams[0].health_check"), "{stderr}");
+        assert!(stderr.contains(message), "expected {message:?} in {stderr}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(&dir, &format!("{base}backup_targets = [\"127.0.0.1:9\"]\n"));
+    let (status, _, stderr) = run_ringway(&["check", "--config", &path]);
+    assert_eq!(status.code(), Some(2));
+    assert!(
+        stderr.contains("upstreams[0].backup_targets[0]") && stderr.contains("listed twice"),
+        "{stderr}"
+    );
+}
