@@ -181,7 +181,9 @@ fn with_nothing_healthy_requests_get_503_unless_panic_routing() {
     let a = Backend::start("a");
     a.set_health(500);
     let gw = gateway(&[a.server.addr], &[], HTTP_CHECK);
-    eventually_all(&gw, "503 with no healthy target", |r| r.starts_with("503 "));
+    eventually_all(&gw, "503 with no healthy target", |r| {
+        r.starts_with("503 ") && r.contains("no healthy upstream target")
+    });
     drop(gw);
     let gw = gateway(
         &[a.server.addr],
