@@ -181,9 +181,10 @@ pub fn run(config: Config) -> Result<(), StartError> {
         };
     let mut jwt_links = jwt_links(&config, workers, &admin_state);
     // Health changes go from the prober (worker 0) to every worker.
-    let (health_tx, health_rx): (Vec<_>, Vec<_>) =
-        upstream::health::links(workers).into_iter().unzip();
-    let mut health_tx = Some(health_tx);
+    let health_links = upstream::health::links(workers);
+    let (reports_to_0, health_reports) = health_links.reports;
+    let (health_tx, health_rx): (Vec<_>, Vec<_>) = health_links.updates.into_iter().unzip();
+    let mut health_tx = Some((health_tx, health_reports));
     let mut health_rx: Vec<Option<_>> = health_rx.into_iter().map(Some).collect();
     let mut controls = Vec::with_capacity(workers);
     let links = sockets
@@ -212,10 +213,11 @@ pub fn run(config: Config) -> Result<(), StartError> {
                 None
             },
             health: health_rx[id].take(),
+            health_reports: reports_to_0.clone(),
             prober: if id == 0 {
                 health_tx
                     .take()
-                    .map(|tx| (tx, Arc::clone(&admin_state.health)))
+                    .map(|(tx, reports)| (tx, reports, Arc::clone(&admin_state.health)))
             } else {
                 None
             },
@@ -395,12 +397,19 @@ struct Channels {
     jwks_fetcher: Option<JwksFetcherStart>,
     /// Health changes from the prober.
     health: Option<Receiver<upstream::health::HealthUpdate>>,
+    /// This worker's failure runs, to worker 0 (outlier ejection).
+    health_reports: Sender<upstream::health::ejection::Report>,
     /// Worker 0's: what the prober needs (every worker's channel, the status it writes).
-    prober: Option<(
-        Vec<Sender<upstream::health::HealthUpdate>>,
-        Arc<upstream::health::HealthStatus>,
-    )>,
+    prober: Option<HealthStart>,
 }
+
+/// What worker 0 needs to decide upstream health: every worker's update channel, the workers'
+/// failure reports, and the status it writes.
+type HealthStart = (
+    Vec<Sender<upstream::health::HealthUpdate>>,
+    Receiver<upstream::health::ejection::Report>,
+    Arc<upstream::health::HealthStatus>,
+);
 
 /// What worker 0 needs to run the JWKS fetcher.
 struct JwksFetcherStart {
@@ -553,9 +562,14 @@ async fn worker_main(mut ctx: WorkerStart<'_>, driver: &'static str) {
             }
         }
     }
-    if let Some((workers, status)) = ctx.channels.prober.take() {
-        upstream::health::start(&worker, ctx.config, workers, status);
-    }
+    let mut ejector = ctx
+        .channels
+        .prober
+        .take()
+        .and_then(|(workers, reports, status)| {
+            upstream::health::start(&worker, ctx.config, workers, reports, status)
+        });
+    let outliers = ctx.config.upstreams.iter().any(|u| u.outlier.is_some());
     let health = ctx.channels.health.take();
     info!(worker = ctx.id, core = ?ctx.core, driver, "worker started");
     let _ = ctx.channels.events.send(Event::Started);
@@ -598,6 +612,12 @@ async fn worker_main(mut ctx: WorkerStart<'_>, driver: &'static str) {
         }
         if let Some(updates) = &jwt_updates {
             worker.jwt.apply(updates);
+        }
+        if outliers {
+            upstream::health::report(&worker, &ctx.channels.health_reports);
+        }
+        if let Some(ejector) = &mut ejector {
+            ejector.poll(worker.now());
         }
         if let Some(updates) = &health {
             upstream::health::apply(&worker, updates);

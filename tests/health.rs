@@ -1,12 +1,13 @@
-//! Active health checks through the real gateway: a target failing its probes gets no traffic
-//! and returns once it passes them; backups carry the traffic only while no primary is
-//! healthy; with nothing healthy, 503 (or the primaries anyway with `panic_routing`); TCP
-//! probes; `/status` and `/metrics`; config errors.
+//! Upstream health through the real gateway: a target failing its probes gets no traffic and
+//! returns once it passes them; backups carry the traffic only while no primary is healthy;
+//! with nothing healthy, 503 (or the primaries anyway with `panic_routing`); TCP probes;
+//! outlier ejection from real traffic, process-wide, bounded by `max_ejection_percent`;
+//! `/status` and `/metrics`; config errors.
 
 mod common;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
 use std::sync::Arc;
 
 use common::*;
@@ -15,17 +16,25 @@ use common::*;
 struct Backend {
     server: Upstream,
     health: Arc<AtomicU16>,
+    /// Answer 500 to every request but probes.
+    failing: Arc<AtomicBool>,
 }
 
 impl Backend {
     fn start(name: &'static str) -> Backend {
         let health = Arc::new(AtomicU16::new(200));
-        let h = Arc::clone(&health);
+        let failing = Arc::new(AtomicBool::new(false));
+        let (h, f) = (Arc::clone(&health), Arc::clone(&failing));
         let server = Upstream::start(move |r| match r.path.as_str() {
             "/healthz" => Reply::ok("probe").status(h.load(Ordering::SeqCst)),
+            _ if f.load(Ordering::SeqCst) => Reply::ok(name).status(500),
             _ => Reply::ok(name),
         });
-        Backend { server, health }
+        Backend {
+            server,
+            health,
+            failing,
+        }
     }
 
     fn set_health(&self, status: u16) {
@@ -218,6 +227,63 @@ fn tcp_probes_take_out_a_target_that_refuses_connections() {
 }
 
 #[test]
+fn a_target_failing_real_traffic_is_ejected_process_wide_and_comes_back() {
+    let (a, b) = (Backend::start("a"), Backend::start("b"));
+    let gw = gateway(
+        &[a.server.addr, b.server.addr],
+        &[],
+        "[upstreams.outlier]\nconsecutive_failures = 3\nejection_ms = 400\n",
+    );
+    b.failing.store(true, Ordering::SeqCst);
+    // Its 500s go to the clients (nothing is retried here) until the failures add up.
+    eventually_all(&gw, "b ejected", |r| r == "200 a");
+    let h = target_health(&gw, b.server.addr);
+    assert_eq!(
+        (h["ejected"].clone(), h["ejections"].clone()),
+        (true.into(), 1.into()),
+        "{h}"
+    );
+    gw.wait_log("the ejection warning", |l| l.contains("target ejected"));
+    let m = get(gw.admin.unwrap(), "/metrics").text();
+    let ejected = format!(
+        "ringway_outlier_ejections_total{{upstream=\"app\",target=\"{}\"}} 1",
+        b.server.addr
+    );
+    assert!(m.contains(&ejected), "{m}");
+    // Healed, it takes traffic again once the ejection is over.
+    b.failing.store(false, Ordering::SeqCst);
+    eventually("b back", || {
+        answers(&gw, 20).contains(&"200 b".into()).then_some(())
+    });
+    assert_eq!(target_health(&gw, b.server.addr)["ejected"], false);
+}
+
+#[test]
+fn never_more_than_max_ejection_percent_is_ejected() {
+    let (a, b) = (Backend::start("a"), Backend::start("b"));
+    a.failing.store(true, Ordering::SeqCst);
+    b.failing.store(true, Ordering::SeqCst);
+    let gw = gateway(
+        &[a.server.addr, b.server.addr],
+        &[],
+        "[upstreams.outlier]\nconsecutive_failures = 2\nejection_ms = 60000\nmax_ejection_percent = 50\n",
+    );
+    let ejected = || {
+        [a.server.addr, b.server.addr]
+            .iter()
+            .filter(|t| target_health(&gw, **t)["ejected"] == true)
+            .count()
+    };
+    eventually("one target ejected", || {
+        answers(&gw, 5);
+        (ejected() == 1).then_some(())
+    });
+    // Every request fails now, on the one target left in: it stays in.
+    assert!(answers(&gw, 30).iter().all(|r| r.starts_with("500 ")));
+    assert_eq!(ejected(), 1);
+}
+
+#[test]
 fn health_check_config_errors_name_the_key() {
     let base = "[[listeners]]\nname = \"l\"\naddress = \"127.0.0.1:0\"\n[[upstreams]]\nname = \"u\"\ntargets = [\"127.0.0.1:9\"]\n";
     for (extra, message) in [
@@ -255,6 +321,35 @@ fn health_check_config_errors_name_the_key() {
         let (status, _, stderr) = run_ringway(&["check", "--config", &path]);
         assert_eq!(status.code(), Some(2), "{extra}\n{stderr}");
         assert!(stderr.contains("upstreams[0].health_check"), "{stderr}");
+        assert!(stderr.contains(message), "expected {message:?} in {stderr}");
+    }
+    for (extra, key, message) in [
+        (
+            "[upstreams.outlier]\nejection_ms = 5\n",
+            "outlier.ejection_ms",
+            "between 10 and",
+        ),
+        (
+            "[upstreams.outlier]\nmax_ejection_percent = 101\n",
+            "outlier.max_ejection_percent",
+            "between 0 and 100",
+        ),
+        (
+            "[upstreams.outlier]\nconsecutive_failures = 0\n",
+            "outlier.consecutive_failures",
+            "between 1 and 1000",
+        ),
+        (
+            "[upstreams.outlier]\nejection_ms = 1000\nmax_ejection_ms = 500\n",
+            "outlier.max_ejection_ms",
+            "between 1000 and",
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_config(&dir, &format!("{base}{extra}"));
+        let (status, _, stderr) = run_ringway(&["check", "--config", &path]);
+        assert_eq!(status.code(), Some(2), "{extra}\n{stderr}");
+        assert!(stderr.contains(&format!("upstreams[0].{key}")), "{stderr}");
         assert!(stderr.contains(message), "expected {message:?} in {stderr}");
     }
     let dir = tempfile::tempdir().unwrap();

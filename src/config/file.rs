@@ -310,6 +310,7 @@ pub struct UpstreamFile {
     #[serde(default)]
     pub panic_routing: bool,
     pub health_check: Option<Spanned<super::health::HealthCheckFile>>,
+    pub outlier: Option<Spanned<super::health::OutlierFile>>,
 }
 
 fn d_connect_timeout() -> Spanned<u64> {

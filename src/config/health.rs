@@ -1,5 +1,5 @@
-//! `[upstreams.health_check]`: active probing of an upstream's targets, and `backup_targets`,
-//! used only while no primary target is healthy.
+//! `[upstreams.health_check]`: active probing of an upstream's targets; `[upstreams.outlier]`:
+//! ejecting a target on what real traffic shows.
 
 use std::time::Duration;
 
@@ -20,6 +20,27 @@ pub struct HealthCheckFile {
     pub healthy_threshold: Option<Spanned<u32>>,
     pub unhealthy_threshold: Option<Spanned<u32>>,
     pub expect_status: Option<Spanned<Vec<Spanned<u16>>>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutlierFile {
+    pub consecutive_failures: Option<Spanned<u64>>,
+    pub ejection_ms: Option<Spanned<u64>>,
+    pub max_ejection_ms: Option<Spanned<u64>>,
+    pub max_ejection_percent: Option<Spanned<u64>>,
+}
+
+/// Passive health: when a target is ejected, and for how long.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outlier {
+    /// Failures in a row (connect errors, resets, timeouts, 5xx), summed over the workers.
+    pub consecutive_failures: u32,
+    /// The first ejection's length; each consecutive one doubles it, up to `max_ejection`.
+    pub ejection: Duration,
+    pub max_ejection: Duration,
+    /// Never more than this share of the upstream's targets ejected at once.
+    pub max_ejection_percent: u32,
 }
 
 /// How an upstream's targets are probed.
@@ -48,6 +69,47 @@ pub enum Probe {
 }
 
 impl Validator<'_> {
+    pub(super) fn outlier(
+        &self,
+        o: &Spanned<OutlierFile>,
+        key: &str,
+    ) -> Result<Outlier, ConfigError> {
+        let f = o.get_ref();
+        let number =
+            |v: &Option<Spanned<u64>>, field: &str, default: u64, range: (u64, u64)| match v {
+                None => Ok(default),
+                Some(v) if (range.0..=range.1).contains(v.get_ref()) => Ok(*v.get_ref()),
+                Some(v) => Err(self.err(
+                    v.span(),
+                    &format!("{key}.{field}"),
+                    format!("must be between {} and {}", range.0, range.1),
+                )),
+            };
+        let ejection = number(&f.ejection_ms, "ejection_ms", 30_000, (10, 3_600_000))?;
+        let max_ejection = number(
+            &f.max_ejection_ms,
+            "max_ejection_ms",
+            (ejection * 10).max(300_000),
+            (ejection, 86_400_000),
+        )?;
+        Ok(Outlier {
+            consecutive_failures: number(
+                &f.consecutive_failures,
+                "consecutive_failures",
+                5,
+                (1, 1000),
+            )? as u32,
+            ejection: ms(ejection),
+            max_ejection: ms(max_ejection),
+            max_ejection_percent: number(
+                &f.max_ejection_percent,
+                "max_ejection_percent",
+                50,
+                (0, 100),
+            )? as u32,
+        })
+    }
+
     pub(super) fn health_check(
         &self,
         h: &Spanned<HealthCheckFile>,

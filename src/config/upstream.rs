@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use super::file::{Balance, File, UpstreamFile};
-use super::{clash, ms, ConfigError, HealthCheck, Listener, UpstreamTls, Validator};
+use super::{clash, ms, ConfigError, HealthCheck, Listener, Outlier, UpstreamTls, Validator};
 
 #[derive(Debug, Clone)]
 pub struct Upstream {
@@ -16,6 +16,7 @@ pub struct Upstream {
     /// With every primary unhealthy and no backup up: try the primaries anyway (else 503).
     pub panic_routing: bool,
     pub health_check: Option<HealthCheck>,
+    pub outlier: Option<Outlier>,
     pub balance: Balance,
     pub hash_key: HashKey,
     pub connect_timeout: Duration,
@@ -123,6 +124,10 @@ impl Validator<'_> {
             Some(h) => Some(self.health_check(h, &format!("{key}.health_check"))?),
             None => None,
         };
+        let outlier = match &u.outlier {
+            Some(o) => Some(self.outlier(o, &format!("{key}.outlier"))?),
+            None => None,
+        };
         // Only consistent_hash uses the key; the documented example sets it on round_robin.
         let hash_key = match &u.hash_key {
             None => HashKey::ClientIp,
@@ -164,6 +169,7 @@ impl Validator<'_> {
             primaries: u.targets.get_ref().len(),
             panic_routing: u.panic_routing,
             health_check,
+            outlier,
             balance: u.balance,
             hash_key,
             connect_timeout: ms(*u.connect_timeout_ms.get_ref()),

@@ -474,7 +474,8 @@ pub fn status(agg: &Aggregate, process: &Process) -> Value {
                         .iter()
                         .find(|h| h.upstream == *name && h.target == *tname)
                         .map_or(Value::Null, |h| {
-                            json!({ "healthy": h.healthy, "backup": h.backup, "last_probe": h.last })
+                            json!({ "healthy": h.healthy, "backup": h.backup, "last_probe": h.last,
+                                "ejected": h.ejected, "ejections": h.ejections })
                         });
                     (tname.clone(), json!({ "requests": outcomes, "latency_us": percentiles(f.latency.as_ref()), "health": health }))
                 })
@@ -627,40 +628,75 @@ fn jwks(out: &mut String, all: &[crate::auth::jwks::JwksStat]) {
     }
 }
 
-/// Active health checks: each probed target's health and its probes by result.
+/// Upstream health: active checks' verdicts and probes, outlier ejections.
 fn health(out: &mut String, all: &[crate::upstream::health::TargetHealth]) {
-    if all.is_empty() {
-        return;
-    }
-    header(
-        out,
-        "ringway_upstream_target_healthy",
-        "gauge",
-        "1 while active health checks find the target healthy, 0 while they do not.",
-    );
-    for t in all {
-        let _ = writeln!(
-            out,
-            "ringway_upstream_target_healthy{{upstream=\"{}\",target=\"{}\",backup=\"{}\"}} {}",
+    let label = |t: &crate::upstream::health::TargetHealth| {
+        format!(
+            "upstream=\"{}\",target=\"{}\"",
             esc(&t.upstream),
-            esc(&t.target),
-            t.backup,
-            u8::from(t.healthy)
+            esc(&t.target)
+        )
+    };
+    let probed: Vec<_> = all.iter().filter(|t| t.healthy.is_some()).collect();
+    if !probed.is_empty() {
+        header(
+            out,
+            "ringway_upstream_target_healthy",
+            "gauge",
+            "1 while active health checks find the target healthy, 0 while they do not.",
         );
-    }
-    header(
-        out,
-        "ringway_health_probes_total",
-        "counter",
-        "Active health probes by upstream, target and result (ok, failed).",
-    );
-    for t in all {
-        for (result, n) in [("ok", t.ok), ("failed", t.failed)] {
+        for t in &probed {
+            let healthy = u8::from(t.healthy == Some(true));
             let _ = writeln!(
                 out,
-                "ringway_health_probes_total{{upstream=\"{}\",target=\"{}\",result=\"{result}\"}} {n}",
-                esc(&t.upstream),
-                esc(&t.target)
+                "ringway_upstream_target_healthy{{{},backup=\"{}\"}} {healthy}",
+                label(t),
+                t.backup
+            );
+        }
+        header(
+            out,
+            "ringway_health_probes_total",
+            "counter",
+            "Active health probes by upstream, target and result (ok, failed).",
+        );
+        for t in &probed {
+            for (result, n) in [("ok", t.ok), ("failed", t.failed)] {
+                let _ = writeln!(
+                    out,
+                    "ringway_health_probes_total{{{},result=\"{result}\"}} {n}",
+                    label(t)
+                );
+            }
+        }
+    }
+    if !all.is_empty() {
+        header(
+            out,
+            "ringway_upstream_target_ejected",
+            "gauge",
+            "1 while outlier detection keeps the target out of the balancer.",
+        );
+        for t in all {
+            let _ = writeln!(
+                out,
+                "ringway_upstream_target_ejected{{{}}} {}",
+                label(t),
+                u8::from(t.ejected)
+            );
+        }
+        header(
+            out,
+            "ringway_outlier_ejections_total",
+            "counter",
+            "Outlier ejections by upstream and target.",
+        );
+        for t in all {
+            let _ = writeln!(
+                out,
+                "ringway_outlier_ejections_total{{{}}} {}",
+                label(t),
+                t.ejections
             );
         }
     }

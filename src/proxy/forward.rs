@@ -69,7 +69,7 @@ pub(super) async fn proxy<S: Io>(
         (Ok(_), None) => None,
     };
     if let Some(outcome) = outcome {
-        client::record(w, up, lease.target, outcome, latency_us);
+        client::record(w, up, lease.target, outcome, latency_us, c.resp.status);
     }
     c.ex.log.upstream = Some((up.id, lease.target));
     c.ex.log.upstream_us = latency_us;

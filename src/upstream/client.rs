@@ -58,7 +58,7 @@ pub async fn acquire<'a>(
                     conn
                 }
                 Err(e) => {
-                    record(w, up, t, e.outcome(), None);
+                    record(w, up, t, e.outcome(), None, 0);
                     mark_down(w, up, t, &e);
                     last = e.proxy_error();
                     continue;
@@ -71,18 +71,21 @@ pub async fn acquire<'a>(
     Err(last)
 }
 
-/// Records how an exchange with target `t` ended: its metrics, and a failure for the worker's
-/// periodic summary (`summarize_failures`).
+/// Records how an exchange with target `t` ended (`status`: the response's, 0 without one):
+/// its metrics, a failure for the worker's periodic summary (`summarize_failures`), and the
+/// target's run of failures for outlier ejection (a 5xx counts as one).
 pub fn record(
     w: &Worker,
     up: &UpstreamState,
     t: TargetId,
     outcome: UpstreamOutcome,
     latency_us: Option<u64>,
+    status: u16,
 ) {
     if outcome != UpstreamOutcome::Response {
         up.count_failure();
     }
+    up.observe(t, outcome != UpstreamOutcome::Response || status >= 500);
     w.metrics
         .borrow_mut()
         .record_upstream(up.id, t, outcome, latency_us);
@@ -152,7 +155,8 @@ pub async fn fetch(
         Err(_) => UpstreamOutcome::Failed,
     };
     let latency = started.elapsed().as_micros() as u64;
-    record(w, up, lease.target, outcome, Some(latency));
+    let status = result.as_ref().map_or(0, |(r, _)| r.head.status);
+    record(w, up, lease.target, outcome, Some(latency), status);
     let (response, reusable) = result?;
     if reusable {
         up.checkin(lease.target, conn, w.now());

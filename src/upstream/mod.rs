@@ -55,6 +55,8 @@ pub struct UpstreamState {
     pub targets: Vec<TargetState>,
     primaries: usize,
     panic_routing: bool,
+    /// `[outlier]` is configured: failure runs are counted and reported.
+    outlier: bool,
     balancer: Balancer,
     pub hash_key: HashKey,
     pub connect_timeout: Duration,
@@ -81,6 +83,11 @@ pub struct TargetState {
     down_until: Cell<Option<Instant>>,
     /// What active health checks last said (set from the prober's updates; true until then).
     healthy: Cell<bool>,
+    /// Ejected process-wide for failures in real traffic (set from worker 0's updates).
+    ejected: Cell<bool>,
+    /// This worker's failures in a row on this target, and the count last reported.
+    streak: Cell<u32>,
+    reported: Cell<u32>,
     /// Most recently used last: reuse takes the warmest connection.
     idle: RefCell<Vec<(UpstreamConn, Instant)>>,
 }
@@ -130,6 +137,7 @@ impl Targets for [TargetState] {
     fn is_up(&self, i: usize) -> bool {
         let t = &self[i];
         t.healthy.get()
+            && !t.ejected.get()
             && t.down_until
                 .get()
                 .is_none_or(|until| Instant::now() >= until)
@@ -155,11 +163,15 @@ impl UpstreamState {
                     inflight: Cell::new(0),
                     down_until: Cell::new(None),
                     healthy: Cell::new(true),
+                    ejected: Cell::new(false),
+                    streak: Cell::new(0),
+                    reported: Cell::new(0),
                     idle: RefCell::new(Vec::new()),
                 })
                 .collect(),
             primaries: cfg.primaries,
             panic_routing: cfg.panic_routing,
+            outlier: cfg.outlier.is_some(),
             balancer: Balancer::new(cfg),
             hash_key: cfg.hash_key.clone(),
             connect_timeout: cfg.connect_timeout,
@@ -201,8 +213,46 @@ impl UpstreamState {
             .is_some_and(|target| target.healthy.replace(healthy) != healthy)
     }
 
-    pub fn is_backup(&self, t: TargetId) -> bool {
-        t.0 >= self.primaries
+    /// Ejects `t` (or brings it back); an ejection starts its run of failures afresh.
+    pub fn set_ejected(&self, t: TargetId, ejected: bool) {
+        if let Some(target) = self.targets.get(t.0) {
+            target.ejected.set(ejected);
+            if ejected {
+                target.streak.set(0);
+            }
+        }
+    }
+
+    pub fn has_outlier(&self) -> bool {
+        self.outlier
+    }
+
+    /// Counts an exchange with `t` in its run of failures (a success ends the run).
+    #[inline]
+    pub fn observe(&self, t: TargetId, failed: bool) {
+        if !self.outlier {
+            return;
+        }
+        if let Some(target) = self.targets.get(t.0) {
+            target
+                .streak
+                .set(if failed { target.streak.get() + 1 } else { 0 });
+        }
+    }
+
+    /// The targets whose run of failures changed since it was last reported.
+    pub fn streaks_to_report(&self) -> impl Iterator<Item = (TargetId, u32)> + '_ {
+        self.targets
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| t.streak.get() != t.reported.get())
+            .map(|(i, t)| (TargetId(i), t.streak.get()))
+    }
+
+    pub fn streak_reported(&self, t: TargetId, streak: u32) {
+        if let Some(target) = self.targets.get(t.0) {
+            target.reported.set(streak);
+        }
     }
 
     /// Whether `pick` uses its key (consistent hashing only), so that others skip hashing.

@@ -1,8 +1,11 @@
-//! Active health checks: probes run once per process, on worker 0, one task per probed target,
-//! through the upstream client (so TLS and the connect timeout apply). A target turns unhealthy
-//! after `unhealthy_threshold` failed probes in a row and healthy again after
-//! `healthy_threshold` good ones; each change goes to every worker over its channel and is
-//! applied on the worker's next tick (within 25 ms), so the whole process agrees.
+//! Upstream health for the whole process, decided on worker 0 and applied by every worker on its
+//! next tick (within 25 ms), so the whole process routes alike:
+//! - Active health checks: one probing task per target, through the upstream client (so TLS and
+//!   the connect timeout apply). A target turns unhealthy after `unhealthy_threshold` failed
+//!   probes in a row and healthy again after `healthy_threshold` good ones.
+//! - Outlier ejection (`ejection`): what real traffic shows, counted per worker and summed.
+
+pub mod ejection;
 
 use std::rc::Rc;
 use std::sync::{Arc, Mutex};
@@ -15,26 +18,65 @@ use super::TargetId;
 use crate::config::{Config, HealthCheck, Probe, UpstreamId};
 use crate::worker::Worker;
 
-/// A target's new health, for every worker.
+/// A change to a target's health, for every worker.
 pub struct HealthUpdate {
     pub upstream: UpstreamId,
     pub target: TargetId,
-    pub healthy: bool,
+    pub change: Change,
 }
 
-/// Per worker: the channel health changes arrive on.
-pub fn links(workers: usize) -> Vec<(Sender<HealthUpdate>, Receiver<HealthUpdate>)> {
-    (0..workers)
-        .map(|_| crossbeam_channel::bounded(256))
-        .collect()
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    /// What the active checks now say.
+    Probed(bool),
+    /// Ejected for real traffic's failures (true), or back (false).
+    Ejected(bool),
 }
 
-/// Applies the prober's updates to this worker's upstreams (worker tick).
+/// The process's health channels: one to every worker, and one from every worker to worker 0.
+pub struct Links {
+    pub updates: Vec<(Sender<HealthUpdate>, Receiver<HealthUpdate>)>,
+    pub reports: (Sender<ejection::Report>, Receiver<ejection::Report>),
+}
+
+pub fn links(workers: usize) -> Links {
+    Links {
+        updates: (0..workers)
+            .map(|_| crossbeam_channel::bounded(256))
+            .collect(),
+        reports: crossbeam_channel::bounded(workers * 1024),
+    }
+}
+
+/// Applies worker 0's health changes to this worker's upstreams (worker tick).
 pub fn apply(w: &Worker, updates: &Receiver<HealthUpdate>) {
     let gen = w.generation();
     for u in updates.try_iter() {
         if let Some(up) = gen.upstreams.get(usize::from(u.upstream.0)) {
-            up.set_healthy(u.target, u.healthy);
+            match u.change {
+                Change::Probed(healthy) => {
+                    up.set_healthy(u.target, healthy);
+                }
+                Change::Ejected(ejected) => up.set_ejected(u.target, ejected),
+            }
+        }
+    }
+}
+
+/// Sends worker 0 this worker's failure streaks that changed since the last report.
+pub fn report(w: &Worker, reports: &Sender<ejection::Report>) {
+    let gen = w.generation();
+    for up in gen.upstreams.iter().filter(|u| u.has_outlier()) {
+        for (t, streak) in up.streaks_to_report() {
+            let report = ejection::Report {
+                worker: w.id,
+                upstream: up.id,
+                target: t,
+                streak,
+            };
+            if reports.try_send(report).is_ok() {
+                up.streak_reported(t, streak);
+            }
         }
     }
 }
@@ -49,7 +91,10 @@ pub struct TargetHealth {
     pub upstream: String,
     pub target: String,
     pub backup: bool,
-    pub healthy: bool,
+    /// What the active checks say; `None` without them.
+    pub healthy: Option<bool>,
+    pub ejected: bool,
+    pub ejections: u64,
     /// What the last probe found: "ok", or why not.
     pub last: String,
     pub ok: u64,
@@ -61,7 +106,7 @@ impl HealthStatus {
         self.0.lock().map(|v| v.clone()).unwrap_or_default()
     }
 
-    fn update(&self, i: usize, f: impl FnOnce(&mut TargetHealth)) {
+    pub(super) fn update(&self, i: usize, f: impl FnOnce(&mut TargetHealth)) {
         if let Ok(mut all) = self.0.lock() {
             if let Some(t) = all.get_mut(i) {
                 f(t);
@@ -70,31 +115,41 @@ impl HealthStatus {
     }
 }
 
-/// Starts a probing task for every target of every upstream with a `health_check` (worker 0).
+/// Starts a probing task for every target of every upstream with a `health_check`, and
+/// returns the ejector when some upstream has an `outlier` section (worker 0).
 pub fn start(
     w: &Rc<Worker>,
     config: &Config,
     workers: Vec<Sender<HealthUpdate>>,
+    reports: Receiver<ejection::Report>,
     status: Arc<HealthStatus>,
-) {
+) -> Option<ejection::Ejector> {
     let workers: Rc<[Sender<HealthUpdate>]> = workers.into();
     let mut rows = Vec::new();
     let mut tasks = Vec::new();
+    // Per upstream: its first row in `status`, when it is watched.
+    let mut first_row = Vec::with_capacity(config.upstreams.len());
     for (u, up) in config.upstreams.iter().enumerate() {
-        let Some(check) = &up.health_check else {
+        let watched = up.health_check.is_some() || up.outlier.is_some();
+        first_row.push(watched.then_some(rows.len()));
+        if !watched {
             continue;
-        };
-        let check = Rc::new(check.clone());
+        }
         for (t, target) in up.targets.iter().enumerate() {
             rows.push(TargetHealth {
                 upstream: up.name.clone(),
                 target: target.name.clone(),
                 backup: t >= up.primaries,
-                healthy: true,
+                healthy: up.health_check.as_ref().map(|_| true),
+                ejected: false,
+                ejections: 0,
                 last: "not probed yet".into(),
                 ok: 0,
                 failed: 0,
             });
+            let Some(check) = &up.health_check else {
+                continue;
+            };
             let host = match &check.probe {
                 Probe::Http { host: Some(h), .. } => h.clone(),
                 _ => target.name.clone(),
@@ -104,7 +159,7 @@ pub fn start(
                 target: TargetId(t),
                 row: rows.len() - 1,
                 host,
-                check: Rc::clone(&check),
+                check: Rc::new(check.clone()),
             });
         }
     }
@@ -115,6 +170,7 @@ pub fn start(
         let (w, workers, status) = (Rc::clone(w), Rc::clone(&workers), Arc::clone(&status));
         monoio::spawn(async move { p.run(&w, &workers, &status).await });
     }
+    ejection::Ejector::new(config, reports, workers, status, first_row)
 }
 
 struct Prober {
@@ -145,7 +201,7 @@ impl Prober {
                 self.announce(w, workers, healthy, &verdict);
             }
             status.update(self.row, |t| {
-                t.healthy = healthy;
+                t.healthy = Some(healthy);
                 match &verdict {
                     Ok(()) => {
                         t.ok += 1;
@@ -210,7 +266,7 @@ impl Prober {
             let update = HealthUpdate {
                 upstream: self.upstream,
                 target: self.target,
-                healthy,
+                change: Change::Probed(healthy),
             };
             if tx.try_send(update).is_err() {
                 warn!("a worker is not taking health updates");

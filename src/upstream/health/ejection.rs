@@ -1,0 +1,175 @@
+//! Outlier ejection: each worker counts, per target, the failures in a row that its own traffic
+//! met (connect errors, resets, timeouts, 5xx) and reports the count when it changes (on its
+//! tick). Worker 0 sums the latest count of every worker, so two workers seeing 3 failures each
+//! count as 6; when the sum reaches `consecutive_failures` the target is ejected for the whole
+//! process, for `ejection_ms`, doubling with each consecutive ejection up to `max_ejection_ms`,
+//! unless that would eject more than `max_ejection_percent` of the upstream's targets.
+
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crossbeam_channel::{Receiver, Sender};
+use tracing::{info, warn};
+
+use super::{Change, HealthStatus, HealthUpdate};
+use crate::config::{Config, Outlier, UpstreamId};
+use crate::upstream::TargetId;
+
+/// A worker's failures in a row on one target, as of its last tick.
+pub struct Report {
+    pub worker: usize,
+    pub upstream: UpstreamId,
+    pub target: TargetId,
+    pub streak: u32,
+}
+
+/// Worker 0's view of every upstream with an `outlier` section.
+pub struct Ejector {
+    reports: Receiver<Report>,
+    workers: Rc<[Sender<HealthUpdate>]>,
+    status: Arc<HealthStatus>,
+    /// By `UpstreamId`; `None` without `outlier`.
+    upstreams: Vec<Option<Watched>>,
+}
+
+struct Watched {
+    name: String,
+    settings: Outlier,
+    first_row: usize,
+    targets: Vec<TargetOutlier>,
+}
+
+struct TargetOutlier {
+    name: String,
+    /// Each worker's latest streak.
+    streaks: Vec<u32>,
+    ejected_until: Option<Instant>,
+    /// Ejections in a row (the next lasts `ejection × 2^ejections`); forgotten after
+    /// `max_ejection` without one.
+    ejections: u32,
+    back_since: Option<Instant>,
+}
+
+impl Ejector {
+    pub fn new(
+        config: &Config,
+        reports: Receiver<Report>,
+        workers: Rc<[Sender<HealthUpdate>]>,
+        status: Arc<HealthStatus>,
+        first_row: Vec<Option<usize>>,
+    ) -> Option<Ejector> {
+        let n = workers.len();
+        let upstreams: Vec<Option<Watched>> = config
+            .upstreams
+            .iter()
+            .zip(first_row)
+            .map(|(u, row)| {
+                Some(Watched {
+                    name: u.name.clone(),
+                    settings: u.outlier.clone()?,
+                    first_row: row?,
+                    targets: u
+                        .targets
+                        .iter()
+                        .map(|t| TargetOutlier {
+                            name: t.name.clone(),
+                            streaks: vec![0; n],
+                            ejected_until: None,
+                            ejections: 0,
+                            back_since: None,
+                        })
+                        .collect(),
+                })
+            })
+            .collect();
+        upstreams.iter().any(Option::is_some).then_some(Ejector {
+            reports,
+            workers,
+            status,
+            upstreams,
+        })
+    }
+
+    /// Takes the workers' reports, ejects the targets whose summed streak reached the
+    /// threshold, and brings back those whose ejection is over (worker 0's tick).
+    pub fn poll(&mut self, now: Instant) {
+        for r in self.reports.try_iter() {
+            let Some(Some(up)) = self.upstreams.get_mut(usize::from(r.upstream.0)) else {
+                continue;
+            };
+            if let Some(t) = up.targets.get_mut(r.target.0) {
+                if let Some(s) = t.streaks.get_mut(r.worker) {
+                    *s = r.streak;
+                }
+            }
+        }
+        for (u, up) in self.upstreams.iter_mut().enumerate() {
+            let Some(up) = up else { continue };
+            let upstream = UpstreamId(u as u16);
+            for t in 0..up.targets.len() {
+                let change = up.step(t, now);
+                if let Some(ejected) = change {
+                    self.status.update(up.first_row + t, |s| {
+                        s.ejected = ejected;
+                        s.ejections += u64::from(ejected);
+                    });
+                    for tx in self.workers.iter() {
+                        let update = HealthUpdate {
+                            upstream,
+                            target: TargetId(t),
+                            change: Change::Ejected(ejected),
+                        };
+                        if tx.try_send(update).is_err() {
+                            warn!("a worker is not taking health updates");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Watched {
+    /// Target `t`'s change at `now`: ejected (true), back (false), or none.
+    fn step(&mut self, t: usize, now: Instant) -> Option<bool> {
+        let ejected_now = self
+            .targets
+            .iter()
+            .filter(|x| x.ejected_until.is_some())
+            .count();
+        let allowed = self.targets.len() * self.settings.max_ejection_percent as usize / 100;
+        let settings = &self.settings;
+        let target = &mut self.targets[t];
+        if let Some(until) = target.ejected_until {
+            if now < until {
+                return None;
+            }
+            target.ejected_until = None;
+            target.back_since = Some(now);
+            info!(upstream = %self.name, target = %target.name, "ejection over: the target takes traffic again");
+            return Some(false);
+        }
+        if target
+            .back_since
+            .is_some_and(|since| now.saturating_duration_since(since) > settings.max_ejection)
+        {
+            target.ejections = 0;
+            target.back_since = None;
+        }
+        let sum: u32 = target.streaks.iter().sum();
+        if sum < settings.consecutive_failures || ejected_now >= allowed {
+            return None;
+        }
+        let length = settings
+            .ejection
+            .saturating_mul(1 << target.ejections.min(16))
+            .min(settings.max_ejection);
+        target.ejections += 1;
+        target.ejected_until = Some(now + length);
+        target.streaks.fill(0);
+        warn!(upstream = %self.name, target = %target.name, failures = sum,
+            ejection_ms = length.as_millis() as u64, "target ejected: failures in a row");
+        Some(true)
+    }
+}
