@@ -311,6 +311,7 @@ pub struct UpstreamFile {
     pub panic_routing: bool,
     pub health_check: Option<Spanned<super::health::HealthCheckFile>>,
     pub outlier: Option<Spanned<super::health::OutlierFile>>,
+    pub retries: Option<Spanned<super::health::RetriesFile>>,
 }
 
 fn d_connect_timeout() -> Spanned<u64> {

@@ -1,5 +1,5 @@
-//! `[upstreams.health_check]`: active probing of an upstream's targets; `[upstreams.outlier]`:
-//! ejecting a target on what real traffic shows.
+//! An upstream's resilience: `[upstreams.health_check]` (active probing), `[upstreams.outlier]`
+//! (ejecting a target on what real traffic shows) and `[upstreams.retries]`.
 
 use std::time::Duration;
 
@@ -43,6 +43,44 @@ pub struct Outlier {
     pub max_ejection_percent: u32,
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetriesFile {
+    pub attempts: Option<Spanned<u64>>,
+    pub on: Option<Vec<Spanned<String>>>,
+    pub budget_percent: Option<Spanned<u64>>,
+    pub backoff_ms: Option<Spanned<u64>>,
+}
+
+/// When a failed exchange is tried again on another target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Retries {
+    /// Extra attempts after the first.
+    pub attempts: u32,
+    pub on: RetryOn,
+    /// Retries may add at most this share to the requests sent.
+    pub budget_percent: u32,
+    /// The pause before a retry (jittered: half to one and a half times).
+    pub backoff: Duration,
+}
+
+/// The failures `retries.on` names.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RetryOn {
+    pub connect_failure: bool,
+    pub reset: bool,
+    pub timeout: bool,
+    /// 502, 503, 504 answered by the target.
+    pub statuses: [bool; 3],
+}
+
+impl RetryOn {
+    /// Whether a response with `status` is retried.
+    pub fn status(&self, status: u16) -> bool {
+        matches!(status, 502..=504) && self.statuses[usize::from(status - 502)]
+    }
+}
+
 /// How an upstream's targets are probed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HealthCheck {
@@ -69,6 +107,59 @@ pub enum Probe {
 }
 
 impl Validator<'_> {
+    pub(super) fn retries(
+        &self,
+        r: &Spanned<RetriesFile>,
+        key: &str,
+    ) -> Result<Retries, ConfigError> {
+        let f = r.get_ref();
+        let number = |v: &Option<Spanned<u64>>, field: &str, default: u64, max: u64| match v {
+            None => Ok(default),
+            Some(v) if *v.get_ref() <= max => Ok(*v.get_ref()),
+            Some(v) => Err(self.err(
+                v.span(),
+                &format!("{key}.{field}"),
+                format!("must be at most {max}"),
+            )),
+        };
+        let mut on = RetryOn::default();
+        match &f.on {
+            None => {
+                on = RetryOn {
+                    connect_failure: true,
+                    reset: true,
+                    timeout: true,
+                    statuses: [true; 3],
+                }
+            }
+            Some(list) => {
+                for c in list {
+                    match c.get_ref().as_str() {
+                        "connect-failure" => on.connect_failure = true,
+                        "reset" => on.reset = true,
+                        "timeout" => on.timeout = true,
+                        "502" => on.statuses[0] = true,
+                        "503" => on.statuses[1] = true,
+                        "504" => on.statuses[2] = true,
+                        other => {
+                            return Err(self.err(
+                                c.span(),
+                                &format!("{key}.on"),
+                                format!("{other:?}: give \"connect-failure\", \"reset\", \"timeout\", \"502\", \"503\" or \"504\""),
+                            ))
+                        }
+                    }
+                }
+            }
+        }
+        Ok(Retries {
+            attempts: number(&f.attempts, "attempts", 2, 5)? as u32,
+            on,
+            budget_percent: number(&f.budget_percent, "budget_percent", 20, 100)? as u32,
+            backoff: ms(number(&f.backoff_ms, "backoff_ms", 25, 10_000)?),
+        })
+    }
+
     pub(super) fn outlier(
         &self,
         o: &Spanned<OutlierFile>,

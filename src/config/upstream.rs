@@ -4,7 +4,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use super::file::{Balance, File, UpstreamFile};
-use super::{clash, ms, ConfigError, HealthCheck, Listener, Outlier, UpstreamTls, Validator};
+use super::{
+    clash, ms, ConfigError, HealthCheck, Listener, Outlier, Retries, UpstreamTls, Validator,
+};
 
 #[derive(Debug, Clone)]
 pub struct Upstream {
@@ -17,6 +19,7 @@ pub struct Upstream {
     pub panic_routing: bool,
     pub health_check: Option<HealthCheck>,
     pub outlier: Option<Outlier>,
+    pub retries: Option<Retries>,
     pub balance: Balance,
     pub hash_key: HashKey,
     pub connect_timeout: Duration,
@@ -128,6 +131,10 @@ impl Validator<'_> {
             Some(o) => Some(self.outlier(o, &format!("{key}.outlier"))?),
             None => None,
         };
+        let retries = match &u.retries {
+            Some(r) => Some(self.retries(r, &format!("{key}.retries"))?),
+            None => None,
+        };
         // Only consistent_hash uses the key; the documented example sets it on round_robin.
         let hash_key = match &u.hash_key {
             None => HashKey::ClientIp,
@@ -170,6 +177,7 @@ impl Validator<'_> {
             panic_routing: u.panic_routing,
             health_check,
             outlier,
+            retries,
             balance: u.balance,
             hash_key,
             connect_timeout: ms(*u.connect_timeout_ms.get_ref()),

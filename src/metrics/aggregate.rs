@@ -54,6 +54,7 @@ pub struct RouteFigures {
 #[derive(Default)]
 pub struct TargetFigures {
     pub outcomes: [u64; UpstreamOutcome::ALL.len()],
+    pub retried: u64,
     pub latency: Option<Histogram<u64>>,
 }
 
@@ -135,6 +136,7 @@ impl Aggregate {
             for (i, n) in t.outcomes.iter().enumerate() {
                 figures.outcomes[i] += n;
             }
+            figures.retried += t.retried;
             if let Some(h) = &t.latency {
                 add(&mut figures.latency, h);
             }

@@ -164,6 +164,8 @@ struct RouteStats {
 #[derive(Default)]
 struct TargetStats {
     outcomes: [u64; UpstreamOutcome::ALL.len()],
+    /// Attempts on this target that failed and were tried again elsewhere.
+    retried: u64,
     latency: Option<Histogram<u64>>,
     active: bool,
 }
@@ -256,6 +258,13 @@ impl WorkerMetrics {
         self.ratelimited[usize::from(route.0) * self.limits + usize::from(limit.0)] += 1;
     }
 
+    /// An attempt on `target` failed and the request was tried again.
+    pub fn record_retry(&mut self, upstream: UpstreamId, target: TargetId) {
+        let stats = &mut self.targets[usize::from(upstream.0)][target.0];
+        stats.retried += 1;
+        stats.active = true;
+    }
+
     pub fn record_auth(&mut self, route: RouteId, provider: AuthId, outcome: AuthOutcome) {
         *self.auth.entry((route, provider, outcome)).or_default() += 1;
     }
@@ -295,6 +304,7 @@ impl WorkerMetrics {
                     upstream: UpstreamId(u as u16),
                     target: TargetId(t),
                     outcomes: std::mem::take(&mut stats.outcomes),
+                    retried: std::mem::take(&mut stats.retried),
                     latency,
                 });
             }
@@ -387,6 +397,7 @@ pub struct TargetDelta {
     pub upstream: UpstreamId,
     pub target: TargetId,
     pub outcomes: [u64; UpstreamOutcome::ALL.len()],
+    pub retried: u64,
     pub latency: Option<Histogram<u64>>,
 }
 

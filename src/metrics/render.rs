@@ -168,6 +168,25 @@ pub fn prometheus(agg: &Aggregate, process: &Process) -> String {
         }
     }
 
+    header(
+        &mut out,
+        "ringway_upstream_retries_total",
+        "counter",
+        "Attempts on a target that failed and were tried again on another (upstreams with retries).",
+    );
+    for (u, targets) in agg.targets.iter().enumerate() {
+        let (uname, tnames) = &agg.upstream_names[u];
+        for (t, figures) in targets.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "ringway_upstream_retries_total{{upstream=\"{}\",target=\"{}\"}} {}",
+                esc(uname),
+                esc(&tnames[t]),
+                figures.retried
+            );
+        }
+    }
+
     per_worker(
         &mut out,
         agg,

@@ -17,11 +17,13 @@ use super::pipeline::{request_info, Who};
 use super::response::{
     read_final_head, send_response, HeadWait, ResponseCtx, ResponseDone, ResponseFailure,
 };
+use super::retry::{self, Tried};
 use super::session::Session;
 use super::{body_failure, tunnel, Failure, Io, Next};
 use crate::body::{copy_body, BodyError, BodyReader, Reframe, Transfer};
 use crate::buffer::{send, write_out, ReadBuf};
 use crate::config::HashKey;
+use crate::config::RetryOn;
 use crate::error::ProxyError;
 use crate::generation::RouteEntry;
 use crate::hash::stable_hash;
@@ -29,7 +31,7 @@ use crate::http::write::{self, Forwarding};
 use crate::http::{BodyLength, Method, ResponseHead, Version};
 use crate::metrics::UpstreamOutcome;
 use crate::trace::Trace;
-use crate::upstream::client::{self, acquire, TargetLease};
+use crate::upstream::client::{self, acquire_untried, TargetLease};
 use crate::upstream::{ConnectError, TargetId, UpstreamConn, UpstreamState};
 use crate::worker::Worker;
 
@@ -46,6 +48,8 @@ fn balance_key<S: Io>(up: &UpstreamState, c: &Session<'_, S>) -> u64 {
     stable_hash(value.unwrap_or(c.ex.client_ip.as_bytes()))
 }
 
+/// The proxy terminal, and its one retry loop: an attempt that fails in a way the upstream's
+/// `retries` allow is made again on another target, within the attempts and the retry budget.
 pub(super) async fn proxy<S: Io>(
     c: &mut Session<'_, S>,
     w: &Worker,
@@ -54,26 +58,127 @@ pub(super) async fn proxy<S: Io>(
     strip_prefix: Option<&[u8]>,
 ) -> Result<Next, Failure> {
     let key = balance_key(up, c);
-    let (lease, conn) = acquire(up, w, key, &c.deadline)
-        .await
-        .map_err(Failure::BeforeBody)?;
-    let started = Instant::now();
-    let head_at = Cell::new(None);
-    let result = forward(c, w, route, up, strip_prefix, &lease, conn, &head_at).await;
-    let latency_us = head_at
-        .get()
-        .map(|at: Instant| at.saturating_duration_since(started).as_micros() as u64);
-    let outcome = match (&result, latency_us) {
-        (_, Some(_)) => Some(UpstreamOutcome::Response),
-        (Err(f), None) => f.upstream_outcome(),
-        (Ok(_), None) => None,
-    };
-    if let Some(outcome) = outcome {
-        client::record(w, up, lease.target, outcome, latency_us, c.resp.status);
+    up.earn_retry_budget();
+    let mut tried = Tried::default();
+    let mut retries = 0;
+    let mut prepared: Option<Prepared> = None;
+    loop {
+        // Retrying is possible while attempts and budget remain; `forward` says whether this
+        // attempt's failure is one to retry.
+        let may_retry = up
+            .retries
+            .as_ref()
+            .filter(|r| retries < r.attempts && up.retry_affordable());
+        let acquired = acquire_untried(up, w, key, &c.deadline, |t| tried.contains(t)).await;
+        let (lease, conn) = match acquired {
+            Ok(pair) => pair,
+            // No target to try at all (every one down) is not a connect failure to retry.
+            Err(e) => match may_retry
+                .filter(|r| r.on.connect_failure && !matches!(e, ProxyError::NoHealthyTarget))
+            {
+                Some(r) => {
+                    retries += 1;
+                    up.spend_retry();
+                    monoio::time::sleep(retry::pause(r.backoff, &w.rng)).await;
+                    continue;
+                }
+                // Past the first attempt the whole request has been read.
+                None if prepared.is_some() => return Err(Failure::AfterBody(e)),
+                None => return Err(Failure::BeforeBody(e)),
+            },
+        };
+        let p = match &mut prepared {
+            Some(p) => p,
+            None => prepared.insert(prepare(
+                c,
+                w,
+                route,
+                up.target(lease.target).name.as_bytes(),
+                strip_prefix,
+            )?),
+        };
+        let started = Instant::now();
+        let head_at = Cell::new(None);
+        let on = may_retry.map(|r| r.on);
+        let attempt = forward(c, w, route, up, &lease, conn, &head_at, p, on).await;
+        let latency_us = head_at
+            .get()
+            .map(|at: Instant| at.saturating_duration_since(started).as_micros() as u64);
+        let outcome = match (&attempt, latency_us) {
+            (_, Some(_)) => Some(UpstreamOutcome::Response),
+            (Attempt::Done(Err(f)), None) => f.upstream_outcome(),
+            (Attempt::Retry(e), None) => Failure::AfterBody(e.clone()).upstream_outcome(),
+            (Attempt::Done(Ok(_)), None) => None,
+        };
+        if let Some(outcome) = outcome {
+            client::record(w, up, lease.target, outcome, latency_us, c.resp.status);
+        }
+        c.ex.log.upstream = Some((up.id, lease.target));
+        c.ex.log.upstream_us = latency_us;
+        match attempt {
+            Attempt::Done(result) => return result,
+            Attempt::Retry(_) => {
+                w.metrics.borrow_mut().record_retry(up.id, lease.target);
+                tried.push(lease.target);
+                retries += 1;
+                up.spend_retry();
+                if let Some(r) = &up.retries {
+                    monoio::time::sleep(retry::pause(r.backoff, &w.rng)).await;
+                }
+            }
+        }
     }
-    c.ex.log.upstream = Some((up.id, lease.target));
-    c.ex.log.upstream_us = latency_us;
-    result
+}
+
+/// How an attempt ended: done (well or not), or failed in a way to try again.
+enum Attempt {
+    Done(Result<Next, Failure>),
+    Retry(ProxyError),
+}
+
+/// The request as the first attempt prepared it: the head and any buffered body are in
+/// `up_out` (kept there for a retry), the rest of the body is still to read.
+struct Prepared {
+    body: BodyReader,
+    reframe: Reframe,
+    /// Body bytes seen so far.
+    seen: u64,
+    head_len: u64,
+}
+
+/// Writes the head going upstream and takes what of the body is already buffered.
+fn prepare<S: Io>(
+    c: &mut Session<'_, S>,
+    w: &Worker,
+    route: &RouteEntry,
+    target_name: &[u8],
+    strip_prefix: Option<&[u8]>,
+) -> Result<Prepared, Failure> {
+    write_upstream_head(c, w, route, target_name, strip_prefix);
+    let head = &c.head;
+    let reframe = match head.body {
+        BodyLength::Chunked => Reframe::Chunked,
+        _ => Reframe::AsIs,
+    };
+    let mut body = BodyReader::new(head.body, &w.parse_limits);
+    let head_len = head.len as u64;
+    c.rbuf.consume(head.len);
+    let mut seen = 0u64;
+    body.take_buffered(
+        &mut c.rbuf,
+        &mut c.up_out,
+        reframe,
+        &mut seen,
+        route.max_body_bytes,
+        None,
+    )
+    .map_err(body_failure)?;
+    Ok(Prepared {
+        body,
+        reframe,
+        seen,
+        head_len,
+    })
 }
 
 /// The `on_upstream_request` phase and the head going upstream, written into `up_out`.
@@ -130,46 +235,26 @@ fn write_upstream_head<S: Io>(
     );
 }
 
-/// Sends the request on `conn` and the response back: the body of `proxy`.
+/// Sends the request on `conn` and the response back: one attempt of `proxy`. With `retry_on`
+/// (retries left), a failure it names, met before anything reached the client, on a request
+/// complete in `up_out` whose method may be repeated, is handed back to retry.
 #[allow(clippy::too_many_arguments)]
 async fn forward<S: Io>(
     c: &mut Session<'_, S>,
     w: &Worker,
     route: &RouteEntry,
     up: &UpstreamState,
-    strip_prefix: Option<&[u8]>,
     lease: &TargetLease<'_>,
     mut conn: UpstreamConn,
     head_at: &Cell<Option<Instant>>,
-) -> Result<Next, Failure> {
-    write_upstream_head(
-        c,
-        w,
-        route,
-        up.target(lease.target).name.as_bytes(),
-        strip_prefix,
-    );
-    let head = &c.head;
-    let method = head.method;
-    let expect_continue = head.expect_continue && head.version == Version::Http11;
-    let reframe = match head.body {
-        BodyLength::Chunked => Reframe::Chunked,
-        _ => Reframe::AsIs,
-    };
-    let mut body = BodyReader::new(head.body, &w.parse_limits);
-    let head_len = head.len as u64;
-    c.rbuf.consume(head.len);
-    let mut seen = 0u64;
-    body.take_buffered(
-        &mut c.rbuf,
-        &mut c.up_out,
-        reframe,
-        &mut seen,
-        route.max_body_bytes,
-        None,
-    )
-    .map_err(body_failure)?;
-
+    p: &mut Prepared,
+    retry_on: Option<RetryOn>,
+) -> Attempt {
+    let method = c.head.method;
+    let expect_continue = c.head.expect_continue && c.head.version == Version::Http11;
+    let retry_on = retry_on
+        .filter(|_| p.body.is_done())
+        .and_then(|on| retry::after_send(on, method));
     let ctx = ResponseCtx {
         to_head: method == Method::Head,
         client_version: c.head.version,
@@ -187,8 +272,8 @@ async fn forward<S: Io>(
         worker: w,
     };
 
-    let (done, body_complete) = if body.is_done() {
-        let done = exchange(
+    let (done, body_complete) = if p.body.is_done() {
+        let sent = exchange(
             &mut conn,
             up,
             lease.target,
@@ -198,17 +283,31 @@ async fn forward<S: Io>(
             &mut c.resp,
             &ctx,
             method.is_idempotent(),
+            retry_on,
         )
-        .await
-        .map_err(|f| response_failure(f, &ctx, true))?;
-        (done, true)
+        .await;
+        match sent {
+            Ok(done) => (done, true),
+            Err(f)
+                if ctx.sent.get() == 0
+                    && retry_on
+                        .is_some_and(|on| f.status_retry || retry::retries_error(on, &f.error)) =>
+            {
+                debug!(upstream = %up.name, error = ?f.error, "retrying on another target");
+                return Attempt::Retry(f.error);
+            }
+            Err(f) => return Attempt::Done(Err(response_failure(f, &ctx, true))),
+        }
     } else {
         if expect_continue {
             c.out.clear();
             c.out.extend_from_slice(write::CONTINUE);
-            send(&mut c.w, &mut c.out, &c.deadline, w.limits.write_timeout)
+            if send(&mut c.w, &mut c.out, &c.deadline, w.limits.write_timeout)
                 .await
-                .map_err(|_| Failure::Abort)?;
+                .is_err()
+            {
+                return Attempt::Done(Err(Failure::Abort));
+            }
         }
         let client = ClientSide::<S> {
             r: &mut c.r,
@@ -219,28 +318,31 @@ async fn forward<S: Io>(
             resp: &mut c.resp,
         };
         let body = Streaming {
-            reader: &mut body,
-            reframe,
-            seen: &mut seen,
+            reader: &mut p.body,
+            reframe: p.reframe,
+            seen: &mut p.seen,
             max: route.max_body_bytes,
         };
-        stream_both_ways(client, &mut conn, body, &ctx, w).await?
+        match stream_both_ways(client, &mut conn, body, &ctx, w).await {
+            Ok(r) => r,
+            Err(f) => return Attempt::Done(Err(f)),
+        }
     };
 
     c.ex.log.status = c.resp.status;
-    c.ex.log.bytes_in = head_len + seen;
+    c.ex.log.bytes_in = p.head_len + p.seen;
     if done.upgrade {
         tunnel::run(c, w, &mut conn, w.limits.tunnel_idle_timeout).await;
-        return Ok(Next::Close);
+        return Attempt::Done(Ok(Next::Close));
     }
     if done.upstream_reusable && body_complete {
         up.checkin(lease.target, conn, w.now());
     }
-    Ok(if done.client_keep_alive && body_complete {
+    Attempt::Done(Ok(if done.client_keep_alive && body_complete {
         Next::KeepAlive
     } else {
         Next::Close
-    })
+    }))
 }
 
 /// The client connection's parts a streaming exchange borrows, each on its own, so that the
@@ -401,6 +503,7 @@ async fn exchange<W: AsyncWriteRent>(
     resp: &mut ResponseHead,
     ctx: &ResponseCtx<'_>,
     idempotent: bool,
+    retry_on: Option<RetryOn>,
 ) -> Result<ResponseDone, ResponseFailure> {
     let mut retried = false;
     loop {
@@ -412,6 +515,7 @@ async fn exchange<W: AsyncWriteRent>(
                     return Err(ResponseFailure {
                         error: ProxyError::UpstreamUnreachable("write failed"),
                         closed_early: true,
+                        status_retry: false,
                     });
                 }
                 read_final_head(
@@ -442,6 +546,10 @@ async fn exchange<W: AsyncWriteRent>(
                 };
             }
             Err(f) => return Err(f),
+            // A status to retry: the response is dropped with its connection.
+            Ok(()) if retry_on.is_some_and(|on| on.status(resp.status)) => {
+                return Err(ResponseFailure::status_retry())
+            }
             Ok(()) => return send_response(&mut conn.r, &mut conn.rbuf, cw, out, resp, ctx).await,
         }
     }

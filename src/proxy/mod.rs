@@ -23,6 +23,7 @@ mod forward;
 mod pipeline;
 mod reply;
 mod response;
+mod retry;
 mod session;
 mod tunnel;
 

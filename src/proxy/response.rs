@@ -53,6 +53,8 @@ pub(super) struct ResponseFailure {
     pub(super) error: ProxyError,
     /// The upstream closed or reset before sending a byte: a stale pooled connection.
     pub(super) closed_early: bool,
+    /// The upstream answered a status the retry policy retries (the answer was dropped).
+    pub(super) status_retry: bool,
 }
 
 impl ResponseFailure {
@@ -60,6 +62,15 @@ impl ResponseFailure {
         ResponseFailure {
             error,
             closed_early: false,
+            status_retry: false,
+        }
+    }
+
+    pub(super) fn status_retry() -> Self {
+        ResponseFailure {
+            error: ProxyError::UpstreamUnreachable("answered a status that is retried"),
+            closed_early: false,
+            status_retry: true,
         }
     }
 }
@@ -154,6 +165,7 @@ pub(super) async fn read_final_head<R: AsyncReadRent, W: AsyncWriteRent>(
                 return Err(ResponseFailure {
                     error: ProxyError::UpstreamUnreachable("closed before responding"),
                     closed_early: true,
+                    status_retry: false,
                 })
             }
             Ok(0) => {
@@ -166,6 +178,7 @@ pub(super) async fn read_final_head<R: AsyncReadRent, W: AsyncWriteRent>(
                 return Err(ResponseFailure {
                     error: ProxyError::UpstreamUnreachable("connection reset"),
                     closed_early: !received && is_reset(&e),
+                    status_retry: false,
                 })
             }
         }

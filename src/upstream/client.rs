@@ -43,9 +43,20 @@ pub async fn acquire<'a>(
     key: u64,
     deadline: &Deadline<'_>,
 ) -> Result<(TargetLease<'a>, UpstreamConn), ProxyError> {
+    acquire_untried(up, w, key, deadline, |_| false).await
+}
+
+/// `acquire`, avoiding the targets `tried` names while another is up (a retry).
+pub async fn acquire_untried<'a>(
+    up: &'a UpstreamState,
+    w: &Worker,
+    key: u64,
+    deadline: &Deadline<'_>,
+    tried: impl Fn(TargetId) -> bool,
+) -> Result<(TargetLease<'a>, UpstreamConn), ProxyError> {
     let mut last = ProxyError::NoHealthyTarget;
     for _ in 0..MAX_CONNECT_ATTEMPTS {
-        let Some(t) = up.pick(&w.rng, key) else {
+        let Some(t) = up.pick_untried(&w.rng, key, &tried) else {
             return Err(last);
         };
         let conn = match up.checkout(t, w.now()) {

@@ -26,7 +26,7 @@ use tracing::error;
 use balancer::{Balancer, Targets};
 
 use crate::buffer::ReadBuf;
-use crate::config::{HashKey, Upstream, UpstreamId};
+use crate::config::{HashKey, Retries, Upstream, UpstreamId};
 use crate::deadline::Deadline;
 use crate::error::ProxyError;
 use crate::metrics::UpstreamOutcome;
@@ -57,6 +57,10 @@ pub struct UpstreamState {
     panic_routing: bool,
     /// `[outlier]` is configured: failure runs are counted and reported.
     outlier: bool,
+    pub retries: Option<Retries>,
+    /// The retry budget, in hundredths of a retry: each request earns `budget_percent`, a
+    /// retry costs 100, at most `RETRY_BUDGET_CAP` are kept.
+    retry_budget: Cell<u32>,
     balancer: Balancer,
     pub hash_key: HashKey,
     pub connect_timeout: Duration,
@@ -70,6 +74,9 @@ pub struct UpstreamState {
     /// This worker's TLS client config, when the upstream speaks TLS.
     tls: Option<Arc<ClientConfig>>,
 }
+
+/// The most retry budget kept (in hundredths of a retry): 10 retries after a quiet spell.
+const RETRY_BUDGET_CAP: u32 = 1000;
 
 /// How often, at most, a worker logs a summary of an upstream's failures.
 const SUMMARY_EVERY: Duration = Duration::from_secs(10);
@@ -172,6 +179,8 @@ impl UpstreamState {
             primaries: cfg.primaries,
             panic_routing: cfg.panic_routing,
             outlier: cfg.outlier.is_some(),
+            retries: cfg.retries.clone(),
+            retry_budget: Cell::new(0),
             balancer: Balancer::new(cfg),
             hash_key: cfg.hash_key.clone(),
             connect_timeout: cfg.connect_timeout,
@@ -204,6 +213,54 @@ impl UpstreamState {
         }
         self.panic_routing
             .then(|| TargetId(rng.below(self.primaries)))
+    }
+
+    /// A request starts: it earns the retry budget its share.
+    #[inline]
+    pub fn earn_retry_budget(&self) {
+        if let Some(r) = &self.retries {
+            let b = self.retry_budget.get() + r.budget_percent;
+            self.retry_budget.set(b.min(RETRY_BUDGET_CAP));
+        }
+    }
+
+    /// Whether the budget holds a retry.
+    pub fn retry_affordable(&self) -> bool {
+        self.retry_budget.get() >= 100
+    }
+
+    pub fn spend_retry(&self) {
+        self.retry_budget
+            .set(self.retry_budget.get().saturating_sub(100));
+    }
+
+    /// Like `pick`, but avoiding the targets `tried` says were tried already while another
+    /// target is up.
+    pub fn pick_untried(
+        &self,
+        rng: &Rng,
+        key: u64,
+        tried: impl Fn(TargetId) -> bool,
+    ) -> Option<TargetId> {
+        let first = self.pick(rng, key)?;
+        if !tried(first) {
+            return Some(first);
+        }
+        let n = self.targets.len();
+        let start = rng.below(n);
+        let other = (0..n).map(|k| (start + k) % n).find(|&i| {
+            let t = TargetId(i);
+            !tried(t)
+                && self.targets.as_slice().is_up(i)
+                && (i < self.primaries || self.is_backup_in_use())
+        });
+        Some(other.map_or(first, TargetId))
+    }
+
+    /// Whether backups take traffic now (no primary is up).
+    fn is_backup_in_use(&self) -> bool {
+        let primaries = &self.targets[..self.primaries];
+        !(0..primaries.len()).any(|i| primaries.is_up(i))
     }
 
     /// Records what the active health checks say of `t`; returns whether that changed it.
