@@ -100,7 +100,7 @@ fn balance(c: &mut Criterion) {
             "[[listeners]]\nname = \"p\"\naddress = \"127.0.0.1:0\"\n[[upstreams]]\nname = \"app\"\nbalance = \"{balance}\"\ntargets = [\"127.0.0.1:9\", \"127.0.0.2:9\", \"127.0.0.3:9\", \"127.0.0.4:9\"]\n"
         );
         let cfg = config::parse(Path::new("bench.toml"), &src).unwrap();
-        let up = UpstreamState::new(UpstreamId(0), &cfg.upstreams[0]);
+        let up = UpstreamState::new(UpstreamId(0), &cfg.upstreams[0], 1);
         let mut key = 0u64;
         c.bench_function(&format!("pick_{balance}"), |b| {
             b.iter(|| {

@@ -74,7 +74,13 @@ impl Generation {
                 previous
                     .and_then(|g| g.upstreams.iter().find(|s| s.name == u.name))
                     .cloned()
-                    .unwrap_or_else(|| Rc::new(UpstreamState::new(UpstreamId(i as u16), u)))
+                    .unwrap_or_else(|| {
+                        Rc::new(UpstreamState::new(
+                            UpstreamId(i as u16),
+                            u,
+                            config.runtime.workers,
+                        ))
+                    })
             })
             .collect();
         let routes = config

@@ -312,6 +312,7 @@ pub struct UpstreamFile {
     pub health_check: Option<Spanned<super::health::HealthCheckFile>>,
     pub outlier: Option<Spanned<super::health::OutlierFile>>,
     pub retries: Option<Spanned<super::health::RetriesFile>>,
+    pub limits: Option<Spanned<super::health::LimitsFile>>,
 }
 
 fn d_connect_timeout() -> Spanned<u64> {

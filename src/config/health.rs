@@ -1,5 +1,6 @@
 //! An upstream's resilience: `[upstreams.health_check]` (active probing), `[upstreams.outlier]`
-//! (ejecting a target on what real traffic shows) and `[upstreams.retries]`.
+//! (ejecting a target on what real traffic shows), `[upstreams.retries]` and
+//! `[upstreams.limits]` (circuit breaking).
 
 use std::time::Duration;
 
@@ -81,6 +82,39 @@ impl RetryOn {
     }
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsFile {
+    pub max_connections: Option<Spanned<u64>>,
+    pub max_pending: Option<Spanned<u64>>,
+    pub max_requests: Option<Spanned<u64>>,
+}
+
+/// Circuit breaking: the process's limits, and each worker's share of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UpstreamLimits {
+    /// Connections open to the upstream's targets (in use and idle).
+    pub max_connections: u32,
+    /// Requests waiting for a connection while `max_connections` are open.
+    pub max_pending: u32,
+    /// Requests in flight to the upstream.
+    pub max_requests: u32,
+}
+
+impl UpstreamLimits {
+    /// A worker's share: each limit divided by the workers, rounded up (so the process may
+    /// exceed a limit by fewer than one per worker), and never below 1 (`max_pending` may be 0).
+    pub fn per_worker(&self, workers: usize) -> UpstreamLimits {
+        let w = workers.max(1) as u32;
+        let share = |n: u32, floor: u32| n.div_ceil(w).max(floor);
+        UpstreamLimits {
+            max_connections: share(self.max_connections, 1),
+            max_pending: share(self.max_pending, 0),
+            max_requests: share(self.max_requests, 1),
+        }
+    }
+}
+
 /// How an upstream's targets are probed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HealthCheck {
@@ -107,6 +141,28 @@ pub enum Probe {
 }
 
 impl Validator<'_> {
+    pub(super) fn limits_of(
+        &self,
+        l: &Spanned<LimitsFile>,
+        key: &str,
+    ) -> Result<UpstreamLimits, ConfigError> {
+        let f = l.get_ref();
+        let number = |v: &Option<Spanned<u64>>, field: &str, default: u64, min: u64| match v {
+            None => Ok(default as u32),
+            Some(v) if (min..=1_000_000).contains(v.get_ref()) => Ok(*v.get_ref() as u32),
+            Some(v) => Err(self.err(
+                v.span(),
+                &format!("{key}.{field}"),
+                format!("must be between {min} and 1000000"),
+            )),
+        };
+        Ok(UpstreamLimits {
+            max_connections: number(&f.max_connections, "max_connections", 1_000_000, 1)?,
+            max_pending: number(&f.max_pending, "max_pending", 1_000_000, 0)?,
+            max_requests: number(&f.max_requests, "max_requests", 1_000_000, 1)?,
+        })
+    }
+
     pub(super) fn retries(
         &self,
         r: &Spanned<RetriesFile>,

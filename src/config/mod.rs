@@ -23,7 +23,7 @@ pub use error::ConfigError;
 pub use file::{AccessLogFormat, Balance, DriverChoice};
 use file::{File, PinCores, Workers};
 pub use headers::{HeaderTransform, Template, TemplatePart, TlsVar};
-pub use health::{HealthCheck, Outlier, Probe, Retries, RetryOn};
+pub use health::{HealthCheck, Outlier, Probe, Retries, RetryOn, UpstreamLimits};
 pub use jwt::{JwksSource, JwtSettings, Secret};
 pub use tls::{ClientAuth, ListenerTls, TlsVersion, UpstreamTls};
 use toml::Spanned;

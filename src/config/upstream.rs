@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use super::file::{Balance, File, UpstreamFile};
 use super::{
-    clash, ms, ConfigError, HealthCheck, Listener, Outlier, Retries, UpstreamTls, Validator,
+    clash, ms, ConfigError, HealthCheck, Listener, Outlier, Retries, UpstreamLimits, UpstreamTls,
+    Validator,
 };
 
 #[derive(Debug, Clone)]
@@ -20,6 +21,8 @@ pub struct Upstream {
     pub health_check: Option<HealthCheck>,
     pub outlier: Option<Outlier>,
     pub retries: Option<Retries>,
+    /// Circuit breaking, as configured for the process (`limits.per_worker` is a worker's share).
+    pub limits: Option<UpstreamLimits>,
     pub balance: Balance,
     pub hash_key: HashKey,
     pub connect_timeout: Duration,
@@ -135,6 +138,10 @@ impl Validator<'_> {
             Some(r) => Some(self.retries(r, &format!("{key}.retries"))?),
             None => None,
         };
+        let limits = match &u.limits {
+            Some(l) => Some(self.limits_of(l, &format!("{key}.limits"))?),
+            None => None,
+        };
         // Only consistent_hash uses the key; the documented example sets it on round_robin.
         let hash_key = match &u.hash_key {
             None => HashKey::ClientIp,
@@ -178,6 +185,7 @@ impl Validator<'_> {
             health_check,
             outlier,
             retries,
+            limits,
             balance: u.balance,
             hash_key,
             connect_timeout: ms(*u.connect_timeout_ms.get_ref()),

@@ -33,6 +33,8 @@ pub struct Aggregate {
     pub auth_names: Vec<String>,
     /// Authentication decisions by (route, provider, outcome).
     pub auth: std::collections::BTreeMap<(usize, usize, AuthOutcome), u64>,
+    /// Circuit-breaker refusals by upstream and limit.
+    pub breaker: Vec<[u64; 3]>,
 }
 
 #[derive(Default)]
@@ -96,6 +98,7 @@ impl Aggregate {
             cache_enabled: config.cache.is_some(),
             auth_names: config.auth.iter().map(|a| a.name.clone()).collect(),
             auth: Default::default(),
+            breaker: vec![[0; 3]; config.upstreams.len()],
             ratelimited: config
                 .routes
                 .iter()
@@ -147,6 +150,11 @@ impl Aggregate {
         self.access_log_dropped += s.access_log_dropped;
         for (i, n) in s.cache.iter().enumerate() {
             self.cache[i] += n;
+        }
+        for (total, delta) in self.breaker.iter_mut().zip(&s.breaker) {
+            for (t, d) in total.iter_mut().zip(delta) {
+                *t += d;
+            }
         }
         for ((route, provider, outcome), n) in &s.auth {
             let key = (usize::from(route.0), usize::from(provider.0), *outcome);

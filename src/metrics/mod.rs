@@ -176,6 +176,8 @@ pub struct WorkerMetrics {
     routes: Vec<RouteStats>,
     /// `[upstream][target]`.
     targets: Vec<Vec<TargetStats>>,
+    /// Circuit-breaker refusals by upstream and limit (`Limit::ALL` order).
+    breaker: Vec<[u64; 3]>,
     requests: u64,
     /// All of this worker's requests, for its own percentiles.
     latency: Histogram<u64>,
@@ -210,6 +212,7 @@ impl WorkerMetrics {
                 .iter()
                 .map(|&n| (0..n).map(|_| TargetStats::default()).collect())
                 .collect(),
+            breaker: vec![[0; 3]; targets_per_upstream.len()],
             requests: 0,
             latency: new_histogram(),
             rejections: [0; Reject::ALL.len()],
@@ -259,6 +262,13 @@ impl WorkerMetrics {
     }
 
     /// An attempt on `target` failed and the request was tried again.
+    /// A request the upstream's `[limits]` refused.
+    pub fn record_breaker(&mut self, upstream: UpstreamId, limit: crate::upstream::breaker::Limit) {
+        if let Some(counts) = self.breaker.get_mut(usize::from(upstream.0)) {
+            counts[limit as usize] += 1;
+        }
+    }
+
     pub fn record_retry(&mut self, upstream: UpstreamId, target: TargetId) {
         let stats = &mut self.targets[usize::from(upstream.0)][target.0];
         stats.retried += 1;
@@ -328,8 +338,10 @@ impl WorkerMetrics {
             .filter(|(_, n)| **n > 0)
             .map(|(k, n)| (*k, std::mem::take(n)))
             .collect();
+        let breaker = self.breaker.iter_mut().map(std::mem::take).collect();
         Snapshot {
             auth,
+            breaker,
             ratelimited,
             cache: std::mem::take(&mut self.cache),
             worker,
@@ -384,6 +396,8 @@ pub struct Snapshot {
     pub cache: [u64; CacheOutcome::ALL.len()],
     /// Authentication decisions since the last snapshot.
     pub auth: Vec<((RouteId, AuthId, AuthOutcome), u64)>,
+    /// Circuit-breaker refusals by upstream and limit.
+    pub breaker: Vec<[u64; 3]>,
 }
 
 pub struct RouteDelta {

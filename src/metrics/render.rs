@@ -170,6 +170,24 @@ pub fn prometheus(agg: &Aggregate, process: &Process) -> String {
 
     header(
         &mut out,
+        "ringway_upstream_breaker_refusals_total",
+        "counter",
+        "Requests refused by an upstream's [limits] (circuit breaking), by limit.",
+    );
+    for (u, counts) in agg.breaker.iter().enumerate() {
+        let (uname, _) = &agg.upstream_names[u];
+        for limit in crate::upstream::breaker::Limit::ALL {
+            let _ = writeln!(
+                out,
+                "ringway_upstream_breaker_refusals_total{{upstream=\"{}\",limit=\"{}\"}} {}",
+                esc(uname),
+                limit.label(),
+                counts[limit as usize]
+            );
+        }
+    }
+    header(
+        &mut out,
         "ringway_upstream_retries_total",
         "counter",
         "Attempts on a target that failed and were tried again on another (upstreams with retries).",

@@ -58,6 +58,13 @@ pub(super) async fn proxy<S: Io>(
     strip_prefix: Option<&[u8]>,
 ) -> Result<Next, Failure> {
     let key = balance_key(up, c);
+    let _in_flight = match &up.breaker {
+        Some(b) => Some(b.admit().map_err(|limit| {
+            w.metrics.borrow_mut().record_breaker(up.id, limit);
+            Failure::BeforeBody(ProxyError::Overloaded(limit.reason()))
+        })?),
+        None => None,
+    };
     up.earn_retry_budget();
     let mut tried = Tried::default();
     let mut retries = 0;

@@ -61,25 +61,52 @@ pub async fn acquire_untried<'a>(
         };
         let conn = match up.checkout(t, w.now()) {
             Some(conn) => conn,
-            None => match up.connect(t, deadline).await {
-                Ok(conn) => {
-                    if up.mark_up(t) {
-                        info!(worker = w.id, upstream = %up.name, target = %up.target(t).name, "target up again");
+            None => match connection_slot(up, w).await? {
+                Some((other, conn)) => {
+                    up.begin_request(other);
+                    return Ok((TargetLease { up, target: other }, conn));
+                }
+                None => match up.connect(t, deadline).await {
+                    Ok(conn) => {
+                        if up.mark_up(t) {
+                            info!(worker = w.id, upstream = %up.name, target = %up.target(t).name, "target up again");
+                        }
+                        conn
                     }
-                    conn
-                }
-                Err(e) => {
-                    record(w, up, t, e.outcome(), None, 0);
-                    mark_down(w, up, t, &e);
-                    last = e.proxy_error();
-                    continue;
-                }
+                    Err(e) => {
+                        record(w, up, t, e.outcome(), None, 0);
+                        mark_down(w, up, t, &e);
+                        last = e.proxy_error();
+                        continue;
+                    }
+                },
             },
         };
         up.begin_request(t);
         return Ok((TargetLease { up, target: t }, conn));
     }
     Err(last)
+}
+
+/// At the upstream's connection limit (`[limits]`): an idle connection to any target, or a
+/// wait for one to come free; `None` when a new connection may be opened.
+async fn connection_slot(
+    up: &UpstreamState,
+    w: &Worker,
+) -> Result<Option<(TargetId, UpstreamConn)>, ProxyError> {
+    let Some(b) = &up.breaker else {
+        return Ok(None);
+    };
+    while !b.may_connect() {
+        if let Some(idle) = up.checkout_any(w.now()) {
+            return Ok(Some(idle));
+        }
+        if let Err(limit) = b.wait(up.connect_timeout).await {
+            w.metrics.borrow_mut().record_breaker(up.id, limit);
+            return Err(ProxyError::Overloaded(limit.reason()));
+        }
+    }
+    Ok(None)
 }
 
 /// Records how an exchange with target `t` ended (`status`: the response's, 0 without one):

@@ -6,6 +6,7 @@
 //! (passive health checking); when every target is skipped the upstream is unavailable (503).
 
 mod balancer;
+pub mod breaker;
 pub mod client;
 pub mod health;
 mod stream;
@@ -24,6 +25,7 @@ use rustls::{ClientConfig, ClientConnection, Connection};
 use tracing::error;
 
 use balancer::{Balancer, Targets};
+use breaker::Breaker;
 
 use crate::buffer::ReadBuf;
 use crate::config::{HashKey, Retries, Upstream, UpstreamId};
@@ -46,6 +48,8 @@ pub struct UpstreamConn {
     pub rbuf: ReadBuf,
     /// Taken from the idle pool rather than freshly connected: the peer may have closed it.
     pub reused: bool,
+    /// Counts the connection against `max_connections` while it is open.
+    _slot: Option<breaker::ConnSlot>,
 }
 
 pub struct UpstreamState {
@@ -58,6 +62,8 @@ pub struct UpstreamState {
     /// `[outlier]` is configured: failure runs are counted and reported.
     outlier: bool,
     pub retries: Option<Retries>,
+    /// Circuit breaking, against this worker's share of `[limits]`.
+    pub breaker: Option<Breaker>,
     /// The retry budget, in hundredths of a retry: each request earns `budget_percent`, a
     /// retry costs 100, at most `RETRY_BUDGET_CAP` are kept.
     retry_budget: Cell<u32>,
@@ -155,7 +161,8 @@ impl Targets for [TargetState] {
 }
 
 impl UpstreamState {
-    pub fn new(id: UpstreamId, cfg: &Upstream) -> UpstreamState {
+    /// `workers`: how many share the upstream's `[limits]`.
+    pub fn new(id: UpstreamId, cfg: &Upstream, workers: usize) -> UpstreamState {
         UpstreamState {
             id,
             name: cfg.name.clone(),
@@ -180,6 +187,7 @@ impl UpstreamState {
             panic_routing: cfg.panic_routing,
             outlier: cfg.outlier.is_some(),
             retries: cfg.retries.clone(),
+            breaker: cfg.limits.map(|l| Breaker::new(l.per_worker(workers))),
             retry_budget: Cell::new(0),
             balancer: Balancer::new(cfg),
             hash_key: cfg.hash_key.clone(),
@@ -343,7 +351,16 @@ impl UpstreamState {
         let mut idle = self.targets[t.0].idle.borrow_mut();
         if idle.len() < self.max_idle {
             idle.push((conn, now));
+            if let Some(b) = &self.breaker {
+                b.released();
+            }
         }
+    }
+
+    /// An idle connection to any target (at the connection limit, a free connection is worth
+    /// more than the balancer's choice).
+    pub fn checkout_any(&self, now: Instant) -> Option<(TargetId, UpstreamConn)> {
+        (0..self.targets.len()).find_map(|i| Some((TargetId(i), self.checkout(TargetId(i), now)?)))
     }
 
     pub async fn connect(
@@ -370,6 +387,7 @@ impl UpstreamState {
             w,
             rbuf: ReadBuf::new(),
             reused: false,
+            _slot: self.breaker.as_ref().map(Breaker::slot),
         })
     }
 
