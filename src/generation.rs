@@ -33,6 +33,8 @@ pub struct Generation {
 pub struct RouteEntry {
     pub name: String,
     pub max_body_bytes: Option<u64>,
+    /// `timeout_ms`: the upstream exchange up to the response head, retries included.
+    pub timeout: Option<std::time::Duration>,
     pub chain: Chain,
     pub terminal: Terminal,
 }
@@ -89,6 +91,7 @@ impl Generation {
             .map(|r| RouteEntry {
                 name: r.name.clone(),
                 max_body_bytes: r.max_body_bytes,
+                timeout: r.timeout,
                 chain: Chain::build(r, config, &consumers),
                 terminal: match &r.action {
                     RouteAction::Proxy(upstream) => Terminal::Proxy {

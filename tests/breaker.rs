@@ -150,11 +150,10 @@ fn limits_config_errors_name_the_key() {
         ("max_requests = 0\n", "limits.max_requests"),
         ("max_pending = 2000000\n", "limits.max_pending"),
     ] {
-        let dir = tempfile::tempdir().unwrap();
-        let path = write_config(&dir, &format!("{base}{extra}"));
-        let (status, _, stderr) = run_ringway(&["check", "--config", &path]);
-        assert_eq!(status.code(), Some(2), "{extra}\n{stderr}");
-        assert!(stderr.contains(&format!("upstreams[0].{key}")), "{stderr}");
-        assert!(stderr.contains("must be between"), "{stderr}");
+        assert_refused(
+            &format!("{base}{extra}"),
+            &format!("upstreams[0].{key}"),
+            "must be between",
+        );
     }
 }

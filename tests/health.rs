@@ -316,12 +316,11 @@ fn health_check_config_errors_name_the_key() {
             "between 1 and 100",
         ),
     ] {
-        let dir = tempfile::tempdir().unwrap();
-        let path = write_config(&dir, &format!("{base}{extra}"));
-        let (status, _, stderr) = run_ringway(&["check", "--config", &path]);
-        assert_eq!(status.code(), Some(2), "{extra}\n{stderr}");
-        assert!(stderr.contains("upstreams[0].health_check"), "{stderr}");
-        assert!(stderr.contains(message), "expected {message:?} in {stderr}");
+        assert_refused(
+            &format!("{base}{extra}"),
+            "upstreams[0].health_check",
+            message,
+        );
     }
     for (extra, key, message) in [
         (
@@ -345,19 +344,15 @@ fn health_check_config_errors_name_the_key() {
             "between 1000 and",
         ),
     ] {
-        let dir = tempfile::tempdir().unwrap();
-        let path = write_config(&dir, &format!("{base}{extra}"));
-        let (status, _, stderr) = run_ringway(&["check", "--config", &path]);
-        assert_eq!(status.code(), Some(2), "{extra}\n{stderr}");
-        assert!(stderr.contains(&format!("upstreams[0].{key}")), "{stderr}");
-        assert!(stderr.contains(message), "expected {message:?} in {stderr}");
+        assert_refused(
+            &format!("{base}{extra}"),
+            &format!("upstreams[0].{key}"),
+            message,
+        );
     }
-    let dir = tempfile::tempdir().unwrap();
-    let path = write_config(&dir, &format!("{base}backup_targets = [\"127.0.0.1:9\"]\n"));
-    let (status, _, stderr) = run_ringway(&["check", "--config", &path]);
-    assert_eq!(status.code(), Some(2));
-    assert!(
-        stderr.contains("upstreams[0].backup_targets[0]") && stderr.contains("listed twice"),
-        "{stderr}"
+    assert_refused(
+        &format!("{base}backup_targets = [\"127.0.0.1:9\"]\n"),
+        "upstreams[0].backup_targets[0]",
+        "listed twice",
     );
 }

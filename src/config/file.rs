@@ -372,6 +372,7 @@ pub struct RouteFile {
     pub ip_allow: Vec<Spanned<String>>,
     #[serde(default)]
     pub ip_deny: Vec<Spanned<String>>,
+    pub timeout_ms: Option<Spanned<u64>>,
 }
 
 #[derive(Debug, Deserialize)]

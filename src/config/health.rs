@@ -141,25 +141,41 @@ pub enum Probe {
 }
 
 impl Validator<'_> {
+    /// `v` if it is within `min..=max`, `default` without one; else an error naming
+    /// `key.field` and the range.
+    fn ranged(
+        &self,
+        v: Option<&Spanned<u64>>,
+        key: &str,
+        field: &str,
+        default: u64,
+        (min, max): (u64, u64),
+    ) -> Result<u64, ConfigError> {
+        match v {
+            None => Ok(default),
+            Some(v) if (min..=max).contains(v.get_ref()) => Ok(*v.get_ref()),
+            Some(v) => Err(self.err(
+                v.span(),
+                &format!("{key}.{field}"),
+                format!("must be between {min} and {max}"),
+            )),
+        }
+    }
+
     pub(super) fn limits_of(
         &self,
         l: &Spanned<LimitsFile>,
         key: &str,
     ) -> Result<UpstreamLimits, ConfigError> {
         let f = l.get_ref();
-        let number = |v: &Option<Spanned<u64>>, field: &str, default: u64, min: u64| match v {
-            None => Ok(default as u32),
-            Some(v) if (min..=1_000_000).contains(v.get_ref()) => Ok(*v.get_ref() as u32),
-            Some(v) => Err(self.err(
-                v.span(),
-                &format!("{key}.{field}"),
-                format!("must be between {min} and 1000000"),
-            )),
+        let number = |v: &Option<Spanned<u64>>, field: &str, min: u64| {
+            self.ranged(v.as_ref(), key, field, 1_000_000, (min, 1_000_000))
+                .map(|n| n as u32)
         };
         Ok(UpstreamLimits {
-            max_connections: number(&f.max_connections, "max_connections", 1_000_000, 1)?,
-            max_pending: number(&f.max_pending, "max_pending", 1_000_000, 0)?,
-            max_requests: number(&f.max_requests, "max_requests", 1_000_000, 1)?,
+            max_connections: number(&f.max_connections, "max_connections", 1)?,
+            max_pending: number(&f.max_pending, "max_pending", 0)?,
+            max_requests: number(&f.max_requests, "max_requests", 1)?,
         })
     }
 
@@ -169,14 +185,8 @@ impl Validator<'_> {
         key: &str,
     ) -> Result<Retries, ConfigError> {
         let f = r.get_ref();
-        let number = |v: &Option<Spanned<u64>>, field: &str, default: u64, max: u64| match v {
-            None => Ok(default),
-            Some(v) if *v.get_ref() <= max => Ok(*v.get_ref()),
-            Some(v) => Err(self.err(
-                v.span(),
-                &format!("{key}.{field}"),
-                format!("must be at most {max}"),
-            )),
+        let number = |v: &Option<Spanned<u64>>, field: &str, default: u64, max: u64| {
+            self.ranged(v.as_ref(), key, field, default, (0, max))
         };
         let mut on = RetryOn::default();
         match &f.on {
@@ -222,16 +232,9 @@ impl Validator<'_> {
         key: &str,
     ) -> Result<Outlier, ConfigError> {
         let f = o.get_ref();
-        let number =
-            |v: &Option<Spanned<u64>>, field: &str, default: u64, range: (u64, u64)| match v {
-                None => Ok(default),
-                Some(v) if (range.0..=range.1).contains(v.get_ref()) => Ok(*v.get_ref()),
-                Some(v) => Err(self.err(
-                    v.span(),
-                    &format!("{key}.{field}"),
-                    format!("must be between {} and {}", range.0, range.1),
-                )),
-            };
+        let number = |v: &Option<Spanned<u64>>, field: &str, default: u64, range: (u64, u64)| {
+            self.ranged(v.as_ref(), key, field, default, range)
+        };
         let ejection = number(&f.ejection_ms, "ejection_ms", 30_000, (10, 3_600_000))?;
         let max_ejection = number(
             &f.max_ejection_ms,
@@ -343,16 +346,9 @@ impl Validator<'_> {
                 ));
             }
         };
-        let number =
-            |v: &Option<Spanned<u64>>, field: &str, default: u64, range: (u64, u64)| match v {
-                None => Ok(default),
-                Some(v) if (range.0..=range.1).contains(v.get_ref()) => Ok(*v.get_ref()),
-                Some(v) => Err(self.err(
-                    v.span(),
-                    &format!("{key}.{field}"),
-                    format!("must be between {} and {}", range.0, range.1),
-                )),
-            };
+        let number = |v: &Option<Spanned<u64>>, field: &str, default: u64, range: (u64, u64)| {
+            self.ranged(v.as_ref(), key, field, default, range)
+        };
         let interval = number(&f.interval_ms, "interval_ms", 2000, (10, 3_600_000))?;
         let timeout = number(&f.timeout_ms, "timeout_ms", 1000, (1, 60_000))?;
         let threshold = |v: &Option<Spanned<u32>>, field: &str, default: u64| {

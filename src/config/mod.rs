@@ -216,6 +216,9 @@ pub struct Route {
     /// Clients inside these ranges get 403.
     pub ip_deny: Vec<Cidr>,
     pub cors: Option<CorsPolicy>,
+    /// Proxied routes: the longest the upstream exchange may take up to the response head,
+    /// retries included.
+    pub timeout: Option<Duration>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

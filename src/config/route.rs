@@ -123,7 +123,26 @@ impl Validator<'_> {
             Some(c) => Some(self.cors(c, &format!("{key}.cors"))?),
             None => None,
         };
+        let timeout = match &r.timeout_ms {
+            None => None,
+            Some(t) if !matches!(action, RouteAction::Proxy(_)) => {
+                return Err(self.err(
+                    t.span(),
+                    &format!("{key}.timeout_ms"),
+                    "timeout_ms is for routes with an upstream",
+                ))
+            }
+            Some(t) if (1..=3_600_000).contains(t.get_ref()) => Some(ms(*t.get_ref())),
+            Some(t) => {
+                return Err(self.err(
+                    t.span(),
+                    &format!("{key}.timeout_ms"),
+                    "must be between 1 and 3600000",
+                ))
+            }
+        };
         Ok(Route {
+            timeout,
             cors,
             ip_allow,
             ip_deny,

@@ -8,7 +8,7 @@ use std::cell::Cell;
 use std::future::Future;
 use std::pin::pin;
 use std::task::Poll;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use monoio::io::AsyncWriteRent;
 use tracing::debug;
@@ -69,14 +69,29 @@ pub(super) async fn proxy<S: Io>(
     let mut tried = Tried::default();
     let mut retries = 0;
     let mut prepared: Option<Prepared> = None;
+    // The route's `timeout_ms` bounds every attempt together, up to the response head.
+    let give_up = route.timeout.map(|t| Instant::now() + t);
     loop {
+        let left = give_up.map(|at| at.saturating_duration_since(Instant::now()));
+        if left == Some(Duration::ZERO) {
+            return Err(match prepared {
+                Some(_) => Failure::AfterBody(ProxyError::UpstreamTimeout),
+                None => Failure::BeforeBody(ProxyError::UpstreamTimeout),
+            });
+        }
         // Retrying is possible while attempts and budget remain; `forward` says whether this
         // attempt's failure is one to retry.
         let may_retry = up
             .retries
             .as_ref()
             .filter(|r| retries < r.attempts && up.retry_affordable());
-        let acquired = acquire_untried(up, w, key, &c.deadline, |t| tried.contains(t)).await;
+        let acquiring = acquire_untried(up, w, key, &c.deadline, |t| tried.contains(t));
+        let acquired = match left {
+            None => acquiring.await,
+            Some(left) => monoio::time::timeout(left, acquiring)
+                .await
+                .unwrap_or(Err(ProxyError::UpstreamTimeout)),
+        };
         let (lease, conn) = match acquired {
             Ok(pair) => pair,
             // No target to try at all (every one down) is not a connect failure to retry.
@@ -86,7 +101,7 @@ pub(super) async fn proxy<S: Io>(
                 Some(r) => {
                     retries += 1;
                     up.spend_retry();
-                    monoio::time::sleep(retry::pause(r.backoff, &w.rng)).await;
+                    monoio::time::sleep(retry::pause(r.backoff, &w.rng, left)).await;
                     continue;
                 }
                 // Past the first attempt the whole request has been read.
@@ -107,7 +122,8 @@ pub(super) async fn proxy<S: Io>(
         let started = Instant::now();
         let head_at = Cell::new(None);
         let on = may_retry.map(|r| r.on);
-        let attempt = forward(c, w, route, up, &lease, conn, &head_at, p, on).await;
+        let timeout = left.map_or(up.request_timeout, |l| l.min(up.request_timeout));
+        let attempt = forward(c, w, route, up, &lease, conn, &head_at, p, on, timeout).await;
         let latency_us = head_at
             .get()
             .map(|at: Instant| at.saturating_duration_since(started).as_micros() as u64);
@@ -130,7 +146,7 @@ pub(super) async fn proxy<S: Io>(
                 retries += 1;
                 up.spend_retry();
                 if let Some(r) = &up.retries {
-                    monoio::time::sleep(retry::pause(r.backoff, &w.rng)).await;
+                    monoio::time::sleep(retry::pause(r.backoff, &w.rng, left)).await;
                 }
             }
         }
@@ -256,6 +272,7 @@ async fn forward<S: Io>(
     head_at: &Cell<Option<Instant>>,
     p: &mut Prepared,
     retry_on: Option<RetryOn>,
+    request_timeout: Duration,
 ) -> Attempt {
     let method = c.head.method;
     let expect_continue = c.head.expect_continue && c.head.version == Version::Http11;
@@ -268,7 +285,7 @@ async fn forward<S: Io>(
         client_keep_alive: c.head.keep_alive,
         upgrade_requested: c.head.upgrade,
         request_id: &c.ex.request_id,
-        request_timeout: up.request_timeout,
+        request_timeout,
         write_timeout: w.limits.write_timeout,
         sent: &c.ex.log.bytes_out,
         head_at,

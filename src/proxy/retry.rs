@@ -30,13 +30,15 @@ impl Tried {
 }
 
 /// The pause before a retry: `backoff` jittered to between half and one and a half times it,
-/// so that retries from many requests do not land together.
-pub(super) fn pause(backoff: Duration, rng: &Rng) -> Duration {
+/// so that retries from many requests do not land together; never past the route's time
+/// `left`.
+pub(super) fn pause(backoff: Duration, rng: &Rng, left: Option<Duration>) -> Duration {
     let ms = backoff.as_millis() as usize;
     if ms == 0 {
         return Duration::ZERO;
     }
-    Duration::from_millis((ms / 2 + rng.below(ms + 1)) as u64)
+    let pause = Duration::from_millis((ms / 2 + rng.below(ms + 1)) as u64);
+    left.map_or(pause, |l| pause.min(l))
 }
 
 /// Which failures of a sent request `on` lets a retry follow, for this method: a request that

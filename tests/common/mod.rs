@@ -224,6 +224,19 @@ pub fn assert_config_error(body: &str, location: &str, message: &str) {
     assert_eq!(status.code(), Some(2));
 }
 
+/// `ringway check` refuses `body` with exit 2, naming `key` and saying `message`.
+pub fn assert_refused(body: &str, key: &str, message: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(&dir, body);
+    let (status, _, stderr) = run_ringway(&["check", "--config", &path]);
+    assert_eq!(status.code(), Some(2), "{body}\n{stderr}");
+    assert!(stderr.contains(key), "expected {key} in:\n{stderr}");
+    assert!(
+        stderr.contains(message),
+        "expected {message:?} in:\n{stderr}"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // A raw HTTP/1.1 client
 
