@@ -46,6 +46,7 @@ pub mod ratelimit;
 pub mod rng;
 pub mod router;
 pub mod runtime;
+pub mod services;
 pub mod tls;
 pub mod trace;
 pub mod upstream;

@@ -22,12 +22,12 @@ use tracing::{error, info, warn};
 use crate::access_log::{self, AccessLog, LogControl};
 use crate::admin::{self, AdminState};
 use crate::auth::basic;
-use crate::auth::jwks;
 use crate::cache::{self, Batch};
 use crate::config::{Config, DriverChoice, ListenerId};
 use crate::metrics::Snapshot;
 use crate::proxy;
 use crate::ratelimit::{self, Grants, Report};
+use crate::services;
 use crate::tls::{self, watch::TlsUpdate};
 use crate::upstream;
 use crate::worker::Worker;
@@ -179,20 +179,16 @@ pub fn run(config: Config) -> Result<(), StartError> {
         } else {
             (0..workers).map(|_| None).collect()
         };
-    let mut jwt_links = jwt_links(&config, workers, &admin_state);
-    // Health changes go from the prober (worker 0) to every worker.
-    let health_links = upstream::health::links(workers);
-    let (reports_to_0, health_reports) = health_links.reports;
-    let (health_tx, health_rx): (Vec<_>, Vec<_>) = health_links.updates.into_iter().unzip();
-    let mut health_tx = Some((health_tx, health_reports));
-    let mut health_rx: Vec<Option<_>> = health_rx.into_iter().map(Some).collect();
+    // Worker 0's services (JWKS, upstream health) and their channels to every worker.
+    let service_links = services::links(&config, workers, &admin_state);
     let mut controls = Vec::with_capacity(workers);
     let links = sockets
         .into_iter()
         .zip(grant_channels)
         .zip(cache_links)
-        .zip(tls_rx);
-    for (id, (((listeners, (_, grants)), cache_links), tls)) in links.enumerate() {
+        .zip(tls_rx)
+        .zip(service_links);
+    for (id, ((((listeners, (_, grants)), cache_links), tls), services)) in links.enumerate() {
         let (tx, rx) = crossbeam_channel::bounded(4);
         controls.push(tx);
         let config = Arc::clone(&config);
@@ -206,21 +202,7 @@ pub fn run(config: Config) -> Result<(), StartError> {
             cache: cache_links,
             tls,
             basic: basic_links[id].take(),
-            jwt: jwt_links.workers[id].take(),
-            jwks_fetcher: if id == 0 {
-                jwt_links.fetcher.take()
-            } else {
-                None
-            },
-            health: health_rx[id].take(),
-            health_reports: reports_to_0.clone(),
-            prober: if id == 0 {
-                health_tx
-                    .take()
-                    .map(|(tx, reports)| (tx, reports, Arc::clone(&admin_state.health)))
-            } else {
-                None
-            },
+            services: Some(services),
         };
         thread::Builder::new()
             .name(format!("ringway-w{id}"))
@@ -391,64 +373,8 @@ struct Channels {
     tls: Receiver<TlsUpdate>,
     /// The basic-auth verifier's job channel and this worker's answers.
     basic: Option<(basic::Jobs, basic::Answers)>,
-    /// Asks to the JWKS fetcher, and its answers to this worker.
-    jwt: Option<(Sender<jwks::Ask>, Receiver<jwks::KeysUpdate>)>,
-    /// Worker 0's: the JWKS fetcher.
-    jwks_fetcher: Option<JwksFetcherStart>,
-    /// Health changes from the prober.
-    health: Option<Receiver<upstream::health::HealthUpdate>>,
-    /// This worker's failure runs, to worker 0 (outlier ejection).
-    health_reports: Sender<upstream::health::ejection::Report>,
-    /// Worker 0's: what the prober needs (every worker's channel, the status it writes).
-    prober: Option<HealthStart>,
-}
-
-/// What worker 0 needs to decide upstream health: every worker's update channel, the workers'
-/// failure reports, and the status it writes.
-type HealthStart = (
-    Vec<Sender<upstream::health::HealthUpdate>>,
-    Receiver<upstream::health::ejection::Report>,
-    Arc<upstream::health::HealthStatus>,
-);
-
-/// What worker 0 needs to run the JWKS fetcher.
-struct JwksFetcherStart {
-    asks: Receiver<jwks::Ask>,
-    updates: Vec<Sender<jwks::KeysUpdate>>,
-    status: Arc<jwks::JwksStatus>,
-}
-
-struct JwtLinks {
-    workers: Vec<Option<(Sender<jwks::Ask>, Receiver<jwks::KeysUpdate>)>>,
-    fetcher: Option<JwksFetcherStart>,
-}
-
-/// The JWKS channels, when some JWT provider fetches its keys.
-fn jwt_links(config: &Config, workers: usize, admin: &AdminState) -> JwtLinks {
-    let remote = config.auth.iter().any(|a| {
-        matches!(&a.kind, crate::config::AuthKind::Jwt(s)
-            if matches!(s.keys, crate::config::JwksSource::Remote { .. }))
-    });
-    if !remote {
-        return JwtLinks {
-            workers: (0..workers).map(|_| None).collect(),
-            fetcher: None,
-        };
-    }
-    let links = jwks::Links::new(workers);
-    let (ask_tx, asks) = links.asks;
-    let (updates, receivers): (Vec<_>, Vec<_>) = links.updates.into_iter().unzip();
-    JwtLinks {
-        workers: receivers
-            .into_iter()
-            .map(|rx| Some((ask_tx.clone(), rx)))
-            .collect(),
-        fetcher: Some(JwksFetcherStart {
-            asks,
-            updates,
-            status: Arc::clone(&admin.jwks),
-        }),
-    }
+    /// Worker 0's services' channels (and, on worker 0, the services).
+    services: Option<services::WorkerLinks>,
 }
 
 fn worker_thread(
@@ -535,15 +461,6 @@ async fn worker_main(mut ctx: WorkerStart<'_>, driver: &'static str) {
     if let Some((jobs, answers)) = ctx.channels.basic.take() {
         worker.basic.link(ctx.id, jobs, answers);
     }
-    let jwt_updates = ctx.channels.jwt.take().map(|(asks, updates)| {
-        worker.jwt.link(asks);
-        updates
-    });
-    let fetcher = ctx
-        .channels
-        .jwks_fetcher
-        .take()
-        .map(|f| jwks::Fetcher::new(ctx.config, f.asks, f.updates, f.status));
     let mut canceller = Canceller::new();
     let mut accepting = Vec::with_capacity(ctx.listeners.len());
     for (id, socket) in ctx.listeners {
@@ -562,15 +479,11 @@ async fn worker_main(mut ctx: WorkerStart<'_>, driver: &'static str) {
             }
         }
     }
-    let mut ejector = ctx
+    let mut services = ctx
         .channels
-        .prober
+        .services
         .take()
-        .and_then(|(workers, reports, status)| {
-            upstream::health::start(&worker, ctx.config, workers, reports, status)
-        });
-    let outliers = ctx.config.upstreams.iter().any(|u| u.outlier.is_some());
-    let health = ctx.channels.health.take();
+        .map(|links| services::Running::start(&worker, ctx.config, links));
     info!(worker = ctx.id, core = ?ctx.core, driver, "worker started");
     let _ = ctx.channels.events.send(Event::Started);
 
@@ -607,20 +520,8 @@ async fn worker_main(mut ctx: WorkerStart<'_>, driver: &'static str) {
             worker.install_tls(update);
         }
         worker.basic.poll_answers();
-        if let Some(fetcher) = &fetcher {
-            fetcher.poll(&worker);
-        }
-        if let Some(updates) = &jwt_updates {
-            worker.jwt.apply(updates);
-        }
-        if outliers {
-            upstream::health::report(&worker, &ctx.channels.health_reports);
-        }
-        if let Some(ejector) = &mut ejector {
-            ejector.poll(worker.now());
-        }
-        if let Some(updates) = &health {
-            upstream::health::apply(&worker, updates);
+        if let Some(services) = &mut services {
+            services.tick(&worker);
         }
         if let Some(tx) = &ctx.channels.metrics {
             let now = worker.now();

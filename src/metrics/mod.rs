@@ -7,6 +7,7 @@
 
 pub mod aggregate;
 pub mod render;
+mod resilience;
 
 use std::time::Duration;
 

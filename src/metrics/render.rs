@@ -7,6 +7,7 @@ use hdrhistogram::Histogram;
 use serde_json::{json, Map, Value};
 
 use super::aggregate::{Aggregate, WorkerFigures};
+use super::resilience;
 use super::{CacheOutcome, UpstreamOutcome, METHODS, STATUS_CLASSES};
 use crate::error::Reject;
 use crate::tls::watch::CertExpiry;
@@ -18,13 +19,13 @@ const BUCKETS: [f64; 18] = [
 ];
 
 /// A label value, escaped per the exposition format.
-fn esc(v: &str) -> String {
+pub(super) fn esc(v: &str) -> String {
     v.replace('\\', "\\\\")
         .replace('"', "\\\"")
         .replace('\n', "\\n")
 }
 
-fn header(out: &mut String, name: &str, kind: &str, help: &str) {
+pub(super) fn header(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}");
     let _ = writeln!(out, "# TYPE {name} {kind}");
 }
@@ -168,43 +169,7 @@ pub fn prometheus(agg: &Aggregate, process: &Process) -> String {
         }
     }
 
-    header(
-        &mut out,
-        "ringway_upstream_breaker_refusals_total",
-        "counter",
-        "Requests refused by an upstream's [limits] (circuit breaking), by limit.",
-    );
-    for (u, counts) in agg.breaker.iter().enumerate() {
-        let (uname, _) = &agg.upstream_names[u];
-        for limit in crate::upstream::breaker::Limit::ALL {
-            let _ = writeln!(
-                out,
-                "ringway_upstream_breaker_refusals_total{{upstream=\"{}\",limit=\"{}\"}} {}",
-                esc(uname),
-                limit.label(),
-                counts[limit as usize]
-            );
-        }
-    }
-    header(
-        &mut out,
-        "ringway_upstream_retries_total",
-        "counter",
-        "Attempts on a target that failed and were tried again on another (upstreams with retries).",
-    );
-    for (u, targets) in agg.targets.iter().enumerate() {
-        let (uname, tnames) = &agg.upstream_names[u];
-        for (t, figures) in targets.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "ringway_upstream_retries_total{{upstream=\"{}\",target=\"{}\"}} {}",
-                esc(uname),
-                esc(&tnames[t]),
-                figures.retried
-            );
-        }
-    }
-
+    resilience::upstreams(&mut out, agg);
     per_worker(
         &mut out,
         agg,
@@ -273,8 +238,8 @@ pub fn prometheus(agg: &Aggregate, process: &Process) -> String {
             );
         }
     }
-    jwks(&mut out, &process.jwks);
-    health(&mut out, &process.health);
+    resilience::jwks(&mut out, &process.jwks);
+    resilience::health(&mut out, &process.health);
     header(
         &mut out,
         "ringway_rejected_requests_total",
@@ -608,135 +573,6 @@ pub fn hdr_distribution(h: &Histogram<u64>) -> String {
         sub_buckets
     );
     out
-}
-
-/// Remote JWKS: fetches by result, keys held, and the age of the keys in use.
-fn jwks(out: &mut String, all: &[crate::auth::jwks::JwksStat]) {
-    if all.is_empty() {
-        return;
-    }
-    header(
-        out,
-        "ringway_jwks_fetches_total",
-        "counter",
-        "JWKS fetches by provider and result (ok, failed; refused: a kid-triggered refetch asked for within 30 s of the last).",
-    );
-    for s in all {
-        let p = esc(&s.provider);
-        for (result, n) in [("ok", s.ok), ("failed", s.failed), ("refused", s.refused)] {
-            let _ = writeln!(
-                out,
-                "ringway_jwks_fetches_total{{provider=\"{p}\",result=\"{result}\"}} {n}"
-            );
-        }
-    }
-    header(
-        out,
-        "ringway_jwks_keys",
-        "gauge",
-        "Usable keys in each provider's current JWKS.",
-    );
-    for s in all {
-        let _ = writeln!(
-            out,
-            "ringway_jwks_keys{{provider=\"{}\"}} {}",
-            esc(&s.provider),
-            s.keys
-        );
-    }
-    header(
-        out,
-        "ringway_jwks_age_seconds",
-        "gauge",
-        "Seconds since each provider's keys were last fetched successfully (absent before the first).",
-    );
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    for s in all {
-        if let Some(at) = s.fetched_at {
-            let _ = writeln!(
-                out,
-                "ringway_jwks_age_seconds{{provider=\"{}\"}} {}",
-                esc(&s.provider),
-                now.saturating_sub(at)
-            );
-        }
-    }
-}
-
-/// Upstream health: active checks' verdicts and probes, outlier ejections.
-fn health(out: &mut String, all: &[crate::upstream::health::TargetHealth]) {
-    let label = |t: &crate::upstream::health::TargetHealth| {
-        format!(
-            "upstream=\"{}\",target=\"{}\"",
-            esc(&t.upstream),
-            esc(&t.target)
-        )
-    };
-    let probed: Vec<_> = all.iter().filter(|t| t.healthy.is_some()).collect();
-    if !probed.is_empty() {
-        header(
-            out,
-            "ringway_upstream_target_healthy",
-            "gauge",
-            "1 while active health checks find the target healthy, 0 while they do not.",
-        );
-        for t in &probed {
-            let healthy = u8::from(t.healthy == Some(true));
-            let _ = writeln!(
-                out,
-                "ringway_upstream_target_healthy{{{},backup=\"{}\"}} {healthy}",
-                label(t),
-                t.backup
-            );
-        }
-        header(
-            out,
-            "ringway_health_probes_total",
-            "counter",
-            "Active health probes by upstream, target and result (ok, failed).",
-        );
-        for t in &probed {
-            for (result, n) in [("ok", t.ok), ("failed", t.failed)] {
-                let _ = writeln!(
-                    out,
-                    "ringway_health_probes_total{{{},result=\"{result}\"}} {n}",
-                    label(t)
-                );
-            }
-        }
-    }
-    if !all.is_empty() {
-        header(
-            out,
-            "ringway_upstream_target_ejected",
-            "gauge",
-            "1 while outlier detection keeps the target out of the balancer.",
-        );
-        for t in all {
-            let _ = writeln!(
-                out,
-                "ringway_upstream_target_ejected{{{}}} {}",
-                label(t),
-                u8::from(t.ejected)
-            );
-        }
-        header(
-            out,
-            "ringway_outlier_ejections_total",
-            "counter",
-            "Outlier ejections by upstream and target.",
-        );
-        for t in all {
-            let _ = writeln!(
-                out,
-                "ringway_outlier_ejections_total{{{}}} {}",
-                label(t),
-                t.ejections
-            );
-        }
-    }
 }
 
 #[cfg(test)]
