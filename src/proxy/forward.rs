@@ -101,7 +101,7 @@ pub(super) async fn proxy<S: Io>(
                 Some(r) => {
                     retries += 1;
                     up.spend_retry();
-                    monoio::time::sleep(retry::pause(r.backoff, &w.rng, left)).await;
+                    retry::wait(r.backoff, &w.rng, left).await;
                     continue;
                 }
                 // Past the first attempt the whole request has been read.
@@ -146,7 +146,7 @@ pub(super) async fn proxy<S: Io>(
                 retries += 1;
                 up.spend_retry();
                 if let Some(r) = &up.retries {
-                    monoio::time::sleep(retry::pause(r.backoff, &w.rng, left)).await;
+                    retry::wait(r.backoff, &w.rng, left).await;
                 }
             }
         }

@@ -31,14 +31,14 @@ impl Tried {
 
 /// The pause before a retry: `backoff` jittered to between half and one and a half times it,
 /// so that retries from many requests do not land together; never past the route's time
-/// `left`.
-pub(super) fn pause(backoff: Duration, rng: &Rng, left: Option<Duration>) -> Duration {
+/// `left`. No timer at all for a zero backoff.
+pub(super) async fn wait(backoff: Duration, rng: &Rng, left: Option<Duration>) {
     let ms = backoff.as_millis() as usize;
     if ms == 0 {
-        return Duration::ZERO;
+        return;
     }
     let pause = Duration::from_millis((ms / 2 + rng.below(ms + 1)) as u64);
-    left.map_or(pause, |l| pause.min(l))
+    monoio::time::sleep(left.map_or(pause, |l| pause.min(l))).await;
 }
 
 /// Which failures of a sent request `on` lets a retry follow, for this method: a request that
