@@ -92,7 +92,7 @@ address = "127.0.0.1:0"
     ))
 }
 
-const HTTP_CHECK: &str = "[upstreams.health_check]\npath = \"/healthz\"\ninterval_ms = 20\ntimeout_ms = 500\nhealthy_threshold = 2\nunhealthy_threshold = 2\nexpect_status = [200, 204]\n";
+const HTTP_CHECK: &str = "[upstreams.health_check]\npath = \"/healthz\"\nhost = \"probe.example\"\ninterval_ms = 20\ntimeout_ms = 500\nhealthy_threshold = 2\nunhealthy_threshold = 2\nexpect_status = [200, 204]\n";
 
 /// The bodies (server names) of `n` requests, each on its own connection (so both workers
 /// serve them).
@@ -125,6 +125,17 @@ fn a_target_failing_its_probes_gets_no_traffic_until_it_passes_them_again() {
         let got = answers(&gw, 20);
         (got.contains(&"200 a".into()) && got.contains(&"200 b".into())).then_some(())
     });
+    let probe = b
+        .server
+        .received()
+        .into_iter()
+        .find(|r| r.path == "/healthz");
+    assert_eq!(
+        probe
+            .and_then(|p| p.header("host").map(str::to_owned))
+            .as_deref(),
+        Some("probe.example")
+    );
     b.set_health(500);
     eventually_all(&gw, "b taken out", |a| a == "200 a");
     // Once out, it stays out: not one request reaches it.

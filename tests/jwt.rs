@@ -549,6 +549,101 @@ fn config_error(body: &str, key: &str, message: &str) {
 }
 
 #[test]
+fn the_jwks_is_refreshed_every_refresh_s() {
+    let up = Upstream::start(|_| Reply::ok("ok"));
+    let (old, new) = (
+        SigningKey::new(Algorithm::ES256, "k-old"),
+        SigningKey::new(Algorithm::ES256, "k-new"),
+    );
+    let idp = IdentityProvider::start(jwks(&[&old]));
+    let gw = Gateway::start(&format!(
+        r#"
+[[auth]]
+name = "idp"
+type = "jwt"
+algorithms = ["ES256"]
+jwks = {{ upstream = "idp", path = "/jwks", refresh_s = 10 }}
+
+[[upstreams]]
+name = "idp"
+targets = ["{idp}"]
+
+[[upstreams]]
+name = "app"
+targets = ["{app}"]
+
+[[routes]]
+name = "r"
+listener = "public"
+path_prefix = "/"
+upstream = "app"
+auth = ["idp"]
+
+[[listeners]]
+name = "public"
+address = "127.0.0.1:0"
+"#,
+        idp = idp.server.addr,
+        app = up.addr,
+    ));
+    eventually("the first fetch", || {
+        (idp.server.count() == 1).then_some(())
+    });
+    idp.serve(jwks(&[&old, &new]));
+    // No token asks for it: the periodic refresh brings the new key.
+    eventually("the refresh", || (idp.server.count() == 2).then_some(()));
+    let token = new.sign(&json!({ "sub": "u", "exp": now() + 600 }));
+    // (Answered by the refreshed keys, or, when it beats the workers' next tick, by one refetch.)
+    assert_eq!(call(&gw, "/x", Some(&token), "").status, 200);
+}
+
+#[test]
+fn an_hmac_secret_comes_from_a_file_without_its_trailing_newline() {
+    let up = Upstream::start(|_| Reply::ok("ok"));
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("hs.key");
+    std::fs::write(&file, format!("{HS_SECRET}\n")).unwrap();
+    let gw = Gateway::start(&format!(
+        r#"
+[[auth]]
+name = "hs"
+type = "jwt"
+algorithms = ["HS384"]
+secret = {{ file = "{file}" }}
+
+[[upstreams]]
+name = "app"
+targets = ["{app}"]
+
+[[routes]]
+name = "r"
+listener = "public"
+path_prefix = "/"
+upstream = "app"
+auth = ["hs"]
+
+[[listeners]]
+name = "public"
+address = "127.0.0.1:0"
+"#,
+        file = file.display(),
+        app = up.addr,
+    ));
+    let sign = |secret: &str| {
+        jsonwebtoken::encode(
+            &Header::new(Algorithm::HS384),
+            &json!({ "sub": "u", "exp": now() + 600 }),
+            &EncodingKey::from_secret(secret.as_bytes()).unwrap(),
+        )
+        .unwrap()
+    };
+    assert_eq!(call(&gw, "/x", Some(&sign(HS_SECRET)), "").status, 200);
+    let with_newline = format!("{HS_SECRET}\n");
+    assert_eq!(call(&gw, "/x", Some(&sign(&with_newline)), "").status, 401);
+    assert!(gw.logs().iter().all(|l| !l.contains(HS_SECRET)));
+}
+
+#[test]
 fn jwt_config_errors_name_the_key() {
     config_error(
         "[[auth]]\nname = \"j\"\ntype = \"jwt\"\nalgorithms = [\"none\"]\njwks_file = \"x\"\n",

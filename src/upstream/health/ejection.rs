@@ -173,3 +173,63 @@ impl Watched {
         Some(true)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn ejections_in_a_row_double_up_to_the_maximum_and_respect_the_share() {
+        let mut up = Watched {
+            name: "u".into(),
+            settings: Outlier {
+                consecutive_failures: 4,
+                ejection: Duration::from_millis(100),
+                max_ejection: Duration::from_millis(250),
+                max_ejection_percent: 50,
+            },
+            first_row: 0,
+            targets: ["a", "b"]
+                .iter()
+                .map(|n| TargetOutlier {
+                    name: (*n).into(),
+                    streaks: vec![0; 2],
+                    ejected_until: None,
+                    ejections: 0,
+                    back_since: None,
+                })
+                .collect(),
+        };
+        let mut now = Instant::now();
+        let mut lengths = Vec::new();
+        for _ in 0..3 {
+            // Two workers' runs add up: 2 + 2 reaches 4.
+            up.targets[0].streaks = vec![2, 2];
+            assert_eq!(up.step(0, now), Some(true));
+            let until = up.targets[0].ejected_until.unwrap();
+            lengths.push(until - now);
+            assert_eq!(up.targets[0].streaks, vec![0, 0], "runs start afresh");
+            // While `a` is out, `b` may not follow: 1 of 2 targets is the 50% share.
+            up.targets[1].streaks = vec![4, 0];
+            assert_eq!(up.step(1, now), None);
+            up.targets[1].streaks = vec![0, 0];
+            now = until;
+            assert_eq!(
+                up.step(0, now),
+                Some(false),
+                "back when the ejection is over"
+            );
+        }
+        let ms: Vec<u128> = lengths.iter().map(Duration::as_millis).collect();
+        assert_eq!(ms, vec![100, 200, 250]);
+        // After max_ejection without one, the next is short again.
+        now += Duration::from_millis(300);
+        up.targets[0].streaks = vec![4, 0];
+        up.step(0, now);
+        assert_eq!(
+            up.targets[0].ejected_until.unwrap() - now,
+            Duration::from_millis(100)
+        );
+    }
+}
