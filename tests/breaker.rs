@@ -37,29 +37,9 @@ impl Gated {
 }
 
 fn gateway(upstream: std::net::SocketAddr, limits: &str) -> Gateway {
-    Gateway::start(&format!(
-        r#"
-[admin]
-address = "127.0.0.1:0"
-
-[[upstreams]]
-name = "app"
-targets = ["{upstream}"]
-connect_timeout_ms = 300
-[upstreams.limits]
-{limits}
-
-[[routes]]
-name = "all"
-listener = "public"
-path_prefix = "/"
-upstream = "app"
-
-[[listeners]]
-name = "public"
-address = "127.0.0.1:0"
-"#
-    ))
+    let upstream_extra = format!("connect_timeout_ms = 300\n[upstreams.limits]\n{limits}");
+    let proxy = proxy_config(&[upstream], &upstream_extra, "");
+    Gateway::start(&format!("[admin]\naddress = \"127.0.0.1:0\"\n{proxy}"))
 }
 
 fn in_background(gw: &Gateway, path: &str) -> thread::JoinHandle<Response> {

@@ -56,17 +56,9 @@ fn a_target_killed_mid_load_costs_no_request_and_returns_after_its_probes() {
     let (mut b, _) = python_server(dir.path(), port);
     let b_addr: SocketAddr = ([127, 0, 0, 1], port).into();
     let a = Upstream::start(|_| Reply::ok("from-a"));
-    let gw = Arc::new(Gateway::start(&format!(
-        r#"
-[admin]
-address = "127.0.0.1:0"
-
-[[upstreams]]
-name = "app"
-targets = ["{a}", "{b_addr}"]
-fail_timeout_ms = 100
+    let resilience = "fail_timeout_ms = 100
 [upstreams.health_check]
-path = "/data"
+path = \"/data\"
 interval_ms = 50
 timeout_ms = 500
 healthy_threshold = 2
@@ -76,19 +68,10 @@ consecutive_failures = 3
 ejection_ms = 200
 [upstreams.retries]
 attempts = 2
-backoff_ms = 5
-
-[[routes]]
-name = "all"
-listener = "public"
-path_prefix = "/"
-upstream = "app"
-
-[[listeners]]
-name = "public"
-address = "127.0.0.1:0"
-"#,
-        a = a.addr,
+backoff_ms = 5";
+    let proxy = proxy_config(&[a.addr, b_addr], resilience, "");
+    let gw = Arc::new(Gateway::start(&format!(
+        "[admin]\naddress = \"127.0.0.1:0\"\n{proxy}"
     )));
     // Load from the test: requests one after another on new connections, every answer kept.
     let stop = Arc::new(AtomicBool::new(false));

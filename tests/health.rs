@@ -56,39 +56,11 @@ impl Backend {
 }
 
 fn gateway(targets: &[SocketAddr], backups: &[SocketAddr], extra: &str) -> Gateway {
-    let list = |a: &[SocketAddr]| {
-        a.iter()
-            .map(|t| format!("\"{t}\""))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
+    let backups: Vec<String> = backups.iter().map(|t| format!("\"{t}\"")).collect();
+    let upstream_extra = format!("backup_targets = [{}]\n{extra}", backups.join(", "));
+    let proxy = proxy_config(targets, &upstream_extra, "");
     Gateway::start(&format!(
-        r#"
-[runtime]
-workers = 2
-pin_cores = false
-
-[admin]
-address = "127.0.0.1:0"
-
-[[upstreams]]
-name = "app"
-targets = [{targets}]
-backup_targets = [{backups}]
-{extra}
-
-[[routes]]
-name = "all"
-listener = "public"
-path_prefix = "/"
-upstream = "app"
-
-[[listeners]]
-name = "public"
-address = "127.0.0.1:0"
-"#,
-        targets = list(targets),
-        backups = list(backups),
+        "[runtime]\nworkers = 2\npin_cores = false\n\n[admin]\naddress = \"127.0.0.1:0\"\n{proxy}"
     ))
 }
 

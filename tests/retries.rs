@@ -24,33 +24,8 @@ fn backend(name: &'static str, failing: &Arc<AtomicBool>) -> Upstream {
 }
 
 fn gateway(targets: &[SocketAddr], retries: &str) -> Gateway {
-    let list = targets
-        .iter()
-        .map(|t| format!("\"{t}\""))
-        .collect::<Vec<_>>()
-        .join(", ");
-    Gateway::start(&format!(
-        r#"
-[admin]
-address = "127.0.0.1:0"
-
-[[upstreams]]
-name = "app"
-targets = [{list}]
-[upstreams.retries]
-{retries}
-
-[[routes]]
-name = "all"
-listener = "public"
-path_prefix = "/"
-upstream = "app"
-
-[[listeners]]
-name = "public"
-address = "127.0.0.1:0"
-"#
-    ))
+    let proxy = proxy_config(targets, &format!("[upstreams.retries]\n{retries}"), "");
+    Gateway::start(&format!("[admin]\naddress = \"127.0.0.1:0\"\n{proxy}"))
 }
 
 fn send(gw: &Gateway, method: &str, path: &str) -> Response {
