@@ -11,7 +11,7 @@ use ringway::config::{self, ListenerId, RateLimitId, RouteId, UpstreamId};
 use ringway::http::write::{upstream_request, Forwarding};
 use ringway::http::{parse_request, parse_response, RequestHead, ResponseHead};
 use ringway::http::{HeaderEdits, Method, ParseLimits};
-use ringway::metrics::{RequestRecord, UpstreamOutcome, WorkerMetrics};
+use ringway::metrics::{GenMetrics, RequestRecord, UpstreamOutcome, UpstreamStats, WorkerMetrics};
 use ringway::ratelimit::Limiter;
 use ringway::rng::Rng;
 use ringway::router::{RouteMatch, Router};
@@ -100,7 +100,7 @@ fn balance(c: &mut Criterion) {
             "[[listeners]]\nname = \"p\"\naddress = \"127.0.0.1:0\"\n[[upstreams]]\nname = \"app\"\nbalance = \"{balance}\"\ntargets = [\"127.0.0.1:9\", \"127.0.0.2:9\", \"127.0.0.3:9\", \"127.0.0.4:9\"]\n"
         );
         let cfg = config::parse(Path::new("bench.toml"), &src).unwrap();
-        let up = UpstreamState::new(UpstreamId(0), &cfg.upstreams[0], 1);
+        let up = UpstreamState::new(UpstreamId(0), &cfg.upstreams[0], 1, None);
         let mut key = 0u64;
         c.bench_function(&format!("pick_{balance}"), |b| {
             b.iter(|| {
@@ -112,23 +112,20 @@ fn balance(c: &mut Criterion) {
 }
 
 fn record(c: &mut Criterion) {
-    let mut m = WorkerMetrics::new(100, 0, &[4]);
+    let mut m = WorkerMetrics::default();
+    let mut routes = GenMetrics::new(100, 0);
+    let mut up = UpstreamStats::new(4);
     let mut us = 1u64;
     c.bench_function("metrics_record_request_and_upstream", |b| {
         b.iter(|| {
             us = us * 7 % 100_003 + 1;
-            m.record_request(black_box(&RequestRecord {
-                route: Some(RouteId(42)),
+            let r = RequestRecord {
                 method: Method::Get,
                 status: 200,
                 total_us: us,
-            }));
-            m.record_upstream(
-                UpstreamId(0),
-                TargetId(1),
-                UpstreamOutcome::Response,
-                Some(us / 2),
-            );
+            };
+            m.record_request(Some(&mut routes), RouteId(42), black_box(&r));
+            up.record(TargetId(1), UpstreamOutcome::Response, Some(us / 2));
         })
     });
 }

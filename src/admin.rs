@@ -154,7 +154,7 @@ pub fn spawn(
 async fn serve(
     listener: StdListener,
     state: Arc<AdminState>,
-    config: &Config,
+    config: &Arc<Config>,
     snapshots: Receiver<Snapshot>,
     cache_purge: Vec<Sender<Batch>>,
 ) {

@@ -3,23 +3,31 @@
 //! its current generation in an `Rc` and may replace it between requests; a request takes its
 //! own `Rc` when it starts and keeps it to the end, so it never sees two configs.
 //!
-//! State that must outlive a config lives outside it and is carried over by name when a
-//! generation is built from a previous one: an upstream whose name is unchanged keeps its
-//! `UpstreamState` (idle pools, balancer position, passive health). Rate-limit buckets and the
-//! cache belong to the worker, not to a generation.
+//! State that must outlive a config is carried over by name when a generation is built from a
+//! previous one: an upstream whose name is unchanged keeps its unchanged targets (`Rc`-shared
+//! `TargetState`: idle pools, health, ejection, in-flight counts), its breaker while its limits
+//! are the same, and its retry budget. Each generation has its own metrics tables, indexed by
+//! its own config's ids. Rate-limit buckets and the cache belong to the worker.
 
+use std::cell::RefCell;
 use std::rc::Rc;
+use std::sync::Arc;
 
 use crate::auth::Consumers;
 use crate::cidr::Cidr;
 use crate::config::{Config, RouteAction, RouteId, UpstreamId};
 use crate::filter::Chain;
+use crate::metrics::{GenDelta, GenMetrics};
 use crate::router::Router;
 use crate::upstream::UpstreamState;
 
 pub struct Generation {
     /// 1 for the first generation a worker builds, then one more for each rebuild.
     pub id: u32,
+    /// The config it was built from (it names the ids in `metrics`).
+    pub config: Arc<Config>,
+    /// What requests on this generation recorded per route, for the next metrics snapshot.
+    pub metrics: RefCell<GenMetrics>,
     pub router: Router,
     pub routes: Box<[RouteEntry]>,
     /// Indexed by `UpstreamId` of this generation's config.
@@ -64,25 +72,23 @@ pub enum Terminal {
 }
 
 impl Generation {
-    /// Builds the request path for `config`, reusing the upstream state of `previous` for every
-    /// upstream whose name it already had.
-    pub fn build(config: &Config, previous: Option<&Generation>) -> Generation {
+    /// Builds the request path for `config`, carrying over from `previous`, by upstream and
+    /// target name, what must outlive a config (pools, health, breakers, retry budgets).
+    pub fn build(config: &Arc<Config>, previous: Option<&Generation>) -> Generation {
         let consumers = Rc::new(Consumers::new(config));
         let upstreams = config
             .upstreams
             .iter()
             .enumerate()
             .map(|(i, u)| {
-                previous
-                    .and_then(|g| g.upstreams.iter().find(|s| s.name == u.name))
-                    .cloned()
-                    .unwrap_or_else(|| {
-                        Rc::new(UpstreamState::new(
-                            UpstreamId(i as u16),
-                            u,
-                            config.runtime.workers,
-                        ))
-                    })
+                let before = previous.and_then(|g| g.upstreams.iter().find(|s| s.name == u.name));
+                let id = UpstreamId(i as u16);
+                Rc::new(UpstreamState::new(
+                    id,
+                    u,
+                    config.runtime.workers,
+                    before.map(|b| &**b),
+                ))
             })
             .collect();
         let routes = config
@@ -130,12 +136,27 @@ impl Generation {
             .collect();
         Generation {
             id: previous.map_or(1, |g| g.id.wrapping_add(1)),
+            config: Arc::clone(config),
+            metrics: RefCell::new(GenMetrics::new(
+                config.routes.len(),
+                config.rate_limits.len(),
+            )),
             router: Router::new(config),
             routes,
             upstreams,
             consumers,
             trusted_proxies: config.trusted_proxies.as_slice().into(),
         }
+    }
+
+    /// What this generation's requests recorded since the last call, or `None` for nothing.
+    pub fn take_metrics(&self) -> Option<GenDelta> {
+        let mut delta = GenDelta::new(Arc::clone(&self.config));
+        delta.take_routes(&mut self.metrics.borrow_mut());
+        for up in self.upstreams.iter() {
+            up.stats.borrow_mut().take(up.id, &mut delta);
+        }
+        (!delta.is_empty()).then_some(delta)
     }
 
     pub fn route(&self, id: RouteId) -> &RouteEntry {

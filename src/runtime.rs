@@ -379,7 +379,7 @@ struct Channels {
 
 fn worker_thread(
     id: usize,
-    config: &Config,
+    config: &Arc<Config>,
     listeners: Vec<(ListenerId, StdListener)>,
     channels: Channels,
 ) {
@@ -444,7 +444,7 @@ fn legacy(ctx: WorkerStart<'_>) -> Result<(), String> {
 struct WorkerStart<'a> {
     id: usize,
     core: Option<usize>,
-    config: &'a Config,
+    config: &'a Arc<Config>,
     listeners: Vec<(ListenerId, StdListener)>,
     channels: Channels,
 }

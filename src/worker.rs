@@ -33,6 +33,9 @@ pub struct Worker {
     pub parse_limits: ParseLimits,
     /// The request path built from the current config; a request keeps the one it started on.
     generation: RefCell<Rc<Generation>>,
+    /// Generations replaced while requests were still on them: their metrics are collected
+    /// until the last such request ends (each is dropped once only this list holds it).
+    retired: RefCell<Vec<Rc<Generation>>>,
     pub rng: Rng,
     /// Set when shutdown begins: finish what is in flight, take nothing new.
     pub draining: Cell<bool>,
@@ -65,7 +68,7 @@ struct TlsListener {
 impl Worker {
     pub fn new(
         id: usize,
-        config: &Config,
+        config: &Arc<Config>,
         access_log: Option<AccessLog>,
         cache_links: Option<Links>,
     ) -> Worker {
@@ -74,19 +77,12 @@ impl Worker {
             limits: config.limits.clone(),
             parse_limits: config.limits.codec(),
             generation: RefCell::new(Rc::new(Generation::build(config, None))),
+            retired: RefCell::new(Vec::new()),
             rng: Rng::from_os(),
             draining: Cell::new(false),
             inflight: Cell::new(0),
             deadlines: Deadlines::default(),
-            metrics: RefCell::new(WorkerMetrics::new(
-                config.routes.len(),
-                config.rate_limits.len(),
-                &config
-                    .upstreams
-                    .iter()
-                    .map(|u| u.targets.len())
-                    .collect::<Vec<_>>(),
-            )),
+            metrics: RefCell::new(WorkerMetrics::default()),
             access_log,
             cache: config
                 .cache
@@ -150,7 +146,8 @@ impl Worker {
 
     /// Makes `next` the generation new requests start on; requests in flight finish on theirs.
     pub fn install(&self, next: Generation) {
-        *self.generation.borrow_mut() = Rc::new(next);
+        let old = self.generation.replace(Rc::new(next));
+        self.retired.borrow_mut().push(old);
     }
 
     /// The services filters may use, with the connection's `deadline`.
@@ -182,7 +179,7 @@ impl Worker {
                 .borrow()
                 .upstreams
                 .iter()
-                .map(|u| u.idle_connections())
+                .map(|u| (u.name.clone(), u.idle_connections()))
                 .collect(),
             ratelimit_keys: self.limiters.borrow().iter().map(Limiter::len).collect(),
             cache_bytes: self.cache.as_ref().map_or(0, |c| c.store.borrow().bytes()),
@@ -193,9 +190,20 @@ impl Worker {
                 .map_or(0, |c| c.store.borrow().evictions),
             cache_waiting: self.cache.as_ref().map_or(0, WorkerCache::waiting),
         };
+        let mut gens: Vec<_> = self
+            .generation
+            .borrow()
+            .take_metrics()
+            .into_iter()
+            .collect();
+        self.retired.borrow_mut().retain(|g| {
+            gens.extend(g.take_metrics());
+            // Only this list holds it: no request is left on it.
+            Rc::strong_count(g) > 1
+        });
         self.metrics
             .borrow_mut()
-            .snapshot(self.id, interval, gauges)
+            .snapshot(self.id, interval, gauges, gens)
     }
 
     /// Applies the sync thread's grants, and reports each limit whose interval has passed.

@@ -10,6 +10,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::task::{Poll, Waker};
 
 use monoio::buf::{IoBuf, IoBufMut, IoVecBuf, IoVecBufMut};
@@ -178,7 +179,7 @@ async fn converse(worker: &Rc<Worker>, requests: &str) -> String {
 
 #[test]
 fn the_pipeline_runs_over_an_in_memory_stream() {
-    let config = parse(
+    let config = Arc::new(parse(
         r#"
 [[listeners]]
 name = "public"
@@ -191,7 +192,7 @@ path = "/hello"
 respond = { status = 200, body = "hi", headers = { "content-type" = "text/plain" } }
 response_headers = { set = { "x-client" = "${client_ip}" }, remove = ["content-type"] }
 "#,
-    );
+    ));
     runtime().block_on(async {
         let worker = Rc::new(Worker::new(0, &config, None, None));
         let text = converse(
@@ -233,7 +234,7 @@ const ONE_REQUEST: &str = "GET /x HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r
 #[test]
 fn installing_a_generation_built_from_the_previous_keeps_pooled_connections() {
     let up = Upstream::start(|req| Reply::ok(&req.path));
-    let config = proxied(up.addr);
+    let config = Arc::new(proxied(up.addr));
     runtime().block_on(async {
         let worker = Rc::new(Worker::new(0, &config, None, None));
         let before = worker.generation();
@@ -243,7 +244,10 @@ fn installing_a_generation_built_from_the_previous_keeps_pooled_connections() {
         worker.install(Generation::build(&config, Some(&before)));
         let after = worker.generation();
         assert_eq!((before.id, after.id), (1, 2));
-        assert!(Rc::ptr_eq(&before.upstreams[0], &after.upstreams[0]));
+        assert!(Rc::ptr_eq(
+            &before.upstreams[0].targets[0],
+            &after.upstreams[0].targets[0]
+        ));
         assert!(converse(&worker, ONE_REQUEST).await.ends_with("\r\n\r\n/x"));
         assert_eq!(up.wait_for(2).len(), 2);
         assert_eq!(
@@ -263,7 +267,7 @@ fn installing_a_generation_built_from_the_previous_keeps_pooled_connections() {
 #[test]
 fn a_request_keeps_the_generation_it_started_on() {
     let up = Upstream::start(|req| Reply::ok(&req.path));
-    let config = proxied(up.addr);
+    let config = Arc::new(proxied(up.addr));
     runtime().block_on(async {
         let worker = Rc::new(Worker::new(0, &config, None, None));
         let first = worker.generation();
@@ -292,8 +296,16 @@ fn a_request_keeps_the_generation_it_started_on() {
         assert!(String::from_utf8(got).unwrap().ends_with("\r\n\r\n/x"));
         assert_eq!(
             Rc::strong_count(&first),
-            1,
-            "only this test still holds the first"
+            2,
+            "only this test and the worker's list of retired generations hold the first"
+        );
+        drop(worker.snapshot(std::time::Duration::from_secs(1)));
+        let gen = Rc::downgrade(&first);
+        drop(first);
+        drop(worker.snapshot(std::time::Duration::from_secs(1)));
+        assert!(
+            gen.upgrade().is_none(),
+            "a snapshot let the retired generation go"
         );
     });
 }

@@ -157,7 +157,7 @@ impl Auth {
         identity: &mut Option<Identity>,
     ) -> Result<(), ProxyError> {
         let record = |p: AuthId, outcome| {
-            cx.metrics.borrow_mut().record_auth(req.route, p, outcome);
+            req.metrics.borrow_mut().record_auth(req.route, p, outcome);
         };
         let unauthorized = |invalid| ProxyError::Unauthorized {
             challenges: Rc::clone(&self.challenges),

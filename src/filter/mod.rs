@@ -40,7 +40,7 @@ use crate::config::{Config, Route, RouteAction, RouteId};
 use crate::deadline::Deadline;
 use crate::error::ProxyError;
 use crate::http::{HeaderEdits, RequestHead};
-use crate::metrics::{CacheOutcome, WorkerMetrics};
+use crate::metrics::{CacheOutcome, GenMetrics, WorkerMetrics};
 use crate::ratelimit::Limiter;
 
 use auth::Auth;
@@ -90,6 +90,8 @@ pub struct RequestInfo<'a> {
     pub tls: Option<&'a crate::tls::TlsInfo>,
     pub route: RouteId,
     pub route_name: &'a str,
+    /// The request's generation's per-route figures.
+    pub metrics: &'a RefCell<GenMetrics>,
     pub request_id: &'a [u8],
     /// The authenticated consumer's name (or token subject), once the auth filter knows.
     pub consumer: Option<&'a str>,

@@ -53,7 +53,7 @@ impl RateLimit {
             }
             Ok(None) => Ok(()),
             Err(refusal) => {
-                cx.metrics
+                req.metrics
                     .borrow_mut()
                     .record_ratelimited(req.route, refusal.limit);
                 Err(ProxyError::RateLimited(refusal))

@@ -2,12 +2,14 @@
 //! (counters summed, histograms added with `Histogram::add`) and keeps each worker's latest
 //! figures for `/status`.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 
 use super::{
-    new_histogram, AuthOutcome, CacheOutcome, Gauges, RequestCounts, Snapshot, UpstreamOutcome,
+    new_histogram, AuthOutcome, CacheOutcome, Gauges, GenDelta, RequestCounts, RouteDelta,
+    Snapshot, UpstreamOutcome,
 };
 use crate::config::Config;
 use crate::error::Reject;
@@ -35,6 +37,8 @@ pub struct Aggregate {
     pub auth: std::collections::BTreeMap<(usize, usize, AuthOutcome), u64>,
     /// Circuit-breaker refusals by upstream and limit.
     pub breaker: Vec<[u64; 3]>,
+    /// Where each recent config's ids land in these tables.
+    slots: Vec<Slots>,
 }
 
 #[derive(Default)]
@@ -47,10 +51,31 @@ pub struct WorkerFigures {
     pub reported: bool,
 }
 
+impl WorkerFigures {
+    /// The worker's idle pooled connections to the upstream `name`.
+    pub fn idle(&self, name: &str) -> usize {
+        let idle = &self.gauges.idle_per_upstream;
+        idle.iter().find(|(n, _)| n == name).map_or(0, |(_, n)| *n)
+    }
+}
+
 #[derive(Default)]
 pub struct RouteFigures {
     pub requests: RequestCounts,
     pub latency: Option<Histogram<u64>>,
+}
+
+impl RouteFigures {
+    fn add(&mut self, r: &RouteDelta) {
+        for (m, classes) in r.requests.iter().enumerate() {
+            for (c, count) in classes.iter().enumerate() {
+                self.requests[m][c] += count;
+            }
+        }
+        if let Some(h) = &r.latency {
+            add(&mut self.latency, h);
+        }
+    }
 }
 
 #[derive(Default)]
@@ -65,52 +90,131 @@ fn add(into: &mut Option<Histogram<u64>>, from: &Histogram<u64>) {
     let _ = into.get_or_insert_with(new_histogram).add(from);
 }
 
+/// Where one config's ids land in the aggregate's tables.
+struct Slots {
+    config: Arc<Config>,
+    routes: Vec<usize>,
+    upstreams: Vec<usize>,
+    auth: Vec<usize>,
+}
+
+/// How many configs' slot maps are kept (workers send figures of a retired generation for as
+/// long as requests run on it; an older one is mapped again when it shows up).
+const SLOT_MAPS: usize = 8;
+
 impl Aggregate {
-    pub fn new(config: &Config) -> Aggregate {
-        Aggregate {
+    pub fn new(config: &Arc<Config>) -> Aggregate {
+        let mut agg = Aggregate {
             started: Instant::now(),
-            route_names: config.routes.iter().map(|r| r.name.clone()).collect(),
-            upstream_names: config
-                .upstreams
-                .iter()
-                .map(|u| {
-                    (
-                        u.name.clone(),
-                        u.targets.iter().map(|t| t.name.clone()).collect(),
-                    )
-                })
-                .collect(),
+            route_names: Vec::new(),
+            upstream_names: Vec::new(),
             workers: (0..config.runtime.workers)
                 .map(|_| WorkerFigures::default())
                 .collect(),
-            routes: (0..=config.routes.len())
-                .map(|_| RouteFigures::default())
-                .collect(),
-            targets: config
-                .upstreams
-                .iter()
-                .map(|u| u.targets.iter().map(|_| TargetFigures::default()).collect())
-                .collect(),
+            routes: vec![RouteFigures::default()],
+            targets: Vec::new(),
             rejections: [0; Reject::ALL.len()],
             access_log_dropped: 0,
             limit_names: config.rate_limits.iter().map(|l| l.name.clone()).collect(),
             cache: [0; CacheOutcome::ALL.len()],
             cache_enabled: config.cache.is_some(),
-            auth_names: config.auth.iter().map(|a| a.name.clone()).collect(),
+            auth_names: Vec::new(),
             auth: Default::default(),
-            breaker: vec![[0; 3]; config.upstreams.len()],
-            ratelimited: config
-                .routes
-                .iter()
-                .enumerate()
-                .flat_map(|(r, route)| {
-                    route
-                        .rate_limits
-                        .iter()
-                        .map(move |l| (r, usize::from(l.0), 0))
-                })
-                .collect(),
+            breaker: Vec::new(),
+            ratelimited: Vec::new(),
+            slots: Vec::new(),
+        };
+        agg.learn(config);
+        agg
+    }
+
+    /// Adds the names `config` brings (routes, upstreams, targets, providers, rate-limited
+    /// pairs) to the tables, and returns where its ids land. Names are never removed: counters
+    /// of a route a reload took away stay, as counters must not go back.
+    pub fn learn(&mut self, config: &Arc<Config>) -> usize {
+        if let Some(i) = self
+            .slots
+            .iter()
+            .position(|s| Arc::ptr_eq(&s.config, config))
+        {
+            return i;
         }
+        let routes: Vec<usize> = config
+            .routes
+            .iter()
+            .map(
+                |r| match self.route_names.iter().position(|n| *n == r.name) {
+                    Some(i) => i,
+                    None => {
+                        self.route_names.push(r.name.clone());
+                        // Keep "none" last.
+                        let at = self.routes.len() - 1;
+                        self.routes.insert(at, RouteFigures::default());
+                        at
+                    }
+                },
+            )
+            .collect();
+        let mut upstreams = Vec::with_capacity(config.upstreams.len());
+        for u in &config.upstreams {
+            let i = match self.upstream_names.iter().position(|(n, _)| *n == u.name) {
+                Some(i) => i,
+                None => {
+                    self.upstream_names.push((u.name.clone(), Vec::new()));
+                    self.targets.push(Vec::new());
+                    self.breaker.push([0; 3]);
+                    self.upstream_names.len() - 1
+                }
+            };
+            for t in &u.targets {
+                if !self.upstream_names[i].1.contains(&t.name) {
+                    self.upstream_names[i].1.push(t.name.clone());
+                    self.targets[i].push(TargetFigures::default());
+                }
+            }
+            upstreams.push(i);
+        }
+        let auth = config
+            .auth
+            .iter()
+            .map(
+                |a| match self.auth_names.iter().position(|n| *n == a.name) {
+                    Some(i) => i,
+                    None => {
+                        self.auth_names.push(a.name.clone());
+                        self.auth_names.len() - 1
+                    }
+                },
+            )
+            .collect();
+        for (r, route) in config.routes.iter().enumerate() {
+            for l in &route.rate_limits {
+                let pair = (routes[r], usize::from(l.0));
+                if !self.ratelimited.iter().any(|e| (e.0, e.1) == pair) {
+                    self.ratelimited.push((pair.0, pair.1, 0));
+                }
+            }
+        }
+        if self.slots.len() == SLOT_MAPS {
+            self.slots.remove(0);
+        }
+        self.slots.push(Slots {
+            config: Arc::clone(config),
+            routes,
+            upstreams,
+            auth,
+        });
+        self.slots.len() - 1
+    }
+
+    /// The aggregate's index of target `t` of the upstream at `upstream` (an aggregate index)
+    /// in `config`.
+    fn target_slot(&self, config: &Config, u: usize, upstream: usize, t: usize) -> Option<usize> {
+        let name = &config.upstreams.get(u)?.targets.get(t)?.name;
+        self.upstream_names[upstream]
+            .1
+            .iter()
+            .position(|n| n == name)
     }
 
     pub fn merge(&mut self, s: Snapshot) {
@@ -122,27 +226,12 @@ impl Aggregate {
             w.gauges = s.gauges;
             w.reported = true;
         }
-        let none = self.routes.len() - 1;
-        for r in &s.routes {
-            let figures = &mut self.routes[r.route.map_or(none, |id| usize::from(id.0))];
-            for (m, classes) in r.requests.iter().enumerate() {
-                for (c, count) in classes.iter().enumerate() {
-                    figures.requests[m][c] += count;
-                }
-            }
-            if let Some(h) = &r.latency {
-                add(&mut figures.latency, h);
-            }
+        if let Some(r) = &s.unrouted {
+            let none = self.routes.len() - 1;
+            self.routes[none].add(r);
         }
-        for t in &s.targets {
-            let figures = &mut self.targets[usize::from(t.upstream.0)][t.target.0];
-            for (i, n) in t.outcomes.iter().enumerate() {
-                figures.outcomes[i] += n;
-            }
-            figures.retried += t.retried;
-            if let Some(h) = &t.latency {
-                add(&mut figures.latency, h);
-            }
+        for gen in &s.gens {
+            self.merge_generation(gen);
         }
         for (i, n) in s.rejections.iter().enumerate() {
             self.rejections[i] += n;
@@ -151,17 +240,58 @@ impl Aggregate {
         for (i, n) in s.cache.iter().enumerate() {
             self.cache[i] += n;
         }
-        for (total, delta) in self.breaker.iter_mut().zip(&s.breaker) {
-            for (t, d) in total.iter_mut().zip(delta) {
-                *t += d;
+    }
+
+    /// One generation's figures, by the names its config gives its ids.
+    fn merge_generation(&mut self, gen: &GenDelta) {
+        let map = self.learn(&gen.config);
+        let slots = &self.slots[map];
+        let (routes, upstreams, auth) = (
+            slots.routes.clone(),
+            slots.upstreams.clone(),
+            slots.auth.clone(),
+        );
+        for r in &gen.routes {
+            if let Some(&i) = r.route.and_then(|id| routes.get(usize::from(id.0))) {
+                self.routes[i].add(r);
             }
         }
-        for ((route, provider, outcome), n) in &s.auth {
-            let key = (usize::from(route.0), usize::from(provider.0), *outcome);
-            *self.auth.entry(key).or_default() += n;
+        for t in &gen.targets {
+            let u = usize::from(t.upstream.0);
+            let Some(&up) = upstreams.get(u) else {
+                continue;
+            };
+            let Some(i) = self.target_slot(&gen.config, u, up, t.target.0) else {
+                continue;
+            };
+            let figures = &mut self.targets[up][i];
+            for (i, n) in t.outcomes.iter().enumerate() {
+                figures.outcomes[i] += n;
+            }
+            figures.retried += t.retried;
+            if let Some(h) = &t.latency {
+                add(&mut figures.latency, h);
+            }
         }
-        for (route, limit, n) in &s.ratelimited {
-            let pair = (usize::from(route.0), usize::from(limit.0));
+        for (u, delta) in &gen.breaker {
+            if let Some(&up) = upstreams.get(usize::from(u.0)) {
+                for (t, d) in self.breaker[up].iter_mut().zip(delta) {
+                    *t += d;
+                }
+            }
+        }
+        for ((route, provider, outcome), n) in &gen.auth {
+            let r = routes.get(usize::from(route.0));
+            let p = auth.get(usize::from(provider.0));
+            if let (Some(&r), Some(&p)) = (r, p) {
+                *self.auth.entry((r, p, *outcome)).or_default() += n;
+            }
+        }
+        for (route, limit, n) in &gen.ratelimited {
+            let Some(&r) = routes.get(usize::from(route.0)) else {
+                continue;
+            };
+            let pair = (r, usize::from(limit.0));
             if let Some(entry) = self.ratelimited.iter_mut().find(|e| (e.0, e.1) == pair) {
                 entry.2 += n;
             }

@@ -9,11 +9,12 @@ pub mod aggregate;
 pub mod render;
 mod resilience;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use hdrhistogram::Histogram;
 
-use crate::config::{AuthId, RateLimitId, RouteId, UpstreamId};
+use crate::config::{AuthId, Config, RateLimitId, RouteId, UpstreamId};
 use crate::error::Reject;
 use crate::http::Method;
 use crate::upstream::TargetId;
@@ -171,113 +172,101 @@ struct TargetStats {
     active: bool,
 }
 
-/// What one worker has recorded since its last snapshot.
+/// What one worker has recorded since its last snapshot, apart from what belongs to a
+/// generation (`GenMetrics`, `UpstreamStats`).
 pub struct WorkerMetrics {
-    /// Indexed by route id; the last entry is for requests that matched no route.
-    routes: Vec<RouteStats>,
-    /// `[upstream][target]`.
-    targets: Vec<Vec<TargetStats>>,
-    /// Circuit-breaker refusals by upstream and limit (`Limit::ALL` order).
-    breaker: Vec<[u64; 3]>,
+    /// Requests that matched no route.
+    unrouted: RouteStats,
     requests: u64,
     /// All of this worker's requests, for its own percentiles.
     latency: Histogram<u64>,
     rejections: [u64; Reject::ALL.len()],
     access_log_dropped: u64,
+    cache: [u64; CacheOutcome::ALL.len()],
+}
+
+/// A generation's per-route figures, indexed by its config's ids: a request records into the
+/// generation it started on, so a reload never mixes two configs' ids.
+pub struct GenMetrics {
+    /// Indexed by route id.
+    routes: Vec<RouteStats>,
     /// `[route * limits + limit]`: requests a limit refused on a route.
     ratelimited: Vec<u64>,
     limits: usize,
-    cache: [u64; CacheOutcome::ALL.len()],
     /// Authentication decisions by route, provider and outcome (at most routes × providers × 4
     /// entries, each allocated once).
     auth: ahash::AHashMap<(RouteId, AuthId, AuthOutcome), u64>,
 }
 
+/// One upstream's figures in one generation, indexed by target.
+pub struct UpstreamStats {
+    targets: Vec<TargetStats>,
+    /// Circuit-breaker refusals by limit (`Limit::ALL` order).
+    breaker: [u64; 3],
+}
+
 /// What a finished request contributes.
 pub struct RequestRecord {
-    pub route: Option<RouteId>,
     pub method: Method,
     pub status: u16,
     pub total_us: u64,
 }
 
-impl WorkerMetrics {
-    pub fn new(routes: usize, limits: usize, targets_per_upstream: &[usize]) -> WorkerMetrics {
+impl RouteStats {
+    fn record(&mut self, r: &RequestRecord) {
+        self.requests[method_index(r.method)][status_class(r.status)] += 1;
+        self.active = true;
+        self.latency
+            .get_or_insert_with(new_histogram)
+            .saturating_record(r.total_us.max(1));
+    }
+
+    /// What was recorded since the last call, if anything.
+    fn delta(&mut self, route: Option<RouteId>) -> Option<RouteDelta> {
+        if !std::mem::take(&mut self.active) {
+            return None;
+        }
+        Some(RouteDelta {
+            route,
+            requests: std::mem::take(&mut self.requests),
+            latency: self.latency.as_mut().map(take_reset),
+        })
+    }
+}
+
+impl Default for WorkerMetrics {
+    fn default() -> Self {
         WorkerMetrics {
-            ratelimited: vec![0; routes * limits],
-            limits,
-            cache: [0; CacheOutcome::ALL.len()],
-            auth: ahash::AHashMap::new(),
-            routes: (0..=routes).map(|_| RouteStats::default()).collect(),
-            targets: targets_per_upstream
-                .iter()
-                .map(|&n| (0..n).map(|_| TargetStats::default()).collect())
-                .collect(),
-            breaker: vec![[0; 3]; targets_per_upstream.len()],
+            unrouted: RouteStats::default(),
             requests: 0,
             latency: new_histogram(),
             rejections: [0; Reject::ALL.len()],
             access_log_dropped: 0,
+            cache: [0; CacheOutcome::ALL.len()],
         }
     }
+}
 
+impl WorkerMetrics {
+    /// Counts a finished request; `route`: its route's figures, `None` when it matched none.
     #[inline]
-    pub fn record_request(&mut self, r: &RequestRecord) {
-        let unrouted = self.routes.len() - 1;
-        let stats = &mut self.routes[r.route.map_or(unrouted, |id| usize::from(id.0))];
-        stats.requests[method_index(r.method)][status_class(r.status)] += 1;
-        stats.active = true;
-        stats
-            .latency
-            .get_or_insert_with(new_histogram)
-            .saturating_record(r.total_us.max(1));
+    pub fn record_request(
+        &mut self,
+        route: Option<&mut GenMetrics>,
+        id: RouteId,
+        r: &RequestRecord,
+    ) {
+        let stats = match route.and_then(|g| g.routes.get_mut(usize::from(id.0))) {
+            Some(stats) => stats,
+            None => &mut self.unrouted,
+        };
+        stats.record(r);
         self.latency.saturating_record(r.total_us.max(1));
         self.requests += 1;
     }
 
-    #[inline]
-    pub fn record_upstream(
-        &mut self,
-        upstream: UpstreamId,
-        target: TargetId,
-        outcome: UpstreamOutcome,
-        latency_us: Option<u64>,
-    ) {
-        let stats = &mut self.targets[usize::from(upstream.0)][target.0];
-        stats.outcomes[outcome as usize] += 1;
-        stats.active = true;
-        if let Some(us) = latency_us {
-            stats
-                .latency
-                .get_or_insert_with(new_histogram)
-                .saturating_record(us.max(1));
-        }
-    }
-
     pub fn record_rejection(&mut self, r: Reject) {
         self.rejections[r as usize] += 1;
-    }
-
-    pub fn record_ratelimited(&mut self, route: RouteId, limit: RateLimitId) {
-        self.ratelimited[usize::from(route.0) * self.limits + usize::from(limit.0)] += 1;
-    }
-
-    /// An attempt on `target` failed and the request was tried again.
-    /// A request the upstream's `[limits]` refused.
-    pub fn record_breaker(&mut self, upstream: UpstreamId, limit: crate::upstream::breaker::Limit) {
-        if let Some(counts) = self.breaker.get_mut(usize::from(upstream.0)) {
-            counts[limit as usize] += 1;
-        }
-    }
-
-    pub fn record_retry(&mut self, upstream: UpstreamId, target: TargetId) {
-        let stats = &mut self.targets[usize::from(upstream.0)][target.0];
-        stats.retried += 1;
-        stats.active = true;
-    }
-
-    pub fn record_auth(&mut self, route: RouteId, provider: AuthId, outcome: AuthOutcome) {
-        *self.auth.entry((route, provider, outcome)).or_default() += 1;
     }
 
     pub fn record_cache(&mut self, outcome: CacheOutcome) {
@@ -289,61 +278,18 @@ impl WorkerMetrics {
     }
 
     /// Everything recorded since the last snapshot; the worker starts afresh (histograms are
-    /// reset in place, so this allocates only the copies it sends).
-    pub fn snapshot(&mut self, worker: usize, interval: Duration, gauges: Gauges) -> Snapshot {
-        let mut routes = Vec::new();
-        let unrouted = self.routes.len() - 1;
-        for (i, stats) in self.routes.iter_mut().enumerate() {
-            if !std::mem::take(&mut stats.active) {
-                continue;
-            }
-            let latency = stats.latency.as_mut().map(take_reset);
-            routes.push(RouteDelta {
-                route: (i < unrouted).then_some(RouteId(i as u16)),
-                requests: std::mem::take(&mut stats.requests),
-                latency,
-            });
-        }
-        let mut targets = Vec::new();
-        for (u, list) in self.targets.iter_mut().enumerate() {
-            for (t, stats) in list.iter_mut().enumerate() {
-                if !std::mem::take(&mut stats.active) {
-                    continue;
-                }
-                let latency = stats.latency.as_mut().map(take_reset);
-                targets.push(TargetDelta {
-                    upstream: UpstreamId(u as u16),
-                    target: TargetId(t),
-                    outcomes: std::mem::take(&mut stats.outcomes),
-                    retried: std::mem::take(&mut stats.retried),
-                    latency,
-                });
-            }
-        }
+    /// reset in place, so this allocates only the copies it sends). `gens`: the generations'
+    /// figures, collected by the worker.
+    pub fn snapshot(
+        &mut self,
+        worker: usize,
+        interval: Duration,
+        gauges: Gauges,
+        gens: Vec<GenDelta>,
+    ) -> Snapshot {
         let latency = self.latency.clone();
         self.latency.reset();
-        let limits = self.limits;
-        let ratelimited = self
-            .ratelimited
-            .iter_mut()
-            .enumerate()
-            .filter(|(_, n)| **n > 0)
-            .map(|(i, n)| {
-                let route = RouteId((i / limits) as u16);
-                (route, RateLimitId((i % limits) as u16), std::mem::take(n))
-            })
-            .collect();
-        let auth = self
-            .auth
-            .iter_mut()
-            .filter(|(_, n)| **n > 0)
-            .map(|(k, n)| (*k, std::mem::take(n)))
-            .collect();
-        let breaker = self.breaker.iter_mut().map(std::mem::take).collect();
         Snapshot {
-            auth,
-            breaker,
-            ratelimited,
             cache: std::mem::take(&mut self.cache),
             worker,
             interval,
@@ -351,10 +297,139 @@ impl WorkerMetrics {
             latency,
             rejections: std::mem::take(&mut self.rejections),
             access_log_dropped: std::mem::take(&mut self.access_log_dropped),
-            routes,
-            targets,
+            unrouted: self.unrouted.delta(None),
+            gens,
             gauges,
         }
+    }
+}
+
+impl GenMetrics {
+    pub fn new(routes: usize, limits: usize) -> GenMetrics {
+        GenMetrics {
+            routes: (0..routes).map(|_| RouteStats::default()).collect(),
+            ratelimited: vec![0; routes * limits],
+            limits,
+            auth: ahash::AHashMap::new(),
+        }
+    }
+
+    pub fn record_ratelimited(&mut self, route: RouteId, limit: RateLimitId) {
+        let i = usize::from(route.0) * self.limits + usize::from(limit.0);
+        if let Some(n) = self.ratelimited.get_mut(i) {
+            *n += 1;
+        }
+    }
+
+    pub fn record_auth(&mut self, route: RouteId, provider: AuthId, outcome: AuthOutcome) {
+        *self.auth.entry((route, provider, outcome)).or_default() += 1;
+    }
+
+    /// The routes' figures since the last call, into `into`.
+    fn take(&mut self, into: &mut GenDelta) {
+        for (i, stats) in self.routes.iter_mut().enumerate() {
+            into.routes.extend(stats.delta(Some(RouteId(i as u16))));
+        }
+        let limits = self.limits;
+        into.ratelimited.extend(
+            self.ratelimited
+                .iter_mut()
+                .enumerate()
+                .filter(|(_, n)| **n > 0)
+                .map(|(i, n)| {
+                    let route = RouteId((i / limits) as u16);
+                    (route, RateLimitId((i % limits) as u16), std::mem::take(n))
+                }),
+        );
+        into.auth.extend(
+            self.auth
+                .iter_mut()
+                .filter(|(_, n)| **n > 0)
+                .map(|(k, n)| (*k, std::mem::take(n))),
+        );
+    }
+}
+
+impl UpstreamStats {
+    pub fn new(targets: usize) -> UpstreamStats {
+        UpstreamStats {
+            targets: (0..targets).map(|_| TargetStats::default()).collect(),
+            breaker: [0; 3],
+        }
+    }
+
+    #[inline]
+    pub fn record(&mut self, target: TargetId, outcome: UpstreamOutcome, latency_us: Option<u64>) {
+        let Some(stats) = self.targets.get_mut(target.0) else {
+            return;
+        };
+        stats.outcomes[outcome as usize] += 1;
+        stats.active = true;
+        if let Some(us) = latency_us {
+            stats
+                .latency
+                .get_or_insert_with(new_histogram)
+                .saturating_record(us.max(1));
+        }
+    }
+
+    /// An attempt on `target` failed and the request was tried again.
+    pub fn record_retry(&mut self, target: TargetId) {
+        if let Some(stats) = self.targets.get_mut(target.0) {
+            stats.retried += 1;
+            stats.active = true;
+        }
+    }
+
+    /// A request the upstream's `[limits]` refused.
+    pub fn record_breaker(&mut self, limit: crate::upstream::breaker::Limit) {
+        self.breaker[limit as usize] += 1;
+    }
+
+    /// The upstream's figures since the last call, into `into`.
+    pub fn take(&mut self, upstream: UpstreamId, into: &mut GenDelta) {
+        for (t, stats) in self.targets.iter_mut().enumerate() {
+            if !std::mem::take(&mut stats.active) {
+                continue;
+            }
+            into.targets.push(TargetDelta {
+                upstream,
+                target: TargetId(t),
+                outcomes: std::mem::take(&mut stats.outcomes),
+                retried: std::mem::take(&mut stats.retried),
+                latency: stats.latency.as_mut().map(take_reset),
+            });
+        }
+        if self.breaker != [0; 3] {
+            into.breaker
+                .push((upstream, std::mem::take(&mut self.breaker)));
+        }
+    }
+}
+
+impl GenDelta {
+    pub fn new(config: Arc<Config>) -> GenDelta {
+        GenDelta {
+            config,
+            routes: Vec::new(),
+            targets: Vec::new(),
+            ratelimited: Vec::new(),
+            auth: Vec::new(),
+            breaker: Vec::new(),
+        }
+    }
+
+    /// Takes `metrics`' figures since the last call into this delta.
+    pub fn take_routes(&mut self, metrics: &mut GenMetrics) {
+        metrics.take(self);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.routes.is_empty()
+            && self.targets.is_empty()
+            && self.ratelimited.is_empty()
+            && self.auth.is_empty()
+            && self.breaker.is_empty()
     }
 }
 
@@ -370,8 +445,8 @@ fn take_reset(h: &mut Histogram<u64>) -> Histogram<u64> {
 pub struct Gauges {
     pub connections_active: usize,
     pub connections_total: u64,
-    /// Idle pooled connections per upstream.
-    pub idle_per_upstream: Vec<usize>,
+    /// Idle pooled connections per upstream, by name.
+    pub idle_per_upstream: Vec<(String, usize)>,
     /// Keys held per rate limit.
     pub ratelimit_keys: Vec<usize>,
     pub cache_bytes: usize,
@@ -389,16 +464,25 @@ pub struct Snapshot {
     pub latency: Histogram<u64>,
     pub rejections: [u64; Reject::ALL.len()],
     pub access_log_dropped: u64,
+    /// Requests that matched no route.
+    pub unrouted: Option<RouteDelta>,
+    /// Per generation the worker still has requests on: figures by its config's ids.
+    pub gens: Vec<GenDelta>,
+    pub gauges: Gauges,
+    pub cache: [u64; CacheOutcome::ALL.len()],
+}
+
+/// One generation's figures, with the config that names its ids.
+pub struct GenDelta {
+    pub config: Arc<Config>,
     pub routes: Vec<RouteDelta>,
     pub targets: Vec<TargetDelta>,
-    pub gauges: Gauges,
     /// `(route, limit, refused)` for pairs with refusals.
     pub ratelimited: Vec<(RouteId, RateLimitId, u64)>,
-    pub cache: [u64; CacheOutcome::ALL.len()],
     /// Authentication decisions since the last snapshot.
     pub auth: Vec<((RouteId, AuthId, AuthOutcome), u64)>,
     /// Circuit-breaker refusals by upstream and limit.
-    pub breaker: Vec<[u64; 3]>,
+    pub breaker: Vec<(UpstreamId, [u64; 3])>,
 }
 
 pub struct RouteDelta {
@@ -422,38 +506,44 @@ mod tests {
 
     #[test]
     fn snapshots_carry_deltas_and_reset() {
-        let mut m = WorkerMetrics::new(2, 0, &[1]);
+        let mut m = WorkerMetrics::default();
+        let mut routes = GenMetrics::new(2, 0);
+        let mut up = UpstreamStats::new(1);
         for us in [100, 200, 300] {
-            m.record_request(&RequestRecord {
-                route: Some(RouteId(1)),
+            let r = RequestRecord {
                 method: Method::Get,
                 status: 200,
                 total_us: us,
-            });
+            };
+            m.record_request(Some(&mut routes), RouteId(1), &r);
         }
-        m.record_request(&RequestRecord {
-            route: None,
+        let r = RequestRecord {
             method: Method::Other,
             status: 404,
             total_us: 5,
-        });
-        m.record_upstream(
-            UpstreamId(0),
-            TargetId(0),
-            UpstreamOutcome::Response,
-            Some(50),
-        );
-        let s = m.snapshot(0, Duration::from_secs(1), Gauges::default());
+        };
+        m.record_request(None, RouteId(0), &r);
+        up.record(TargetId(0), UpstreamOutcome::Response, Some(50));
+        let src = "[[listeners]]\nname = \"l\"\naddress = \"127.0.0.1:0\"\n";
+        let config = Arc::new(crate::config::parse(std::path::Path::new("t.toml"), src).unwrap());
+        let mut delta = GenDelta::new(Arc::clone(&config));
+        delta.take_routes(&mut routes);
+        up.take(UpstreamId(0), &mut delta);
+        let s = m.snapshot(0, Duration::from_secs(1), Gauges::default(), vec![delta]);
         assert_eq!(s.requests, 4);
-        assert_eq!(s.routes.len(), 2);
-        assert_eq!(s.routes[0].route, Some(RouteId(1)));
-        assert_eq!(s.routes[0].requests[0][1], 3);
-        assert_eq!(s.routes[0].latency.as_ref().unwrap().len(), 3);
-        assert_eq!(s.routes[1].route, None);
-        assert_eq!(s.routes[1].requests[9][3], 1);
-        assert_eq!(s.targets[0].outcomes[0], 1);
-        let again = m.snapshot(0, Duration::from_secs(1), Gauges::default());
+        let routes_seen = &s.gens[0].routes;
+        assert_eq!(routes_seen.len(), 1);
+        assert_eq!(routes_seen[0].route, Some(RouteId(1)));
+        assert_eq!(routes_seen[0].requests[0][1], 3);
+        assert_eq!(routes_seen[0].latency.as_ref().unwrap().len(), 3);
+        assert_eq!(s.unrouted.as_ref().unwrap().requests[9][3], 1);
+        assert_eq!(s.gens[0].targets[0].outcomes[0], 1);
+        let mut empty = GenDelta::new(config);
+        empty.take_routes(&mut routes);
+        up.take(UpstreamId(0), &mut empty);
+        assert!(empty.is_empty());
+        let again = m.snapshot(0, Duration::from_secs(1), Gauges::default(), Vec::new());
         assert_eq!(again.requests, 0);
-        assert!(again.routes.is_empty() && again.targets.is_empty());
+        assert!(again.unrouted.is_none());
     }
 }

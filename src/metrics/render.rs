@@ -206,12 +206,8 @@ pub fn prometheus(agg: &Aggregate, process: &Process) -> String {
         "gauge",
         "Idle pooled upstream connections, by upstream.",
     );
-    for (u, (uname, _)) in agg.upstream_names.iter().enumerate() {
-        let idle: usize = agg
-            .workers
-            .iter()
-            .filter_map(|w| w.gauges.idle_per_upstream.get(u))
-            .sum();
+    for (uname, _) in agg.upstream_names.iter() {
+        let idle: usize = agg.workers.iter().map(|w| w.idle(uname)).sum();
         let _ = writeln!(
             out,
             "ringway_upstream_idle_connections{{upstream=\"{}\"}} {idle}",
@@ -418,13 +414,7 @@ pub fn status(agg: &Aggregate, process: &Process) -> Value {
             let idle: Map<String, Value> = agg
                 .upstream_names
                 .iter()
-                .enumerate()
-                .map(|(u, (name, _))| {
-                    (
-                        name.clone(),
-                        json!(w.gauges.idle_per_upstream.get(u).copied().unwrap_or(0)),
-                    )
-                })
+                .map(|(name, _)| (name.clone(), json!(w.idle(name))))
                 .collect();
             json!({
                 "worker": i,
@@ -482,11 +472,7 @@ pub fn status(agg: &Aggregate, process: &Process) -> Value {
                     (tname.clone(), json!({ "requests": outcomes, "latency_us": percentiles(f.latency.as_ref()), "health": health }))
                 })
                 .collect();
-            let idle: usize = agg
-                .workers
-                .iter()
-                .filter_map(|w| w.gauges.idle_per_upstream.get(u))
-                .sum();
+            let idle: usize = agg.workers.iter().map(|w| w.idle(name)).sum();
             (name.clone(), json!({ "targets": t, "idle_connections": idle }))
         })
         .collect();

@@ -60,7 +60,7 @@ pub(super) async fn proxy<S: Io>(
     let key = balance_key(up, c);
     let _in_flight = match &up.breaker {
         Some(b) => Some(b.admit().map_err(|limit| {
-            w.metrics.borrow_mut().record_breaker(up.id, limit);
+            up.stats.borrow_mut().record_breaker(limit);
             Failure::BeforeBody(ProxyError::Overloaded(limit.reason()))
         })?),
         None => None,
@@ -134,14 +134,14 @@ pub(super) async fn proxy<S: Io>(
             (Attempt::Done(Ok(_)), None) => None,
         };
         if let Some(outcome) = outcome {
-            client::record(w, up, lease.target, outcome, latency_us, c.resp.status);
+            client::record(up, lease.target, outcome, latency_us, c.resp.status);
         }
         c.ex.log.upstream = Some((up.id, lease.target));
         c.ex.log.upstream_us = latency_us;
         match attempt {
             Attempt::Done(result) => return result,
             Attempt::Retry(_) => {
-                w.metrics.borrow_mut().record_retry(up.id, lease.target);
+                up.stats.borrow_mut().record_retry(lease.target);
                 tried.push(lease.target);
                 retries += 1;
                 up.spend_retry();
@@ -231,7 +231,7 @@ fn write_upstream_head<S: Io>(
             consumer: c.ex.identity.as_ref().map(|i| i.name(&c.ex.gen.consumers)),
             identity: c.ex.identity.as_ref(),
         };
-        let info = request_info(buf, head, who, id, route);
+        let info = request_info(buf, head, who, id, route, &c.ex.gen.metrics);
         let slot = c.ex.cache.as_ref();
         route
             .chain

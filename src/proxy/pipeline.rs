@@ -52,6 +52,7 @@ pub(super) async fn run<S: Io>(c: &mut Session<'_, S>, w: &Rc<Worker>) -> Result
         },
         id,
         route,
+        &gen.metrics,
     );
     if route.chain.runs_on_response() {
         route.chain.on_response(&info, &mut c.ex.resp_edits);
@@ -159,6 +160,7 @@ pub(super) fn request_info<'a>(
     who: Who<'a>,
     route: RouteId,
     entry: &'a RouteEntry,
+    metrics: &'a std::cell::RefCell<crate::metrics::GenMetrics>,
 ) -> RequestInfo<'a> {
     RequestInfo {
         view: RequestView { buf, head },
@@ -170,5 +172,6 @@ pub(super) fn request_info<'a>(
         request_id: who.request_id,
         route,
         route_name: &entry.name,
+        metrics,
     }
 }

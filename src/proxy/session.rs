@@ -185,12 +185,16 @@ fn finish<S: Io>(c: &mut Session<'_, S>, w: &Worker) {
     } else {
         ex.log.status
     };
-    w.metrics.borrow_mut().record_request(&RequestRecord {
-        route: ex.route,
+    let record = RequestRecord {
         method: c.head.method,
         status,
         total_us,
-    });
+    };
+    let mut routes = ex.route.map(|_| ex.gen.metrics.borrow_mut());
+    let id = ex.route.unwrap_or(crate::config::RouteId(0));
+    w.metrics
+        .borrow_mut()
+        .record_request(routes.as_deref_mut(), id, &record);
     let Some(log) = &w.access_log else { return };
     let trace = ex.log.trace.unwrap_or_else(|| Trace::new(None, &w.rng));
     let dropped = log.write(&Entry {

@@ -114,6 +114,11 @@ impl Breaker {
         }
     }
 
+    /// This worker's share of the limits.
+    pub fn limits(&self) -> UpstreamLimits {
+        self.limits
+    }
+
     /// Admits a request under `max_requests`; it counts until the guard is dropped.
     pub fn admit(&self) -> Result<InFlight<'_>, Limit> {
         if self.inflight.get() >= self.limits.max_requests {

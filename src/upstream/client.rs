@@ -74,7 +74,7 @@ pub async fn acquire_untried<'a>(
                         conn
                     }
                     Err(e) => {
-                        record(w, up, t, e.outcome(), None, 0);
+                        record(up, t, e.outcome(), None, 0);
                         mark_down(w, up, t, &e);
                         last = e.proxy_error();
                         continue;
@@ -102,7 +102,7 @@ async fn connection_slot(
             return Ok(Some(idle));
         }
         if let Err(limit) = b.wait(up.connect_timeout).await {
-            w.metrics.borrow_mut().record_breaker(up.id, limit);
+            up.stats.borrow_mut().record_breaker(limit);
             return Err(ProxyError::Overloaded(limit.reason()));
         }
     }
@@ -113,7 +113,6 @@ async fn connection_slot(
 /// its metrics, a failure for the worker's periodic summary (`summarize_failures`), and the
 /// target's run of failures for outlier ejection (a 5xx counts as one).
 pub fn record(
-    w: &Worker,
     up: &UpstreamState,
     t: TargetId,
     outcome: UpstreamOutcome,
@@ -124,9 +123,7 @@ pub fn record(
         up.count_failure();
     }
     up.observe(t, outcome != UpstreamOutcome::Response || status >= 500);
-    w.metrics
-        .borrow_mut()
-        .record_upstream(up.id, t, outcome, latency_us);
+    up.stats.borrow_mut().record(t, outcome, latency_us);
 }
 
 /// Marks `t` down after a failed connect, with a warning when that changes its state.
@@ -194,7 +191,7 @@ pub async fn fetch(
     };
     let latency = started.elapsed().as_micros() as u64;
     let status = result.as_ref().map_or(0, |(r, _)| r.head.status);
-    record(w, up, lease.target, outcome, Some(latency), status);
+    record(up, lease.target, outcome, Some(latency), status);
     let (response, reusable) = result?;
     if reusable {
         up.checkin(lease.target, conn, w.now());

@@ -14,6 +14,7 @@ mod stream;
 use std::cell::{Cell, RefCell};
 use std::io;
 use std::net::SocketAddr;
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use std::sync::Arc;
@@ -31,7 +32,7 @@ use crate::buffer::ReadBuf;
 use crate::config::{HashKey, Retries, Upstream, UpstreamId};
 use crate::deadline::Deadline;
 use crate::error::ProxyError;
-use crate::metrics::UpstreamOutcome;
+use crate::metrics::{UpstreamOutcome, UpstreamStats};
 use crate::rng::Rng;
 use crate::tls::HandshakeError;
 pub use stream::{UpRead, UpWrite};
@@ -55,15 +56,19 @@ pub struct UpstreamConn {
 pub struct UpstreamState {
     pub id: UpstreamId,
     pub name: String,
-    /// The primary targets, then the backups.
-    pub targets: Vec<TargetState>,
+    /// The primary targets, then the backups. Shared with the generations before and after
+    /// this one while the target is unchanged, so idle connections and health carry over.
+    pub targets: Vec<Rc<TargetState>>,
     primaries: usize,
     panic_routing: bool,
     /// `[outlier]` is configured: failure runs are counted and reported.
     outlier: bool,
     pub retries: Option<Retries>,
-    /// Circuit breaking, against this worker's share of `[limits]`.
-    pub breaker: Option<Breaker>,
+    /// Circuit breaking, against this worker's share of `[limits]` (kept across reloads that
+    /// leave the limits alone, with the requests and connections it counts).
+    pub breaker: Option<Rc<Breaker>>,
+    /// What this generation's requests recorded for the metrics.
+    pub stats: RefCell<UpstreamStats>,
     /// The retry budget, in hundredths of a retry: each request earns `budget_percent`, a
     /// retry costs 100, at most `RETRY_BUDGET_CAP` are kept.
     retry_budget: Cell<u32>,
@@ -143,9 +148,9 @@ impl std::fmt::Display for ConnectError {
     }
 }
 
-impl Targets for [TargetState] {
+impl Targets for [Rc<TargetState>] {
     fn len(&self) -> usize {
-        <[TargetState]>::len(self)
+        <[Rc<TargetState>]>::len(self)
     }
     fn is_up(&self, i: usize) -> bool {
         let t = &self[i];
@@ -161,34 +166,60 @@ impl Targets for [TargetState] {
 }
 
 impl UpstreamState {
-    /// `workers`: how many share the upstream's `[limits]`.
-    pub fn new(id: UpstreamId, cfg: &Upstream, workers: usize) -> UpstreamState {
+    /// `workers`: how many share the upstream's `[limits]`. `previous`: the same upstream in
+    /// the generation before, whose unchanged targets, breaker and retry budget carry over.
+    pub fn new(
+        id: UpstreamId,
+        cfg: &Upstream,
+        workers: usize,
+        previous: Option<&UpstreamState>,
+    ) -> UpstreamState {
+        let targets: Vec<Rc<TargetState>> = cfg
+            .targets
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                let server_name = cfg.tls.as_ref().map(|tls| tls.names[i].clone());
+                let kept = previous.and_then(|p| {
+                    p.targets.iter().find(|old| {
+                        old.name == t.name && old.addr == t.addr && old.server_name == server_name
+                    })
+                });
+                kept.cloned().unwrap_or_else(|| {
+                    Rc::new(TargetState {
+                        name: t.name.clone(),
+                        addr: t.addr,
+                        server_name,
+                        inflight: Cell::new(0),
+                        down_until: Cell::new(None),
+                        healthy: Cell::new(true),
+                        ejected: Cell::new(false),
+                        streak: Cell::new(0),
+                        reported: Cell::new(0),
+                        idle: RefCell::new(Vec::new()),
+                    })
+                })
+            })
+            .collect();
+        let breaker = cfg.limits.map(|l| {
+            let share = l.per_worker(workers);
+            previous
+                .and_then(|p| p.breaker.as_ref())
+                .filter(|b| b.limits() == share)
+                .cloned()
+                .unwrap_or_else(|| Rc::new(Breaker::new(share)))
+        });
         UpstreamState {
             id,
             name: cfg.name.clone(),
-            targets: cfg
-                .targets
-                .iter()
-                .enumerate()
-                .map(|(i, t)| TargetState {
-                    name: t.name.clone(),
-                    addr: t.addr,
-                    server_name: cfg.tls.as_ref().map(|tls| tls.names[i].clone()),
-                    inflight: Cell::new(0),
-                    down_until: Cell::new(None),
-                    healthy: Cell::new(true),
-                    ejected: Cell::new(false),
-                    streak: Cell::new(0),
-                    reported: Cell::new(0),
-                    idle: RefCell::new(Vec::new()),
-                })
-                .collect(),
+            stats: RefCell::new(UpstreamStats::new(targets.len())),
+            targets,
             primaries: cfg.primaries,
             panic_routing: cfg.panic_routing,
             outlier: cfg.outlier.is_some(),
             retries: cfg.retries.clone(),
-            breaker: cfg.limits.map(|l| Breaker::new(l.per_worker(workers))),
-            retry_budget: Cell::new(0),
+            breaker,
+            retry_budget: Cell::new(previous.map_or(0, |p| p.retry_budget.get())),
             balancer: Balancer::new(cfg),
             hash_key: cfg.hash_key.clone(),
             connect_timeout: cfg.connect_timeout,
@@ -387,7 +418,7 @@ impl UpstreamState {
             w,
             rbuf: ReadBuf::new(),
             reused: false,
-            _slot: self.breaker.as_ref().map(Breaker::slot),
+            _slot: self.breaker.as_deref().map(Breaker::slot),
         })
     }
 
