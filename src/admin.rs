@@ -8,6 +8,8 @@
 //! - `GET /metrics/hdr?route=NAME`: a route's latency in HdrHistogram's percentile text.
 //! - `GET /status`: JSON with per-worker and merged figures.
 //! - `POST /cache/purge`: `{"prefix": "/api/"}` or `{"key": "/path?q"}`, on every worker.
+//! - `POST /config/reload`: re-reads the config file (as SIGHUP does); 200 with the new
+//!   generation, or 400 (invalid, with file:line:column and key), 409 (needs a restart), 500.
 //!
 //! One request per connection.
 
@@ -36,6 +38,7 @@ use crate::http::{
 use crate::metrics::aggregate::Aggregate;
 use crate::metrics::render::{self, Process};
 use crate::metrics::Snapshot;
+use crate::reload::{answer_json, ReloadStatus};
 use crate::tls::watch::CertExpiries;
 
 /// `POST /cache/purge` with `{"prefix": "/api/"}` or `{"key": "/exact/target?q"}`: removes
@@ -92,15 +95,18 @@ pub struct AdminState {
     pub jwks: Arc<crate::auth::jwks::JwksStatus>,
     /// Active health checks' view of each probed target, written by the prober.
     pub health: Arc<crate::upstream::health::HealthStatus>,
+    /// The config in use, reload outcomes, and the way to ask for a reload.
+    pub reload: Arc<ReloadStatus>,
 }
 
 impl AdminState {
-    pub fn new() -> Self {
+    pub fn new(reload: Arc<ReloadStatus>) -> Self {
         AdminState {
             phase: AtomicU8::new(STARTING),
             certs: Arc::default(),
             jwks: Arc::default(),
             health: Arc::default(),
+            reload,
         }
     }
 
@@ -121,13 +127,9 @@ impl AdminState {
         p.tls_certs = self.certs.snapshot();
         p.jwks = self.jwks.snapshot();
         p.health = self.health.snapshot();
+        p.config = Some(self.reload.loaded());
+        p.reloads = self.reload.counts();
         p
-    }
-}
-
-impl Default for AdminState {
-    fn default() -> Self {
-        Self::new()
     }
 }
 
@@ -273,6 +275,10 @@ async fn handle(
                 }
             }
             b"/cache/purge" if head.method == Method::Post => purge(&body, &cache_purge),
+            b"/config/reload" if head.method == Method::Post => {
+                let (status, body) = answer_json(&state.reload.request().await);
+                (status, json, body)
+            }
             b"/status" => {
                 let agg = aggregate.borrow();
                 let value = render::status(&agg, &state.process(&agg));

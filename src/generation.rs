@@ -13,9 +13,10 @@ use std::cell::RefCell;
 use std::rc::Rc;
 use std::sync::Arc;
 
+use crate::auth::jwks::JwtState;
 use crate::auth::Consumers;
 use crate::cidr::Cidr;
-use crate::config::{Config, RouteAction, RouteId, UpstreamId};
+use crate::config::{Config, ListenerId, RouteAction, RouteId, UpstreamId};
 use crate::filter::Chain;
 use crate::metrics::{GenDelta, GenMetrics};
 use crate::router::Router;
@@ -36,6 +37,8 @@ pub struct Generation {
     pub consumers: Rc<Consumers>,
     /// `[clients] trusted_proxies`.
     pub trusted_proxies: Box<[Cidr]>,
+    /// JWT providers' keys (remote ones updated by the fetcher) and verified tokens.
+    pub jwt: JwtState,
 }
 
 pub struct RouteEntry {
@@ -146,6 +149,7 @@ impl Generation {
             upstreams,
             consumers,
             trusted_proxies: config.trusted_proxies.as_slice().into(),
+            jwt: JwtState::new(config, previous.map(|g| &g.jwt)),
         }
     }
 
@@ -157,6 +161,17 @@ impl Generation {
             up.stats.borrow_mut().take(up.id, &mut delta);
         }
         (!delta.is_empty()).then_some(delta)
+    }
+
+    /// The id in this generation of listener `id` of `before` (the same socket), if it has it.
+    pub fn listener_after(&self, before: &Generation, id: ListenerId) -> Option<ListenerId> {
+        let old = before.config.listeners.get(usize::from(id.0))?;
+        let i = self
+            .config
+            .listeners
+            .iter()
+            .position(|l| l.same_socket(old))?;
+        Some(ListenerId(i as u16))
     }
 
     pub fn route(&self, id: RouteId) -> &RouteEntry {

@@ -26,6 +26,7 @@
 //! - `auth`: consumers and their credentials (the auth filter is in `filter`).
 //! - `admin`: the admin listener on its own thread.
 
+pub mod accept;
 pub mod access_log;
 pub mod admin;
 pub mod auth;
@@ -43,6 +44,7 @@ pub mod http;
 pub mod metrics;
 pub mod proxy;
 pub mod ratelimit;
+pub mod reload;
 pub mod rng;
 pub mod router;
 pub mod runtime;

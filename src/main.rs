@@ -1,6 +1,8 @@
 //! The `ringway` command: `ringway [run] [--config FILE]` starts the gateway,
-//! `ringway check [--config FILE]` validates a config and exits. Exit status: 0 after a clean
-//! shutdown or a valid check, 1 when start-up fails, 2 for a bad config or bad arguments.
+//! `ringway check [--config FILE]` validates a config and exits, `ringway reload` asks the
+//! running gateway (through its admin listener) to reload its config. Exit status: 0 after a
+//! clean shutdown, a valid check or a reload done; 1 when start-up fails or the reload was not
+//! done; 2 for a bad config or bad arguments.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -16,11 +18,15 @@ const DEFAULT_CONFIG: &str = "config/ringway.toml";
 const USAGE: &str = "\
 usage: ringway [run] [--config FILE]   start the gateway (default config: config/ringway.toml)
        ringway check [--config FILE]   validate the config and exit
+       ringway reload [--config FILE] [--admin HOST:PORT]
+                                       ask the running gateway to reload its config (through
+                                       the admin listener; default: the config's `admin`)
 Log level: RINGWAY_LOG (e.g. info, debug, ringway::proxy=debug); default info.";
 
 enum Command {
     Run,
     Check,
+    Reload { admin: Option<String> },
 }
 
 fn parse_args() -> Result<(Command, PathBuf), lexopt::Error> {
@@ -42,6 +48,12 @@ fn parse_args() -> Result<(Command, PathBuf), lexopt::Error> {
             }
             Value(v) if first && v == "run" => command = Command::Run,
             Value(v) if first && v == "check" => command = Command::Check,
+            Value(v) if first && v == "reload" => command = Command::Reload { admin: None },
+            Long("admin") if matches!(command, Command::Reload { .. }) => {
+                command = Command::Reload {
+                    admin: Some(parser.value()?.string()?),
+                }
+            }
             _ => return Err(arg.unexpected()),
         }
         first = false;
@@ -93,6 +105,9 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Command::Reload { admin } = &command {
+        return reload(&path, admin.as_deref());
+    }
     let config = match ringway::config::load(&path) {
         Ok(c) => c,
         Err(e) => {
@@ -112,6 +127,7 @@ fn main() -> ExitCode {
             );
             ExitCode::SUCCESS
         }
+        Command::Reload { .. } => ExitCode::SUCCESS,
         Command::Run => {
             tracing::info!(config = %path.display(), workers = config.runtime.workers, "starting");
             match ringway::runtime::run(config) {
@@ -122,6 +138,52 @@ fn main() -> ExitCode {
                     ExitCode::from(1)
                 }
             }
+        }
+    }
+}
+
+/// `ringway reload`: `POST /config/reload` to the admin listener, and its answer on stdout.
+fn reload(path: &std::path::Path, admin: Option<&str>) -> ExitCode {
+    use std::io::{Read, Write};
+    let addr = match admin {
+        Some(a) => a.to_owned(),
+        None => match ringway::config::load(path) {
+            Ok(c) => match c.admin {
+                // A wildcard address is reached on loopback.
+                Some(a) if a.ip().is_unspecified() => format!("127.0.0.1:{}", a.port()),
+                Some(a) => a.to_string(),
+                None => {
+                    eprintln!("error: {}: no `admin` address to send the reload to (give --admin HOST:PORT)", path.display());
+                    return ExitCode::from(2);
+                }
+            },
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(2);
+            }
+        },
+    };
+    let exchange = || -> std::io::Result<String> {
+        let mut s = std::net::TcpStream::connect(&addr)?;
+        s.set_read_timeout(Some(std::time::Duration::from_secs(30)))?;
+        s.write_all(b"POST /config/reload HTTP/1.1\r\nhost: ringway\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")?;
+        let mut answer = String::new();
+        s.read_to_string(&mut answer)?;
+        Ok(answer)
+    };
+    match exchange() {
+        Ok(answer) => {
+            let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
+            println!("{body}");
+            match head.split(' ').nth(1) {
+                Some("200") => ExitCode::SUCCESS,
+                Some("400") => ExitCode::from(2),
+                _ => ExitCode::from(1),
+            }
+        }
+        Err(e) => {
+            eprintln!("error: cannot reach the admin listener at {addr}: {e}");
+            ExitCode::from(1)
         }
     }
 }

@@ -12,21 +12,20 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
-use monoio::io::{CancelHandle, Canceller};
-use monoio::net::TcpListener;
 use monoio::{IoUringDriver, LegacyDriver, RuntimeBuilder};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
 use socket2::{Domain, Protocol, Socket, Type};
 use tracing::{error, info, warn};
 
+use crate::accept::Listening;
 use crate::access_log::{self, AccessLog, LogControl};
 use crate::admin::{self, AdminState};
 use crate::auth::basic;
 use crate::cache::{self, Batch};
 use crate::config::{Config, DriverChoice, ListenerId};
 use crate::metrics::Snapshot;
-use crate::proxy;
 use crate::ratelimit::{self, Grants, Report};
+use crate::reload::{ReloadStatus, Reloader};
 use crate::services;
 use crate::tls::{self, watch::TlsUpdate};
 use crate::upstream;
@@ -76,14 +75,27 @@ impl std::fmt::Display for StartError {
 
 impl std::error::Error for StartError {}
 
-enum Control {
+/// From the main thread to a worker.
+pub enum Control {
     Drain,
+    /// Take this config between requests (`reload`), and start accepting on `sockets`, the
+    /// addresses it adds.
+    Reload {
+        config: Arc<Config>,
+        sockets: Vec<(ListenerId, StdListener)>,
+    },
 }
 
-enum Event {
+/// From a worker to the main thread.
+pub enum Event {
     Started,
     Failed(String),
-    Stopped { worker: usize, unfinished: usize },
+    Stopped {
+        worker: usize,
+        unfinished: usize,
+    },
+    /// The worker took the config of the last `Control::Reload`.
+    Reloaded,
 }
 
 /// Runs the gateway until a signal has drained it. Returns once every worker has stopped.
@@ -164,23 +176,22 @@ pub fn run(config: Config) -> Result<(), StartError> {
     // Rotated certificates go from the watcher to every worker.
     let (tls_tx, tls_rx): (Vec<Sender<TlsUpdate>>, Vec<Receiver<TlsUpdate>>) =
         (0..workers).map(|_| crossbeam_channel::bounded(8)).unzip();
-    let admin_state = Arc::new(AdminState::new());
-    tls::watch::spawn(&config, tls_tx, Arc::clone(&admin_state.certs))
+    let (reload_asks_tx, reload_asks) = crossbeam_channel::bounded(1);
+    let reload_status = Arc::new(ReloadStatus::new(&config, reload_asks_tx));
+    let admin_state = Arc::new(AdminState::new(Arc::clone(&reload_status)));
+    let (tls_watch, tls_reloads) = crossbeam_channel::bounded(4);
+    tls::watch::spawn(&config, tls_tx, Arc::clone(&admin_state.certs), tls_reloads)
         .map_err(|e| StartError::Worker(e.to_string()))?;
-    // Basic-auth password hashes are checked on a thread of their own.
-    let mut basic_links: Vec<Option<(basic::Jobs, basic::Answers)>> =
-        if config.consumers.iter().any(|c| c.basic.is_some()) {
-            let (jobs, answers) =
-                basic::spawn_verifier(workers).map_err(|e| StartError::Worker(e.to_string()))?;
-            answers
-                .into_iter()
-                .map(|a| Some((jobs.clone(), a)))
-                .collect()
-        } else {
-            (0..workers).map(|_| None).collect()
-        };
+    // Basic-auth password hashes are checked on a thread of their own (started even when no
+    // consumer has a password yet: a reload may add one).
+    let (jobs, answers) =
+        basic::spawn_verifier(workers).map_err(|e| StartError::Worker(e.to_string()))?;
+    let mut basic_links: Vec<Option<(basic::Jobs, basic::Answers)>> = answers
+        .into_iter()
+        .map(|a| Some((jobs.clone(), a)))
+        .collect();
     // Worker 0's services (JWKS, upstream health) and their channels to every worker.
-    let service_links = services::links(&config, workers, &admin_state);
+    let service_links = services::links(workers, &admin_state);
     let mut controls = Vec::with_capacity(workers);
     let links = sockets
         .into_iter()
@@ -216,7 +227,7 @@ pub fn run(config: Config) -> Result<(), StartError> {
 
     for _ in 0..workers {
         match events.recv() {
-            Ok(Event::Started) => {}
+            Ok(Event::Started | Event::Reloaded) => {}
             Ok(Event::Failed(e)) => return Err(StartError::Worker(e)),
             Ok(Event::Stopped { worker, .. }) => {
                 return Err(StartError::Worker(format!(
@@ -239,10 +250,25 @@ pub fn run(config: Config) -> Result<(), StartError> {
     admin_state.set_ready();
     info!(workers, "ready");
 
+    let mut reloader = Reloader::new(Arc::clone(&config), controls, tls_watch, reload_status);
+    // Events a reload met while waiting for the workers (a worker that stopped).
+    let mut missed = Vec::new();
     loop {
+        if let Some(Event::Stopped { worker, .. }) = missed.pop() {
+            error!(worker, "worker stopped unexpectedly; shutting down");
+            break;
+        }
         crossbeam_channel::select! {
+            recv(reload_asks) -> ask => {
+                if let Ok(reply) = ask {
+                    let _ = reply.send(reloader.reload(&events, &mut missed));
+                }
+            }
             recv(signals) -> sig => match sig.unwrap_or_default() {
-                SIGHUP => warn!("SIGHUP: reloading the configuration is not supported yet; ignored"),
+                SIGHUP => {
+                    info!("SIGHUP: reloading the configuration");
+                    let _ = reloader.reload(&events, &mut missed);
+                }
                 SIGUSR1 => match &log_writer {
                     Some((control, _)) => {
                         info!("SIGUSR1: reopening the access log");
@@ -255,16 +281,20 @@ pub fn run(config: Config) -> Result<(), StartError> {
                     break;
                 }
             },
-            recv(events) -> ev => {
-                if let Ok(Event::Stopped { worker, .. }) = ev {
+            recv(events) -> ev => match ev {
+                // A late answer to a reload that timed out.
+                Ok(Event::Reloaded) => {}
+                Ok(Event::Stopped { worker, .. }) => {
                     error!(worker, "worker stopped unexpectedly; shutting down");
+                    break;
                 }
-                break;
+                _ => break,
             }
         }
     }
     admin_state.set_draining();
-    for c in &controls {
+    let config = Arc::clone(&reloader.config);
+    for c in &reloader.controls {
         let _ = c.send(Control::Drain);
     }
     let deadline = Instant::now() + config.runtime.drain_timeout + Duration::from_secs(1);
@@ -306,9 +336,8 @@ pub fn run(config: Config) -> Result<(), StartError> {
     Ok(())
 }
 
-/// SIGTERM and SIGINT drain and stop; SIGHUP is logged and ignored (until reload exists, it must
-/// not kill the gateway: logrotate's `postrotate kill -HUP` is common); SIGUSR1 reopens the
-/// access log.
+/// SIGTERM and SIGINT drain and stop; SIGHUP reloads the config; SIGUSR1 reopens the access
+/// log.
 fn signal_channel() -> Result<Receiver<i32>, StartError> {
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP, SIGUSR1])
         .map_err(StartError::Signals)?;
@@ -461,23 +490,14 @@ async fn worker_main(mut ctx: WorkerStart<'_>, driver: &'static str) {
     if let Some((jobs, answers)) = ctx.channels.basic.take() {
         worker.basic.link(ctx.id, jobs, answers);
     }
-    let mut canceller = Canceller::new();
-    let mut accepting = Vec::with_capacity(ctx.listeners.len());
-    for (id, socket) in ctx.listeners {
-        match TcpListener::from_std(socket) {
-            Ok(l) => {
-                let tls = ctx.config.listeners[usize::from(id.0)].tls.is_some();
-                let task = accept_loop(l, id, tls, Rc::clone(&worker), canceller.handle());
-                accepting.push(monoio::spawn(task));
-            }
-            Err(e) => {
-                let _ = ctx
-                    .channels
-                    .events
-                    .send(Event::Failed(format!("listener: {e}")));
-                return;
-            }
-        }
+    let mut listening = Listening::default();
+    let sockets = std::mem::take(&mut ctx.listeners);
+    if let Err(e) = listening.add(&worker, ctx.config, sockets) {
+        let _ = ctx
+            .channels
+            .events
+            .send(Event::Failed(format!("listener: {e}")));
+        return;
     }
     let mut services = ctx
         .channels
@@ -532,18 +552,24 @@ async fn worker_main(mut ctx: WorkerStart<'_>, driver: &'static str) {
             }
         }
         if drain_deadline.is_none() {
-            let drain = match ctx.channels.control.try_recv() {
-                Ok(Control::Drain) | Err(crossbeam_channel::TryRecvError::Disconnected) => true,
-                Err(crossbeam_channel::TryRecvError::Empty) => false,
+            let drain = loop {
+                match ctx.channels.control.try_recv() {
+                    Ok(Control::Reload { config, sockets }) => {
+                        apply_reload(&worker, &mut listening, &mut services, &config, sockets)
+                            .await;
+                        let _ = ctx.channels.events.send(Event::Reloaded);
+                    }
+                    Ok(Control::Drain) | Err(crossbeam_channel::TryRecvError::Disconnected) => {
+                        break true
+                    }
+                    Err(crossbeam_channel::TryRecvError::Empty) => break false,
+                }
             };
             if drain {
                 worker.draining.set(true);
-                canceller = std::mem::take(&mut canceller).cancel();
                 // Every listener stops listening before this worker does anything else, busy or
                 // idle: an idle worker would otherwise leave at once with its accept in flight.
-                for task in accepting.drain(..) {
-                    task.await;
-                }
+                listening.stop_all().await;
                 drain_deadline = Some(Instant::now() + ctx.config.runtime.drain_timeout);
             }
         }
@@ -560,45 +586,20 @@ async fn worker_main(mut ctx: WorkerStart<'_>, driver: &'static str) {
     });
 }
 
-/// Takes the socket out of LISTEN at once, resetting connections still in its accept queue.
-/// Dropping a monoio listener closes it only when the driver next submits, and not at all if the
-/// runtime is gone by then; `shutdown` on a listening socket is synchronous.
-fn stop_listening(listener: &TcpListener) {
-    use std::os::fd::{AsRawFd, BorrowedFd};
-    // SAFETY: the descriptor belongs to `listener`, which outlives this borrow.
-    let fd = unsafe { BorrowedFd::borrow_raw(listener.as_raw_fd()) };
-    if let Err(e) = socket2::SockRef::from(&fd).shutdown(std::net::Shutdown::Read) {
-        warn!(error = %e, "cannot stop listening");
-    }
-}
-
-async fn accept_loop(
-    listener: TcpListener,
-    id: ListenerId,
-    tls: bool,
-    worker: Rc<Worker>,
-    cancel: CancelHandle,
+/// Applies a reloaded config on this worker: the next requests' generation, the listeners,
+/// and (worker 0) the services.
+async fn apply_reload(
+    worker: &Rc<Worker>,
+    listening: &mut Listening,
+    services: &mut Option<services::Running>,
+    config: &Arc<Config>,
+    sockets: Vec<(ListenerId, StdListener)>,
 ) {
-    loop {
-        match listener.cancelable_accept(cancel.clone()).await {
-            Ok((stream, peer)) => {
-                let _ = stream.set_nodelay(true);
-                let w = Rc::clone(&worker);
-                if tls {
-                    monoio::spawn(tls::accept::serve(stream, peer, id, w));
-                } else {
-                    monoio::spawn(proxy::serve(stream, peer, id, w));
-                }
-            }
-            Err(_) if worker.draining.get() => {
-                stop_listening(&listener);
-                break;
-            }
-            Err(e) => {
-                warn!(worker = worker.id, error = %e, "accept failed");
-                // Out of descriptors or memory: back off rather than spin.
-                monoio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
+    worker.reload(config);
+    if let Err(e) = listening.reload(worker, config, sockets).await {
+        error!(worker = worker.id, error = %e, "a new listener could not start here");
+    }
+    if let Some(services) = services {
+        services.reconfigure(worker, config);
     }
 }

@@ -10,14 +10,14 @@ use crossbeam_channel::{Receiver, Sender};
 
 use crate::admin::AdminState;
 use crate::auth::jwks::{self, Ask, Fetcher, KeysUpdate};
-use crate::config::{AuthKind, Config, JwksSource};
+use crate::config::Config;
 use crate::upstream::health::{self, ejection, HealthUpdate};
 use crate::worker::Worker;
 
 /// One worker's ends of the services' channels, and worker 0's services themselves.
 pub struct WorkerLinks {
-    /// Asks to the JWKS fetcher and its answers, when some provider fetches its keys.
-    jwt: Option<(Sender<Ask>, Receiver<KeysUpdate>)>,
+    /// Asks to the JWKS fetcher and its answers.
+    jwt: (Sender<Ask>, Receiver<KeysUpdate>),
     health: Receiver<HealthUpdate>,
     /// This worker's failure runs, to worker 0 (outlier ejection).
     health_reports: Sender<ejection::Report>,
@@ -26,7 +26,7 @@ pub struct WorkerLinks {
 }
 
 struct Leader {
-    jwks: Option<JwksStart>,
+    jwks: JwksStart,
     health: HealthStart,
 }
 
@@ -46,22 +46,16 @@ type HealthStart = (
 );
 
 /// Every worker's links, worker 0's first.
-pub fn links(config: &Config, workers: usize, admin: &AdminState) -> Vec<WorkerLinks> {
-    let remote_jwks = config.auth.iter().any(
-        |a| matches!(&a.kind, AuthKind::Jwt(s) if matches!(s.keys, JwksSource::Remote { .. })),
-    );
-    let (mut jwt_workers, mut jwks_leader) = (Vec::new(), None);
-    if remote_jwks {
-        let l = jwks::Links::new(workers);
-        let (ask_tx, asks) = l.asks;
-        let (updates, receivers): (Vec<_>, Vec<_>) = l.updates.into_iter().unzip();
-        jwt_workers = receivers
-            .into_iter()
-            .map(|rx| Some((ask_tx.clone(), rx)))
-            .collect();
-        jwks_leader = Some((asks, updates, Arc::clone(&admin.jwks)));
-    }
-    jwt_workers.resize_with(workers, || None);
+pub fn links(workers: usize, admin: &AdminState) -> Vec<WorkerLinks> {
+    // Created whether or not a provider fetches its keys yet: a reload may add one.
+    let l = jwks::Links::new(workers);
+    let (ask_tx, asks) = l.asks;
+    let (updates, receivers): (Vec<_>, Vec<_>) = l.updates.into_iter().unzip();
+    let jwt_workers: Vec<_> = receivers
+        .into_iter()
+        .map(|rx| (ask_tx.clone(), rx))
+        .collect();
+    let jwks_leader = (asks, updates, Arc::clone(&admin.jwks));
     let h = health::links(workers);
     let (report_tx, reports) = h.reports;
     let (update_txs, update_rxs): (Vec<_>, Vec<_>) = h.updates.into_iter().unzip();
@@ -83,29 +77,28 @@ pub fn links(config: &Config, workers: usize, admin: &AdminState) -> Vec<WorkerL
 
 /// The services as one worker runs them.
 pub struct Running {
-    jwt_updates: Option<Receiver<KeysUpdate>>,
+    jwt_updates: Receiver<KeysUpdate>,
     health: Receiver<HealthUpdate>,
     health_reports: Sender<ejection::Report>,
     /// Some upstream has `[outlier]`: failure runs are reported.
     outliers: bool,
     fetcher: Option<Fetcher>,
-    ejector: Option<ejection::Ejector>,
+    health_service: Option<health::Health>,
 }
 
 impl Running {
     /// Links `worker` to the services, and on worker 0 starts them (probes begin at once).
     pub fn start(worker: &Rc<Worker>, config: &Config, links: WorkerLinks) -> Running {
-        let jwt_updates = links.jwt.map(|(asks, updates)| {
-            worker.jwt.link(asks);
-            updates
-        });
-        let (mut fetcher, mut ejector) = (None, None);
+        let (asks, jwt_updates) = links.jwt;
+        worker.generation().jwt.link(asks);
+        let (mut fetcher, mut health_service) = (None, None);
         if let Some(leader) = links.leader {
-            fetcher = leader
-                .jwks
-                .map(|(asks, updates, status)| Fetcher::new(config, asks, updates, status));
+            let (asks, updates, status) = leader.jwks;
+            fetcher = Some(Fetcher::new(config, asks, updates, status));
             let (updates, reports, status) = leader.health;
-            ejector = health::start(worker, config, updates, reports, status);
+            health_service = Some(health::Health::start(
+                worker, config, updates, reports, status,
+            ));
         }
         Running {
             jwt_updates,
@@ -113,7 +106,19 @@ impl Running {
             health_reports: links.health_reports,
             outliers: config.upstreams.iter().any(|u| u.outlier.is_some()),
             fetcher,
-            ejector,
+            health_service,
+        }
+    }
+
+    /// Follows a reload (the worker has installed the new generation): worker 0's services
+    /// take the new config, carrying their state over by name.
+    pub fn reconfigure(&mut self, worker: &Rc<Worker>, config: &Config) {
+        self.outliers = config.upstreams.iter().any(|u| u.outlier.is_some());
+        if let Some(fetcher) = &mut self.fetcher {
+            fetcher.configure(config);
+        }
+        if let Some(h) = &mut self.health_service {
+            h.configure(worker, config, true);
         }
     }
 
@@ -123,14 +128,12 @@ impl Running {
         if let Some(fetcher) = &self.fetcher {
             fetcher.poll(worker);
         }
-        if let Some(updates) = &self.jwt_updates {
-            worker.jwt.apply(updates);
-        }
+        worker.generation().jwt.apply(&self.jwt_updates);
         if self.outliers {
             health::report(worker, &self.health_reports);
         }
-        if let Some(ejector) = &mut self.ejector {
-            ejector.poll(worker.now());
+        if let Some(h) = &mut self.health_service {
+            h.poll(worker.now());
         }
         health::apply(worker, &self.health);
     }

@@ -13,7 +13,6 @@ use tracing::error;
 
 use crate::access_log::AccessLog;
 use crate::auth::basic::BasicChecks;
-use crate::auth::jwks::JwtState;
 use crate::cache::{Links, WorkerCache};
 use crate::config::{Config, Limits, ListenerId, ListenerTls, RateLimitId};
 use crate::deadline::{Deadline, Deadlines};
@@ -51,8 +50,6 @@ pub struct Worker {
     pub cache: Option<WorkerCache>,
     /// Basic-auth password checks in flight (on the verifier thread) and their answers.
     pub basic: BasicChecks,
-    /// JWT providers' keys (remote ones updated by the fetcher) and verified tokens.
-    pub jwt: JwtState,
     connections_active: Cell<usize>,
     connections_total: Cell<u64>,
     /// Per listener (by `ListenerId`): its TLS settings and this worker's current rustls
@@ -61,6 +58,7 @@ pub struct Worker {
 }
 
 struct TlsListener {
+    name: String,
     settings: ListenerTls,
     config: Arc<ServerConfig>,
 }
@@ -100,23 +98,19 @@ impl Worker {
             connections_active: Cell::new(0),
             connections_total: Cell::new(0),
             basic: BasicChecks::default(),
-            jwt: JwtState::new(config),
-            tls: RefCell::new(
-                config
-                    .listeners
-                    .iter()
-                    .map(|l| {
-                        let settings = l.tls.clone()?;
-                        // Checked when the config was loaded; a failure here is logged and
-                        // the listener refuses TLS connections.
-                        let config = tls::server_config(&settings, &settings.files)
-                            .map_err(|e| error!(listener = %l.name, error = %e, "TLS unusable"))
-                            .ok()?;
-                        Some(TlsListener { settings, config })
-                    })
-                    .collect(),
-            ),
+            tls: RefCell::new(tls_listeners(config, &[])),
         }
+    }
+
+    /// Takes a reloaded config: new requests start on a generation built from it (state
+    /// carried over by name), and each TLS listener keeps its current certificates while its
+    /// settings are unchanged.
+    pub fn reload(&self, config: &Arc<Config>) {
+        let next = Generation::build(config, Some(&self.generation()));
+        self.install(next);
+        let mut tls = self.tls.borrow_mut();
+        let kept = std::mem::take(&mut *tls);
+        *tls = tls_listeners(config, &kept);
     }
 
     /// A TLS listener's current rustls config and handshake timeout.
@@ -126,11 +120,19 @@ impl Worker {
         Some((Arc::clone(&l.config), l.settings.handshake_timeout))
     }
 
+    /// Whether `listener` is a TLS listener.
+    pub fn is_tls(&self, listener: ListenerId) -> bool {
+        matches!(
+            self.tls.borrow().get(usize::from(listener.0)),
+            Some(Some(_))
+        )
+    }
+
     /// Builds the next rustls config of a TLS listener from rotated files; new handshakes
     /// use it, connections already open keep theirs.
     pub fn install_tls(&self, update: TlsUpdate) {
         let mut all = self.tls.borrow_mut();
-        let Some(Some(l)) = all.get_mut(usize::from(update.listener.0)) else {
+        let Some(l) = all.iter_mut().flatten().find(|l| l.name == update.listener) else {
             return;
         };
         match tls::server_config(&l.settings, &update.files) {
@@ -150,15 +152,16 @@ impl Worker {
         self.retired.borrow_mut().push(old);
     }
 
-    /// The services filters may use, with the connection's `deadline`.
-    pub fn filter_ctx<'a>(&'a self, deadline: &'a Deadline<'a>) -> Ctx<'a> {
+    /// The services filters may use, with the connection's `deadline`, on the request's
+    /// generation `gen`.
+    pub fn filter_ctx<'a>(&'a self, gen: &'a Generation, deadline: &'a Deadline<'a>) -> Ctx<'a> {
         Ctx {
             limiters: &self.limiters,
             metrics: &self.metrics,
             cache: self.cache.as_ref(),
             deadline,
             basic: &self.basic,
-            jwt: &self.jwt,
+            jwt: &gen.jwt,
             now: self.now(),
             unix_now: self.deadlines.unix_now(),
         }
@@ -274,6 +277,40 @@ impl Worker {
         self.inflight.set(self.inflight.get() + 1);
         InflightGuard(&self.inflight)
     }
+}
+
+/// Each listener's TLS state by `ListenerId` (`None` for cleartext); one in `before` with the
+/// same name and settings keeps its rustls config (and so any rotated certificates).
+fn tls_listeners(config: &Config, before: &[Option<TlsListener>]) -> Vec<Option<TlsListener>> {
+    config
+        .listeners
+        .iter()
+        .map(|l| {
+            let settings = l.tls.clone()?;
+            let same = format!("{settings:?}");
+            if let Some(old) = before
+                .iter()
+                .flatten()
+                .find(|o| o.name == l.name && format!("{:?}", o.settings) == same)
+            {
+                return Some(TlsListener {
+                    name: old.name.clone(),
+                    settings,
+                    config: Arc::clone(&old.config),
+                });
+            }
+            // Checked when the config was loaded; a failure here is logged and the listener
+            // refuses TLS connections.
+            let config = tls::server_config(&settings, &settings.files)
+                .map_err(|e| error!(listener = %l.name, error = %e, "TLS unusable"))
+                .ok()?;
+            Some(TlsListener {
+                name: l.name.clone(),
+                settings,
+                config,
+            })
+        })
+        .collect()
 }
 
 /// Counts a connection as active until dropped.

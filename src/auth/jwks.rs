@@ -56,6 +56,10 @@ pub struct JwtState {
 }
 
 struct ProviderKeys {
+    name: String,
+    /// Where its keys come from (`Debug` of the source): keys carry over a reload only when
+    /// it is unchanged.
+    source: String,
     keys: Arc<KeySet>,
     remote: bool,
     /// How long a request may wait for this provider's keys.
@@ -79,15 +83,29 @@ pub enum Unknown {
 }
 
 impl JwtState {
-    pub fn new(config: &Config) -> JwtState {
+    /// `previous`: the state of the generation before, whose remote providers' keys carry over
+    /// by name while their source is unchanged (file keys are read again with the config).
+    pub fn new(config: &Config, previous: Option<&JwtState>) -> JwtState {
+        let before = previous.map(|p| p.providers.borrow());
         let providers = config
             .auth
             .iter()
             .map(|a| match &a.kind {
                 AuthKind::Jwt(s) => Some(ProviderKeys {
+                    name: a.name.clone(),
+                    source: remote_source(config, &s.keys),
                     keys: match &s.keys {
                         JwksSource::File(set) => Arc::clone(set),
-                        JwksSource::None | JwksSource::Remote { .. } => Arc::new(KeySet::empty()),
+                        JwksSource::None => Arc::new(KeySet::empty()),
+                        JwksSource::Remote { .. } => before
+                            .iter()
+                            .flat_map(|b| b.iter().flatten())
+                            .find(|p| {
+                                p.remote
+                                    && p.name == a.name
+                                    && p.source == remote_source(config, &s.keys)
+                            })
+                            .map_or_else(|| Arc::new(KeySet::empty()), |p| Arc::clone(&p.keys)),
                     },
                     remote: matches!(s.keys, JwksSource::Remote { .. }),
                     wait_limit: match &s.keys {
@@ -109,7 +127,7 @@ impl JwtState {
         JwtState {
             providers: RefCell::new(providers),
             tokens: RefCell::default(),
-            asks: RefCell::new(None),
+            asks: RefCell::new(previous.and_then(|p| p.asks.borrow().clone())),
         }
     }
 
@@ -235,6 +253,22 @@ impl Links {
     }
 }
 
+/// A remote provider's source as text (its upstream by name, and path), to tell whether a
+/// reload changed it; empty for other sources.
+fn remote_source(config: &Config, keys: &JwksSource) -> String {
+    match keys {
+        JwksSource::Remote {
+            upstream,
+            path,
+            refresh,
+        } => {
+            let up = &config.upstreams[usize::from(upstream.0)];
+            format!("{} {path} {refresh:?} {:?}", up.name, up.targets)
+        }
+        _ => String::new(),
+    }
+}
+
 /// The fetching side, on worker 0: every remote JWKS provider.
 pub struct Fetcher {
     asks: Receiver<Ask>,
@@ -244,14 +278,19 @@ pub struct Fetcher {
 }
 
 struct Remote {
-    id: AuthId,
+    /// Its id in the current config (a reload may renumber providers).
+    id: Cell<AuthId>,
     name: String,
-    upstream: usize,
+    /// `remote_source`: a reload keeps this `Remote` (its keys, its schedule) while unchanged.
+    source: String,
+    upstream: String,
     path: Box<[u8]>,
     host: Box<[u8]>,
     refresh: Duration,
     keys: RefCell<Arc<KeySet>>,
     in_flight: Cell<bool>,
+    /// A reload removed it: a fetch still running announces nothing.
+    retired: Cell<bool>,
     next_fetch: Cell<Instant>,
     last_refetch: Cell<Option<Instant>>,
 }
@@ -263,8 +302,22 @@ impl Fetcher {
         workers: Vec<Sender<KeysUpdate>>,
         status: Arc<JwksStatus>,
     ) -> Fetcher {
+        let mut fetcher = Fetcher {
+            asks,
+            workers: workers.into(),
+            remotes: Vec::new(),
+            status,
+        };
+        fetcher.configure(config);
+        fetcher
+    }
+
+    /// Takes the remote providers of `config` (at start and on reload): one whose name and
+    /// source are unchanged keeps its keys and schedule; a new one is fetched at once.
+    pub fn configure(&mut self, config: &Config) {
         let now = Instant::now();
         let mut remotes = Vec::new();
+        let old_stats = self.status.snapshot();
         let mut stats = Vec::new();
         for (i, a) in config.auth.iter().enumerate() {
             let AuthKind::Jwt(s) = &a.kind else { continue };
@@ -276,42 +329,57 @@ impl Fetcher {
             else {
                 continue;
             };
-            let up = &config.upstreams[usize::from(upstream.0)];
-            let host = up
-                .tls
-                .as_ref()
-                .and_then(|t| match t.names.first()? {
-                    rustls::pki_types::ServerName::DnsName(d) => Some(d.as_ref().to_owned()),
-                    _ => None,
+            let source = remote_source(config, &s.keys);
+            let kept = self
+                .remotes
+                .iter()
+                .find(|r| r.name == a.name && r.source == source);
+            let remote = kept.cloned().unwrap_or_else(|| {
+                let up = &config.upstreams[usize::from(upstream.0)];
+                let host = up
+                    .tls
+                    .as_ref()
+                    .and_then(|t| match t.names.first()? {
+                        rustls::pki_types::ServerName::DnsName(d) => Some(d.as_ref().to_owned()),
+                        _ => None,
+                    })
+                    .or_else(|| up.targets.first().map(|t| t.name.clone()))
+                    .unwrap_or_default();
+                Rc::new(Remote {
+                    id: Cell::new(AuthId(i as u16)),
+                    name: a.name.clone(),
+                    source,
+                    upstream: up.name.clone(),
+                    path: path.as_bytes().into(),
+                    host: host.into_bytes().into(),
+                    refresh: *refresh,
+                    keys: RefCell::new(Arc::new(KeySet::empty())),
+                    in_flight: Cell::new(false),
+                    retired: Cell::new(false),
+                    next_fetch: Cell::new(now),
+                    last_refetch: Cell::new(None),
                 })
-                .or_else(|| up.targets.first().map(|t| t.name.clone()))
-                .unwrap_or_default();
-            remotes.push(Rc::new(Remote {
-                id: AuthId(i as u16),
-                name: a.name.clone(),
-                upstream: usize::from(upstream.0),
-                path: path.as_bytes().into(),
-                host: host.into_bytes().into(),
-                refresh: *refresh,
-                keys: RefCell::new(Arc::new(KeySet::empty())),
-                in_flight: Cell::new(false),
-                next_fetch: Cell::new(now),
-                last_refetch: Cell::new(None),
-            }));
-            stats.push(JwksStat {
+            });
+            remote.id.set(AuthId(i as u16));
+            let stat = match kept {
+                Some(_) => old_stats.iter().find(|s| s.provider == a.name).cloned(),
+                None => None,
+            };
+            stats.push(stat.unwrap_or_else(|| JwksStat {
                 provider: a.name.clone(),
                 ..JwksStat::default()
-            });
+            }));
+            remotes.push(remote);
         }
-        if let Ok(mut all) = status.0.lock() {
+        if let Ok(mut all) = self.status.0.lock() {
             *all = stats;
         }
-        Fetcher {
-            asks,
-            workers: workers.into(),
-            remotes,
-            status,
+        for old in &self.remotes {
+            if !remotes.iter().any(|r| Rc::ptr_eq(r, old)) {
+                old.retired.set(true);
+            }
         }
+        self.remotes = remotes;
     }
 
     pub fn is_empty(&self) -> bool {
@@ -329,7 +397,7 @@ impl Fetcher {
             }
         }
         for Ask(id) in self.asks.try_iter() {
-            let Some(r) = self.remotes.iter().find(|r| r.id == id) else {
+            let Some(r) = self.remotes.iter().find(|r| r.id.get() == id) else {
                 continue;
             };
             if r.in_flight.get() {
@@ -390,10 +458,13 @@ impl Fetcher {
 
 /// Sends the provider's keys to every worker, with until when they are settled.
 fn broadcast(workers: &[Sender<KeysUpdate>], r: &Remote) {
+    if r.retired.get() {
+        return;
+    }
     let settled_until = r.last_refetch.get().map(|t| t + REFETCH_EVERY);
     for tx in workers {
         let update = KeysUpdate {
-            provider: r.id,
+            provider: r.id.get(),
             keys: Arc::clone(&r.keys.borrow()),
             settled_until,
         };
@@ -408,7 +479,8 @@ async fn fetch(w: &Worker, r: &Remote) -> Result<(KeySet, Vec<String>), String> 
     let gen = w.generation();
     let up = gen
         .upstreams
-        .get(r.upstream)
+        .iter()
+        .find(|u| u.name == r.upstream)
         .ok_or("the JWKS upstream is gone")?;
     let request = Request {
         method: b"GET",

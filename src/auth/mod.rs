@@ -21,6 +21,17 @@ pub fn digest(bytes: &[u8]) -> [u8; 32] {
     out
 }
 
+/// SHA-256 of `bytes`, in lower-case hex.
+pub fn hex_sha256(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    digest(bytes)
+        .iter()
+        .fold(String::with_capacity(64), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
+}
+
 /// Who the auth filter found the caller to be.
 #[derive(Debug, Clone)]
 pub enum Identity {

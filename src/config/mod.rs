@@ -51,6 +51,8 @@ pub struct RouteId(pub u16);
 #[derive(Debug, Clone)]
 pub struct Config {
     pub path: PathBuf,
+    /// SHA-256 of the file's text, in hex: which config is loaded (`/status`).
+    pub digest: String,
     pub runtime: RuntimeSettings,
     pub admin: Option<SocketAddr>,
     pub limits: Limits,
@@ -187,6 +189,14 @@ pub struct Listener {
     pub addr: SocketAddr,
     /// Present on a TLS listener.
     pub tls: Option<ListenerTls>,
+}
+
+impl Listener {
+    /// Whether a reload from `self` to `other` keeps the listening sockets: the same address
+    /// (and, for a port the kernel picks, `:0`, the same name too).
+    pub fn same_socket(&self, other: &Listener) -> bool {
+        self.addr == other.addr && (self.addr.port() != 0 || self.name == other.name)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -385,6 +395,7 @@ impl Validator<'_> {
 
         Ok(Config {
             path: self.path.to_owned(),
+            digest: crate::auth::hex_sha256(self.source.as_bytes()),
             runtime,
             admin,
             limits,

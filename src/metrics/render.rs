@@ -68,6 +68,9 @@ pub struct Process {
     pub jwks: Vec<crate::auth::jwks::JwksStat>,
     /// Every actively probed target's health.
     pub health: Vec<crate::upstream::health::TargetHealth>,
+    /// The config in use, and reload outcomes by result (`reload::RESULTS` order).
+    pub config: Option<crate::reload::Loaded>,
+    pub reloads: [u64; 4],
 }
 
 impl Process {
@@ -85,6 +88,8 @@ impl Process {
             tls_certs: Vec::new(),
             jwks: Vec::new(),
             health: Vec::new(),
+            config: None,
+            reloads: [0; 4],
         }
     }
 }
@@ -236,6 +241,7 @@ pub fn prometheus(agg: &Aggregate, process: &Process) -> String {
     }
     resilience::jwks(&mut out, &process.jwks);
     resilience::health(&mut out, &process.health);
+    resilience::config(&mut out, process);
     header(
         &mut out,
         "ringway_rejected_requests_total",
@@ -510,6 +516,14 @@ pub fn status(agg: &Aggregate, process: &Process) -> Value {
         } else {
             Value::Null
         },
+        "config": process.config.as_ref().map(|c| json!({
+            "generation": c.generation,
+            "digest": c.digest,
+            "path": c.path,
+            "loaded_at": c.loaded_at,
+            "reloads": crate::reload::RESULTS.iter().zip(process.reloads)
+                .map(|(r, n)| ((*r).to_owned(), json!(n))).collect::<Map<String, Value>>(),
+        })),
         "resident_memory_bytes": process.resident_bytes,
         "open_fds": process.open_fds,
     })

@@ -1,6 +1,6 @@
 //! Prometheus sections for what keeps upstreams and identity providers usable: retries and
 //! circuit-breaker refusals per upstream, active health and outlier ejection per target, and
-//! remote JWKS fetches.
+//! remote JWKS fetches; and the config generation and reloads.
 
 use std::fmt::Write as _;
 
@@ -173,5 +173,31 @@ pub fn health(out: &mut String, all: &[crate::upstream::health::TargetHealth]) {
                 t.ejections
             );
         }
+    }
+}
+
+/// The config in use and reload outcomes.
+pub fn config(out: &mut String, process: &super::render::Process) {
+    let Some(loaded) = &process.config else {
+        return;
+    };
+    header(
+        out,
+        "ringway_config_generation",
+        "gauge",
+        "The loaded config's generation: 1 at start, one more per successful reload.",
+    );
+    let _ = writeln!(out, "ringway_config_generation {}", loaded.generation);
+    header(
+        out,
+        "ringway_config_reloads_total",
+        "counter",
+        "Reloads asked for (SIGHUP, POST /config/reload), by result: ok, invalid, refused (needs a restart), failed.",
+    );
+    for (result, n) in crate::reload::RESULTS.iter().zip(process.reloads) {
+        let _ = writeln!(
+            out,
+            "ringway_config_reloads_total{{result=\"{result}\"}} {n}"
+        );
     }
 }

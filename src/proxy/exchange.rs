@@ -78,9 +78,20 @@ impl Exchange {
         }
     }
 
-    /// Starts the next request on this connection, on `gen`.
-    pub fn reset(&mut self, gen: Rc<Generation>) {
-        self.gen = gen;
+    /// Starts the next request on this connection, on `gen`; or, when a reload removed the
+    /// connection's listener from `gen`, on the generation it had, returning false: the
+    /// connection then closes after this request.
+    pub fn reset(&mut self, gen: Rc<Generation>) -> bool {
+        let mut stays = true;
+        if !Rc::ptr_eq(&self.gen, &gen) {
+            match gen.listener_after(&self.gen, self.listener) {
+                Some(id) => {
+                    self.listener = id;
+                    self.gen = gen;
+                }
+                None => stays = false,
+            }
+        }
         self.route = None;
         self.identity = None;
         self.log = RequestLog::new();
@@ -92,6 +103,12 @@ impl Exchange {
             "the cache's on_done always takes its slot"
         );
         self.cache = None;
+        stays
+    }
+
+    /// Whether the connection's listener is still in `gen` (a reload may remove it).
+    pub fn listener_in(&self, gen: &Rc<Generation>) -> bool {
+        Rc::ptr_eq(&self.gen, gen) || gen.listener_after(&self.gen, self.listener).is_some()
     }
 
     /// Finds the request's client: the peer, unless it is a trusted proxy, in which case the

@@ -64,7 +64,7 @@ pub(super) async fn run<S: Io>(c: &mut Session<'_, S>, w: &Rc<Worker>) -> Result
     }
     let mut flow = Flow::Continue;
     if route.chain.runs_on_request() {
-        let cx = w.filter_ctx(&c.deadline);
+        let cx = w.filter_ctx(&gen, &c.deadline);
         let mut out = RequestOut {
             lines: &mut c.ex.extra,
             cache: &mut c.ex.cache,
@@ -121,7 +121,7 @@ pub(super) async fn run<S: Io>(c: &mut Session<'_, S>, w: &Rc<Worker>) -> Result
     if c.ex.cache.is_none() {
         return result;
     }
-    let cx = w.filter_ctx(&c.deadline);
+    let cx = w.filter_ctx(&gen, &c.deadline);
     let origin_failed = result.as_ref().is_err_and(Failure::origin_failed);
     match route
         .chain

@@ -92,11 +92,14 @@ pub(crate) async fn serve_admitted<S: Io>(
 }
 
 async fn serve_request<S: Io>(c: &mut Session<'_, S>, w: &Rc<Worker>) -> Next {
-    if w.draining.get() && c.rbuf.is_empty() {
+    if c.rbuf.is_empty() && (w.draining.get() || !c.ex.listener_in(&w.generation())) {
         return Next::Close;
     }
     let ready = read_request_head(c, w).await;
-    c.ex.reset(w.generation());
+    if !c.ex.reset(w.generation()) {
+        // Its listener was removed while this request arrived: the last on this connection.
+        c.head.keep_alive = false;
+    }
     let next = match ready {
         HeadRead::Ready => {
             let _inflight = w.begin_request();

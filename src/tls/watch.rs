@@ -10,19 +10,20 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, SystemTime};
 
-use crossbeam_channel::{SendTimeoutError, Sender};
+use crossbeam_channel::{Receiver, SendTimeoutError, Sender, TryRecvError};
 use tracing::{error, info, warn};
 
 use super::certs::EXPIRY_WARNING;
 use super::TlsFiles;
-use crate::config::{Config, ListenerId, ListenerTls};
+use crate::config::{Config, ListenerTls};
 
 /// How often files are looked at.
 pub const CHECK_INTERVAL: Duration = Duration::from_secs(2);
 
 /// New files for one listener, for a worker to build its next `ServerConfig` from.
 pub struct TlsUpdate {
-    pub listener: ListenerId,
+    /// The listener's name (ids may change with a reload).
+    pub listener: String,
     pub files: Arc<TlsFiles>,
 }
 
@@ -42,6 +43,13 @@ pub struct CertExpiry {
 impl CertExpiries {
     pub fn snapshot(&self) -> Vec<CertExpiry> {
         self.0.lock().map(|v| v.clone()).unwrap_or_default()
+    }
+
+    /// Forgets the certificates of listeners `keep` says no.
+    fn retain(&self, keep: impl Fn(&str) -> bool) {
+        if let Ok(mut all) = self.0.lock() {
+            all.retain(|e| keep(&e.listener));
+        }
     }
 
     fn set(&self, listener: &str, files: &TlsFiles) {
@@ -73,7 +81,6 @@ pub fn warn_expiring(listener: &str, files: &TlsFiles) {
 }
 
 struct Watched {
-    id: ListenerId,
     name: String,
     tls: ListenerTls,
     stamps: Vec<Option<Stamp>>,
@@ -115,26 +122,18 @@ pub fn spawn(
     config: &Config,
     workers: Vec<Sender<TlsUpdate>>,
     expiries: Arc<CertExpiries>,
+    reloads: Receiver<Arc<Config>>,
 ) -> std::io::Result<()> {
-    let mut watched: Vec<Watched> = Vec::new();
-    for (i, l) in config.listeners.iter().enumerate() {
-        let Some(tls) = &l.tls else { continue };
-        expiries.set(&l.name, &tls.files);
-        warn_expiring(&l.name, &tls.files);
-        watched.push(Watched {
-            id: ListenerId(i as u16),
-            name: l.name.clone(),
-            stamps: paths(tls).iter().map(|p| stamp(p)).collect(),
-            tls: tls.clone(),
-        });
-    }
-    if watched.is_empty() {
-        return Ok(());
-    }
+    let mut watched = watch_list(config, &expiries, Vec::new());
     thread::Builder::new()
         .name("ringway-tls-watch".into())
         .spawn(move || loop {
             thread::sleep(CHECK_INTERVAL);
+            match reloads.try_recv() {
+                Ok(config) => watched = watch_list(&config, &expiries, watched),
+                Err(TryRecvError::Disconnected) => return,
+                Err(TryRecvError::Empty) => {}
+            }
             for w in &mut watched {
                 if !check(w, &workers, &expiries) {
                     return;
@@ -142,6 +141,41 @@ pub fn spawn(
             }
         })?;
     Ok(())
+}
+
+/// The TLS listeners of `config` to watch; one already watched with the same settings keeps
+/// its files' stamps (a reload is not a rotation).
+fn watch_list(config: &Config, expiries: &CertExpiries, before: Vec<Watched>) -> Vec<Watched> {
+    let mut watched = Vec::new();
+    expiries.retain(|name| {
+        config
+            .listeners
+            .iter()
+            .any(|l| l.name == name && l.tls.is_some())
+    });
+    for l in &config.listeners {
+        let Some(tls) = &l.tls else { continue };
+        let settings = format!("{tls:?}");
+        if let Some(old) = before
+            .iter()
+            .find(|w| w.name == l.name && format!("{:?}", w.tls) == settings)
+        {
+            watched.push(Watched {
+                name: old.name.clone(),
+                tls: old.tls.clone(),
+                stamps: old.stamps.clone(),
+            });
+            continue;
+        }
+        expiries.set(&l.name, &tls.files);
+        warn_expiring(&l.name, &tls.files);
+        watched.push(Watched {
+            name: l.name.clone(),
+            stamps: paths(tls).iter().map(|p| stamp(p)).collect(),
+            tls: tls.clone(),
+        });
+    }
+    watched
 }
 
 /// Looks at one listener's files; false once the workers are gone.
@@ -180,7 +214,7 @@ fn check(w: &mut Watched, workers: &[Sender<TlsUpdate>], expiries: &CertExpiries
     expiries.set(&w.name, &files);
     for tx in workers {
         let update = TlsUpdate {
-            listener: w.id,
+            listener: w.name.clone(),
             files: Arc::clone(&files),
         };
         match tx.send_timeout(update, Duration::from_secs(1)) {

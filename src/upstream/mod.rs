@@ -302,6 +302,13 @@ impl UpstreamState {
         !(0..primaries.len()).any(|i| primaries.is_up(i))
     }
 
+    /// What the active health checks last said of `t`.
+    pub fn is_healthy(&self, t: TargetId) -> bool {
+        self.targets
+            .get(t.0)
+            .is_none_or(|target| target.healthy.get())
+    }
+
     /// Records what the active health checks say of `t`; returns whether that changed it.
     pub fn set_healthy(&self, t: TargetId, healthy: bool) -> bool {
         self.targets

@@ -18,6 +18,8 @@ use crate::upstream::TargetId;
 
 /// A worker's failures in a row on one target, as of its last tick.
 pub struct Report {
+    /// The worker's generation, whose ids these are.
+    pub generation: u32,
     pub worker: usize,
     pub upstream: UpstreamId,
     pub target: TargetId,
@@ -26,6 +28,8 @@ pub struct Report {
 
 /// Worker 0's view of every upstream with an `outlier` section.
 pub struct Ejector {
+    /// The generation whose ids the workers' reports must use.
+    generation: u32,
     reports: Receiver<Report>,
     workers: Rc<[Sender<HealthUpdate>]>,
     status: Arc<HealthStatus>,
@@ -52,8 +56,12 @@ struct TargetOutlier {
 }
 
 impl Ejector {
+    /// `previous`: the ejector before a reload, whose targets' runs and ejections carry over by
+    /// upstream and target name.
     pub fn new(
         config: &Config,
+        generation: u32,
+        previous: Option<&Ejector>,
         reports: Receiver<Report>,
         workers: Rc<[Sender<HealthUpdate>]>,
         status: Arc<HealthStatus>,
@@ -72,18 +80,22 @@ impl Ejector {
                     targets: u
                         .targets
                         .iter()
-                        .map(|t| TargetOutlier {
-                            name: t.name.clone(),
-                            streaks: vec![0; n],
-                            ejected_until: None,
-                            ejections: 0,
-                            back_since: None,
+                        .map(|t| {
+                            let kept = previous.and_then(|p| p.target(&u.name, &t.name));
+                            TargetOutlier {
+                                name: t.name.clone(),
+                                streaks: kept.map_or_else(|| vec![0; n], |k| k.streaks.clone()),
+                                ejected_until: kept.and_then(|k| k.ejected_until),
+                                ejections: kept.map_or(0, |k| k.ejections),
+                                back_since: kept.and_then(|k| k.back_since),
+                            }
                         })
                         .collect(),
                 })
             })
             .collect();
         upstreams.iter().any(Option::is_some).then_some(Ejector {
+            generation,
             reports,
             workers,
             status,
@@ -91,10 +103,54 @@ impl Ejector {
         })
     }
 
+    fn target(&self, upstream: &str, target: &str) -> Option<&TargetOutlier> {
+        let up = self
+            .upstreams
+            .iter()
+            .flatten()
+            .find(|u| u.name == upstream)?;
+        up.targets.iter().find(|t| t.name == target)
+    }
+
+    /// Every target's ejection state, for the workers to start from after a reload.
+    pub fn announce_all(&self) {
+        for (u, up) in self.upstreams.iter().enumerate() {
+            let Some(up) = up else { continue };
+            for (t, target) in up.targets.iter().enumerate() {
+                self.status.update(up.first_row + t, |s| {
+                    s.ejected = target.ejected_until.is_some();
+                    s.ejections = s.ejections.max(u64::from(target.ejections));
+                });
+                self.send(
+                    UpstreamId(u as u16),
+                    TargetId(t),
+                    target.ejected_until.is_some(),
+                );
+            }
+        }
+    }
+
+    fn send(&self, upstream: UpstreamId, target: TargetId, ejected: bool) {
+        for tx in self.workers.iter() {
+            let update = HealthUpdate {
+                generation: self.generation,
+                upstream,
+                target,
+                change: Change::Ejected(ejected),
+            };
+            if tx.try_send(update).is_err() {
+                warn!("a worker is not taking health updates");
+            }
+        }
+    }
+
     /// Takes the workers' reports, ejects the targets whose summed streak reached the
     /// threshold, and brings back those whose ejection is over (worker 0's tick).
     pub fn poll(&mut self, now: Instant) {
         for r in self.reports.try_iter() {
+            if r.generation != self.generation {
+                continue;
+            }
             let Some(Some(up)) = self.upstreams.get_mut(usize::from(r.upstream.0)) else {
                 continue;
             };
@@ -104,6 +160,7 @@ impl Ejector {
                 }
             }
         }
+        let mut pending = Vec::new();
         for (u, up) in self.upstreams.iter_mut().enumerate() {
             let Some(up) = up else { continue };
             let upstream = UpstreamId(u as u16);
@@ -114,18 +171,12 @@ impl Ejector {
                         s.ejected = ejected;
                         s.ejections += u64::from(ejected);
                     });
-                    for tx in self.workers.iter() {
-                        let update = HealthUpdate {
-                            upstream,
-                            target: TargetId(t),
-                            change: Change::Ejected(ejected),
-                        };
-                        if tx.try_send(update).is_err() {
-                            warn!("a worker is not taking health updates");
-                        }
-                    }
+                    pending.push((upstream, TargetId(t), ejected));
                 }
             }
+        }
+        for (upstream, target, ejected) in pending {
+            self.send(upstream, target, ejected);
         }
     }
 }

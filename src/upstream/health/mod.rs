@@ -7,6 +7,7 @@
 
 pub mod ejection;
 
+use std::cell::Cell;
 use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 
@@ -20,6 +21,9 @@ use crate::worker::Worker;
 
 /// A change to a target's health, for every worker.
 pub struct HealthUpdate {
+    /// The generation whose ids these are; a worker on another one ignores it (worker 0 sends
+    /// every target's state afresh after a reload).
+    pub generation: u32,
     pub upstream: UpstreamId,
     pub target: TargetId,
     pub change: Change,
@@ -51,7 +55,7 @@ pub fn links(workers: usize) -> Links {
 /// Applies worker 0's health changes to this worker's upstreams (worker tick).
 pub fn apply(w: &Worker, updates: &Receiver<HealthUpdate>) {
     let gen = w.generation();
-    for u in updates.try_iter() {
+    for u in updates.try_iter().filter(|u| u.generation == gen.id) {
         if let Some(up) = gen.upstreams.get(usize::from(u.upstream.0)) {
             match u.change {
                 Change::Probed(healthy) => {
@@ -69,6 +73,7 @@ pub fn report(w: &Worker, reports: &Sender<ejection::Report>) {
     for up in gen.upstreams.iter().filter(|u| u.has_outlier()) {
         for (t, streak) in up.streaks_to_report() {
             let report = ejection::Report {
+                generation: gen.id,
                 worker: w.id,
                 upstream: up.id,
                 target: t,
@@ -115,65 +120,128 @@ impl HealthStatus {
     }
 }
 
-/// Starts a probing task for every target of every upstream with a `health_check`, and
-/// returns the ejector when some upstream has an `outlier` section (worker 0).
-pub fn start(
-    w: &Rc<Worker>,
-    config: &Config,
-    workers: Vec<Sender<HealthUpdate>>,
+/// Worker 0's health service: a probing task per target of every upstream with a
+/// `health_check`, and the ejector when some upstream has an `outlier` section.
+pub struct Health {
+    workers: Rc<[Sender<HealthUpdate>]>,
     reports: Receiver<ejection::Report>,
     status: Arc<HealthStatus>,
-) -> Option<ejection::Ejector> {
-    let workers: Rc<[Sender<HealthUpdate>]> = workers.into();
-    let mut rows = Vec::new();
-    let mut tasks = Vec::new();
-    // Per upstream: its first row in `status`, when it is watched.
-    let mut first_row = Vec::with_capacity(config.upstreams.len());
-    for (u, up) in config.upstreams.iter().enumerate() {
-        let watched = up.health_check.is_some() || up.outlier.is_some();
-        first_row.push(watched.then_some(rows.len()));
-        if !watched {
-            continue;
-        }
-        for (t, target) in up.targets.iter().enumerate() {
-            rows.push(TargetHealth {
-                upstream: up.name.clone(),
-                target: target.name.clone(),
-                backup: t >= up.primaries,
-                healthy: up.health_check.as_ref().map(|_| true),
-                ejected: false,
-                ejections: 0,
-                last: "not probed yet".into(),
-                ok: 0,
-                failed: 0,
-            });
-            let Some(check) = &up.health_check else {
+    /// Raised by each reload: probers started for an older config stop at their next wake.
+    epoch: Rc<Cell<u32>>,
+    ejector: Option<ejection::Ejector>,
+}
+
+impl Health {
+    pub fn start(
+        w: &Rc<Worker>,
+        config: &Config,
+        workers: Vec<Sender<HealthUpdate>>,
+        reports: Receiver<ejection::Report>,
+        status: Arc<HealthStatus>,
+    ) -> Health {
+        let mut health = Health {
+            workers: workers.into(),
+            reports,
+            status,
+            epoch: Rc::new(Cell::new(0)),
+            ejector: None,
+        };
+        health.configure(w, config, false);
+        health
+    }
+
+    /// Starts probing and ejecting for `config` (worker 0 has installed its generation). On a
+    /// reload (`announce`), each target starts from the state it had, carried by name, and every
+    /// worker is told every target's state under the new generation's ids.
+    pub fn configure(&mut self, w: &Rc<Worker>, config: &Config, announce: bool) {
+        let epoch = self.epoch.get().wrapping_add(1);
+        self.epoch.set(epoch);
+        let gen = w.generation();
+        let before = self.status.snapshot();
+        let mut rows = Vec::new();
+        let mut tasks = Vec::new();
+        // Per upstream: its first row in `status`, when it is watched.
+        let mut first_row = Vec::with_capacity(config.upstreams.len());
+        for (u, up) in config.upstreams.iter().enumerate() {
+            let watched = up.health_check.is_some() || up.outlier.is_some();
+            first_row.push(watched.then_some(rows.len()));
+            if !watched {
                 continue;
-            };
-            let host = match &check.probe {
-                Probe::Http { host: Some(h), .. } => h.clone(),
-                _ => target.name.clone(),
-            };
-            tasks.push(Prober {
-                upstream: UpstreamId(u as u16),
-                target: TargetId(t),
-                row: rows.len() - 1,
-                host,
-                check: Rc::new(check.clone()),
-            });
+            }
+            for (t, target) in up.targets.iter().enumerate() {
+                let healthy = gen.upstreams[u].is_healthy(TargetId(t));
+                let old = before
+                    .iter()
+                    .find(|r| r.upstream == up.name && r.target == target.name);
+                rows.push(TargetHealth {
+                    upstream: up.name.clone(),
+                    target: target.name.clone(),
+                    backup: t >= up.primaries,
+                    healthy: up.health_check.as_ref().map(|_| healthy),
+                    ejected: false,
+                    ejections: old.map_or(0, |o| o.ejections),
+                    last: old.map_or_else(|| "not probed yet".into(), |o| o.last.clone()),
+                    ok: old.map_or(0, |o| o.ok),
+                    failed: old.map_or(0, |o| o.failed),
+                });
+                let Some(check) = &up.health_check else {
+                    continue;
+                };
+                let host = match &check.probe {
+                    Probe::Http { host: Some(h), .. } => h.clone(),
+                    _ => target.name.clone(),
+                };
+                tasks.push(Prober {
+                    generation: gen.id,
+                    epoch,
+                    upstream: UpstreamId(u as u16),
+                    target: TargetId(t),
+                    row: rows.len() - 1,
+                    host,
+                    check: Rc::new(check.clone()),
+                    healthy,
+                });
+            }
+        }
+        if let Ok(mut all) = self.status.0.lock() {
+            *all = rows;
+        }
+        for p in tasks {
+            if announce {
+                p.send(&self.workers, p.healthy);
+            }
+            let (w, workers) = (Rc::clone(w), Rc::clone(&self.workers));
+            let (status, current) = (Arc::clone(&self.status), Rc::clone(&self.epoch));
+            monoio::spawn(async move { p.run(&w, &workers, &status, &current).await });
+        }
+        self.ejector = ejection::Ejector::new(
+            config,
+            gen.id,
+            self.ejector.as_ref(),
+            self.reports.clone(),
+            Rc::clone(&self.workers),
+            Arc::clone(&self.status),
+            first_row,
+        );
+        if let (true, Some(e)) = (announce, &self.ejector) {
+            e.announce_all();
         }
     }
-    if let Ok(mut all) = status.0.lock() {
-        *all = rows;
+
+    /// Worker 0's tick: the ejector takes the workers' reports.
+    pub fn poll(&mut self, now: std::time::Instant) {
+        if let Some(e) = &mut self.ejector {
+            e.poll(now);
+        }
     }
-    for p in tasks {
-        let (w, workers, status) = (Rc::clone(w), Rc::clone(&workers), Arc::clone(&status));
-        monoio::spawn(async move { p.run(&w, &workers, &status).await });
-    }
-    ejection::Ejector::new(config, reports, workers, status, first_row)
 }
 
 struct Prober {
+    /// The generation whose ids `upstream` and `target` are, and the service's epoch it runs in.
+    generation: u32,
+    epoch: u32,
+    /// The state it starts from.
+    healthy: bool,
     upstream: UpstreamId,
     target: TargetId,
     /// Its row in `HealthStatus`.
@@ -183,10 +251,20 @@ struct Prober {
 }
 
 impl Prober {
-    async fn run(self, w: &Worker, workers: &[Sender<HealthUpdate>], status: &HealthStatus) {
-        let (mut healthy, mut streak) = (true, 0u32);
-        loop {
+    async fn run(
+        self,
+        w: &Worker,
+        workers: &[Sender<HealthUpdate>],
+        status: &HealthStatus,
+        epoch: &Cell<u32>,
+    ) {
+        let (mut healthy, mut streak) = (self.healthy, 0u32);
+        while epoch.get() == self.epoch {
             let verdict = self.probe(w).await;
+            if epoch.get() != self.epoch {
+                // A reload replaced this prober while it waited.
+                break;
+            }
             let ok = verdict.is_ok();
             // `streak` counts probes in a row that disagree with the current state.
             streak = if ok != healthy { streak + 1 } else { 0 };
@@ -214,6 +292,21 @@ impl Prober {
                 }
             });
             monoio::time::sleep(self.check.interval).await;
+        }
+    }
+
+    /// Tells every worker what the active checks now say of this target.
+    fn send(&self, workers: &[Sender<HealthUpdate>], healthy: bool) {
+        for tx in workers {
+            let update = HealthUpdate {
+                generation: self.generation,
+                upstream: self.upstream,
+                target: self.target,
+                change: Change::Probed(healthy),
+            };
+            if tx.try_send(update).is_err() {
+                warn!("a worker is not taking health updates");
+            }
         }
     }
 
@@ -262,15 +355,6 @@ impl Prober {
                     "target unhealthy: no requests go to it until it passes its probes"),
             }
         }
-        for tx in workers {
-            let update = HealthUpdate {
-                upstream: self.upstream,
-                target: self.target,
-                change: Change::Probed(healthy),
-            };
-            if tx.try_send(update).is_err() {
-                warn!("a worker is not taking health updates");
-            }
-        }
+        self.send(workers, healthy);
     }
 }
