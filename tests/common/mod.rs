@@ -140,6 +140,28 @@ impl Gateway {
         }
     }
 
+    /// Replaces the config file (through `config`), for a reload to read.
+    pub fn rewrite_config(&self, toml: &str) {
+        std::fs::write(&self.config_path, config(toml)).expect("write config");
+    }
+
+    /// `POST /config/reload` on the admin listener.
+    pub fn reload(&self) -> Response {
+        let admin = self.admin.expect("an admin listener");
+        exchange(
+            admin,
+            b"POST /config/reload HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n",
+        )
+    }
+
+    /// The address of a listener a reload added (from its "listening" log line).
+    pub fn added_listener(&self, name: &str) -> SocketAddr {
+        let line = self.wait_log("the added listener", |l| {
+            l.contains("listening listener=") && field(l, "listener").as_deref() == Some(name)
+        });
+        field(&line, "address").unwrap().parse().unwrap()
+    }
+
     pub fn pid(&self) -> i32 {
         self.child.id() as i32
     }
