@@ -17,6 +17,16 @@ use crate::proxy;
 use crate::tls;
 use crate::worker::Worker;
 
+/// Whether an accept loop goes on, and how it ends.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    No,
+    /// Shut the socket down: queued connections are reset rather than left unanswered.
+    Close,
+    /// Only stop accepting: a successor process accepts from the same socket.
+    Leave,
+}
+
 /// One worker's listeners.
 #[derive(Default)]
 pub struct Listening {
@@ -28,7 +38,7 @@ struct AcceptLoop {
     config: Listener,
     id: Rc<Cell<ListenerId>>,
     /// Set before the loop's accept is cancelled, so that it ends rather than retries.
-    stopping: Rc<Cell<bool>>,
+    stopping: Rc<Cell<Stop>>,
     canceller: Canceller,
     task: JoinHandle<()>,
 }
@@ -45,7 +55,7 @@ impl Listening {
             let listener = TcpListener::from_std(socket)?;
             let canceller = Canceller::new();
             let cell = Rc::new(Cell::new(id));
-            let stopping = Rc::new(Cell::new(false));
+            let stopping = Rc::new(Cell::new(Stop::No));
             let task = accept_loop(
                 listener,
                 Rc::clone(&cell),
@@ -83,24 +93,26 @@ impl Listening {
                     l.id.set(ListenerId(i as u16));
                     kept.push(l);
                 }
-                None => l.stop().await,
+                None => l.stop(Stop::Close).await,
             }
         }
         self.loops = kept;
         self.add(worker, config, added)
     }
 
-    /// Stops every accept loop; returns once none is listening.
-    pub async fn stop_all(&mut self) {
+    /// Stops every accept loop; returns once none is listening. `close`: shut the sockets
+    /// down (false when a successor process accepts from them).
+    pub async fn stop_all(&mut self, close: bool) {
+        let how = if close { Stop::Close } else { Stop::Leave };
         for l in self.loops.drain(..) {
-            l.stop().await;
+            l.stop(how).await;
         }
     }
 }
 
 impl AcceptLoop {
-    async fn stop(self) {
-        self.stopping.set(true);
+    async fn stop(self, how: Stop) {
+        self.stopping.set(how);
         self.canceller.cancel();
         self.task.await;
     }
@@ -121,7 +133,7 @@ fn stop_listening(listener: &TcpListener) {
 async fn accept_loop(
     listener: TcpListener,
     id: Rc<Cell<ListenerId>>,
-    stopping: Rc<Cell<bool>>,
+    stopping: Rc<Cell<Stop>>,
     worker: Rc<Worker>,
     cancel: CancelHandle,
 ) {
@@ -136,8 +148,10 @@ async fn accept_loop(
                     monoio::spawn(proxy::serve(stream, peer, id, w));
                 }
             }
-            Err(_) if stopping.get() => {
-                stop_listening(&listener);
+            Err(_) if stopping.get() != Stop::No => {
+                if stopping.get() == Stop::Close {
+                    stop_listening(&listener);
+                }
                 break;
             }
             Err(e) => {

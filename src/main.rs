@@ -16,7 +16,10 @@ static GLOBAL: MiMalloc = MiMalloc;
 const DEFAULT_CONFIG: &str = "config/ringway.toml";
 
 const USAGE: &str = "\
-usage: ringway [run] [--config FILE]   start the gateway (default config: config/ringway.toml)
+usage: ringway [run] [--config FILE] [--upgrade]
+                                       start the gateway (default config: config/ringway.toml);
+                                       --upgrade: take over the listening sockets of the ringway
+                                       serving at [runtime] upgrade_socket, which then drains
        ringway check [--config FILE]   validate the config and exit
        ringway reload [--config FILE] [--admin HOST:PORT]
                                        ask the running gateway to reload its config (through
@@ -24,14 +27,14 @@ usage: ringway [run] [--config FILE]   start the gateway (default config: config
 Log level: RINGWAY_LOG (e.g. info, debug, ringway::proxy=debug); default info.";
 
 enum Command {
-    Run,
+    Run { upgrade: bool },
     Check,
     Reload { admin: Option<String> },
 }
 
 fn parse_args() -> Result<(Command, PathBuf), lexopt::Error> {
     use lexopt::prelude::*;
-    let mut command = Command::Run;
+    let mut command = Command::Run { upgrade: false };
     let mut config = PathBuf::from(DEFAULT_CONFIG);
     let mut parser = lexopt::Parser::from_env();
     let mut first = true;
@@ -46,7 +49,10 @@ fn parse_args() -> Result<(Command, PathBuf), lexopt::Error> {
                 println!("ringway {}", env!("CARGO_PKG_VERSION"));
                 std::process::exit(0);
             }
-            Value(v) if first && v == "run" => command = Command::Run,
+            Value(v) if first && v == "run" => command = Command::Run { upgrade: false },
+            Long("upgrade") if matches!(command, Command::Run { .. }) => {
+                command = Command::Run { upgrade: true }
+            }
             Value(v) if first && v == "check" => command = Command::Check,
             Value(v) if first && v == "reload" => command = Command::Reload { admin: None },
             Long("admin") if matches!(command, Command::Reload { .. }) => {
@@ -128,9 +134,26 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Reload { .. } => ExitCode::SUCCESS,
-        Command::Run => {
+        Command::Run { upgrade } => {
             tracing::info!(config = %path.display(), workers = config.runtime.workers, "starting");
-            match ringway::runtime::run(config) {
+            let predecessor = match (upgrade, &config.runtime.upgrade_socket) {
+                (false, _) => None,
+                (true, None) => {
+                    eprintln!(
+                        "error: {}: --upgrade needs [runtime] upgrade_socket",
+                        path.display()
+                    );
+                    return ExitCode::from(2);
+                }
+                (true, Some(socket)) => match ringway::upgrade::take_over(socket) {
+                    Ok(taken) => Some(taken),
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        return ExitCode::from(1);
+                    }
+                },
+            };
+            match ringway::runtime::run(config, predecessor) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     // Once, on stderr: a log line too would print it twice.

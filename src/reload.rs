@@ -4,7 +4,7 @@
 //! only then is the new config sent to every worker, which applies it between requests and
 //! says so. Any failure before that leaves the running config untouched.
 
-use std::net::TcpListener as StdListener;
+use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -13,8 +13,10 @@ use crossbeam_channel::{Receiver, Sender};
 use serde_json::json;
 use tracing::{error, info, warn};
 
-use crate::config::{self, Config, ConfigError, ListenerId};
-use crate::runtime::{bind_reuseport, Control, Event};
+use crate::bind::{self, PerWorker};
+use crate::config::{self, Config, ConfigError, Listener, ListenerId};
+use crate::runtime::{Control, Event};
+use crate::upgrade::Offered;
 
 /// How long the workers have to take a new config (each does so on its next tick).
 const APPLY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -174,6 +176,8 @@ pub struct Reloader {
     /// The TLS watcher's new configs.
     tls_watch: Sender<Arc<Config>>,
     status: Arc<ReloadStatus>,
+    /// The sockets a successor would take over, kept in step with the listeners.
+    offered: Arc<Mutex<Offered>>,
 }
 
 impl Reloader {
@@ -182,6 +186,7 @@ impl Reloader {
         controls: Vec<Sender<Control>>,
         tls_watch: Sender<Arc<Config>>,
         status: Arc<ReloadStatus>,
+        offered: Arc<Mutex<Offered>>,
     ) -> Reloader {
         Reloader {
             config,
@@ -189,6 +194,7 @@ impl Reloader {
             controls,
             tls_watch,
             status,
+            offered,
         }
     }
 
@@ -212,7 +218,7 @@ impl Reloader {
         if let Some(why) = needs_restart(&self.config, &next) {
             return Err(ReloadError::Refused(why));
         }
-        let mut sockets = bind_added(&self.config, &next)?;
+        let (mut sockets, added) = bind_added(&self.config, &next)?;
         let next = Arc::new(next);
         // Worker 0 last: by the time its services speak in the new config's ids, every other
         // worker already has the new config in its queue, ahead of what they send.
@@ -226,6 +232,12 @@ impl Reloader {
         }
         self.config = Arc::clone(&next);
         let _ = self.tls_watch.try_send(Arc::clone(&next));
+        if let Ok(mut offered) = self.offered.lock() {
+            offered
+                .listeners
+                .retain(|(l, _)| next.listeners.iter().any(|n| n.same_socket(l)));
+            offered.listeners.extend(added);
+        }
         let deadline = Instant::now() + APPLY_TIMEOUT;
         let mut applied = 0;
         while applied < self.controls.len() {
@@ -296,28 +308,27 @@ fn needs_restart(current: &Config, next: &Config) -> Option<String> {
     })
 }
 
-/// Binds the listener addresses `next` adds, once per worker; `[worker][..]`.
+/// Binds the listeners `next` adds, once per worker; returns the sockets by worker, and their
+/// duplicates to offer a successor.
 fn bind_added(
     current: &Config,
     next: &Config,
-) -> Result<Vec<Vec<(ListenerId, StdListener)>>, ReloadError> {
+) -> Result<(PerWorker, Vec<(Listener, Vec<OwnedFd>)>), ReloadError> {
     let workers = current.runtime.workers;
-    let mut sockets: Vec<Vec<_>> = (0..workers).map(|_| Vec::new()).collect();
+    let mut sockets: PerWorker = (0..workers).map(|_| Vec::new()).collect();
+    let mut added = Vec::new();
     for (i, l) in next.listeners.iter().enumerate() {
         if current.listeners.iter().any(|c| c.same_socket(l)) {
             continue;
         }
-        let bound = bind_reuseport(l.addr, workers).map_err(|e| {
-            ReloadError::Failed(format!(
-                "listener {:?}: cannot listen on {}: {e}",
-                l.name, l.addr
-            ))
-        })?;
-        let addr = bound[0].local_addr().unwrap_or(l.addr);
-        info!(listener = %l.name, address = %addr, sockets = workers, "listening");
-        for (w, s) in bound.into_iter().enumerate() {
-            sockets[w].push((ListenerId(i as u16), s));
-        }
+        let dups =
+            bind::listen(ListenerId(i as u16), l, workers, None, &mut sockets).map_err(|e| {
+                ReloadError::Failed(format!(
+                    "listener {:?}: cannot listen on {}: {e}",
+                    l.name, l.addr
+                ))
+            })?;
+        added.push((l.clone(), dups));
     }
-    Ok(sockets)
+    Ok((sockets, added))
 }

@@ -6,21 +6,22 @@
 
 use std::io;
 use std::net::{SocketAddr, TcpListener as StdListener};
+use std::os::unix::net::UnixStream;
 use std::rc::Rc;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 use monoio::{IoUringDriver, LegacyDriver, RuntimeBuilder};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
-use socket2::{Domain, Protocol, Socket, Type};
 use tracing::{error, info, warn};
 
 use crate::accept::Listening;
 use crate::access_log::{self, AccessLog, LogControl};
 use crate::admin::{self, AdminState};
 use crate::auth::basic;
+use crate::bind;
 use crate::cache::{self, Batch};
 use crate::config::{Config, DriverChoice, ListenerId};
 use crate::metrics::Snapshot;
@@ -28,6 +29,7 @@ use crate::ratelimit::{self, Grants, Report};
 use crate::reload::{ReloadStatus, Reloader};
 use crate::services;
 use crate::tls::{self, watch::TlsUpdate};
+use crate::upgrade;
 use crate::upstream;
 use crate::worker::Worker;
 
@@ -36,7 +38,6 @@ use crate::worker::Worker;
 const CONTROL_TICK: Duration = Duration::from_millis(25);
 /// Idle upstream connections past their timeout are closed this often.
 const SWEEP_EVERY: u32 = 40;
-const BACKLOG: i32 = 4096;
 
 #[derive(Debug)]
 pub enum StartError {
@@ -77,7 +78,9 @@ impl std::error::Error for StartError {}
 
 /// From the main thread to a worker.
 pub enum Control {
-    Drain,
+    /// Stop accepting, finish what is in flight and stop. `close_listeners`: shut the listening
+    /// sockets down (false when a successor accepts from them too).
+    Drain { close_listeners: bool },
     /// Take this config between requests (`reload`), and start accepting on `sockets`, the
     /// addresses it adds.
     Reload {
@@ -98,22 +101,26 @@ pub enum Event {
     Reloaded,
 }
 
-/// Runs the gateway until a signal has drained it. Returns once every worker has stopped.
-pub fn run(config: Config) -> Result<(), StartError> {
+/// Runs the gateway until a signal (or a successor, see `upgrade`) has drained it. Returns
+/// once every worker has stopped. `predecessor`: what `ringway --upgrade` took over, and the
+/// connection to confirm on once this process serves.
+pub fn run(
+    config: Config,
+    mut predecessor: Option<(upgrade::Handed, UnixStream)>,
+) -> Result<(), StartError> {
     let workers = config.runtime.workers;
-    let mut sockets: Vec<Vec<(ListenerId, StdListener)>> =
-        (0..workers).map(|_| Vec::new()).collect();
+    let mut sockets: bind::PerWorker = (0..workers).map(|_| Vec::new()).collect();
+    let mut offered = upgrade::Offered::default();
     for (i, l) in config.listeners.iter().enumerate() {
-        let bound = bind_reuseport(l.addr, workers).map_err(|error| StartError::Bind {
-            listener: l.name.clone(),
-            addr: l.addr,
-            error,
-        })?;
-        let addr = bound[0].local_addr().unwrap_or(l.addr);
-        info!(listener = %l.name, address = %addr, sockets = workers, "listening");
-        for (w, s) in bound.into_iter().enumerate() {
-            sockets[w].push((ListenerId(i as u16), s));
-        }
+        let handed = predecessor.as_mut().map(|(h, _)| h);
+        let dups = bind::listen(ListenerId(i as u16), l, workers, handed, &mut sockets).map_err(
+            |error| StartError::Bind {
+                listener: l.name.clone(),
+                addr: l.addr,
+                error,
+            },
+        )?;
+        offered.listeners.push((l.clone(), dups));
     }
     for c in config.consumers.iter().filter(|c| c.plain_keys) {
         warn!(consumer = %c.name, "an API key is in the config in plain text; give its digest instead (\"sha256:\" and `printf %s KEY | sha256sum`)");
@@ -125,12 +132,17 @@ pub fn run(config: Config) -> Result<(), StartError> {
     }
     let admin_socket = match config.admin {
         Some(addr) => {
-            let s = StdListener::bind(addr).map_err(|error| StartError::Bind {
-                listener: "admin".into(),
-                addr,
-                error,
-            })?;
+            let inherited = predecessor.as_mut().and_then(|(h, _)| h.take_admin(addr));
+            let s = match inherited {
+                Some(s) => s,
+                None => StdListener::bind(addr).map_err(|error| StartError::Bind {
+                    listener: "admin".into(),
+                    addr,
+                    error,
+                })?,
+            };
             info!(address = %s.local_addr().unwrap_or(addr), "admin listening");
+            offered.admin = s.try_clone().ok().map(|d| (addr, d.into()));
             Some(s)
         }
         None => None,
@@ -249,8 +261,25 @@ pub fn run(config: Config) -> Result<(), StartError> {
     }
     admin_state.set_ready();
     info!(workers, "ready");
+    if let Some((_, stream)) = predecessor.take() {
+        match upgrade::confirm(stream) {
+            Ok(()) => info!("took over from the previous process, which now drains"),
+            Err(e) => warn!(error = %e, "the previous process did not confirm the upgrade"),
+        }
+    }
+    let offered = Arc::new(Mutex::new(offered));
+    let (handed_over_tx, handed_over) = crossbeam_channel::bounded(1);
+    upgrade::listen(&config, Arc::clone(&offered), handed_over_tx)
+        .map_err(|e| StartError::Worker(format!("upgrade socket: {e}")))?;
 
-    let mut reloader = Reloader::new(Arc::clone(&config), controls, tls_watch, reload_status);
+    let mut reloader = Reloader::new(
+        Arc::clone(&config),
+        controls,
+        tls_watch,
+        reload_status,
+        offered,
+    );
+    let mut handing_over = false;
     // Events a reload met while waiting for the workers (a worker that stopped).
     let mut missed = Vec::new();
     loop {
@@ -259,6 +288,10 @@ pub fn run(config: Config) -> Result<(), StartError> {
             break;
         }
         crossbeam_channel::select! {
+            recv(handed_over) -> _ => {
+                handing_over = true;
+                break;
+            }
             recv(reload_asks) -> ask => {
                 if let Ok(reply) = ask {
                     let _ = reply.send(reloader.reload(&events, &mut missed));
@@ -292,10 +325,15 @@ pub fn run(config: Config) -> Result<(), StartError> {
             }
         }
     }
-    admin_state.set_draining();
+    // Handing over, the admin socket is shared with the successor: it stays "ready".
+    if !handing_over {
+        admin_state.set_draining();
+    }
     let config = Arc::clone(&reloader.config);
     for c in &reloader.controls {
-        let _ = c.send(Control::Drain);
+        let _ = c.send(Control::Drain {
+            close_listeners: !handing_over,
+        });
     }
     let deadline = Instant::now() + config.runtime.drain_timeout + Duration::from_secs(1);
     let mut stopped = 0;
@@ -353,40 +391,6 @@ fn signal_channel() -> Result<Receiver<i32>, StartError> {
         })
         .map_err(StartError::Signals)?;
     Ok(rx)
-}
-
-/// Binds `count` sockets to `addr` with SO_REUSEPORT. The first binds before the option is
-/// set, so that it fails with "address in use" if anyone already holds the address — even a
-/// leftover process that set SO_REUSEPORT itself and would otherwise silently share the port.
-pub fn bind_reuseport(addr: SocketAddr, count: usize) -> io::Result<Vec<StdListener>> {
-    let socket = |reuse_port: bool, addr: SocketAddr| -> io::Result<Socket> {
-        let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-        s.set_reuse_address(true)?;
-        if reuse_port {
-            s.set_reuse_port(true)?;
-        }
-        s.bind(&addr.into())?;
-        Ok(s)
-    };
-    let first = socket(false, addr)?;
-    first.set_reuse_port(true)?;
-    first.listen(BACKLOG)?;
-    let actual = first
-        .local_addr()?
-        .as_socket()
-        .ok_or_else(|| io::Error::other("listener has no IP address"))?;
-    let mut out = vec![first];
-    for _ in 1..count {
-        let s = socket(true, actual)?;
-        s.listen(BACKLOG)?;
-        out.push(s);
-    }
-    out.into_iter()
-        .map(|s| {
-            s.set_nonblocking(true)?;
-            Ok(s.into())
-        })
-        .collect()
 }
 
 /// A worker's links to the rest of the process, all crossbeam channels read or written on
@@ -559,17 +563,16 @@ async fn worker_main(mut ctx: WorkerStart<'_>, driver: &'static str) {
                             .await;
                         let _ = ctx.channels.events.send(Event::Reloaded);
                     }
-                    Ok(Control::Drain) | Err(crossbeam_channel::TryRecvError::Disconnected) => {
-                        break true
-                    }
-                    Err(crossbeam_channel::TryRecvError::Empty) => break false,
+                    Ok(Control::Drain { close_listeners }) => break Some(close_listeners),
+                    Err(crossbeam_channel::TryRecvError::Disconnected) => break Some(true),
+                    Err(crossbeam_channel::TryRecvError::Empty) => break None,
                 }
             };
-            if drain {
+            if let Some(close) = drain {
                 worker.draining.set(true);
                 // Every listener stops listening before this worker does anything else, busy or
                 // idle: an idle worker would otherwise leave at once with its accept in flight.
-                listening.stop_all().await;
+                listening.stop_all(close).await;
                 drain_deadline = Some(Instant::now() + ctx.config.runtime.drain_timeout);
             }
         }

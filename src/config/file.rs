@@ -51,6 +51,9 @@ pub struct RuntimeFile {
     pub ring_entries: Spanned<u32>,
     #[serde(default = "default_drain_timeout_ms")]
     pub drain_timeout_ms: u64,
+    /// A Unix socket through which `ringway --upgrade` takes over the listening sockets.
+    #[serde(default)]
+    pub upgrade_socket: Option<Spanned<String>>,
 }
 
 impl Default for RuntimeFile {
@@ -61,6 +64,7 @@ impl Default for RuntimeFile {
             driver: DriverChoice::Auto,
             ring_entries: default_ring_entries(),
             drain_timeout_ms: default_drain_timeout_ms(),
+            upgrade_socket: None,
         }
     }
 }

@@ -104,6 +104,8 @@ pub struct RuntimeSettings {
     pub driver: DriverChoice,
     pub ring_entries: u32,
     pub drain_timeout: Duration,
+    /// `upgrade_socket`, relative to the config file's directory.
+    pub upgrade_socket: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -591,6 +593,18 @@ impl Validator<'_> {
             driver: r.driver,
             ring_entries,
             drain_timeout: ms(r.drain_timeout_ms),
+            upgrade_socket: match &r.upgrade_socket {
+                Some(s) if s.get_ref().is_empty() => {
+                    return Err(self.err(s.span(), "runtime.upgrade_socket", "must be a path"))
+                }
+                Some(s) => Some(
+                    self.path
+                        .parent()
+                        .unwrap_or(Path::new("."))
+                        .join(s.get_ref()),
+                ),
+                None => None,
+            },
         })
     }
 
