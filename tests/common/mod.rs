@@ -35,7 +35,8 @@ pub struct Gateway {
     logs: Arc<(Mutex<Vec<String>>, Condvar)>,
     listeners: HashMap<String, SocketAddr>,
     pub admin: Option<SocketAddr>,
-    _dir: tempfile::TempDir,
+    /// The directory of the config (`None` for a successor, which shares its predecessor's).
+    _dir: Option<tempfile::TempDir>,
     pub config_path: std::path::PathBuf,
 }
 
@@ -64,9 +65,27 @@ impl Gateway {
         let dir = tempfile::tempdir().expect("tempdir");
         let config_path = dir.path().join("ringway.toml");
         std::fs::write(&config_path, config(toml)).expect("write config");
+        let mut gw = Self::spawn_at(config_path, &[], env);
+        gw._dir = Some(dir);
+        gw
+    }
+
+    /// Starts `ringway --upgrade` on this gateway's config file, now `toml`, without waiting.
+    pub fn spawn_successor(&self, toml: &str) -> Gateway {
+        self.rewrite_config(toml);
+        Self::spawn_at(self.config_path.clone(), &["--upgrade"], &[])
+    }
+
+    /// Waits until a successor serves.
+    pub fn wait_serving(self) -> Gateway {
+        self.wait_ready()
+    }
+
+    fn spawn_at(config_path: std::path::PathBuf, args: &[&str], env: &[(&str, &str)]) -> Gateway {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_ringway"));
         cmd.arg("--config")
             .arg(&config_path)
+            .args(args)
             .env("RINGWAY_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -91,7 +110,7 @@ impl Gateway {
             logs,
             listeners: HashMap::new(),
             admin: None,
-            _dir: dir,
+            _dir: None,
             config_path,
         }
     }
