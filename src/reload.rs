@@ -4,7 +4,6 @@
 //! only then is the new config sent to every worker, which applies it between requests and
 //! says so. Any failure before that leaves the running config untouched.
 
-use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -14,9 +13,9 @@ use serde_json::json;
 use tracing::{error, info, warn};
 
 use crate::bind::{self, PerWorker};
-use crate::config::{self, Config, ConfigError, Listener, ListenerId};
+use crate::config::{self, Config, ConfigError, ListenerId};
 use crate::runtime::{Control, Event};
-use crate::upgrade::Offered;
+use crate::upgrade::{Offered, OfferedSockets};
 
 /// How long the workers have to take a new config (each does so on its next tick).
 const APPLY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -313,7 +312,7 @@ fn needs_restart(current: &Config, next: &Config) -> Option<String> {
 fn bind_added(
     current: &Config,
     next: &Config,
-) -> Result<(PerWorker, Vec<(Listener, Vec<OwnedFd>)>), ReloadError> {
+) -> Result<(PerWorker, Vec<OfferedSockets>), ReloadError> {
     let workers = current.runtime.workers;
     let mut sockets: PerWorker = (0..workers).map(|_| Vec::new()).collect();
     let mut added = Vec::new();

@@ -38,10 +38,13 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 /// workers' descriptors, kept by the main thread and updated by reloads.
 #[derive(Default)]
 pub struct Offered {
-    pub listeners: Vec<(Listener, Vec<OwnedFd>)>,
+    pub listeners: Vec<OfferedSockets>,
     /// The admin listener, with its configured address.
     pub admin: Option<(SocketAddr, OwnedFd)>,
 }
+
+/// A listener and duplicates of its sockets.
+pub type OfferedSockets = (Listener, Vec<OwnedFd>);
 
 /// What the predecessor handed over.
 #[derive(Default)]

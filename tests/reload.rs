@@ -245,7 +245,6 @@ fn a_websocket_tunnel_opened_before_ten_reloads_still_echoes_after_them() {
         assert_eq!(gw.reload().status, 200);
         echoes(&format!("after{i}"));
     }
-    drop(echoes);
     half_close(&s);
     echo.join().unwrap();
 }
