@@ -269,7 +269,9 @@ pub fn run(
     }
     let offered = Arc::new(Mutex::new(offered));
     let (handed_over_tx, handed_over) = crossbeam_channel::bounded(1);
-    upgrade::listen(&config, Arc::clone(&offered), handed_over_tx)
+    // The main thread keeps a sender, so that without an upgrade socket the channel stays open
+    // (and silent) rather than disconnected.
+    upgrade::listen(&config, Arc::clone(&offered), handed_over_tx.clone())
         .map_err(|e| StartError::Worker(format!("upgrade socket: {e}")))?;
 
     let mut reloader = Reloader::new(
@@ -532,6 +534,9 @@ async fn worker_main(mut ctx: WorkerStart<'_>, driver: &'static str) {
                 up.sweep_idle(worker.now());
             }
             upstream::client::summarize_failures(&worker, &gen.upstreams);
+            if ctx.channels.metrics.is_none() {
+                worker.prune_retired();
+            }
         }
         worker.flush_access_log();
         if let Some(tx) = &ctx.channels.reports {

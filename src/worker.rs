@@ -172,6 +172,14 @@ impl Worker {
         self.deadlines.now()
     }
 
+    /// Lets go of the retired generations no request is on any more (with no metrics to send,
+    /// nothing else would): a removed upstream's pooled connections close with them.
+    pub fn prune_retired(&self) {
+        self.retired
+            .borrow_mut()
+            .retain(|g| Rc::strong_count(g) > 1);
+    }
+
     /// What this worker recorded since the last call, with its gauges.
     pub fn snapshot(&self, interval: std::time::Duration) -> Snapshot {
         let gauges = Gauges {

@@ -408,3 +408,30 @@ fn ringway_reload_asks_the_running_gateway() {
     assert!(stdout.contains("\"result\":\"invalid\""), "{stdout}");
     assert_eq!(get(gw.addr("public"), "/gen").text(), "gen-7");
 }
+
+#[test]
+fn a_removed_upstreams_pooled_connection_is_closed() {
+    let (listener, extra) = raw_upstream();
+    let served = thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        read_head(&mut s);
+        s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nextra")
+            .unwrap();
+        // Pooled by the gateway; the reload that removes the upstream must close it.
+        s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        let mut buf = [0u8; 64];
+        s.read(&mut buf).map(|n| n == 0).unwrap_or(false)
+    });
+    let up = Upstream::start(|_| Reply::ok("up"));
+    let base = generation(1, up.addr, 0);
+    let with_extra = format!(
+        "{base}\n[[upstreams]]\nname = \"extra\"\ntargets = [\"{extra}\"]\n\n[[routes]]\nname = \"extra\"\nlistener = \"public\"\npath = \"/extra\"\nupstream = \"extra\"\n"
+    );
+    let gw = Gateway::start(&with_extra);
+    assert_eq!(get(gw.addr("public"), "/extra").text(), "extra");
+    gw.rewrite_config(&base);
+    assert_eq!(gw.reload().status, 200);
+    assert_eq!(get(gw.addr("public"), "/extra").status, 404);
+    assert!(served.join().unwrap(), "the pooled connection was closed");
+}

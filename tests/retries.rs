@@ -153,6 +153,20 @@ fn the_budget_bounds_what_a_total_outage_costs_the_upstreams() {
         seen <= n + n / 5,
         "{seen} upstream requests for {n} client requests"
     );
+    // Every request that ended with attempts left was refused its retry by the budget.
+    let retried = seen - n;
+    let refused = eventually("the budget refusals in /metrics", || {
+        let text = get(gw.admin.unwrap(), "/metrics").text();
+        let line = text.lines().find(|l| {
+            l.starts_with("ringway_upstream_retry_budget_refusals_total{upstream=\"app\"}")
+        })?;
+        let n: usize = line.rsplit(' ').next()?.parse().ok()?;
+        (n > 0).then_some(n)
+    });
+    assert!(
+        refused <= n && refused + retried >= n,
+        "{refused} refused, {retried} retried"
+    );
 }
 
 #[test]

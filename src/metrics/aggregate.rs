@@ -37,6 +37,8 @@ pub struct Aggregate {
     pub auth: std::collections::BTreeMap<(usize, usize, AuthOutcome), u64>,
     /// Circuit-breaker refusals by upstream and limit.
     pub breaker: Vec<[u64; 3]>,
+    /// Retries the budget refused, by upstream.
+    pub budget_refused: Vec<u64>,
     /// Where each recent config's ids land in these tables.
     slots: Vec<Slots>,
 }
@@ -121,6 +123,7 @@ impl Aggregate {
             auth_names: Vec::new(),
             auth: Default::default(),
             breaker: Vec::new(),
+            budget_refused: Vec::new(),
             ratelimited: Vec::new(),
             slots: Vec::new(),
         };
@@ -163,6 +166,7 @@ impl Aggregate {
                     self.upstream_names.push((u.name.clone(), Vec::new()));
                     self.targets.push(Vec::new());
                     self.breaker.push([0; 3]);
+                    self.budget_refused.push(0);
                     self.upstream_names.len() - 1
                 }
             };
@@ -278,6 +282,11 @@ impl Aggregate {
                 for (t, d) in self.breaker[up].iter_mut().zip(delta) {
                     *t += d;
                 }
+            }
+        }
+        for (u, n) in &gen.budget_refused {
+            if let Some(&up) = upstreams.get(usize::from(u.0)) {
+                self.budget_refused[up] += n;
             }
         }
         for ((route, provider, outcome), n) in &gen.auth {

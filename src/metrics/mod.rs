@@ -203,6 +203,8 @@ pub struct UpstreamStats {
     targets: Vec<TargetStats>,
     /// Circuit-breaker refusals by limit (`Limit::ALL` order).
     breaker: [u64; 3],
+    /// Failures a retry would have followed but for the retry budget.
+    budget_refused: u64,
 }
 
 /// What a finished request contributes.
@@ -355,6 +357,7 @@ impl UpstreamStats {
         UpstreamStats {
             targets: (0..targets).map(|_| TargetStats::default()).collect(),
             breaker: [0; 3],
+            budget_refused: 0,
         }
     }
 
@@ -386,6 +389,11 @@ impl UpstreamStats {
         self.breaker[limit as usize] += 1;
     }
 
+    /// A failure was not retried because the retry budget was spent.
+    pub fn record_budget_refusal(&mut self) {
+        self.budget_refused += 1;
+    }
+
     /// The upstream's figures since the last call, into `into`.
     pub fn take(&mut self, upstream: UpstreamId, into: &mut GenDelta) {
         for (t, stats) in self.targets.iter_mut().enumerate() {
@@ -404,6 +412,10 @@ impl UpstreamStats {
             into.breaker
                 .push((upstream, std::mem::take(&mut self.breaker)));
         }
+        if self.budget_refused > 0 {
+            into.budget_refused
+                .push((upstream, std::mem::take(&mut self.budget_refused)));
+        }
     }
 }
 
@@ -416,6 +428,7 @@ impl GenDelta {
             ratelimited: Vec::new(),
             auth: Vec::new(),
             breaker: Vec::new(),
+            budget_refused: Vec::new(),
         }
     }
 
@@ -430,6 +443,7 @@ impl GenDelta {
             && self.ratelimited.is_empty()
             && self.auth.is_empty()
             && self.breaker.is_empty()
+            && self.budget_refused.is_empty()
     }
 }
 
@@ -483,6 +497,8 @@ pub struct GenDelta {
     pub auth: Vec<((RouteId, AuthId, AuthOutcome), u64)>,
     /// Circuit-breaker refusals by upstream and limit.
     pub breaker: Vec<(UpstreamId, [u64; 3])>,
+    /// Retries the budget refused, by upstream.
+    pub budget_refused: Vec<(UpstreamId, u64)>,
 }
 
 pub struct RouteDelta {

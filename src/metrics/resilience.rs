@@ -29,6 +29,20 @@ pub fn upstreams(out: &mut String, agg: &Aggregate) {
     }
     header(
         out,
+        "ringway_upstream_retry_budget_refusals_total",
+        "counter",
+        "Failures a retry would have followed, not retried because the upstream's retry budget was spent.",
+    );
+    for (u, n) in agg.budget_refused.iter().enumerate() {
+        let (uname, _) = &agg.upstream_names[u];
+        let _ = writeln!(
+            out,
+            "ringway_upstream_retry_budget_refusals_total{{upstream=\"{}\"}} {n}",
+            esc(uname)
+        );
+    }
+    header(
+        out,
         "ringway_upstream_retries_total",
         "counter",
         "Attempts on a target that failed and were tried again on another (upstreams with retries).",

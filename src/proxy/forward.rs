@@ -81,10 +81,10 @@ pub(super) async fn proxy<S: Io>(
         }
         // Retrying is possible while attempts and budget remain; `forward` says whether this
         // attempt's failure is one to retry.
-        let may_retry = up
-            .retries
-            .as_ref()
-            .filter(|r| retries < r.attempts && up.retry_affordable());
+        let allowed = up.retries.as_ref().filter(|r| retries < r.attempts);
+        let may_retry = allowed.filter(|_| up.retry_affordable());
+        // A failure a retry would follow, were the budget not spent, is counted.
+        let budget_short = allowed.filter(|_| may_retry.is_none());
         let acquiring = acquire_untried(up, w, key, &c.deadline, |t| tried.contains(t));
         let acquired = match left {
             None => acquiring.await,
@@ -104,9 +104,17 @@ pub(super) async fn proxy<S: Io>(
                     retry::wait(r.backoff, &w.rng, left).await;
                     continue;
                 }
-                // Past the first attempt the whole request has been read.
-                None if prepared.is_some() => return Err(Failure::AfterBody(e)),
-                None => return Err(Failure::BeforeBody(e)),
+                None => {
+                    let connect_failed = !matches!(e, ProxyError::NoHealthyTarget);
+                    if budget_short.is_some_and(|r| r.on.connect_failure && connect_failed) {
+                        up.stats.borrow_mut().record_budget_refusal();
+                    }
+                    // Past the first attempt the whole request has been read.
+                    return Err(match prepared {
+                        Some(_) => Failure::AfterBody(e),
+                        None => Failure::BeforeBody(e),
+                    });
+                }
             },
         };
         let p = match &mut prepared {
@@ -139,7 +147,17 @@ pub(super) async fn proxy<S: Io>(
         c.ex.log.upstream = Some((up.id, lease.target));
         c.ex.log.upstream_us = latency_us;
         match attempt {
-            Attempt::Done(result) => return result,
+            Attempt::Done(result) => {
+                let on = budget_short.and_then(|r| retry::after_send(r.on, c.head.method));
+                let retryable = on.is_some_and(|on| match &result {
+                    Ok(_) => latency_us.is_some() && on.status(c.resp.status),
+                    Err(f) => f.error().is_some_and(|e| retry::retries_error(on, e)),
+                });
+                if retryable {
+                    up.stats.borrow_mut().record_budget_refusal();
+                }
+                return result;
+            }
             Attempt::Retry(_) => {
                 up.stats.borrow_mut().record_retry(lease.target);
                 tried.push(lease.target);

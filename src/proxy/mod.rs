@@ -96,6 +96,14 @@ enum Failure {
 }
 
 impl Failure {
+    /// The error, unless the client aborted.
+    fn error(&self) -> Option<&ProxyError> {
+        match self {
+            Failure::BeforeBody(e) | Failure::AfterBody(e) | Failure::MidBody(e) => Some(e),
+            Failure::Abort => None,
+        }
+    }
+
     /// How the upstream exchange ended, if the failure was the upstream's.
     fn upstream_outcome(&self) -> Option<UpstreamOutcome> {
         let e = match self {
