@@ -146,6 +146,12 @@ impl Worker {
         Rc::clone(&self.generation.borrow())
     }
 
+    /// Whether `gen` is the current generation (no reference counted: the per-request check).
+    #[inline]
+    pub fn is_current(&self, gen: &Rc<Generation>) -> bool {
+        Rc::ptr_eq(&self.generation.borrow(), gen)
+    }
+
     /// Makes `next` the generation new requests start on; requests in flight finish on theirs.
     pub fn install(&self, next: Generation) {
         let old = self.generation.replace(Rc::new(next));

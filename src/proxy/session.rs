@@ -92,7 +92,8 @@ pub(crate) async fn serve_admitted<S: Io>(
 }
 
 async fn serve_request<S: Io>(c: &mut Session<'_, S>, w: &Rc<Worker>) -> Next {
-    if c.rbuf.is_empty() && (w.draining.get() || !c.ex.listener_in(&w.generation())) {
+    let moved = || !w.is_current(&c.ex.gen) && !c.ex.listener_in(&w.generation());
+    if c.rbuf.is_empty() && (w.draining.get() || moved()) {
         return Next::Close;
     }
     let ready = read_request_head(c, w).await;
