@@ -204,21 +204,7 @@ fn an_invalid_or_restart_only_config_changes_nothing() {
 
 #[test]
 fn a_websocket_tunnel_opened_before_ten_reloads_still_echoes_after_them() {
-    let (listener, upstream) = raw_upstream();
-    let echo = thread::spawn(move || {
-        let (mut s, _) = listener.accept().unwrap();
-        read_head(&mut s);
-        s.write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
-            .unwrap();
-        let mut buf = [0u8; 256];
-        loop {
-            let n = s.read(&mut buf).unwrap();
-            if n == 0 {
-                break;
-            }
-            s.write_all(&buf[..n].to_ascii_uppercase()).unwrap();
-        }
-    });
+    let (upstream, echo) = upgrading_echo();
     let gw = Gateway::start(&generation(1, upstream, 0));
     let mut conn = ResponseReader::new(connect(gw.addr("public")));
     conn.stream

@@ -3,29 +3,12 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::thread;
 
 use common::*;
 
 #[test]
 fn upgrade_is_tunnelled_as_raw_bytes_both_ways() {
-    let (listener, addr) = raw_upstream();
-    let upstream = thread::spawn(move || {
-        let (mut s, _) = listener.accept().unwrap();
-        let head = String::from_utf8(read_head(&mut s)).unwrap();
-        s.write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: abc\r\n\r\n")
-            .unwrap();
-        // Echo, upper-cased, until the client's side closes.
-        let mut buf = [0u8; 256];
-        loop {
-            let n = s.read(&mut buf).unwrap();
-            if n == 0 {
-                break;
-            }
-            s.write_all(&buf[..n].to_ascii_uppercase()).unwrap();
-        }
-        head
-    });
+    let (addr, upstream) = upgrading_echo();
     let gw = Gateway::start(&proxy_config(&[addr], "", ""));
     let mut conn = ResponseReader::new(connect(gw.addr("public")));
     // Bytes sent right behind the head, before the 101, belong to the tunnel too.

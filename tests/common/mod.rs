@@ -802,6 +802,28 @@ impl<S: Read> RequestReader<S> {
 }
 
 /// A listening socket for tests that script an upstream byte by byte.
+/// An upstream that answers one request with 101 (`Upgrade: websocket`), then echoes what it
+/// reads, upper-cased, until the client's side closes; the thread returns the request head.
+pub fn upgrading_echo() -> (SocketAddr, thread::JoinHandle<String>) {
+    let (listener, addr) = raw_upstream();
+    let echo = thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let head = String::from_utf8(read_head(&mut s)).unwrap();
+        s.write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: abc\r\n\r\n")
+            .unwrap();
+        let mut buf = [0u8; 256];
+        loop {
+            let n = s.read(&mut buf).unwrap();
+            if n == 0 {
+                break;
+            }
+            s.write_all(&buf[..n].to_ascii_uppercase()).unwrap();
+        }
+        head
+    });
+    (addr, echo)
+}
+
 pub fn raw_upstream() -> (TcpListener, SocketAddr) {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
