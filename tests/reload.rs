@@ -393,6 +393,16 @@ fn ringway_reload_asks_the_running_gateway() {
     assert_eq!(status.code(), Some(2), "{stdout}");
     assert!(stdout.contains("\"result\":\"invalid\""), "{stdout}");
     assert_eq!(get(gw.addr("public"), "/gen").text(), "gen-7");
+
+    // Without --admin, the config's admin address is used; a config without one is an error.
+    let dir = tempfile::tempdir().unwrap();
+    let lone = write_config(
+        &dir,
+        "[[listeners]]\nname = \"l\"\naddress = \"127.0.0.1:0\"\n",
+    );
+    let (status, _, stderr) = run_ringway(&["reload", "--config", &lone]);
+    assert_eq!(status.code(), Some(2));
+    assert!(stderr.contains("no `admin` address"), "{stderr}");
 }
 
 #[test]
