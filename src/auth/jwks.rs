@@ -35,8 +35,13 @@ const MAX_JWKS: usize = 1024 * 1024;
 /// Requests waiting for keys per worker and provider; past it, 503.
 const MAX_WAITING: usize = 1024;
 
-/// A worker's question to the fetcher: provider `0` met a `kid` it does not know.
-pub struct Ask(pub AuthId);
+/// A worker's question to the fetcher: its provider met a `kid` it does not know.
+pub struct Ask {
+    pub provider: AuthId,
+    /// How many fetches had delivered keys to the asking worker: an ask that a fetch completed
+    /// since has its answer already, and is answered without a refetch.
+    pub fetches_seen: u64,
+}
 
 /// The fetcher's answer to every worker: the provider's keys now, and until when a kid it does
 /// not know is unknown (no refetch will happen before).
@@ -44,6 +49,8 @@ pub struct KeysUpdate {
     pub provider: AuthId,
     pub keys: Arc<KeySet>,
     pub settled_until: Option<Instant>,
+    /// Fetches of this provider completed so far.
+    pub fetches: u64,
 }
 
 /// One worker's view of every JWT provider's keys, and its verified tokens.
@@ -67,6 +74,8 @@ struct ProviderKeys {
     /// An ask is out and unanswered.
     asked: bool,
     settled_until: Option<Instant>,
+    /// The fetcher's count of completed fetches, as of the last update.
+    fetches: u64,
     /// Answers received; a waiter waits for the next one.
     answers: u64,
     waiters: Vec<Waker>,
@@ -90,23 +99,23 @@ impl JwtState {
         let providers = config
             .auth
             .iter()
-            .map(|a| match &a.kind {
-                AuthKind::Jwt(s) => Some(ProviderKeys {
+            .map(|a| {
+                let AuthKind::Jwt(s) = &a.kind else {
+                    return None;
+                };
+                let source = remote_source(config, &s.keys);
+                let kept = before
+                    .iter()
+                    .flat_map(|b| b.iter().flatten())
+                    .find(|p| p.remote && p.name == a.name && p.source == source);
+                Some(ProviderKeys {
                     name: a.name.clone(),
-                    source: remote_source(config, &s.keys),
-                    keys: match &s.keys {
-                        JwksSource::File(set) => Arc::clone(set),
-                        JwksSource::None => Arc::new(KeySet::empty()),
-                        JwksSource::Remote { .. } => before
-                            .iter()
-                            .flat_map(|b| b.iter().flatten())
-                            .find(|p| {
-                                p.remote
-                                    && p.name == a.name
-                                    && p.source == remote_source(config, &s.keys)
-                            })
-                            .map_or_else(|| Arc::new(KeySet::empty()), |p| Arc::clone(&p.keys)),
+                    keys: match (&s.keys, kept) {
+                        (JwksSource::File(set), _) => Arc::clone(set),
+                        (JwksSource::Remote { .. }, Some(p)) => Arc::clone(&p.keys),
+                        _ => Arc::new(KeySet::empty()),
                     },
+                    source,
                     remote: matches!(s.keys, JwksSource::Remote { .. }),
                     wait_limit: match &s.keys {
                         JwksSource::Remote { upstream, .. } => {
@@ -117,11 +126,11 @@ impl JwtState {
                         _ => Duration::ZERO,
                     },
                     asked: false,
-                    settled_until: None,
+                    settled_until: kept.and_then(|p| p.settled_until),
+                    fetches: kept.map_or(0, |p| p.fetches),
                     answers: 0,
                     waiters: Vec::new(),
-                }),
-                _ => None,
+                })
             })
             .collect();
         JwtState {
@@ -158,6 +167,7 @@ impl JwtState {
             };
             p.keys = u.keys;
             p.settled_until = u.settled_until;
+            p.fetches = u.fetches;
             p.asked = false;
             p.answers += 1;
             for w in p.waiters.drain(..) {
@@ -181,7 +191,11 @@ impl JwtState {
                 return Unknown::Unavailable;
             }
             if !p.asked {
-                let sent = self.asks.borrow().as_ref().map(|tx| tx.try_send(Ask(id)));
+                let ask = Ask {
+                    provider: id,
+                    fetches_seen: p.fetches,
+                };
+                let sent = self.asks.borrow().as_ref().map(|tx| tx.try_send(ask));
                 match sent {
                     Some(Ok(())) => p.asked = true,
                     Some(Err(TrySendError::Full(_))) => return Unknown::Unavailable,
@@ -289,6 +303,8 @@ struct Remote {
     refresh: Duration,
     keys: RefCell<Arc<KeySet>>,
     in_flight: Cell<bool>,
+    /// Fetches completed (good or not), for telling stale asks.
+    fetches: Cell<u64>,
     /// A reload removed it: a fetch still running announces nothing.
     retired: Cell<bool>,
     next_fetch: Cell<Instant>,
@@ -355,6 +371,7 @@ impl Fetcher {
                     refresh: *refresh,
                     keys: RefCell::new(Arc::new(KeySet::empty())),
                     in_flight: Cell::new(false),
+                    fetches: Cell::new(0),
                     retired: Cell::new(false),
                     next_fetch: Cell::new(now),
                     last_refetch: Cell::new(None),
@@ -396,11 +413,16 @@ impl Fetcher {
                 self.start(w, r);
             }
         }
-        for Ask(id) in self.asks.try_iter() {
-            let Some(r) = self.remotes.iter().find(|r| r.id.get() == id) else {
+        for ask in self.asks.try_iter() {
+            let Some(r) = self.remotes.iter().find(|r| r.id.get() == ask.provider) else {
                 continue;
             };
             if r.in_flight.get() {
+                continue;
+            }
+            if ask.fetches_seen < r.fetches.get() {
+                // A fetch completed after the asker's last keys: they are its answer.
+                broadcast(&self.workers, r);
                 continue;
             }
             match r.last_refetch.get() {
@@ -451,6 +473,7 @@ impl Fetcher {
                 }
             }
             r.in_flight.set(false);
+            r.fetches.set(r.fetches.get() + 1);
             broadcast(&workers, &r);
         });
     }
@@ -467,6 +490,7 @@ fn broadcast(workers: &[Sender<KeysUpdate>], r: &Remote) {
             provider: r.id.get(),
             keys: Arc::clone(&r.keys.borrow()),
             settled_until,
+            fetches: r.fetches.get(),
         };
         if tx.try_send(update).is_err() {
             warn!(provider = %r.name, "a worker is not taking JWKS updates");

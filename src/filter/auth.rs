@@ -272,7 +272,10 @@ impl Auth {
         {
             return Ok(Identity::Token(Rc::clone(v)));
         }
-        let mut waited = false;
+        // Answers waited for. A first answer may be keys fetched before the ask reached the
+        // fetcher (another worker's, or a scheduled fetch): then one more ask gets a refetch,
+        // unless the keys are settled.
+        let mut waited = 0;
         loop {
             let Some(keys) = cx.jwt.keys(id) else {
                 return Err(Refused::Invalid);
@@ -295,12 +298,12 @@ impl Auth {
                 Err(Failure::Expired) => return Err(Refused::Expired),
                 Err(Failure::Invalid(_)) => return Err(Refused::Invalid),
                 // Without any key (a remote JWKS never fetched), it is the provider's fault.
-                Err(Failure::UnknownKid) if keys.is_empty() && waited => {
+                Err(Failure::UnknownKid) if keys.is_empty() && waited > 0 => {
                     return Err(Refused::Unavailable)
                 }
-                Err(Failure::UnknownKid) if waited => return Err(Refused::Invalid),
+                Err(Failure::UnknownKid) if waited == 2 => return Err(Refused::Invalid),
                 Err(Failure::UnknownKid) => match cx.jwt.unknown_kid(id, cx.now).await {
-                    Unknown::Retry => waited = true,
+                    Unknown::Retry => waited += 1,
                     _ if keys.is_empty() => return Err(Refused::Unavailable),
                     Unknown::Refuse | Unknown::Unavailable => return Err(Refused::Invalid),
                 },
