@@ -435,11 +435,26 @@ fn worker_thread(
         listeners,
         channels,
     };
-    let uring = || {
+    // The ring has one submitter, this thread, and completions are posted when the worker asks
+    // for them (SINGLE_ISSUER, DEFER_TASKRUN: Linux 6.1+), rather than by interrupting it: 9 of
+    // 10 alternating reps cheaper in CPU per proxied request (README). Older kernels refuse the
+    // flags, and get the plain ring.
+    let ring = |deferred: bool| {
+        let mut urb = io_uring::IoUring::builder();
+        if deferred {
+            urb.setup_single_issuer().setup_defer_taskrun();
+        }
         RuntimeBuilder::<IoUringDriver>::new()
+            .uring_builder(urb)
             .with_entries(entries)
             .enable_timer()
             .build()
+    };
+    let uring = || {
+        ring(true).or_else(|e| {
+            info!(worker = id, error = %e, "io_uring without deferred task running (kernel before 6.1?)");
+            ring(false)
+        })
     };
     let result = match config.runtime.driver {
         DriverChoice::Legacy => legacy(ctx),
