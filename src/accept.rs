@@ -15,7 +15,7 @@ use tracing::warn;
 use crate::config::{Config, Listener, ListenerId};
 use crate::proxy;
 use crate::tls;
-use crate::worker::Worker;
+use crate::worker::{FirstRequest, Worker};
 
 /// Whether an accept loop goes on, and how it ends.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -142,10 +142,12 @@ async fn accept_loop(
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
                 let (w, id) = (Rc::clone(&worker), id.get());
+                // Counted now, before its task runs: a drain starting meanwhile waits for it.
+                let first = FirstRequest::new(&worker);
                 if worker.is_tls(id) {
-                    monoio::spawn(tls::accept::serve(stream, peer, id, w));
+                    monoio::spawn(tls::accept::serve(stream, peer, id, w, first));
                 } else {
-                    monoio::spawn(proxy::serve(stream, peer, id, w));
+                    monoio::spawn(proxy::serve_accepted(stream, peer, id, w, first));
                 }
             }
             Err(_) if stopping.get() != Stop::No => {

@@ -597,7 +597,8 @@ async fn worker_main(mut ctx: WorkerStart<'_>, driver: &'static str) {
             }
         }
         if let Some(deadline) = drain_deadline {
-            if worker.inflight() == 0 || Instant::now() >= deadline {
+            let idle = worker.inflight() == 0 && worker.first_pending() == 0;
+            if idle || Instant::now() >= deadline {
                 break;
             }
         }

@@ -39,6 +39,9 @@ pub struct Worker {
     /// Set when shutdown begins: finish what is in flight, take nothing new.
     pub draining: Cell<bool>,
     inflight: Cell<usize>,
+    /// Connections accepted whose first request has not ended: a drain waits for them too, so
+    /// that a connection accepted as the listeners stop is answered, not dropped.
+    first_pending: Cell<usize>,
     /// Deadlines of every connection's pending operation, and the worker's coarse clock.
     pub deadlines: Deadlines,
     /// What this worker has recorded since its last metrics snapshot.
@@ -79,6 +82,7 @@ impl Worker {
             rng: Rng::from_os(),
             draining: Cell::new(false),
             inflight: Cell::new(0),
+            first_pending: Cell::new(0),
             deadlines: Deadlines::default(),
             metrics: RefCell::new(WorkerMetrics::default()),
             access_log,
@@ -287,6 +291,11 @@ impl Worker {
         self.inflight.get()
     }
 
+    /// Connections whose first request has not ended (`FirstRequest`).
+    pub fn first_pending(&self) -> usize {
+        self.first_pending.get()
+    }
+
     pub fn begin_request(&self) -> InflightGuard<'_> {
         self.inflight.set(self.inflight.get() + 1);
         InflightGuard(&self.inflight)
@@ -333,6 +342,24 @@ pub struct ConnectionGuard<'a>(&'a Cell<usize>);
 impl Drop for ConnectionGuard<'_> {
     fn drop(&mut self) {
         self.0.set(self.0.get() - 1);
+    }
+}
+
+/// Counts an accepted connection until its first request ends (or the connection does), from
+/// the moment of the accept, before its task runs.
+pub struct FirstRequest(Rc<Worker>);
+
+impl FirstRequest {
+    pub fn new(w: &Rc<Worker>) -> FirstRequest {
+        w.first_pending.set(w.first_pending.get() + 1);
+        FirstRequest(Rc::clone(w))
+    }
+}
+
+impl Drop for FirstRequest {
+    fn drop(&mut self) {
+        let n = &self.0.first_pending;
+        n.set(n.get() - 1);
     }
 }
 

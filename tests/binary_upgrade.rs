@@ -105,6 +105,13 @@ impl Load {
 fn a_successor_takes_over_under_load_without_a_refused_connection() {
     let mut old = Gateway::start(&config(2, "old", ""));
     let addr = old.addr("public");
+    old.wait_log("the upgrade socket", |l| {
+        l.contains("upgrade socket listening")
+    });
+    let socket = old.config_path.with_file_name("ringway.sock");
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&socket).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600, "only the owner may take the sockets");
     let load = Load::start(addr);
     eventually("load on the old process", || {
         (load.served("old") > 50).then_some(())

@@ -38,8 +38,8 @@ use crate::metrics::UpstreamOutcome;
 use crate::tls::{TlsInfo, TlsReader, TlsStream, TlsWriter};
 
 pub use reply::valid_redirect_host;
-pub use session::serve;
 pub(crate) use session::serve_admitted;
+pub use session::{serve, serve_accepted};
 
 /// A client stream the pipeline can serve (TCP, TLS, in-memory in tests), as two halves that
 /// a request can read and write at once. Monomorphised, never boxed.

@@ -21,7 +21,7 @@ use crate::error::ProxyError;
 use crate::http::{parse_request, BodyLength, Method, RequestHead, ResponseHead, Version};
 use crate::metrics::RequestRecord;
 use crate::trace::Trace;
-use crate::worker::Worker;
+use crate::worker::{FirstRequest, Worker};
 
 /// After an error reply with request bytes still unread, how long to keep reading and
 /// discarding them so that closing does not reset the connection under the reply.
@@ -49,11 +49,23 @@ pub(crate) struct Session<'w, S: Io> {
 /// Serves one client connection on stream `io` until it closes. Generic over the stream, so a
 /// TLS stream (or an in-memory one, in tests) runs the same pipeline, monomorphised.
 pub async fn serve<S: Io>(io: S, peer: SocketAddr, listener: ListenerId, w: Rc<Worker>) {
+    let first = FirstRequest::new(&w);
+    serve_accepted(io, peer, listener, w, first).await;
+}
+
+/// `serve`, for a connection `first` has counted since its accept.
+pub async fn serve_accepted<S: Io>(
+    io: S,
+    peer: SocketAddr,
+    listener: ListenerId,
+    w: Rc<Worker>,
+    first: FirstRequest,
+) {
     let Some(_active) = w.admit_connection() else {
         debug!(worker = w.id, reason = "connection_limit", %peer, "connection rejected at accept");
         return;
     };
-    serve_admitted(io, peer, listener, &w).await;
+    serve_admitted(io, peer, listener, &w, first).await;
 }
 
 /// `serve` for a connection already counted against the worker's limit (a TLS one, admitted
@@ -63,6 +75,7 @@ pub(crate) async fn serve_admitted<S: Io>(
     peer: SocketAddr,
     listener: ListenerId,
     w: &Rc<Worker>,
+    first: FirstRequest,
 ) {
     let tls = io.tls();
     let (r, wr) = io.into_halves();
@@ -78,8 +91,11 @@ pub(crate) async fn serve_admitted<S: Io>(
         served: 0,
         ex: Exchange::new(w.generation(), listener, peer, tls),
     };
-    while serve_request(&mut c, w).await == Next::KeepAlive {
+    let mut next = serve_request(&mut c, w).await;
+    drop(first);
+    while next == Next::KeepAlive {
         c.served += 1;
+        next = serve_request(&mut c, w).await;
     }
     if S::CLOSE_NOTIFY {
         // A TLS peer that sees the TCP close without close_notify may take the connection for
@@ -92,8 +108,10 @@ pub(crate) async fn serve_admitted<S: Io>(
 }
 
 async fn serve_request<S: Io>(c: &mut Session<'_, S>, w: &Rc<Worker>) -> Next {
+    // Between requests: a drain, or a reload that removed the listener, closes the connection
+    // (its first request is answered whatever happens).
     let moved = || !w.is_current(&c.ex.gen) && !c.ex.listener_in(&w.generation());
-    if c.rbuf.is_empty() && (w.draining.get() || moved()) {
+    if c.rbuf.is_empty() && c.served > 0 && (w.draining.get() || moved()) {
         return Next::Close;
     }
     let ready = read_request_head(c, w).await;

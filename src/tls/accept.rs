@@ -16,7 +16,7 @@ use super::stream::{handshake, HandshakeError, TlsStream};
 use crate::config::ListenerId;
 use crate::deadline::TimedOut;
 use crate::error::Reject;
-use crate::worker::Worker;
+use crate::worker::{FirstRequest, Worker};
 
 /// TLS records start with a content type; a ClientHello comes in a handshake record.
 const HANDSHAKE_RECORD: u8 = 0x16;
@@ -25,8 +25,15 @@ const FIRST_READ: usize = 16 * 1024 + 256;
 const PLAIN_HTTP_REPLY: &[u8] = b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n\
 content-length: 49\r\nconnection: close\r\n\r\n{\"error\":\"plain HTTP request sent to a TLS port\"}";
 
-/// Serves one connection accepted on TLS listener `listener`.
-pub async fn serve(tcp: TcpStream, peer: SocketAddr, listener: ListenerId, w: Rc<Worker>) {
+/// Serves one connection accepted on TLS listener `listener` (`first` counts it from the
+/// accept to the end of its first request).
+pub async fn serve(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    listener: ListenerId,
+    w: Rc<Worker>,
+    first: FirstRequest,
+) {
     let Some(_active) = w.admit_connection() else {
         debug!(worker = w.id, reason = "connection_limit", %peer, "connection rejected at accept");
         return;
@@ -47,7 +54,7 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, listener: ListenerId, w: Rc
     };
     let reject = match outcome {
         Ok(Ok(stream)) => {
-            crate::proxy::serve_admitted(stream, peer, listener, &w).await;
+            crate::proxy::serve_admitted(stream, peer, listener, &w, first).await;
             return;
         }
         Ok(Err(Refused::Closed)) => None,
