@@ -4,8 +4,7 @@
 //! them to report in, then waits for SIGTERM/SIGINT. Workers hear from the main thread only
 //! through a crossbeam channel that they poll on a timer; nothing else crosses threads.
 
-use std::io;
-use std::net::{SocketAddr, TcpListener as StdListener};
+use std::net::TcpListener as StdListener;
 use std::os::unix::net::UnixStream;
 use std::rc::Rc;
 use std::sync::{Arc, Mutex};
@@ -28,6 +27,8 @@ use crate::metrics::Snapshot;
 use crate::ratelimit::{self, Grants, Report};
 use crate::reload::{ReloadStatus, Reloader};
 use crate::services;
+use crate::startup::signal_channel;
+pub use crate::startup::StartError;
 use crate::tls::{self, watch::TlsUpdate};
 use crate::upgrade;
 use crate::upstream;
@@ -38,43 +39,6 @@ use crate::worker::Worker;
 const CONTROL_TICK: Duration = Duration::from_millis(25);
 /// Idle upstream connections past their timeout are closed this often.
 const SWEEP_EVERY: u32 = 40;
-
-#[derive(Debug)]
-pub enum StartError {
-    Bind {
-        listener: String,
-        addr: SocketAddr,
-        error: io::Error,
-    },
-    Worker(String),
-    Signals(io::Error),
-    AccessLog(String, io::Error),
-}
-
-impl std::fmt::Display for StartError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            StartError::Bind {
-                listener,
-                addr,
-                error,
-            } if error.kind() == io::ErrorKind::AddrInUse => write!(
-                f,
-                "listener {listener:?}: address in use: {addr} is already held by another process"
-            ),
-            StartError::Bind {
-                listener,
-                addr,
-                error,
-            } => write!(f, "listener {listener:?}: cannot listen on {addr}: {error}"),
-            StartError::Worker(e) => write!(f, "worker failed to start: {e}"),
-            StartError::Signals(e) => write!(f, "cannot install signal handlers: {e}"),
-            StartError::AccessLog(path, e) => write!(f, "access log {path:?}: {e}"),
-        }
-    }
-}
-
-impl std::error::Error for StartError {}
 
 /// From the main thread to a worker.
 pub enum Control {
@@ -374,25 +338,6 @@ pub fn run(
     }
     info!("stopped");
     Ok(())
-}
-
-/// SIGTERM and SIGINT drain and stop; SIGHUP reloads the config; SIGUSR1 reopens the access
-/// log.
-fn signal_channel() -> Result<Receiver<i32>, StartError> {
-    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP, SIGUSR1])
-        .map_err(StartError::Signals)?;
-    let (tx, rx) = crossbeam_channel::bounded(4);
-    thread::Builder::new()
-        .name("ringway-signals".into())
-        .spawn(move || {
-            for sig in signals.forever() {
-                if tx.send(sig).is_err() {
-                    break;
-                }
-            }
-        })
-        .map_err(StartError::Signals)?;
-    Ok(rx)
 }
 
 /// A worker's links to the rest of the process, all crossbeam channels read or written on
