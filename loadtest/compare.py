@@ -23,6 +23,14 @@ summary. Only 127.0.0.1 is targeted and every step is bounded in time.
 allocations per request (proxied on both drivers, with three header transforms, cache hits),
 alternating with another build when one is given, into loadtest/results/<date>-callgrind.*:
 the before/after check for a change to the request path.
+
+--cpu-only [--reps N] [--baseline BINARY] measures CPU µs (user, system), system calls, context
+switches and io_uring submissions per proxied request for ringway on both drivers, a baseline
+build if given, and nginx, all alternating; each row's ratio to nginx is the median of the reps'.
+
+--latency-only [--rate R] [--reps N] measures p50/p99/p99.9/max at R requests/s (default 10000)
+for ringway on both drivers and nginx, alternating, and counts the reps where ringway's p99 and
+p99.9 were at most nginx's.
 """
 
 import argparse
@@ -460,8 +468,14 @@ def main():
                     help="with --callgrind-only: also measure this ringway build, for before/after")
     ap.add_argument("--cpu-only", action="store_true",
                     help="only CPU and kernel work per proxied request (13 B, keep-alive) of ringway "
-                         "on both drivers, alternating with --baseline if given: before/after for a "
-                         "change to how ringway drives the kernel")
+                         "on both drivers and nginx, alternating with --baseline if given: "
+                         "before/after for a change to how ringway drives the kernel")
+    ap.add_argument("--latency-only", action="store_true",
+                    help="only p50/p99/p99.9/max at one fixed rate (--rate) for ringway on both "
+                         "drivers and nginx, alternating, each rep compared with nginx's")
+    ap.add_argument("--rate", type=int, default=10000,
+                    help="with --latency-only: requests/s (default 10000, where this VM's load "
+                         "core stays near 70%% busy)")
     ap.add_argument("--guard", action="store_true",
                     help="exit 1, loudly, if instructions per request (callgrind: proxied on both "
                          "drivers, cache hits) rose more than 5%% above loadtest/guard.json")
@@ -471,10 +485,12 @@ def main():
     ap.add_argument("--record", action="store_true",
                     help="with --guard: write the figures measured now into loadtest/guard.json")
     args = ap.parse_args()
-    if args.guard or args.callgrind_only or args.cpu_only or args.auth_cost:
+    if args.guard or args.callgrind_only or args.cpu_only or args.auth_cost or args.latency_only:
         import modes  # the single-purpose modes, in loadtest/modes.py
         if args.guard:
             return modes.guard(args)
+        if args.latency_only:
+            return modes.latency_only(args)
         if args.auth_cost:
             return modes.auth_cost(args)
         return modes.callgrind_only(args) if args.callgrind_only else modes.cpu_only(args)

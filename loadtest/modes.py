@@ -1,5 +1,6 @@
 """The load-test kit's single-purpose modes (see compare.py's docstring): `--callgrind-only`,
-`--cpu-only`, `--auth-cost` and the regression guard `--guard`, built on compare.py's helpers."""
+`--cpu-only`, `--latency-only`, `--auth-cost` and the regression guard `--guard`, built on
+compare.py's helpers."""
 
 import contextlib
 import datetime
@@ -10,9 +11,10 @@ import subprocess
 import sys
 import tempfile
 
-from compare import (LOAD_CPU, ORIGIN_PORT, PER_REQUEST, PROXY_CPU, RINGWAY, ROOT, alternate,
-                     callgrind, cpu_model, log, median, medians, origin_config, per_request,
-                     ringway, throughput, wait_port, write)
+from compare import (LOAD_CPU, ORIGIN_PORT, PER_REQUEST, PROXY_CPU, RINGWAY, ROOT, Proxy,
+                     alternate, callgrind, cpu_model, log, median, medians, nginx_proxy_config,
+                     oha_fixed_rate, origin_config, per_request, ringway, throughput, wait_port,
+                     write)
 
 
 @contextlib.contextmanager
@@ -73,41 +75,97 @@ def callgrind_only(args):
 
 def cpu_only(args):
     """CPU µs, system calls, context switches and io_uring submissions per proxied request for
-    ringway (and a baseline build), builds alternating in every rep (this VM drifts by up to a
-    third between minutes): medians, and in how many reps each build was cheaper than the other."""
+    ringway on both drivers (and a baseline build) and for nginx, all alternating in every rep
+    (this VM drifts by up to a third between minutes): medians, each row's median ratio to nginx
+    over the reps, and in how many reps a build was cheaper than its baseline."""
     builds = [("", RINGWAY)] + ([("baseline ", args.baseline)] if args.baseline else [])
     runs = {}
     with nginx_origin("ringway-cpu-") as tmp:
         port = 18500
         for rep in range(args.reps):
-            for driver in ("io_uring", "legacy"):
-                for label, binary in alternate(builds, rep):
-                    port += 1
-                    p = ringway(tmp, f"{label}{driver}", port, binary=binary, driver=driver).start()
-                    try:
-                        throughput(p, "/13B", 2)  # warm-up: pools, buffers, page cache
-                        r = throughput(p, "/13B", args.seconds)
-                    finally:
-                        p.stop()
-                    runs.setdefault(p.name, []).append(r)
-                    log(f"   {p.name:20} {r['rps']:8.0f} rps  {per_request(r)}")
-    md = ["| ringway | CPU µs | user µs | system µs | system calls | context switches | "
-          "io_uring submissions | cheaper in reps |", "|---|---:|---:|---:|---:|---:|---:|---|"]
+            variants = [(f"{label}{driver}", binary, driver)
+                        for driver in ("io_uring", "legacy") for label, binary in builds]
+            variants.append(("nginx", None, None))
+            for name, binary, driver in alternate(variants, rep):
+                port += 1
+                if binary is None:
+                    p = Proxy("nginx", port, ["nginx", "-c", nginx_proxy_config(tmp, port)])
+                else:
+                    p = ringway(tmp, name, port, binary=binary, driver=driver)
+                p.start()
+                try:
+                    throughput(p, "/13B", 2)  # warm-up: pools, buffers, page cache
+                    r = throughput(p, "/13B", args.seconds)
+                finally:
+                    p.stop()
+                runs.setdefault(name, []).append(r)
+                log(f"   {name:20} {r['rps']:8.0f} rps  {per_request(r)}")
+    md = ["| proxy | CPU µs | user µs | system µs | system calls | context switches | "
+          "io_uring submissions | CPU vs nginx | cheaper than baseline |",
+          "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for name, rs in runs.items():
         m = medians(rs)
+        vs = median([a["cpu_us_per_req"] / b["cpu_us_per_req"] for a, b in zip(rs, runs["nginx"])])
         other = runs.get(name[len("baseline "):] if name.startswith("baseline ") else f"baseline {name}")
         wins = (f"{sum(a['cpu_us_per_req'] < b['cpu_us_per_req'] for a, b in zip(rs, other))}"
                 f" of {len(rs)}") if other else "-"
         cells = [f"{m[k]:.{d}f}" if k in m else "-" for k, _, d in PER_REQUEST]
-        md.append(f"| {name} | " + " | ".join(cells) + f" | {wins} |")
+        md.append(f"| {name} | " + " | ".join(cells) + f" | {vs:.2f} | {wins} |")
     stamp = datetime.date.today().isoformat()
     out = os.path.join(ROOT, "loadtest", "results", f"{stamp}-cpu")
     write(out + ".md", f"# CPU and kernel work per proxied request, {stamp}, {cpu_model()}, "
           f"Linux {os.uname().release}\n\n13 B, 50 keep-alive connections (wrk), proxy on CPU "
           f"{PROXY_CPU}, origin and wrk on CPU {LOAD_CPU}; {args.seconds} s runs, {args.reps} reps, "
-          "builds alternating, medians.\n\n" + "\n".join(md) + "\n")
+          "proxies alternating, medians; \"CPU vs nginx\" is the median of each rep's ratio.\n\n"
+          + "\n".join(md) + "\n")
     write(out + ".json", json.dumps(runs, indent=1))
     print("\n".join(md))
+
+
+def latency_only(args):
+    """p50/p99/p99.9/max at one fixed rate (oha, open loop, latency-corrected) for ringway on both
+    drivers and nginx, alternating over the reps; each rep's percentiles are compared with
+    nginx's of the same rep (issue 12: p99 and p99.9 at most nginx's in 4 of 5 reps)."""
+    rows = {"io_uring": [], "legacy": [], "nginx": []}
+    with nginx_origin("ringway-latency-") as tmp:
+        proxies = [ringway(tmp, "io_uring", 18551), ringway(tmp, "legacy", 18552, driver="legacy"),
+                   Proxy("nginx", 18553, ["nginx", "-c", nginx_proxy_config(tmp, 18553)])]
+        try:
+            for p in proxies:
+                p.start()
+                throughput(p, "/13B", 2)  # warm-up: pools, buffers, page cache
+            for rep in range(args.reps):
+                for p in alternate(proxies, rep):
+                    r = oha_fixed_rate(p.port, args.rate, args.seconds)
+                    rows[p.name].append(r)
+                    log(f"   rep {rep + 1} {p.name:9} {r['achieved_rps']:7.0f} rps, load CPU "
+                        f"{r['load_cpu_busy']:.0%}: p50 {r['p50_us']:.0f} p99 {r['p99_us']:.0f} "
+                        f"p99.9 {r['p99_9_us']:.0f} max {r['max_us']:.0f} µs")
+        finally:
+            for p in proxies:
+                p.stop()
+    keys = [("p50_us", "p50"), ("p99_us", "p99"), ("p99_9_us", "p99.9"), ("max_us", "max")]
+    md = ["| proxy | rep | achieved rps | load CPU | p50 µs | p99 µs | p99.9 µs | max µs |",
+          "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, rs in rows.items():
+        for i, r in enumerate(rs):
+            md.append(f"| {name} | {i + 1} | {r['achieved_rps']:.0f} | {r['load_cpu_busy']:.0%} | "
+                      + " | ".join(f"{r[k]:.0f}" for k, _ in keys) + " |")
+    summary = ["", "| proxy | median p50 | median p99 | median p99.9 | median max | "
+               "p99 ≤ nginx's | p99.9 ≤ nginx's |", "|---|---:|---:|---:|---:|---|---|"]
+    for name, rs in rows.items():
+        meds = [f"{median([r[k] for r in rs]):.0f}" for k, _ in keys]
+        wins = [f"{sum(a[k] <= b[k] for a, b in zip(rs, rows['nginx']))} of {len(rs)}"
+                for k in ("p99_us", "p99_9_us")]
+        summary.append(f"| {name} | " + " | ".join(meds + wins) + " |")
+    stamp = datetime.date.today().isoformat()
+    out = os.path.join(ROOT, "loadtest", "results", f"{stamp}-latency")
+    write(out + ".md", f"# Latency at {args.rate} requests/s, {stamp}, {cpu_model()}, Linux "
+          f"{os.uname().release}\n\noha, open loop with latency correction, 50 connections, 13 B; "
+          f"proxy on CPU {PROXY_CPU}, oha and the origin on CPU {LOAD_CPU}; {args.seconds} s per "
+          f"run, {args.reps} reps, proxies alternating.\n\n" + "\n".join(md + summary) + "\n")
+    write(out + ".json", json.dumps(rows, indent=1))
+    print("\n".join(md + summary))
 
 
 # Issue 14's budget: what a JWT-protected route may add to a request, its token cached.

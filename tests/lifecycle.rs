@@ -6,6 +6,7 @@ use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
+use std::time::Duration;
 
 use common::*;
 
@@ -369,4 +370,54 @@ fn every_listener_closes_at_once_on_drain_io_uring() {
 #[test]
 fn every_listener_closes_at_once_on_drain_legacy() {
     every_listener_closes_at_once_on_drain("legacy");
+}
+
+/// The epoll driver skips the read that would meet EAGAIN after a short one (vendor/monoio):
+/// a request arriving in pieces is still read to its end, and an end of stream that arrived
+/// with the last request is still seen, so the connection closes at once rather than at the
+/// keep-alive timeout.
+#[test]
+fn the_legacy_driver_reads_requests_in_pieces_and_sees_a_half_close() {
+    let up = Upstream::start(|r| Reply::ok(&r.path));
+    let gw = Gateway::start(&format!(
+        "[runtime]\nworkers = 1\npin_cores = false\ndriver = \"legacy\"\n{}",
+        proxy_config(&[up.addr], "", "")
+    ));
+    let mut s = connect(gw.addr("public"));
+    s.set_nodelay(true).unwrap();
+    // A gateway that lost the second part would leave this read waiting: it fails, not hangs.
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut reader = ResponseReader::new(s.try_clone().unwrap());
+    for i in 0..20 {
+        let req = format!(
+            "GET /piece/{i} HTTP/1.1\r\nHost: a\r\nX-Pad: {}\r\n\r\n",
+            "p".repeat(i)
+        );
+        let (first, rest) = req.as_bytes().split_at(req.len() / 2);
+        s.write_all(first).unwrap();
+        // The pause makes it likely the gateway reads the first part alone (a short read); the
+        // outcome asserted is the same either way.
+        thread::sleep(Duration::from_millis(2));
+        s.write_all(rest).unwrap();
+        let resp = reader.read_response(false).expect("a response");
+        assert_eq!(resp.text(), format!("/piece/{i}"));
+    }
+    // A request and the end of stream sent at once, usually before the gateway has accepted
+    // the connection: its first event reports both, and its first read is a short one.
+    for _ in 0..5 {
+        let mut s = connect(gw.addr("public"));
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(b"GET /last HTTP/1.1\r\nHost: a\r\n\r\n")
+            .unwrap();
+        half_close(&s);
+        let mut reader = ResponseReader::new(s.try_clone().unwrap());
+        assert_eq!(
+            reader.read_response(false).expect("a response").text(),
+            "/last"
+        );
+        // EOF, not the read timeout: the gateway saw the end of stream that came with /last.
+        let mut byte = [0u8; 1];
+        let n = std::io::Read::read(&mut s, &mut byte).expect("EOF before the read timeout");
+        assert_eq!(n, 0, "nothing after the response");
+    }
 }

@@ -31,7 +31,7 @@ use crate::http::write::{self, Forwarding};
 use crate::http::{BodyLength, Method, ResponseHead, Version};
 use crate::metrics::UpstreamOutcome;
 use crate::trace::Trace;
-use crate::upstream::client::{self, acquire_untried, TargetLease};
+use crate::upstream::client::{self, connect_untried, Pick, TargetLease};
 use crate::upstream::{ConnectError, TargetId, UpstreamConn, UpstreamState};
 use crate::worker::Worker;
 
@@ -85,12 +85,18 @@ pub(super) async fn proxy<S: Io>(
         let may_retry = allowed.filter(|_| up.retry_affordable());
         // A failure a retry would follow, were the budget not spent, is counted.
         let budget_short = allowed.filter(|_| may_retry.is_none());
-        let acquiring = acquire_untried(up, w, key, &c.deadline, |t| tried.contains(t));
-        let acquired = match left {
-            None => acquiring.await,
-            Some(left) => monoio::time::timeout(left, acquiring)
-                .await
-                .unwrap_or(Err(ProxyError::UpstreamTimeout)),
+        let acquired = match client::pick(up, w, key, |t| tried.contains(t)) {
+            Ok(Pick::Pooled(lease, conn)) => Ok((lease, conn)),
+            Ok(Pick::Connect(t)) => {
+                let connecting = connect_untried(up, w, key, &c.deadline, |t| tried.contains(t), t);
+                match left {
+                    None => connecting.await,
+                    Some(left) => monoio::time::timeout(left, connecting)
+                        .await
+                        .unwrap_or(Err(ProxyError::UpstreamTimeout)),
+                }
+            }
+            Err(e) => Err(e),
         };
         let (lease, conn) = match acquired {
             Ok(pair) => pair,

@@ -43,43 +43,83 @@ pub async fn acquire<'a>(
     key: u64,
     deadline: &Deadline<'_>,
 ) -> Result<(TargetLease<'a>, UpstreamConn), ProxyError> {
-    acquire_untried(up, w, key, deadline, |_| false).await
+    match pick(up, w, key, |_| false)? {
+        Pick::Pooled(lease, conn) => Ok((lease, conn)),
+        Pick::Connect(t) => connect_untried(up, w, key, deadline, |_| false, t).await,
+    }
 }
 
-/// `acquire`, avoiding the targets `tried` names while another is up (a retry).
-pub async fn acquire_untried<'a>(
+/// The balancer's choice for a request: a pooled connection to the picked target, or the
+/// target to connect to (`connect_untried`).
+///
+/// Taken without an `await` so that the common case never builds the connecting future: it
+/// holds the TLS handshake's state, and moving it into the caller's state copied ~200 bytes
+/// twice per proxied request (callgrind: ~400 instructions).
+pub enum Pick<'a> {
+    Pooled(TargetLease<'a>, UpstreamConn),
+    Connect(TargetId),
+}
+
+/// Picks a target not in `tried` (a retry avoids those while another is up) and takes a
+/// pooled connection to it if there is one.
+pub fn pick<'a>(
+    up: &'a UpstreamState,
+    w: &Worker,
+    key: u64,
+    tried: impl Fn(TargetId) -> bool,
+) -> Result<Pick<'a>, ProxyError> {
+    let t = up
+        .pick_untried(&w.rng, key, &tried)
+        .ok_or(ProxyError::NoHealthyTarget)?;
+    Ok(match up.checkout(t, w.now()) {
+        Some(conn) => {
+            up.begin_request(t);
+            Pick::Pooled(TargetLease { up, target: t }, conn)
+        }
+        None => Pick::Connect(t),
+    })
+}
+
+/// A connection for a request whose pick (`first`) had none pooled: one freed at the
+/// upstream's limit, or a new one; a target that refuses or times out is marked down and
+/// another picked.
+pub async fn connect_untried<'a>(
     up: &'a UpstreamState,
     w: &Worker,
     key: u64,
     deadline: &Deadline<'_>,
     tried: impl Fn(TargetId) -> bool,
+    first: TargetId,
 ) -> Result<(TargetLease<'a>, UpstreamConn), ProxyError> {
     let mut last = ProxyError::NoHealthyTarget;
+    let mut next = Some(first);
     for _ in 0..MAX_CONNECT_ATTEMPTS {
-        let Some(t) = up.pick_untried(&w.rng, key, &tried) else {
-            return Err(last);
+        let t = match next.take() {
+            Some(t) => t,
+            None => match pick(up, w, key, &tried) {
+                Ok(Pick::Pooled(lease, conn)) => return Ok((lease, conn)),
+                Ok(Pick::Connect(t)) => t,
+                Err(_) => return Err(last),
+            },
         };
-        let conn = match up.checkout(t, w.now()) {
-            Some(conn) => conn,
-            None => match connection_slot(up, w).await? {
-                Some((other, conn)) => {
-                    up.begin_request(other);
-                    return Ok((TargetLease { up, target: other }, conn));
+        let conn = match connection_slot(up, w).await? {
+            Some((other, conn)) => {
+                up.begin_request(other);
+                return Ok((TargetLease { up, target: other }, conn));
+            }
+            None => match up.connect(t, deadline).await {
+                Ok(conn) => {
+                    if up.mark_up(t) {
+                        info!(worker = w.id, upstream = %up.name, target = %up.target(t).name, "target up again");
+                    }
+                    conn
                 }
-                None => match up.connect(t, deadline).await {
-                    Ok(conn) => {
-                        if up.mark_up(t) {
-                            info!(worker = w.id, upstream = %up.name, target = %up.target(t).name, "target up again");
-                        }
-                        conn
-                    }
-                    Err(e) => {
-                        record(up, t, e.outcome(), None, 0);
-                        mark_down(w, up, t, &e);
-                        last = e.proxy_error();
-                        continue;
-                    }
-                },
+                Err(e) => {
+                    record(up, t, e.outcome(), None, 0);
+                    mark_down(w, up, t, &e);
+                    last = e.proxy_error();
+                    continue;
+                }
             },
         };
         up.begin_request(t);
