@@ -28,6 +28,10 @@ the before/after check for a change to the request path.
 switches and io_uring submissions per proxied request for ringway on both drivers, a baseline
 build if given, and nginx, all alternating; each row's ratio to nginx is the median of the reps'.
 
+--paired [--reps N] serves ringway and nginx at the same time, both on the proxy CPU, each loaded
+by its own wrk (25 connections), on both drivers: CPU per request of each under the same machine
+state, and their ratio per rep (this VM's speed drifts faster than an alternating rep lasts).
+
 --latency-only [--rate R] [--reps N] measures p50/p99/p99.9/max at R requests/s (default 10000)
 for ringway on both drivers and nginx, alternating, and counts the reps where ringway's p99 and
 p99.9 were at most nginx's.
@@ -348,23 +352,39 @@ def throughput(proxy, path, seconds, **kw):
     return measured(proxy, lambda: wrk(proxy.port, path, seconds, **kw))
 
 
+class Measure:
+    """A proxy's CPU and kernel work over the length of a `with` block, and how busy the load
+    generator's CPU was; `add_to(r)` adds them per request to a load generator's result."""
+
+    def __init__(self, proxy):
+        self.proxy, self.kernel = proxy, KernelCounts(proxy.pid)
+
+    def __enter__(self):
+        self.kernel.__enter__()
+        self.t0, self.b0 = self.proxy.ticks(), cpu_busy(LOAD_CPU)
+        return self
+
+    def __exit__(self, *exc):
+        self.b1, self.t1 = cpu_busy(LOAD_CPU), self.proxy.ticks()
+        return self.kernel.__exit__(*exc)
+
+    def add_to(self, r):
+        n = max(r["requests"], 1)
+        r["user_us_per_req"] = (self.t1[0] - self.t0[0]) / CLK_TCK * 1e6 / n
+        r["sys_us_per_req"] = (self.t1[1] - self.t0[1]) / CLK_TCK * 1e6 / n
+        r["cpu_us_per_req"] = r["user_us_per_req"] + r["sys_us_per_req"]
+        for key, count in self.kernel.counts.items():
+            r[f"{key}_per_req"] = count / n
+        r["load_cpu_busy"] = (self.b1[0] - self.b0[0]) / max(self.b1[1] - self.b0[1], 1)
+        return r
+
+
 def measured(proxy, run):
     """Runs `run()` (a load generator returning a dict with `requests`), adding the proxy's CPU
     and kernel work per request and how busy the load generator's CPU was."""
-    with KernelCounts(proxy.pid) as kernel:
-        t0 = proxy.ticks()
-        b0 = cpu_busy(LOAD_CPU)
+    with Measure(proxy) as m:
         r = run()
-        b1 = cpu_busy(LOAD_CPU)
-        t1 = proxy.ticks()
-    n = max(r["requests"], 1)
-    r["user_us_per_req"] = (t1[0] - t0[0]) / CLK_TCK * 1e6 / n
-    r["sys_us_per_req"] = (t1[1] - t0[1]) / CLK_TCK * 1e6 / n
-    r["cpu_us_per_req"] = r["user_us_per_req"] + r["sys_us_per_req"]
-    for key, count in kernel.counts.items():
-        r[f"{key}_per_req"] = count / n
-    r["load_cpu_busy"] = (b1[0] - b0[0]) / max(b1[1] - b0[1], 1)
-    return r
+    return m.add_to(r)
 
 
 def oha_fixed_rate(port, rate, seconds):
@@ -470,6 +490,9 @@ def main():
                     help="only CPU and kernel work per proxied request (13 B, keep-alive) of ringway "
                          "on both drivers and nginx, alternating with --baseline if given: "
                          "before/after for a change to how ringway drives the kernel")
+    ap.add_argument("--paired", action="store_true",
+                    help="ringway and nginx served at the same time on the proxy CPU, each with "
+                         "its own wrk: CPU per request of each under the same machine state")
     ap.add_argument("--latency-only", action="store_true",
                     help="only p50/p99/p99.9/max at one fixed rate (--rate) for ringway on both "
                          "drivers and nginx, alternating, each rep compared with nginx's")
@@ -485,10 +508,13 @@ def main():
     ap.add_argument("--record", action="store_true",
                     help="with --guard: write the figures measured now into loadtest/guard.json")
     args = ap.parse_args()
-    if args.guard or args.callgrind_only or args.cpu_only or args.auth_cost or args.latency_only:
+    if (args.guard or args.callgrind_only or args.cpu_only or args.auth_cost or args.latency_only
+            or args.paired):
         import modes  # the single-purpose modes, in loadtest/modes.py
         if args.guard:
             return modes.guard(args)
+        if args.paired:
+            return modes.paired(args)
         if args.latency_only:
             return modes.latency_only(args)
         if args.auth_cost:

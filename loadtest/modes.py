@@ -1,6 +1,6 @@
 """The load-test kit's single-purpose modes (see compare.py's docstring): `--callgrind-only`,
-`--cpu-only`, `--latency-only`, `--auth-cost` and the regression guard `--guard`, built on
-compare.py's helpers."""
+`--cpu-only`, `--paired`, `--latency-only`, `--auth-cost` and the regression guard `--guard`,
+built on compare.py's helpers."""
 
 import contextlib
 import datetime
@@ -10,11 +10,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 
-from compare import (LOAD_CPU, ORIGIN_PORT, PER_REQUEST, PROXY_CPU, RINGWAY, ROOT, Proxy,
-                     alternate, callgrind, cpu_model, log, median, medians, nginx_proxy_config,
-                     oha_fixed_rate, origin_config, per_request, ringway, throughput, wait_port,
-                     write)
+from compare import (LOAD_CPU, ORIGIN_PORT, PER_REQUEST, PROXY_CPU, RINGWAY, ROOT, Measure,
+                     Proxy, alternate, callgrind, cpu_model, log, median, medians,
+                     nginx_proxy_config, oha_fixed_rate, origin_config, per_request, ringway,
+                     throughput, wait_port, wrk, write)
 
 
 @contextlib.contextmanager
@@ -118,6 +119,62 @@ def cpu_only(args):
           f"{PROXY_CPU}, origin and wrk on CPU {LOAD_CPU}; {args.seconds} s runs, {args.reps} reps, "
           "proxies alternating, medians; \"CPU vs nginx\" is the median of each rep's ratio.\n\n"
           + "\n".join(md) + "\n")
+    write(out + ".json", json.dumps(runs, indent=1))
+    print("\n".join(md))
+
+
+def paired(args):
+    """ringway and nginx served at the same time, both on the proxy CPU, each loaded by its own
+    wrk (25 connections) on the load CPU, for both drivers over `--reps`: CPU and kernel work per
+    request of each, and their ratio. This VM changes speed faster than one alternating rep
+    lasts (CPU per request of one proxy moved from 28 to 44 µs between reps); run side by
+    side, both proxies see the same machine."""
+    runs = {}
+    with nginx_origin("ringway-paired-") as tmp:
+        port = 18560
+        for rep in range(args.reps):
+            for driver in alternate(["io_uring", "legacy"], rep):
+                port += 2
+                rw = ringway(tmp, f"ringway {driver}", port, driver=driver)
+                ng = Proxy(f"nginx (with {driver})", port + 1,
+                           ["nginx", "-c", nginx_proxy_config(tmp, port + 1)])
+                pair = [rw.start(), ng.start()]
+                try:
+                    for p in pair:
+                        wrk(p.port, "/13B", 1, connections=25)  # warm-up
+                    loads = {}
+                    with Measure(rw) as mr, Measure(ng) as mn:
+                        threads = [threading.Thread(target=lambda p=p: loads.__setitem__(
+                            p.name, wrk(p.port, "/13B", args.seconds, connections=25)))
+                            for p in pair]
+                        for t in threads:
+                            t.start()
+                        for t in threads:
+                            t.join()
+                finally:
+                    for p in pair:
+                        p.stop()
+                r, n = mr.add_to(loads[rw.name]), mn.add_to(loads[ng.name])
+                r["vs_nginx"] = r["cpu_us_per_req"] / n["cpu_us_per_req"]
+                for p, x in ((rw, r), (ng, n)):
+                    runs.setdefault(p.name, []).append(x)
+                    log(f"   {p.name:20} {x['rps']:8.0f} rps  {per_request(x)}")
+                log(f"   rep {rep + 1} {driver}: ringway/nginx CPU per request {r['vs_nginx']:.2f}")
+    md = ["| proxy | CPU µs | user µs | system µs | system calls | context switches | "
+          "io_uring submissions | CPU vs nginx, per rep | median |",
+          "|---|---:|---:|---:|---:|---:|---:|---|---:|"]
+    for name, rs in runs.items():
+        m = medians(rs)
+        cells = [f"{m[k]:.{d}f}" if k in m else "-" for k, _, d in PER_REQUEST]
+        vs = " ".join(f"{r['vs_nginx']:.2f}" for r in rs) if "vs_nginx" in rs[0] else "-"
+        med = f"{median([r['vs_nginx'] for r in rs]):.2f}" if "vs_nginx" in rs[0] else "-"
+        md.append(f"| {name} | " + " | ".join(cells) + f" | {vs} | {med} |")
+    stamp = datetime.date.today().isoformat()
+    out = os.path.join(ROOT, "loadtest", "results", f"{stamp}-paired")
+    write(out + ".md", f"# ringway and nginx side by side, {stamp}, {cpu_model()}, Linux "
+          f"{os.uname().release}\n\nBoth proxies on CPU {PROXY_CPU} at the same time, each with "
+          f"its own wrk (25 keep-alive connections, 13 B) on CPU {LOAD_CPU} with the origin; "
+          f"{args.seconds} s runs, {args.reps} reps, medians.\n\n" + "\n".join(md) + "\n")
     write(out + ".json", json.dumps(runs, indent=1))
     print("\n".join(md))
 
