@@ -22,7 +22,8 @@ summary. Only 127.0.0.1 is targeted and every step is bounded in time.
 --callgrind-only [--reps N] [--baseline BINARY] counts only ringway's instructions and
 allocations per request (proxied on both drivers, with three header transforms, cache hits),
 alternating with another build when one is given, into loadtest/results/<date>-callgrind.*:
-the before/after check for a change to the request path.
+the before/after check for a change to the request path. With --with-nginx, nginx is counted the
+same way and every row shows its ratio to it.
 
 --cpu-only [--reps N] [--baseline BINARY] measures CPU µs (user, system), system calls, context
 switches and io_uring submissions per proxied request for ringway on both drivers, a baseline
@@ -484,6 +485,9 @@ def main():
     ap.add_argument("--callgrind-only", action="store_true",
                     help="only instructions and allocations per request of ringway's variants "
                          "(proxied io_uring and epoll, 3 header transforms, cache hits)")
+    ap.add_argument("--with-nginx", action="store_true",
+                    help="with --callgrind-only: also count nginx's instructions per request, "
+                         "and show each row's ratio to it")
     ap.add_argument("--baseline", metavar="BINARY",
                     help="with --callgrind-only: also measure this ringway build, for before/after")
     ap.add_argument("--cpu-only", action="store_true",

@@ -62,12 +62,28 @@ def callgrind_only(args):
                 runs.setdefault(p.name, []).append(r)
                 log(f"   {p.name:32} {r['instr_per_req']:8.0f} instr/req  "
                     f"{r['allocs_per_req']:.2f} allocs/req")
+        if args.with_nginx:
+            # The reference the ratios are taken against, counted the same way.
+            for _ in range(args.reps):
+                port += 1
+                p = Proxy("nginx", port, ["nginx", "-c", nginx_proxy_config(tmp, port)])
+                try:
+                    r = callgrind(p, tmp, cg_small, cg_large)
+                finally:
+                    p.kill()
+                runs.setdefault("nginx", []).append(r)
+                log(f"   {'nginx':32} {r['instr_per_req']:8.0f} instr/req  "
+                    f"{r['allocs_per_req']:.2f} allocs/req")
     rows = {n: {k: median([r[k] for r in rs]) for k in rs[0]} | {"runs": rs}
             for n, rs in runs.items()}
     stamp = datetime.date.today().isoformat()
     out = os.path.join(ROOT, "loadtest", "results", f"{stamp}-callgrind")
-    md = ["| ringway | instructions / request | allocations / request |", "|---|---:|---:|"]
-    md += [f"| {n} | {r['instr_per_req']:.0f} | {r['allocs_per_req']:.2f} |" for n, r in rows.items()]
+    ref = rows.get("nginx", {}).get("instr_per_req")
+    md = ["| proxy | instructions / request | vs nginx | allocations / request |",
+          "|---|---:|---:|---:|"]
+    for n, r in rows.items():
+        vs = f"{r['instr_per_req'] / ref:.2f}" if ref else "-"
+        md.append(f"| {n} | {r['instr_per_req']:.0f} | {vs} | {r['allocs_per_req']:.2f} |")
     write(out + ".md", f"# Callgrind, {stamp}, {cpu_model()}, Linux {os.uname().release}\n\n"
           f"13 B responses, keep-alive, 1 worker; (Ir(25k) - Ir(5k)) / 20k; median of {args.reps}.\n\n" + "\n".join(md) + "\n")
     write(out + ".json", json.dumps(rows, indent=1))
