@@ -139,25 +139,31 @@ def cpu_only(args):
     print("\n".join(md))
 
 
+# What `--paired` compares: ringway's config and nginx's for the same job.
+PAIRED = [("proxied, io_uring", {}, {}), ("proxied, epoll", {"driver": "legacy"}, {}),
+          ("respond route", {"respond": True}, {"respond": True}),
+          ("cache hit", {"cache": True}, {"cache": True})]
+
+
 def paired(args):
     """ringway and nginx served at the same time, both on the proxy CPU, each loaded by its own
-    wrk (25 connections) on the load CPU, for both drivers over `--reps`: CPU and kernel work per
-    request of each, and their ratio. This VM changes speed faster than one alternating rep
+    wrk (25 connections) on the load CPU, for each of PAIRED over `--reps`: CPU and kernel work
+    per request of each, and their ratio. This VM changes speed faster than one alternating rep
     lasts (CPU per request of one proxy moved from 28 to 44 µs between reps); run side by
     side, both proxies see the same machine."""
     runs = {}
     with nginx_origin("ringway-paired-") as tmp:
         port = 18560
         for rep in range(args.reps):
-            for driver in alternate(["io_uring", "legacy"], rep):
+            for scenario, rw_kw, ng_kw in alternate(PAIRED, rep):
                 port += 2
-                rw = ringway(tmp, f"ringway {driver}", port, driver=driver)
-                ng = Proxy(f"nginx (with {driver})", port + 1,
-                           ["nginx", "-c", nginx_proxy_config(tmp, port + 1)])
+                rw = ringway(tmp, f"ringway, {scenario}", port, **rw_kw)
+                ng = Proxy(f"nginx, {scenario}", port + 1,
+                           ["nginx", "-c", nginx_proxy_config(tmp, port + 1, **ng_kw)])
                 pair = [rw.start(), ng.start()]
                 try:
                     for p in pair:
-                        wrk(p.port, "/13B", 1, connections=25)  # warm-up
+                        wrk(p.port, "/13B", 1, connections=25)  # warm-up (and cache fill)
                     loads = {}
                     with Measure(rw) as mr, Measure(ng) as mn:
                         threads = [threading.Thread(target=lambda p=p: loads.__setitem__(
@@ -174,8 +180,9 @@ def paired(args):
                 r["vs_nginx"] = r["cpu_us_per_req"] / n["cpu_us_per_req"]
                 for p, x in ((rw, r), (ng, n)):
                     runs.setdefault(p.name, []).append(x)
-                    log(f"   {p.name:20} {x['rps']:8.0f} rps  {per_request(x)}")
-                log(f"   rep {rep + 1} {driver}: ringway/nginx CPU per request {r['vs_nginx']:.2f}")
+                    log(f"   {p.name:28} {x['rps']:8.0f} rps  {per_request(x)}")
+                log(f"   rep {rep + 1} {scenario}: ringway/nginx CPU per request "
+                    f"{r['vs_nginx']:.2f}")
     md = ["| proxy | CPU µs | user µs | system µs | system calls | context switches | "
           "io_uring submissions | CPU vs nginx, per rep | median |",
           "|---|---:|---:|---:|---:|---:|---:|---|---:|"]
