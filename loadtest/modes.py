@@ -34,6 +34,17 @@ def nginx_origin(prefix):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def publish(kind, title, intro, table, data):
+    """Writes loadtest/results/<date>-<kind>.md (a title naming the machine, an intro, a
+    Markdown table) and .json (the raw runs), and prints the table."""
+    stamp = datetime.date.today().isoformat()
+    out = os.path.join(ROOT, "loadtest", "results", f"{stamp}-{kind}")
+    write(out + ".md", f"# {title}, {stamp}, {cpu_model()}, Linux {os.uname().release}\n\n"
+          f"{intro}\n\n" + "\n".join(table) + "\n")
+    write(out + ".json", json.dumps(data, indent=1))
+    print("\n".join(table))
+
+
 def callgrind_only(args):
     """Instructions and allocations per request for ringway's variants (and a baseline build),
     exact enough to compare builds: callgrind counts instructions, not time."""
@@ -76,18 +87,14 @@ def callgrind_only(args):
                     f"{r['allocs_per_req']:.2f} allocs/req")
     rows = {n: {k: median([r[k] for r in rs]) for k in rs[0]} | {"runs": rs}
             for n, rs in runs.items()}
-    stamp = datetime.date.today().isoformat()
-    out = os.path.join(ROOT, "loadtest", "results", f"{stamp}-callgrind")
     ref = rows.get("nginx", {}).get("instr_per_req")
     md = ["| proxy | instructions / request | vs nginx | allocations / request |",
           "|---|---:|---:|---:|"]
     for n, r in rows.items():
         vs = f"{r['instr_per_req'] / ref:.2f}" if ref else "-"
         md.append(f"| {n} | {r['instr_per_req']:.0f} | {vs} | {r['allocs_per_req']:.2f} |")
-    write(out + ".md", f"# Callgrind, {stamp}, {cpu_model()}, Linux {os.uname().release}\n\n"
-          f"13 B responses, keep-alive, 1 worker; (Ir(25k) - Ir(5k)) / 20k; median of {args.reps}.\n\n" + "\n".join(md) + "\n")
-    write(out + ".json", json.dumps(rows, indent=1))
-    print("\n".join(md))
+    publish("callgrind", "Callgrind", "13 B responses, keep-alive, 1 worker; (Ir(25k) - Ir(5k)) "
+            f"/ 20k; median of {args.reps}.", md, rows)
 
 
 def cpu_only(args):
@@ -128,15 +135,10 @@ def cpu_only(args):
                 f" of {len(rs)}") if other else "-"
         cells = [f"{m[k]:.{d}f}" if k in m else "-" for k, _, d in PER_REQUEST]
         md.append(f"| {name} | " + " | ".join(cells) + f" | {vs:.2f} | {wins} |")
-    stamp = datetime.date.today().isoformat()
-    out = os.path.join(ROOT, "loadtest", "results", f"{stamp}-cpu")
-    write(out + ".md", f"# CPU and kernel work per proxied request, {stamp}, {cpu_model()}, "
-          f"Linux {os.uname().release}\n\n13 B, 50 keep-alive connections (wrk), proxy on CPU "
-          f"{PROXY_CPU}, origin and wrk on CPU {LOAD_CPU}; {args.seconds} s runs, {args.reps} reps, "
-          "proxies alternating, medians; \"CPU vs nginx\" is the median of each rep's ratio.\n\n"
-          + "\n".join(md) + "\n")
-    write(out + ".json", json.dumps(runs, indent=1))
-    print("\n".join(md))
+    publish("cpu", "CPU and kernel work per proxied request",
+            f"13 B, 50 keep-alive connections (wrk), proxy on CPU {PROXY_CPU}, origin and wrk on "
+            f"CPU {LOAD_CPU}; {args.seconds} s runs, {args.reps} reps, proxies alternating, "
+            "medians; \"CPU vs nginx\" is the median of each rep's ratio.", md, runs)
 
 
 # What `--paired` compares: ringway's config and nginx's for the same job.
@@ -192,14 +194,10 @@ def paired(args):
         vs = " ".join(f"{r['vs_nginx']:.2f}" for r in rs) if "vs_nginx" in rs[0] else "-"
         med = f"{median([r['vs_nginx'] for r in rs]):.2f}" if "vs_nginx" in rs[0] else "-"
         md.append(f"| {name} | " + " | ".join(cells) + f" | {vs} | {med} |")
-    stamp = datetime.date.today().isoformat()
-    out = os.path.join(ROOT, "loadtest", "results", f"{stamp}-paired")
-    write(out + ".md", f"# ringway and nginx side by side, {stamp}, {cpu_model()}, Linux "
-          f"{os.uname().release}\n\nBoth proxies on CPU {PROXY_CPU} at the same time, each with "
-          f"its own wrk (25 keep-alive connections, 13 B) on CPU {LOAD_CPU} with the origin; "
-          f"{args.seconds} s runs, {args.reps} reps, medians.\n\n" + "\n".join(md) + "\n")
-    write(out + ".json", json.dumps(runs, indent=1))
-    print("\n".join(md))
+    publish("paired", "ringway and nginx side by side",
+            f"Both proxies on CPU {PROXY_CPU} at the same time, each with its own wrk (25 "
+            f"keep-alive connections, 13 B) on CPU {LOAD_CPU} with the origin; {args.seconds} s "
+            f"runs, {args.reps} reps, medians.", md, runs)
 
 
 def latency_only(args):
@@ -238,14 +236,10 @@ def latency_only(args):
         wins = [f"{sum(a[k] <= b[k] for a, b in zip(rs, rows['nginx']))} of {len(rs)}"
                 for k in ("p99_us", "p99_9_us")]
         summary.append(f"| {name} | " + " | ".join(meds + wins) + " |")
-    stamp = datetime.date.today().isoformat()
-    out = os.path.join(ROOT, "loadtest", "results", f"{stamp}-latency")
-    write(out + ".md", f"# Latency at {args.rate} requests/s, {stamp}, {cpu_model()}, Linux "
-          f"{os.uname().release}\n\noha, open loop with latency correction, 50 connections, 13 B; "
-          f"proxy on CPU {PROXY_CPU}, oha and the origin on CPU {LOAD_CPU}; {args.seconds} s per "
-          f"run, {args.reps} reps, proxies alternating.\n\n" + "\n".join(md + summary) + "\n")
-    write(out + ".json", json.dumps(rows, indent=1))
-    print("\n".join(md + summary))
+    publish("latency", f"Latency at {args.rate} requests/s",
+            f"oha, open loop with latency correction, 50 connections, 13 B; proxy on CPU "
+            f"{PROXY_CPU}, oha and the origin on CPU {LOAD_CPU}; {args.seconds} s per run, "
+            f"{args.reps} reps, proxies alternating.", md + summary, rows)
 
 
 # Issue 14's budget: what a JWT-protected route may add to a request, its token cached.
