@@ -5,6 +5,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::io;
+use std::pin::pin;
 use std::time::Duration;
 
 use monoio::io::{AsyncReadRent, AsyncWriteRent};
@@ -230,11 +231,8 @@ pub async fn copy_body<R: AsyncReadRent, W: AsyncWriteRent>(
             rbuf.reserve_for_streaming();
             streaming = true;
         }
-        match t
-            .deadline
-            .within(t.read_timeout, rbuf.fill(src, STREAMING_CAPACITY))
-            .await
-        {
+        let fill = pin!(rbuf.fill(src, STREAMING_CAPACITY));
+        match t.deadline.within(t.read_timeout, fill).await {
             Err(_) => return Err(BodyError::ReadTimeout),
             Ok(Ok(0)) if matches!(body, BodyReader::UntilClose) => {
                 *body = BodyReader::Done;

@@ -183,10 +183,8 @@ pub async fn send<W: AsyncWriteRent>(
     deadline: &Deadline<'_>,
     limit: Duration,
 ) -> io::Result<()> {
-    match deadline
-        .within(limit, w.write_all(std::mem::take(out)))
-        .await
-    {
+    let write = pin!(w.write_all(std::mem::take(out)));
+    match deadline.within(limit, write).await {
         Ok((res, buf)) => {
             *out = buf;
             res.map(drop)

@@ -556,9 +556,8 @@ async fn exchange<W: AsyncWriteRent>(
     let mut retried = false;
     loop {
         // One timer covers sending the request and waiting for the response head.
-        let attempt = ctx
-            .deadline
-            .within(ctx.request_timeout, async {
+        let attempt = {
+            let attempt = pin!(async {
                 if write_out(&mut conn.w, up_out).await.is_err() {
                     return Err(ResponseFailure {
                         error: ProxyError::UpstreamUnreachable("write failed"),
@@ -576,8 +575,9 @@ async fn exchange<W: AsyncWriteRent>(
                     HeadWait::Caller,
                 )
                 .await
-            })
-            .await;
+            });
+            ctx.deadline.within(ctx.request_timeout, attempt).await
+        };
         let result = attempt.unwrap_or(Err(ResponseFailure::new(ProxyError::UpstreamTimeout)));
         match result {
             Err(f) if f.closed_early && conn.reused && idempotent && !retried => {

@@ -5,6 +5,7 @@
 //! goes on.
 
 use std::net::SocketAddr;
+use std::pin::pin;
 use std::rc::Rc;
 use std::time::Instant;
 
@@ -275,11 +276,8 @@ async fn read_request_head<S: Io>(c: &mut Session<'_, S>, w: &Worker) -> HeadRea
             None if c.served == 0 => limits.header_read_timeout,
             None => limits.keepalive_timeout,
         };
-        match c
-            .deadline
-            .within(wait, c.rbuf.fill(&mut c.r, max_buf))
-            .await
-        {
+        let fill = pin!(c.rbuf.fill(&mut c.r, max_buf));
+        match c.deadline.within(wait, fill).await {
             Err(_) if deadline.is_some() => {
                 debug!("request head timed out");
                 return HeadRead::Failed(ProxyError::HeadTimeout);
