@@ -97,6 +97,7 @@ pub struct Deadline<'a> {
 
 impl<'a> Deadline<'a> {
     /// Runs `fut` to completion, or gives up (dropping it) once `limit` has passed.
+    /// Pass a large future pinned (`pin!(fut)`): by value, its whole state is copied in.
     pub fn within<'s, F: Future>(&'s self, limit: Duration, fut: F) -> UntilFired<'s, 'a, F> {
         self.arm(limit);
         UntilFired {

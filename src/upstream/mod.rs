@@ -53,6 +53,9 @@ pub struct UpstreamConn {
     _slot: Option<breaker::ConnSlot>,
 }
 
+// Moved about seven times per proxied request: kept small enough to be copied inline.
+const _: () = assert!(std::mem::size_of::<UpstreamConn>() <= 80);
+
 pub struct UpstreamState {
     pub id: UpstreamId,
     pub name: String,
@@ -444,7 +447,7 @@ impl UpstreamState {
         match crate::tls::handshake(stream, Connection::Client(conn), Vec::new()).await {
             Ok(tls) => {
                 let (r, w) = tls.into_halves();
-                Ok((UpRead::Tls(r), UpWrite::Tls(w)))
+                Ok((UpRead::Tls(Box::new(r)), UpWrite::Tls(Box::new(w))))
             }
             Err(HandshakeError::Tls(e)) => Err(ConnectError::Tls(crate::tls::client::describe(&e))),
             Err(HandshakeError::Closed) => {

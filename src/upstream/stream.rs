@@ -14,14 +14,17 @@ use monoio::BufResult;
 
 use crate::tls::{TlsReader, TlsWriter};
 
+/// The TLS halves are boxed: a pooled connection is moved several times per request, and
+/// unboxed they would make it 136 bytes instead of 80 (copied with `memcpy` calls rather
+/// than a few moves).
 pub enum UpRead {
     Plain(OwnedReadHalf<TcpStream>),
-    Tls(TlsReader),
+    Tls(Box<TlsReader>),
 }
 
 pub enum UpWrite {
     Plain(OwnedWriteHalf<TcpStream>),
-    Tls(TlsWriter),
+    Tls(Box<TlsWriter>),
 }
 
 impl AsyncReadRent for UpRead {
