@@ -158,6 +158,12 @@ fn known_traffic_is_counted_exactly_and_timed_within_hdr_precision() {
     let status = get(admin, "/status").json();
     assert_eq!(status["total"]["requests"], 200);
     assert_eq!(status["workers"].as_array().unwrap().len(), 2);
+    // A worker's percentiles and the total's come from its routes' histograms.
+    for w in status["workers"].as_array().unwrap() {
+        let p50 = w["latency_us"]["p50"].as_u64().unwrap();
+        assert!(p50 >= 19_980, "worker {} p50 = {p50} µs", w["worker"]);
+    }
+    assert!(status["total"]["latency_us"]["p50"].as_u64().unwrap() >= 19_980);
     let route = &status["routes"]["all"];
     assert_eq!(route["requests"], 200);
     let up_latency = &status["upstreams"]["app"]["targets"][up.addr.to_string()]["latency_us"];

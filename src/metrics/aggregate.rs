@@ -226,7 +226,12 @@ impl Aggregate {
         if let Some(w) = self.workers.get_mut(s.worker) {
             w.requests += s.requests;
             w.rps = s.requests as f64 / secs;
-            add(&mut w.latency, &s.latency);
+            // Each request is recorded on exactly one route, or as unrouted: together, their
+            // latencies are the worker's (one histogram less to record per request).
+            let routes = s.unrouted.iter().chain(s.gens.iter().flat_map(|g| &g.routes));
+            for h in routes.filter_map(|r| r.latency.as_ref()) {
+                add(&mut w.latency, h);
+            }
             w.gauges = s.gauges;
             w.reported = true;
         }

@@ -178,8 +178,6 @@ pub struct WorkerMetrics {
     /// Requests that matched no route.
     unrouted: RouteStats,
     requests: u64,
-    /// All of this worker's requests, for its own percentiles.
-    latency: Histogram<u64>,
     rejections: [u64; Reject::ALL.len()],
     access_log_dropped: u64,
     cache: [u64; CacheOutcome::ALL.len()],
@@ -241,7 +239,6 @@ impl Default for WorkerMetrics {
         WorkerMetrics {
             unrouted: RouteStats::default(),
             requests: 0,
-            latency: new_histogram(),
             rejections: [0; Reject::ALL.len()],
             access_log_dropped: 0,
             cache: [0; CacheOutcome::ALL.len()],
@@ -263,7 +260,6 @@ impl WorkerMetrics {
             None => &mut self.unrouted,
         };
         stats.record(r);
-        self.latency.saturating_record(r.total_us.max(1));
         self.requests += 1;
     }
 
@@ -289,14 +285,11 @@ impl WorkerMetrics {
         gauges: Gauges,
         gens: Vec<GenDelta>,
     ) -> Snapshot {
-        let latency = self.latency.clone();
-        self.latency.reset();
         Snapshot {
             cache: std::mem::take(&mut self.cache),
             worker,
             interval,
             requests: std::mem::take(&mut self.requests),
-            latency,
             rejections: std::mem::take(&mut self.rejections),
             access_log_dropped: std::mem::take(&mut self.access_log_dropped),
             unrouted: self.unrouted.delta(None),
@@ -475,7 +468,6 @@ pub struct Snapshot {
     pub worker: usize,
     pub interval: Duration,
     pub requests: u64,
-    pub latency: Histogram<u64>,
     pub rejections: [u64; Reject::ALL.len()],
     pub access_log_dropped: u64,
     /// Requests that matched no route.
