@@ -38,6 +38,13 @@ struct HostTable {
     any: PathTable,
 }
 
+impl HostTable {
+    /// Whether any route on the listener names a host.
+    fn by_host(&self) -> bool {
+        !self.exact.is_empty() || !self.suffixes.is_empty()
+    }
+}
+
 #[derive(Default)]
 struct PathTable {
     exact: AHashMap<Box<[u8]>, Vec<RouteId>>,
@@ -197,7 +204,10 @@ impl Router {
             None => path,
         };
         let mut lower = [0u8; 256];
-        let host = host.and_then(|h| normalize_host(h, &mut lower));
+        // Without host-specific routes the Host value decides nothing: not even lower-cased.
+        let host = host
+            .filter(|_| hosts.by_host())
+            .and_then(|h| normalize_host(h, &mut lower));
 
         let mut path_matched = false;
         let mut found = None;
