@@ -46,8 +46,10 @@ impl Rng {
             block.copy_from_slice(&hex16(self.next_u64()));
         }
         let rest = blocks.into_remainder();
-        let n = rest.len();
-        rest.copy_from_slice(&hex16(self.next_u64())[..n]);
+        if !rest.is_empty() {
+            let n = rest.len();
+            rest.copy_from_slice(&hex16(self.next_u64())[..n]);
+        }
     }
 }
 
