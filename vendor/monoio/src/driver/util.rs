@@ -55,6 +55,21 @@ macro_rules! syscall {
     }};
 }
 
+/// ringway: a system call made directly, for the legacy driver's `recv` and `send`. glibc's
+/// wrappers are cancellation points: in a multi-threaded process each call is bracketed by two
+/// atomic updates of the thread's cancellation state, which monoio never uses.
+#[cfg(all(target_os = "linux", any(feature = "legacy", feature = "poll-io")))]
+pub(crate) fn raw_syscall_u32(nr: libc::c_long, args: [libc::c_long; 6]) -> std::io::Result<u32> {
+    // SAFETY: the callers pass a system call's number with its arguments, as `recv` and `send`
+    // would have: the fd and buffer stay valid for the call.
+    let res = unsafe { libc::syscall(nr, args[0], args[1], args[2], args[3], args[4], args[5]) };
+    if res < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(res as u32)
+    }
+}
+
 /// Do syscall and return Result<T, std::io::Error>
 #[macro_export]
 macro_rules! syscall_u32 {

@@ -117,6 +117,20 @@ impl<T: IoBufMut> OpAble for Recv<T> {
     #[cfg(all(any(feature = "legacy", feature = "poll-io"), unix))]
     fn legacy_call(&mut self) -> io::Result<u32> {
         let fd = self.fd.as_raw_fd();
+        // ringway: on Linux the system call itself (see `raw_syscall_u32`).
+        #[cfg(target_os = "linux")]
+        return crate::driver::util::raw_syscall_u32(
+            libc::SYS_recvfrom,
+            [
+                fd as libc::c_long,
+                self.buf.write_ptr() as libc::c_long,
+                self.buf.bytes_total().min(u32::MAX as usize) as libc::c_long,
+                0,
+                0,
+                0,
+            ],
+        );
+        #[cfg(not(target_os = "linux"))]
         syscall_u32!(recv(
             fd,
             self.buf.write_ptr() as _,

@@ -97,10 +97,24 @@ impl<T: IoBuf> OpAble for Send<T> {
         let fd = self.fd.as_raw_fd();
         #[cfg(target_os = "linux")]
         #[allow(deprecated)]
-        let flags = libc::MSG_NOSIGNAL as _;
+        let flags: libc::c_int = libc::MSG_NOSIGNAL as _;
         #[cfg(not(target_os = "linux"))]
         let flags = 0;
 
+        // ringway: on Linux the system call itself (see `raw_syscall_u32`).
+        #[cfg(target_os = "linux")]
+        return crate::driver::util::raw_syscall_u32(
+            libc::SYS_sendto,
+            [
+                fd as libc::c_long,
+                self.buf.read_ptr() as libc::c_long,
+                self.buf.bytes_init() as libc::c_long,
+                flags as libc::c_long,
+                0,
+                0,
+            ],
+        );
+        #[cfg(not(target_os = "linux"))]
         syscall_u32!(send(
             fd,
             self.buf.read_ptr() as _,
