@@ -389,19 +389,31 @@ def measured(proxy, run):
 
 
 def oha_fixed_rate(port, rate, seconds):
-    argv = ["taskset", "-c", LOAD_CPU, "oha", "--no-tui", "--output-format", "json",
-            "--latency-correction", "-z", f"{seconds}s", "-c", "50", "-q", str(int(rate)),
-            f"http://127.0.0.1:{port}/13B"]
+    return oha_fixed_rates([port], rate, seconds)[0]
+
+
+def oha_fixed_rates(ports, rate, seconds):
+    """One oha per port, all at the same time, each at `rate` (open loop, latency-corrected,
+    50 connections); the load CPU's busy share is over all of them."""
+    def argv(port):
+        return ["taskset", "-c", LOAD_CPU, "oha", "--no-tui", "--output-format", "json",
+                "--latency-correction", "-z", f"{seconds}s", "-c", "50", "-q", str(int(rate)),
+                f"http://127.0.0.1:{port}/13B"]
     b0 = cpu_busy(LOAD_CPU)
-    d = json.loads(subprocess.run(argv, capture_output=True, text=True,
-                                  timeout=seconds + 60).stdout)
+    runs = [subprocess.Popen(argv(port), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                             text=True) for port in ports]
+    outs = [r.communicate(timeout=seconds + 60)[0] for r in runs]
     b1 = cpu_busy(LOAD_CPU)
-    p = d["latencyPercentiles"]
-    return {"rate": int(rate), "achieved_rps": d["summary"]["requestsPerSec"],
-            "load_cpu_busy": (b1[0] - b0[0]) / max(b1[1] - b0[1], 1),
-            "success": d["summary"]["successRate"],
-            "p50_us": p["p50"] * 1e6, "p99_us": p["p99"] * 1e6, "p99_9_us": p["p99.9"] * 1e6,
-            "max_us": d["summary"]["slowest"] * 1e6}
+    busy = (b1[0] - b0[0]) / max(b1[1] - b0[1], 1)
+    results = []
+    for out in outs:
+        d = json.loads(out)
+        p = d["latencyPercentiles"]
+        results.append({"rate": int(rate), "achieved_rps": d["summary"]["requestsPerSec"],
+                        "load_cpu_busy": busy, "success": d["summary"]["successRate"],
+                        "p50_us": p["p50"] * 1e6, "p99_us": p["p99"] * 1e6,
+                        "p99_9_us": p["p99.9"] * 1e6, "max_us": d["summary"]["slowest"] * 1e6})
+    return results
 
 
 def callgrind(proxy, tmp, small, large):
@@ -500,6 +512,9 @@ def main():
     ap.add_argument("--latency-only", action="store_true",
                     help="only p50/p99/p99.9/max at one fixed rate (--rate) for ringway on both "
                          "drivers and nginx, alternating, each rep compared with nginx's")
+    ap.add_argument("--side-by-side", action="store_true",
+                    help="with --latency-only: ringway (each driver in turn) and nginx served at "
+                         "the same time, each at half of --rate from its own oha")
     ap.add_argument("--rate", type=int, default=10000,
                     help="with --latency-only: requests/s (default 10000, where this VM's load "
                          "core stays near 70%% busy)")
@@ -520,7 +535,7 @@ def main():
         if args.paired:
             return modes.paired(args)
         if args.latency_only:
-            return modes.latency_only(args)
+            return (modes.latency_side_by_side if args.side_by_side else modes.latency_only)(args)
         if args.auth_cost:
             return modes.auth_cost(args)
         return modes.callgrind_only(args) if args.callgrind_only else modes.cpu_only(args)

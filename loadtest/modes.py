@@ -14,7 +14,7 @@ import threading
 
 from compare import (LOAD_CPU, ORIGIN_PORT, PER_REQUEST, PROXY_CPU, RINGWAY, ROOT, Measure,
                      Proxy, alternate, callgrind, cpu_model, log, median, medians,
-                     nginx_proxy_config, oha_fixed_rate, origin_config, per_request, ringway,
+                     nginx_proxy_config, oha_fixed_rate, oha_fixed_rates, origin_config, per_request, ringway,
                      throughput, wait_port, wrk, write)
 
 
@@ -240,6 +240,58 @@ def latency_only(args):
             f"oha, open loop with latency correction, 50 connections, 13 B; proxy on CPU "
             f"{PROXY_CPU}, oha and the origin on CPU {LOAD_CPU}; {args.seconds} s per run, "
             f"{args.reps} reps, proxies alternating.", md + summary, rows)
+
+
+def latency_side_by_side(args):
+    """Like `latency_only`, but ringway (one driver at a time) and nginx serve at the same time,
+    both on the proxy CPU, each at half of `--rate` from its own oha on the load CPU: both see
+    the same machine, which alternating runs on this VM do not."""
+    half = args.rate // 2
+    rows = {}
+    with nginx_origin("ringway-latency-pair-") as tmp:
+        proxies = {"io_uring": ringway(tmp, "io_uring", 18571),
+                   "epoll": ringway(tmp, "epoll", 18572, driver="legacy")}
+        ng = Proxy("nginx", 18573, ["nginx", "-c", nginx_proxy_config(tmp, 18573)])
+        try:
+            for p in [*proxies.values(), ng]:
+                p.start()
+                throughput(p, "/13B", 2)  # warm-up: pools, buffers, page cache
+            for rep in range(args.reps):
+                for name in alternate(list(proxies), rep):
+                    # Which oha starts first alternates too.
+                    ports = alternate([proxies[name].port, ng.port], rep)
+                    got = dict(zip(ports, oha_fixed_rates(ports, half, args.seconds)))
+                    r, n = got[proxies[name].port], got[ng.port]
+                    rows.setdefault(name, []).append(r)
+                    rows.setdefault(f"nginx beside {name}", []).append(n)
+                    log(f"   rep {rep + 1} {name:8} load CPU {r['load_cpu_busy']:.0%}: p99 "
+                        f"{r['p99_us']:.0f} / nginx {n['p99_us']:.0f}, p99.9 {r['p99_9_us']:.0f} "
+                        f"/ nginx {n['p99_9_us']:.0f} µs")
+        finally:
+            for p in [*proxies.values(), ng]:
+                p.stop()
+    keys = [("p50_us", "p50"), ("p99_us", "p99"), ("p99_9_us", "p99.9"), ("max_us", "max")]
+    md = ["| driver | rep | load CPU | ringway p50 / p99 / p99.9 / max µs | "
+          "nginx p50 / p99 / p99.9 / max µs |", "|---|---:|---:|---|---|"]
+    summary = ["", "| driver | ringway median p50 / p99 / p99.9 / max µs | nginx median | "
+               "p99 ≤ nginx's | p99.9 ≤ nginx's |", "|---|---|---|---|---|"]
+    for name in proxies:
+        rs, ns = rows[name], rows[f"nginx beside {name}"]
+        for i, (r, n) in enumerate(zip(rs, ns)):
+            md.append(f"| {name} | {i + 1} | {r['load_cpu_busy']:.0%} | "
+                      + " / ".join(f"{r[k]:.0f}" for k, _ in keys) + " | "
+                      + " / ".join(f"{n[k]:.0f}" for k, _ in keys) + " |")
+        wins = [f"{sum(a[k] <= b[k] for a, b in zip(rs, ns))} of {len(rs)}"
+                for k in ("p99_us", "p99_9_us")]
+        summary.append(f"| {name} | "
+                       + " / ".join(f"{median([r[k] for r in rs]):.0f}" for k, _ in keys) + " | "
+                       + " / ".join(f"{median([r[k] for r in ns]):.0f}" for k, _ in keys) + " | "
+                       + " | ".join(wins) + " |")
+    publish("latency-side-by-side", f"Latency at {args.rate} requests/s, side by side",
+            f"ringway and nginx at the same time, both on CPU {PROXY_CPU}, each at {half} "
+            f"requests/s from its own oha (open loop with latency correction, 50 connections, "
+            f"13 B) on CPU {LOAD_CPU} with the origin; {args.seconds} s per run, {args.reps} "
+            f"reps, drivers alternating.", md + summary, rows)
 
 
 # Issue 14's budget: what a JWT-protected route may add to a request, its token cached.
