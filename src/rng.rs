@@ -98,7 +98,9 @@ mod tests {
         for len in [0, 5, 16, 17, 32] {
             let mut out = vec![b'!'; len];
             rng.fill_hex(&mut out);
-            assert!(out.iter().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(b)));
+            assert!(out
+                .iter()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(b)));
         }
     }
 

@@ -228,7 +228,10 @@ impl Aggregate {
             w.rps = s.requests as f64 / secs;
             // Each request is recorded on exactly one route, or as unrouted: together, their
             // latencies are the worker's (one histogram less to record per request).
-            let routes = s.unrouted.iter().chain(s.gens.iter().flat_map(|g| &g.routes));
+            let routes = s
+                .unrouted
+                .iter()
+                .chain(s.gens.iter().flat_map(|g| &g.routes));
             for h in routes.filter_map(|r| r.latency.as_ref()) {
                 add(&mut w.latency, h);
             }
