@@ -187,3 +187,91 @@ fn upstream_connections_are_pooled_across_client_connections() {
     assert_eq!(up.count(), 10);
     assert_eq!(up.connections(), 1);
 }
+
+/// A socket that has served many requests is registered in io_uring's table of files (see
+/// vendor/monoio/RINGWAY.md). Closing it must still close the connection (the client's after
+/// `Connection: close`, the upstream's when its pooled connection idles out) and empty its slot,
+/// or the socket would live on in the table.
+#[test]
+fn long_lived_connections_are_registered_and_still_close_both_ways() {
+    const REQUESTS: usize = 100;
+    let (listener, addr) = raw_upstream();
+    let upstream = std::thread::spawn(move || {
+        let (s, _) = listener.accept().unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        let mut reader = RequestReader::new(s);
+        let mut served = 0;
+        while reader.read_request(0).is_some() {
+            served += 1;
+            let reply = format!("HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n{served:03}");
+            reader.stream.write_all(reply.as_bytes()).unwrap();
+        }
+        // The loop ends at the end of the stream, which only the gateway can have sent.
+        let mut buf = [0u8; 1];
+        (served, reader.stream.read(&mut buf).map(|n| n == 0))
+    });
+    let gw = Gateway::start(&format!(
+        "[runtime]\nworkers = 1\npin_cores = false\n{}",
+        proxy_config(&[addr], "idle_timeout_ms = 300", "")
+    ));
+    let mut conn = ResponseReader::new(connect(gw.addr("public")));
+    for i in 1..=REQUESTS {
+        if i == REQUESTS && registered_files(gw.pid()).is_some() {
+            // Both sockets, the client's and the pooled upstream's, are in the table.
+            eventually("two registered sockets", || {
+                (registered_files(gw.pid()) == Some(2)).then_some(())
+            });
+        }
+        let close = if i == REQUESTS {
+            "Connection: close\r\n"
+        } else {
+            ""
+        };
+        let req = format!("GET /{i} HTTP/1.1\r\nHost: x\r\n{close}\r\n");
+        conn.stream.write_all(req.as_bytes()).unwrap();
+        let resp = conn.read_response(false).expect("a response");
+        assert_eq!(resp.text(), format!("{i:03}"));
+    }
+    assert!(conn.is_closed(), "the client's connection was closed");
+    let (served, eof) = upstream.join().unwrap();
+    assert_eq!(served, REQUESTS);
+    assert!(
+        matches!(eof, Ok(true)),
+        "the upstream connection was closed: {eof:?}"
+    );
+    if registered_files(gw.pid()).is_some() {
+        eventually("an empty table", || {
+            (registered_files(gw.pid()) == Some(0)).then_some(())
+        });
+    }
+}
+
+/// Files registered in the gateway's io_uring rings, as the kernel lists them in the ring's
+/// fdinfo; `None` without a ring (the epoll driver) or while a worker holds the ring's lock.
+fn registered_files(pid: i32) -> Option<usize> {
+    let mut rings = 0;
+    let mut files = 0;
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fd")).ok()? {
+        let fd = fd.ok()?;
+        if std::fs::read_link(fd.path()).ok()?.to_str() != Some("anon_inode:[io_uring]") {
+            continue;
+        }
+        let info =
+            std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{}", fd.file_name().to_str()?))
+                .ok()?;
+        let (_, table) = info.split_once("UserFiles:")?;
+        let (_, rest) = table.split_once('\n')?;
+        rings += 1;
+        files += rest
+            .lines()
+            .take_while(|l| {
+                l.trim_start()
+                    .split_once(": ")
+                    .is_some_and(|(i, _)| i.parse::<u32>().is_ok())
+            })
+            .filter(|l| l.contains("socket:"))
+            .count();
+    }
+    (rings > 0).then_some(files)
+}

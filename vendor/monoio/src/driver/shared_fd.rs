@@ -24,7 +24,19 @@ struct Inner {
 
     // Waker to notify when the close operation completes.
     state: UnsafeCell<State>,
+
+    /// ringway: the fd's slot in the ring's table of registered files, emptied before close.
+    #[cfg(all(target_os = "linux", feature = "iouring"))]
+    fixed: std::cell::Cell<Option<u32>>,
+
+    /// ringway: stream receives so far, up to `FIXED_AFTER_RECVS`.
+    #[cfg(all(target_os = "linux", feature = "iouring"))]
+    recvs: std::cell::Cell<u16>,
 }
+
+/// ringway: see `SharedFd::count_recv`.
+#[cfg(all(target_os = "linux", feature = "iouring"))]
+const FIXED_AFTER_RECVS: u16 = 32;
 
 enum State {
     #[cfg(all(target_os = "linux", feature = "iouring"))]
@@ -235,6 +247,10 @@ impl SharedFd {
             inner: Rc::new(Inner {
                 fd,
                 state: UnsafeCell::new(state),
+                #[cfg(all(target_os = "linux", feature = "iouring"))]
+                fixed: std::cell::Cell::new(None),
+                #[cfg(all(target_os = "linux", feature = "iouring"))]
+                recvs: std::cell::Cell::new(0),
             }),
         })
     }
@@ -285,6 +301,10 @@ impl SharedFd {
             inner: Rc::new(Inner {
                 fd,
                 state: UnsafeCell::new(state),
+                #[cfg(all(target_os = "linux", feature = "iouring"))]
+                fixed: std::cell::Cell::new(None),
+                #[cfg(all(target_os = "linux", feature = "iouring"))]
+                recvs: std::cell::Cell::new(0),
             }),
         }
     }
@@ -310,6 +330,39 @@ impl SharedFd {
         self.inner.fd
     }
 
+    /// ringway: the fd's slot in the ring's table of registered files, if it has one.
+    #[cfg(all(target_os = "linux", feature = "iouring"))]
+    pub(crate) fn fixed(&self) -> Option<u32> {
+        self.inner.fixed.get()
+    }
+
+    /// ringway: counts a receive from a stream socket, and registers the socket in the ring's
+    /// file table at its `FIXED_AFTER_RECVS`th. Registering and unregistering cost a system call
+    /// each (and, at close, perhaps a submission), so a connection that serves a few requests
+    /// is left alone; a busy keep-alive connection saves a file lookup and two atomics per
+    /// receive and send.
+    #[cfg(all(target_os = "linux", feature = "iouring"))]
+    pub(crate) fn count_recv(&self) {
+        let n = self.inner.recvs.get();
+        if n >= FIXED_AFTER_RECVS {
+            return;
+        }
+        self.inner.recvs.set(n + 1);
+        // SAFETY: the state is only read, on the fd's own thread.
+        let open = matches!(
+            unsafe { &*self.inner.state.get() },
+            State::Uring(UringState::Init)
+        );
+        if n + 1 == FIXED_AFTER_RECVS && open && CURRENT.is_set() {
+            let slot = CURRENT.with(|inner| match inner {
+                super::Inner::Uring(r) => super::IoUringDriver::register_fixed(r, self.inner.fd),
+                #[allow(unreachable_patterns)]
+                _ => None,
+            });
+            self.inner.fixed.set(slot);
+        }
+    }
+
     #[cfg(windows)]
     /// Returns the RawSocket
     pub(crate) fn raw_socket(&self) -> RawSocket {
@@ -330,6 +383,8 @@ impl SharedFd {
         let fd = self.inner.fd;
         match Rc::try_unwrap(self.inner) {
             Ok(inner) => {
+                #[cfg(all(target_os = "linux", feature = "iouring"))]
+                inner.release_fixed();
                 // Only drop Inner's state, skip its drop impl.
                 let mut inner_skip_drop = ManuallyDrop::new(inner);
                 #[allow(invalid_value)]
@@ -436,6 +491,7 @@ impl SharedFd {
             #[allow(irrefutable_let_patterns)]
             if let State::Uring(uring_state) = unsafe { &mut *this.inner.state.get() } {
                 if Rc::get_mut(&mut this.inner).is_some() {
+                    this.inner.release_fixed();
                     *uring_state = match super::op::Op::close(fd) {
                         Ok(op) => UringState::Closing(op),
                         Err(_) => {
@@ -474,6 +530,21 @@ impl SharedFd {
 
 #[cfg(all(target_os = "linux", feature = "iouring"))]
 impl Inner {
+    /// ringway: empties the fd's slot in the ring's file table, which would otherwise keep the
+    /// file open after `close`. Only the ring's thread can, inside its runtime.
+    fn release_fixed(&self) {
+        if let Some(slot) = self.fixed.take() {
+            if CURRENT.is_set() {
+                CURRENT.with(|inner| {
+                    #[allow(irrefutable_let_patterns)]
+                    if let super::Inner::Uring(r) = inner {
+                        super::IoUringDriver::unregister_fixed(r, slot);
+                    }
+                })
+            }
+        }
+    }
+
     /// Completes when the FD has been closed.
     /// Should only be called for uring mode.
     async fn closed(&self) {
@@ -528,6 +599,7 @@ impl Drop for Inner {
         match state {
             #[cfg(all(target_os = "linux", feature = "iouring"))]
             State::Uring(UringState::Init) | State::Uring(UringState::Waiting(..)) => {
+                self.release_fixed();
                 if super::op::Op::close(fd).is_err() {
                     let _ = unsafe { std::fs::File::from_raw_fd(fd) };
                 };

@@ -66,6 +66,8 @@ impl<T: IoBufMut> Op<Recv<T>> {
 
     /// ringway patch: `recv` from a stream socket (TCP, Unix stream).
     pub(crate) fn recv_stream(fd: SharedFd, buf: T) -> io::Result<Self> {
+        #[cfg(all(target_os = "linux", feature = "iouring"))]
+        fd.count_recv();
         Op::submit_with(Recv {
             fd,
             buf,
@@ -100,12 +102,12 @@ impl<T: IoBufMut> Op<Recv<T>> {
 impl<T: IoBufMut> OpAble for Recv<T> {
     #[cfg(all(target_os = "linux", feature = "iouring"))]
     fn uring_op(&mut self) -> io_uring::squeue::Entry {
-        opcode::Recv::new(
-            types::Fd(self.fd.raw_fd()),
-            self.buf.write_ptr(),
-            self.buf.bytes_total() as _,
-        )
-        .build()
+        let (ptr, len) = (self.buf.write_ptr(), self.buf.bytes_total() as _);
+        // ringway: a registered socket is found by its slot (see `FixedFiles`).
+        match self.fd.fixed() {
+            Some(slot) => opcode::Recv::new(types::Fixed(slot), ptr, len).build(),
+            None => opcode::Recv::new(types::Fd(self.fd.raw_fd()), ptr, len).build(),
+        }
     }
 
     #[cfg(any(feature = "legacy", feature = "poll-io"))]

@@ -82,6 +82,71 @@ pub(crate) struct UringInner {
 
     // Uring support ext_arg
     ext_arg: bool,
+
+    /// ringway: slots in the ring's table of registered files.
+    fixed: FixedFiles,
+}
+
+/// ringway: busy stream sockets are registered in a sparse table of files (see
+/// `SharedFd::count_recv`), so that the kernel finds a receive's or send's file by its slot
+/// instead of looking the fd up and taking and dropping a reference on the file each time
+/// (`fget`/`fput`: 1.6% of the worker's CPU time under keep-alive load in a `perf` profile,
+/// 0.3% with the table). A slot is emptied before its fd is closed: a file still in the table
+/// stays open.
+struct FixedFiles {
+    free: Vec<u32>,
+    next: u32,
+    cap: u32,
+}
+
+impl FixedFiles {
+    /// A table of up to 65,536 slots, at most the fd limit (the kernel refuses more); none if
+    /// the kernel cannot register one.
+    fn new(uring: &IoUring) -> FixedFiles {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: `lim` is a valid rlimit for the call to fill.
+        let nofile = match unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } {
+            0 => lim.rlim_cur.min(65_536) as u32,
+            _ => 0,
+        };
+        let cap = match nofile > 0 && uring.submitter().register_files_sparse(nofile).is_ok() {
+            true => nofile,
+            false => 0,
+        };
+        FixedFiles {
+            free: Vec::new(),
+            next: 0,
+            cap,
+        }
+    }
+
+    fn register(&mut self, uring: &IoUring, fd: RawFd) -> Option<u32> {
+        let slot = match self.free.pop() {
+            Some(slot) => slot,
+            None if self.next < self.cap => {
+                self.next += 1;
+                self.next - 1
+            }
+            None => return None,
+        };
+        match uring.submitter().register_files_update(slot, &[fd]) {
+            Ok(_) => Some(slot),
+            Err(_) => {
+                self.free.push(slot);
+                None
+            }
+        }
+    }
+
+    fn unregister(&mut self, uring: &IoUring, slot: u32) {
+        // A slot that could not be emptied is not reused.
+        if uring.submitter().register_files_update(slot, &[-1]).is_ok() {
+            self.free.push(slot);
+        }
+    }
 }
 
 // When dropping the driver, all in-flight operations must have completed. This
@@ -111,6 +176,7 @@ impl IoUringDriver {
             poller_installed: false,
             ops: Ops::new(),
             ext_arg: uring.params().is_feature_ext_arg(),
+            fixed: FixedFiles::new(&uring),
             uring,
         }));
 
@@ -145,6 +211,7 @@ impl IoUringDriver {
             poll: super::poll::Poll::with_capacity(entries as usize)?,
             ops: Ops::new(),
             ext_arg: uring.params().is_feature_ext_arg(),
+            fixed: FixedFiles::new(&uring),
             uring,
             shared_waker: std::sync::Arc::new(waker::EventWaker::new(waker)),
             eventfd_installed: false,
@@ -556,6 +623,28 @@ impl UringInner {
 impl AsRawFd for IoUringDriver {
     fn as_raw_fd(&self) -> RawFd {
         unsafe { (*self.inner.get()).uring.as_raw_fd() }
+    }
+}
+
+impl IoUringDriver {
+    /// ringway: registers `fd` in the file table; `None` when the table is full or missing.
+    pub(crate) fn register_fixed(this: &Rc<UnsafeCell<UringInner>>, fd: RawFd) -> Option<u32> {
+        // SAFETY: as in `submit_with_data`: the driver is only used from its thread, and no
+        // other reference to it is live across this call.
+        let inner = unsafe { &mut *this.get() };
+        inner.fixed.register(&inner.uring, fd)
+    }
+
+    /// ringway: empties a slot `register_fixed` gave, before its fd is closed.
+    /// Entries still in the submission queue are submitted first: one of them may name the
+    /// slot, and must not find the file registered in it next.
+    pub(crate) fn unregister_fixed(this: &Rc<UnsafeCell<UringInner>>, slot: u32) {
+        // SAFETY: as in `register_fixed`.
+        let inner = unsafe { &mut *this.get() };
+        if !inner.uring.submission().is_empty() {
+            let _ = inner.submit();
+        }
+        inner.fixed.unregister(&inner.uring, slot);
     }
 }
 
