@@ -342,18 +342,26 @@ impl SharedFd {
     /// is left alone; a busy keep-alive connection saves a file lookup and two atomics per
     /// receive and send.
     #[cfg(all(target_os = "linux", feature = "iouring"))]
+    #[inline]
     pub(crate) fn count_recv(&self) {
         let n = self.inner.recvs.get();
-        if n >= FIXED_AFTER_RECVS {
-            return;
+        if n < FIXED_AFTER_RECVS {
+            self.inner.recvs.set(n + 1);
+            if n + 1 == FIXED_AFTER_RECVS {
+                self.register_fixed();
+            }
         }
-        self.inner.recvs.set(n + 1);
+    }
+
+    #[cfg(all(target_os = "linux", feature = "iouring"))]
+    #[cold]
+    fn register_fixed(&self) {
         // SAFETY: the state is only read, on the fd's own thread.
         let open = matches!(
             unsafe { &*self.inner.state.get() },
             State::Uring(UringState::Init)
         );
-        if n + 1 == FIXED_AFTER_RECVS && open && CURRENT.is_set() {
+        if open && CURRENT.is_set() {
             let slot = CURRENT.with(|inner| match inner {
                 super::Inner::Uring(r) => super::IoUringDriver::register_fixed(r, self.inner.fd),
                 #[allow(unreachable_patterns)]
