@@ -52,7 +52,10 @@ impl<'a> Ref<'a, Lifecycle> {
         let ref_mut = &mut *self;
         match ref_mut {
             Lifecycle::Submitted => {
-                *ref_mut = Lifecycle::Waiting(cx.waker().clone());
+                // ringway: `Submitted` owns nothing, so it is overwritten without the call to
+                // drop it that an assignment compiled to (16 instructions per operation).
+                // SAFETY: `ref_mut` is a valid, initialized `Lifecycle`; nothing is leaked.
+                unsafe { std::ptr::write(ref_mut, Lifecycle::Waiting(cx.waker().clone())) };
                 return Poll::Pending;
             }
             Lifecycle::Waiting(waker) => {

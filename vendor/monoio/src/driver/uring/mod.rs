@@ -537,6 +537,7 @@ impl UringInner {
         Ok(op)
     }
 
+    #[inline]
     pub(crate) fn poll_op(
         this: &Rc<UnsafeCell<UringInner>>,
         index: usize,
