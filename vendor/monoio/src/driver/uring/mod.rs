@@ -94,9 +94,9 @@ pub(crate) struct UringInner {
 /// 0.3% with the table). A slot is emptied before its fd is closed: a file still in the table
 /// stays open.
 struct FixedFiles {
-    free: Vec<u32>,
-    next: u32,
-    cap: u32,
+    /// Slots in use; a key is a slot, and keys stay below the most ever in use at once.
+    used: slab::Slab<()>,
+    cap: usize,
 }
 
 impl FixedFiles {
@@ -113,38 +113,33 @@ impl FixedFiles {
             _ => 0,
         };
         let cap = match nofile > 0 && uring.submitter().register_files_sparse(nofile).is_ok() {
-            true => nofile,
+            true => nofile as usize,
             false => 0,
         };
         FixedFiles {
-            free: Vec::new(),
-            next: 0,
+            used: slab::Slab::new(),
             cap,
         }
     }
 
     fn register(&mut self, uring: &IoUring, fd: RawFd) -> Option<u32> {
-        let slot = match self.free.pop() {
-            Some(slot) => slot,
-            None if self.next < self.cap => {
-                self.next += 1;
-                self.next - 1
-            }
-            None => return None,
-        };
-        match uring.submitter().register_files_update(slot, &[fd]) {
-            Ok(_) => Some(slot),
+        if self.used.len() >= self.cap {
+            return None;
+        }
+        let slot = self.used.insert(());
+        match uring.submitter().register_files_update(slot as u32, &[fd]) {
+            Ok(_) => Some(slot as u32),
             Err(_) => {
-                self.free.push(slot);
+                self.used.remove(slot);
                 None
             }
         }
     }
 
     fn unregister(&mut self, uring: &IoUring, slot: u32) {
-        // A slot that could not be emptied is not reused.
+        // A slot that could not be emptied stays in use, never to be given again.
         if uring.submitter().register_files_update(slot, &[-1]).is_ok() {
-            self.free.push(slot);
+            self.used.remove(slot as usize);
         }
     }
 }
