@@ -173,6 +173,29 @@ impl Inner {
         }
     }
 
+    /// ringway patch: see `Op::take_completed`.
+    #[allow(unused)]
+    #[inline]
+    fn take_completed(&self, index: usize) -> Option<op::CompletionMeta> {
+        match self {
+            #[cfg(all(target_os = "linux", feature = "iouring"))]
+            Inner::Uring(this) => UringInner::take_completed(this, index),
+            #[allow(unreachable_patterns)]
+            _ => None,
+        }
+    }
+
+    /// ringway patch: see `Op::detach`.
+    #[allow(unused)]
+    fn detach_op<T: 'static>(&self, index: usize, data: &mut Option<T>) {
+        match self {
+            #[cfg(all(target_os = "linux", feature = "iouring"))]
+            Inner::Uring(this) => UringInner::detach_op(this, index, data),
+            #[allow(unreachable_patterns)]
+            _ => self.drop_op(index, data),
+        }
+    }
+
     #[allow(unused)]
     pub(super) unsafe fn cancel_op(&self, op_canceller: &op::OpCanceller) {
         match self {

@@ -17,6 +17,8 @@ mod poll;
 mod read;
 mod recv;
 mod send;
+#[cfg(all(target_os = "linux", feature = "iouring"))]
+pub(crate) use send::WriteBehind;
 mod write;
 
 #[cfg(unix)]
@@ -184,6 +186,30 @@ where
         me.index = usize::MAX;
         let data = me.data.take().expect("unexpected operation state");
         Poll::Ready(Completion { data, meta })
+    }
+}
+
+impl<T: 'static> Op<T> {
+    /// ringway patch: the operation's completion if the kernel has posted it, without
+    /// registering a waker (io_uring only; `None` on the epoll driver).
+    #[allow(unused)]
+    #[inline]
+    pub(crate) fn take_completed(&mut self) -> Option<Completion<T>> {
+        if self.index == usize::MAX {
+            return None;
+        }
+        let meta = self.driver.take_completed(self.index)?;
+        self.index = usize::MAX;
+        let data = self.data.take()?;
+        Some(Completion { data, meta })
+    }
+
+    /// ringway patch: lets go of an operation without cancelling it (`Drop` cancels one still
+    /// in flight): the kernel finishes it, and its data is kept until then.
+    #[allow(unused)]
+    pub(crate) fn detach(mut self) {
+        self.driver.detach_op(self.index, &mut self.data);
+        self.index = usize::MAX;
     }
 }
 

@@ -353,6 +353,13 @@ impl SharedFd {
         }
     }
 
+    /// ringway: whether the fd is driven by io_uring (rather than the epoll driver).
+    #[cfg(all(target_os = "linux", feature = "iouring"))]
+    pub(crate) fn is_uring(&self) -> bool {
+        // SAFETY: the state is only read, on the fd's own thread.
+        matches!(unsafe { &*self.inner.state.get() }, State::Uring(_))
+    }
+
     #[cfg(all(target_os = "linux", feature = "iouring"))]
     #[cold]
     fn register_fixed(&self) {

@@ -31,6 +31,120 @@ pub(crate) struct Send<T> {
     pub(crate) buf: T,
 }
 
+/// ringway patch: small writes to a stream socket on io_uring go out "behind" the writer.
+///
+/// An io_uring send completes asynchronously: the task that awaits it is woken and polled
+/// again, from the top of its future chain, for every write, where the epoll driver's send
+/// completes in the call. A write of at most `WriteBehind::MAX` bytes is instead copied into
+/// a buffer the stream owns and submitted, and the write returns at once with all its bytes
+/// taken. The send is settled (its result taken, a short send finished) before the stream's
+/// next write or shutdown, so sends keep their order and none overlaps another; its error, if
+/// any, is returned by that next write. Dropped with a send still in flight, the send is left
+/// to finish rather than cancelled: bytes a write took are sent.
+#[cfg(all(target_os = "linux", feature = "iouring"))]
+pub(crate) struct WriteBehind {
+    /// Off on the epoll driver, whose sends complete in the call.
+    enabled: bool,
+    pending: Option<Op<Send<Vec<u8>>>>,
+    spare: Vec<u8>,
+}
+
+#[cfg(all(target_os = "linux", feature = "iouring"))]
+impl WriteBehind {
+    /// The largest write copied; larger ones are sent from the caller's buffer as before.
+    /// Also the most this buffer holds, per stream.
+    pub(crate) const MAX: usize = 4096;
+
+    pub(crate) fn new(fd: &SharedFd) -> Self {
+        WriteBehind {
+            enabled: fd.is_uring(),
+            pending: None,
+            spare: Vec::new(),
+        }
+    }
+
+    /// Whether a send is outstanding.
+    #[inline]
+    pub(crate) fn is_pending(&self) -> bool {
+        self.pending.is_some()
+    }
+
+    /// Copies `buf` and submits its send, unless it is empty or larger than `MAX`. Call only
+    /// once nothing is pending.
+    #[inline]
+    pub(crate) fn stage<T: IoBuf>(&mut self, fd: &SharedFd, buf: &T) -> Option<io::Result<usize>> {
+        let len = buf.bytes_init();
+        if !self.enabled || len == 0 || len > Self::MAX || self.pending.is_some() {
+            return None;
+        }
+        // SAFETY: `IoBuf` guarantees `bytes_init` initialized bytes at `read_ptr`.
+        let bytes = unsafe { std::slice::from_raw_parts(buf.read_ptr(), len) };
+        let mut stage = std::mem::take(&mut self.spare);
+        stage.clear();
+        stage.extend_from_slice(bytes);
+        Some(Op::send(fd.clone(), stage).map(|op| {
+            self.pending = Some(op);
+            len
+        }))
+    }
+
+    /// The outstanding send's result if the kernel has posted it, without waiting: `None`
+    /// while it is in flight (including the rest of a short send, resubmitted here).
+    #[inline]
+    pub(crate) fn try_settle(&mut self, fd: &SharedFd) -> Option<io::Result<()>> {
+        let done = self.pending.as_mut()?.take_completed()?;
+        self.pending = None;
+        self.finish(fd, done)
+    }
+
+    /// Waits for the outstanding send, if any, and for the rest of a short one.
+    pub(crate) async fn settle(&mut self, fd: &SharedFd) -> io::Result<()> {
+        while let Some(op) = self.pending.take() {
+            let done = op.await;
+            if let Some(res) = self.finish(fd, done) {
+                return res;
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes a send's result; the rest of a short one is submitted again (`None`).
+    fn finish(
+        &mut self,
+        fd: &SharedFd,
+        done: super::Completion<Send<Vec<u8>>>,
+    ) -> Option<io::Result<()>> {
+        let mut stage = done.data.buf;
+        match done.meta.result {
+            Err(e) => Some(Err(e)),
+            Ok(0) => Some(Err(io::ErrorKind::WriteZero.into())),
+            Ok(n) if n as usize >= stage.len() => {
+                self.spare = stage;
+                Some(Ok(()))
+            }
+            Ok(n) => {
+                stage.drain(..n as usize);
+                match Op::send(fd.clone(), stage) {
+                    Ok(op) => {
+                        self.pending = Some(op);
+                        None
+                    }
+                    Err(e) => Some(Err(e)),
+                }
+            }
+        }
+    }
+}
+
+#[cfg(all(target_os = "linux", feature = "iouring"))]
+impl Drop for WriteBehind {
+    fn drop(&mut self) {
+        if let Some(op) = self.pending.take() {
+            op.detach();
+        }
+    }
+}
+
 impl<T: IoBuf> Op<Send<T>> {
     pub(crate) fn send(fd: SharedFd, buf: T) -> io::Result<Self> {
         Op::submit_with(Send { fd, buf })

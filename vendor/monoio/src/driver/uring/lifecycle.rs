@@ -73,6 +73,18 @@ impl<'a> Ref<'a, Lifecycle> {
         }
     }
 
+    /// ringway patch: the completion, if posted, taken without registering a waker.
+    #[inline]
+    pub(crate) fn take_completed(self) -> Option<CompletionMeta> {
+        if !matches!(&*self, Lifecycle::Completed(..)) {
+            return None;
+        }
+        match self.remove() {
+            Lifecycle::Completed(result, flags) => Some(CompletionMeta { result, flags }),
+            _ => None,
+        }
+    }
+
     // return if the op must has been finished
     pub(crate) fn drop_op<T: 'static>(mut self, data: &mut Option<T>) -> bool {
         let ref_mut = &mut *self;

@@ -597,6 +597,31 @@ impl UringInner {
         }
     }
 
+    /// ringway patch: see `Op::take_completed`.
+    #[inline]
+    pub(crate) fn take_completed(
+        this: &Rc<UnsafeCell<UringInner>>,
+        index: usize,
+    ) -> Option<CompletionMeta> {
+        let inner = unsafe { &mut *this.get() };
+        inner.ops.slab.get(index)?.take_completed()
+    }
+
+    /// ringway patch: `drop_op` without the cancellation (see `Op::detach`).
+    pub(crate) fn detach_op<T: 'static>(
+        this: &Rc<UnsafeCell<UringInner>>,
+        index: usize,
+        data: &mut Option<T>,
+    ) {
+        let inner = unsafe { &mut *this.get() };
+        if index == usize::MAX {
+            return;
+        }
+        if let Some(lifecycle) = inner.ops.slab.get(index) {
+            lifecycle.drop_op(data);
+        }
+    }
+
     pub(crate) unsafe fn cancel_op(this: &Rc<UnsafeCell<UringInner>>, index: usize) {
         let inner = &mut *this.get();
         let cancel = opcode::AsyncCancel::new(index as u64)

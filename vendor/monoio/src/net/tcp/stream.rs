@@ -70,6 +70,9 @@ impl TcpConnectOpts {
 pub struct TcpStream {
     pub(super) fd: SharedFd,
     meta: StreamMeta,
+    /// ringway: small writes on io_uring do not wait for their send (see `WriteBehind`).
+    #[cfg(all(target_os = "linux", feature = "iouring"))]
+    behind: WriteBehind,
 }
 
 /// TcpStream is safe to split to two parts
@@ -85,7 +88,12 @@ impl TcpStream {
         // enable SOCK_ZEROCOPY
         meta.set_zero_copy();
 
-        Self { fd, meta }
+        Self {
+            #[cfg(all(target_os = "linux", feature = "iouring"))]
+            behind: WriteBehind::new(&fd),
+            fd,
+            meta,
+        }
     }
 
     /// Open a TCP connection to a remote host.
@@ -316,7 +324,11 @@ impl std::fmt::Debug for TcpStream {
     }
 }
 
+#[cfg(all(target_os = "linux", feature = "iouring"))]
+use crate::driver::op::WriteBehind;
+
 impl AsyncWriteRent for TcpStream {
+    #[cfg(not(all(target_os = "linux", feature = "iouring")))]
     #[inline]
     fn write<T: IoBuf>(&mut self, buf: T) -> impl Future<Output = BufResult<usize, T>> {
         // Submit the write operation
@@ -324,18 +336,49 @@ impl AsyncWriteRent for TcpStream {
         op.write()
     }
 
+    // ringway: a small write goes out behind the writer (see `WriteBehind`).
+    #[cfg(all(target_os = "linux", feature = "iouring"))]
+    #[inline]
+    async fn write<T: IoBuf>(&mut self, buf: T) -> BufResult<usize, T> {
+        if self.behind.is_pending() {
+            let settled = match self.behind.try_settle(&self.fd) {
+                Some(res) => res,
+                None => self.behind.settle(&self.fd).await,
+            };
+            if let Err(e) = settled {
+                return (Err(e), buf);
+            }
+        }
+        match self.behind.stage(&self.fd, &buf) {
+            Some(res) => (res, buf),
+            None => Op::send(self.fd.clone(), buf).unwrap().write().await,
+        }
+    }
+
+    #[cfg(not(all(target_os = "linux", feature = "iouring")))]
     #[inline]
     fn writev<T: IoVecBuf>(&mut self, buf_vec: T) -> impl Future<Output = BufResult<usize, T>> {
         let op = Op::writev(&self.fd, buf_vec).unwrap();
         op.write()
     }
 
+    #[cfg(all(target_os = "linux", feature = "iouring"))]
+    async fn writev<T: IoVecBuf>(&mut self, buf_vec: T) -> BufResult<usize, T> {
+        if let Err(e) = self.behind.settle(&self.fd).await {
+            return (Err(e), buf_vec);
+        }
+        Op::writev(&self.fd, buf_vec).unwrap().write().await
+    }
+
     #[inline]
     async fn flush(&mut self) -> std::io::Result<()> {
-        // Tcp stream does not need flush.
+        // Tcp stream does not need flush (ringway: but a send still behind is waited for).
+        #[cfg(all(target_os = "linux", feature = "iouring"))]
+        self.behind.settle(&self.fd).await?;
         Ok(())
     }
 
+    #[cfg(not(all(target_os = "linux", feature = "iouring")))]
     fn shutdown(&mut self) -> impl Future<Output = std::io::Result<()>> {
         // We could use shutdown op here, which requires kernel 5.11+.
         // However, for simplicity, we just close the socket using direct syscall.
@@ -348,6 +391,16 @@ impl AsyncWriteRent for TcpStream {
             _ => Ok(()),
         };
         async move { res }
+    }
+
+    // ringway: a send still behind goes first.
+    #[cfg(all(target_os = "linux", feature = "iouring"))]
+    async fn shutdown(&mut self) -> std::io::Result<()> {
+        self.behind.settle(&self.fd).await?;
+        match unsafe { shutdown(self.as_raw_fd(), SHUT_WR) } {
+            -1 => Err(io::Error::last_os_error()),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -362,6 +415,11 @@ impl CancelableAsyncWriteRent for TcpStream {
 
         if c.canceled() {
             return (Err(operation_canceled()), buf);
+        }
+        // ringway: a send still behind goes first.
+        #[cfg(all(target_os = "linux", feature = "iouring"))]
+        if let Err(e) = self.behind.settle(&fd).await {
+            return (Err(e), buf);
         }
 
         let op = Op::send(fd, buf).unwrap();
@@ -380,6 +438,11 @@ impl CancelableAsyncWriteRent for TcpStream {
         if c.canceled() {
             return (Err(operation_canceled()), buf_vec);
         }
+        // ringway: a send still behind goes first.
+        #[cfg(all(target_os = "linux", feature = "iouring"))]
+        if let Err(e) = self.behind.settle(&fd).await {
+            return (Err(e), buf_vec);
+        }
 
         let op = Op::writev(&fd, buf_vec).unwrap();
         let _guard = c.associate_op(op.op_canceller());
@@ -388,10 +451,19 @@ impl CancelableAsyncWriteRent for TcpStream {
 
     #[inline]
     async fn cancelable_flush(&mut self, _c: CancelHandle) -> io::Result<()> {
-        // Tcp stream does not need flush.
+        // Tcp stream does not need flush (ringway: but a send still behind is waited for).
+        #[cfg(all(target_os = "linux", feature = "iouring"))]
+        self.behind.settle(&self.fd).await?;
         Ok(())
     }
 
+    // ringway: a send still behind goes first.
+    #[cfg(all(target_os = "linux", feature = "iouring"))]
+    async fn cancelable_shutdown(&mut self, _c: CancelHandle) -> io::Result<()> {
+        AsyncWriteRent::shutdown(self).await
+    }
+
+    #[cfg(not(all(target_os = "linux", feature = "iouring")))]
     fn cancelable_shutdown(&mut self, _c: CancelHandle) -> impl Future<Output = io::Result<()>> {
         // We could use shutdown op here, which requires kernel 5.11+.
         // However, for simplicity, we just close the socket using direct syscall.
