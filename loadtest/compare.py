@@ -32,6 +32,8 @@ build if given, and nginx, all alternating; each row's ratio to nginx is the med
 --paired [--reps N] serves ringway and nginx at the same time, both on the proxy CPU, each loaded
 by its own wrk (25 connections), on both drivers: CPU per request of each under the same machine
 state, and their ratio per rep (this VM's speed drifts faster than an alternating rep lasts).
+--paired --baseline BINARY serves this build and the baseline side by side instead (proxied, both
+drivers): this build's CPU per request over the baseline's, per rep; it resolves about 1%.
 
 --latency-only [--rate R] [--reps N] measures p50/p99/p99.9/max at R requests/s (default 10000)
 for ringway on both drivers and nginx, alternating, and counts the reps where ringway's p99 and
@@ -501,7 +503,9 @@ def main():
                     help="with --callgrind-only: also count nginx's instructions per request, "
                          "and show each row's ratio to it")
     ap.add_argument("--baseline", metavar="BINARY",
-                    help="with --callgrind-only: also measure this ringway build, for before/after")
+                    help="with --callgrind-only, --cpu-only: also measure this ringway build, for "
+                         "before/after; with --paired: serve it side by side with this build "
+                         "instead of nginx (CPU per request of this build over it, ~1%% resolution)")
     ap.add_argument("--cpu-only", action="store_true",
                     help="only CPU and kernel work per proxied request (13 B, keep-alive) of ringway "
                          "on both drivers and nginx, alternating with --baseline if given: "

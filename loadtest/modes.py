@@ -1,5 +1,5 @@
 """The load-test kit's single-purpose modes (see compare.py's docstring): `--callgrind-only`,
-`--cpu-only`, `--paired`, `--latency-only`, `--auth-cost` and the regression guard `--guard`,
+`--cpu-only`, `--paired` (with `--baseline`: two builds), `--latency-only`, `--auth-cost` and the regression guard `--guard`,
 built on compare.py's helpers."""
 
 import contextlib
@@ -147,12 +147,38 @@ PAIRED = [("proxied, io_uring", {}, {}), ("proxied, epoll", {"driver": "legacy"}
           ("cache hit", {"cache": True}, {"cache": True})]
 
 
+def side_by_side(pair, seconds):
+    """Serves both proxies of `pair` at the same time on the proxy CPU, each loaded by its own
+    wrk (25 connections) on the load CPU; returns each one's result with its CPU and kernel
+    work per request, by name."""
+    for p in pair:
+        p.start()
+    try:
+        for p in pair:
+            wrk(p.port, "/13B", 1, connections=25)  # warm-up (and cache fill)
+        loads = {}
+        with Measure(pair[0]) as m0, Measure(pair[1]) as m1:
+            threads = [threading.Thread(target=lambda p=p: loads.__setitem__(
+                p.name, wrk(p.port, "/13B", seconds, connections=25))) for p in pair]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+    finally:
+        for p in pair:
+            p.stop()
+    return {p.name: m.add_to(loads[p.name]) for p, m in zip(pair, (m0, m1))}
+
+
 def paired(args):
     """ringway and nginx served at the same time, both on the proxy CPU, each loaded by its own
     wrk (25 connections) on the load CPU, for each of PAIRED over `--reps`: CPU and kernel work
     per request of each, and their ratio. This VM changes speed faster than one alternating rep
     lasts (CPU per request of one proxy moved from 28 to 44 µs between reps); run side by
-    side, both proxies see the same machine."""
+    side, both proxies see the same machine. With `--baseline`, this build and the baseline
+    build are paired instead (proxied, both drivers)."""
+    if args.baseline:
+        return paired_builds(args)
     runs = {}
     with nginx_origin("ringway-paired-") as tmp:
         port = 18560
@@ -162,23 +188,8 @@ def paired(args):
                 rw = ringway(tmp, f"ringway, {scenario}", port, **rw_kw)
                 ng = Proxy(f"nginx, {scenario}", port + 1,
                            ["nginx", "-c", nginx_proxy_config(tmp, port + 1, **ng_kw)])
-                pair = [rw.start(), ng.start()]
-                try:
-                    for p in pair:
-                        wrk(p.port, "/13B", 1, connections=25)  # warm-up (and cache fill)
-                    loads = {}
-                    with Measure(rw) as mr, Measure(ng) as mn:
-                        threads = [threading.Thread(target=lambda p=p: loads.__setitem__(
-                            p.name, wrk(p.port, "/13B", args.seconds, connections=25)))
-                            for p in pair]
-                        for t in threads:
-                            t.start()
-                        for t in threads:
-                            t.join()
-                finally:
-                    for p in pair:
-                        p.stop()
-                r, n = mr.add_to(loads[rw.name]), mn.add_to(loads[ng.name])
+                got = side_by_side([rw, ng], args.seconds)
+                r, n = got[rw.name], got[ng.name]
                 r["vs_nginx"] = r["cpu_us_per_req"] / n["cpu_us_per_req"]
                 for p, x in ((rw, r), (ng, n)):
                     runs.setdefault(p.name, []).append(x)
@@ -198,6 +209,46 @@ def paired(args):
             f"Both proxies on CPU {PROXY_CPU} at the same time, each with its own wrk (25 "
             f"keep-alive connections, 13 B) on CPU {LOAD_CPU} with the origin; {args.seconds} s "
             f"runs, {args.reps} reps, medians.", md, runs)
+
+
+def paired_builds(args):
+    """This build and `--baseline` served side by side (proxied 13 B, keep-alive, each driver),
+    which goes first alternating: CPU per request of this build over the baseline's, per rep.
+    Resolves about 1%, where alternating runs of one build at a time drift by a third."""
+    runs, ratios = {}, {}
+    with nginx_origin("ringway-paired-builds-") as tmp:
+        port = 18660
+        for rep in range(args.reps):
+            for driver in ("io_uring", "legacy"):
+                port += 2
+                builds = alternate([("baseline", args.baseline), ("this build", RINGWAY)], rep)
+                pair = [ringway(tmp, f"{label}, {driver}", port + i, binary=binary, driver=driver)
+                        for i, (label, binary) in enumerate(builds)]
+                got = side_by_side(pair, args.seconds)
+                new, old = got[f"this build, {driver}"], got[f"baseline, {driver}"]
+                ratios.setdefault(driver, []).append(new["cpu_us_per_req"] / old["cpu_us_per_req"])
+                for name, x in got.items():
+                    runs.setdefault(name, []).append(x)
+                    log(f"   {name:28} {x['rps']:8.0f} rps  {per_request(x)}")
+                log(f"   rep {rep + 1} {driver}: this build/baseline CPU per request "
+                    f"{ratios[driver][-1]:.3f}")
+    md = ["| build | CPU µs | user µs | system µs | system calls | context switches | "
+          "io_uring submissions | this build / baseline, per rep | median |",
+          "|---|---:|---:|---:|---:|---:|---:|---|---:|"]
+    for name, rs in sorted(runs.items()):
+        m = medians(rs)
+        cells = [f"{m[k]:.{d}f}" if k in m else "-" for k, _, d in PER_REQUEST]
+        driver = name.split(", ")[1]
+        vs, med = "-", "-"
+        if name.startswith("this build"):
+            vs = " ".join(f"{x:.3f}" for x in ratios[driver])
+            med = f"{median(ratios[driver]):.3f}"
+        md.append(f"| {name} | " + " | ".join(cells) + f" | {vs} | {med} |")
+    publish("paired-builds", "two ringway builds side by side",
+            f"This build ({RINGWAY}) and the baseline ({args.baseline}) on CPU {PROXY_CPU} at the "
+            f"same time, each with its own wrk (25 keep-alive connections, 13 B) on CPU "
+            f"{LOAD_CPU} with the origin; {args.seconds} s runs, {args.reps} reps, medians.",
+            md, runs)
 
 
 def latency_only(args):
