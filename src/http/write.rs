@@ -28,8 +28,9 @@ pub struct Forwarding<'a> {
     pub edits: &'a HeaderEdits,
 }
 
-/// Appends the header line `name: value`.
-#[inline]
+/// Appends the header line `name: value`. Inlined into each caller, where the name is a
+/// constant: its copy becomes a few moves instead of a call to `memcpy`.
+#[inline(always)]
 pub fn field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(name);
     out.extend_from_slice(b": ");
