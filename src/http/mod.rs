@@ -167,7 +167,7 @@ pub fn classify(name: &[u8]) -> HeaderKind {
     let Some(&first) = name.first() else {
         return HeaderKind::Other;
     };
-    let is = |s: &str| name.eq_ignore_ascii_case(s.as_bytes());
+    let is = |s: &str| matches_lowercase(name, s.as_bytes());
     match (name.len(), first | 0x20) {
         (2, b't') if is("te") => HeaderKind::Te,
         (4, b'h') if is("host") => HeaderKind::Host,
@@ -186,6 +186,18 @@ pub fn classify(name: &[u8]) -> HeaderKind {
         (17, b'x') if is("x-forwarded-proto") => HeaderKind::XForwardedProto,
         _ => HeaderKind::Other,
     }
+}
+
+/// Whether `name` is `lower` (lowercase ASCII) in any case. Inlined with a constant `lower`,
+/// each byte is one OR and one compare: 0x20 is ORed in only where `lower` has a letter, so a
+/// letter matches in either case and any other byte only itself.
+#[inline(always)]
+fn matches_lowercase(name: &[u8], lower: &[u8]) -> bool {
+    name.len() == lower.len()
+        && name.iter().zip(lower).all(|(&b, &l)| {
+            let fold = if l.is_ascii_lowercase() { 0x20 } else { 0 };
+            b | fold == l
+        })
 }
 
 /// RFC 9110 `token`.
@@ -291,6 +303,11 @@ mod tests {
         assert_eq!(classify(b"TE"), HeaderKind::Te);
         assert_eq!(classify(b"X-Forwarded-Proto"), HeaderKind::XForwardedProto);
         assert_eq!(classify(b"content-lengthx"), HeaderKind::Other);
+        // Only letters fold: a byte that ORs to '-' is not a dash.
+        assert_eq!(classify(b"content\rlength"), HeaderKind::Other);
+        assert_eq!(classify(b"CONNECTION"), HeaderKind::Connection);
+        assert_eq!(classify(b"connectioN"), HeaderKind::Connection);
+        assert_eq!(classify(b"connectiom"), HeaderKind::Other);
     }
 
     #[test]
