@@ -50,6 +50,7 @@ pub mod rng;
 pub mod router;
 pub mod runtime;
 pub mod services;
+pub mod stamp;
 pub mod startup;
 pub mod tls;
 pub mod trace;

@@ -7,7 +7,6 @@ use std::cell::Cell;
 use std::io::{self, Write as _};
 use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
-use std::time::Instant;
 
 use crate::auth::Identity;
 use crate::cidr::any_contains;
@@ -15,6 +14,7 @@ use crate::config::{ListenerId, RouteId, UpstreamId};
 use crate::filter::cache::CacheSlot;
 use crate::generation::{Generation, RouteEntry};
 use crate::http::{HeaderEdits, HeaderKind, RequestHead};
+use crate::stamp::Stamp;
 use crate::tls::TlsInfo;
 use crate::trace::Trace;
 use crate::upstream::TargetId;
@@ -187,7 +187,7 @@ impl LogText {
 
 /// The facts about one request that metrics and the access log record when it ends.
 pub(crate) struct RequestLog {
-    pub start: Instant,
+    pub start: Stamp,
     /// The status sent; 0 while none has been.
     pub status: u16,
     pub upstream: Option<(UpstreamId, TargetId)>,
@@ -201,7 +201,7 @@ pub(crate) struct RequestLog {
 impl RequestLog {
     fn new() -> RequestLog {
         RequestLog {
-            start: Instant::now(),
+            start: Stamp::now(),
             status: 0,
             upstream: None,
             upstream_us: None,

@@ -30,6 +30,7 @@ use crate::hash::stable_hash;
 use crate::http::write::{self, Forwarding};
 use crate::http::{BodyLength, Method, ResponseHead, Version};
 use crate::metrics::UpstreamOutcome;
+use crate::stamp::Stamp;
 use crate::trace::Trace;
 use crate::upstream::client::{self, connect_untried, Pick, TargetLease};
 use crate::upstream::{ConnectError, TargetId, UpstreamConn, UpstreamState};
@@ -133,14 +134,12 @@ pub(super) async fn proxy<S: Io>(
                 strip_prefix,
             )?),
         };
-        let started = Instant::now();
+        let started = Stamp::now();
         let head_at = Cell::new(None);
         let on = may_retry.map(|r| r.on);
         let timeout = left.map_or(up.request_timeout, |l| l.min(up.request_timeout));
         let attempt = forward(c, w, route, up, &lease, conn, &head_at, p, on, timeout).await;
-        let latency_us = head_at
-            .get()
-            .map(|at: Instant| at.saturating_duration_since(started).as_micros() as u64);
+        let latency_us = head_at.get().map(|at: Stamp| at.micros_since(started));
         let outcome = match (&attempt, latency_us) {
             (_, Some(_)) => Some(UpstreamOutcome::Response),
             (Attempt::Done(Err(f)), None) => f.upstream_outcome(),
@@ -293,7 +292,7 @@ async fn forward<S: Io>(
     up: &UpstreamState,
     lease: &TargetLease<'_>,
     mut conn: UpstreamConn,
-    head_at: &Cell<Option<Instant>>,
+    head_at: &Cell<Option<Stamp>>,
     p: &mut Prepared,
     retry_on: Option<RetryOn>,
     request_timeout: Duration,

@@ -16,6 +16,7 @@ use crate::error::ProxyError;
 use crate::filter::cache::CacheExchange;
 use crate::http::write::{self, ClientFraming, ClientHead};
 use crate::http::{parse_response, BodyLength, HeaderEdits, ResponseError, ResponseHead, Version};
+use crate::stamp::Stamp;
 use crate::worker::Worker;
 
 /// What the response side needs to know about the request.
@@ -30,7 +31,7 @@ pub(super) struct ResponseCtx<'a> {
     /// Bytes of response sent to the client so far.
     pub(super) sent: &'a Cell<u64>,
     /// When the final response head arrived.
-    pub(super) head_at: &'a Cell<Option<Instant>>,
+    pub(super) head_at: &'a Cell<Option<Stamp>>,
     /// Header lines the gateway adds to the response.
     pub(super) extra: &'a [u8],
     /// The route's edits to the response head.
@@ -138,7 +139,7 @@ pub(super) async fn read_final_head<R: AsyncReadRent, W: AsyncWriteRent>(
                     continue;
                 }
                 Ok(true) => {
-                    ctx.head_at.set(Some(Instant::now()));
+                    ctx.head_at.set(Some(Stamp::now()));
                     return Ok(());
                 }
                 Err(ResponseError::TooLarge) => {
@@ -278,7 +279,10 @@ pub(super) async fn send_response<R: AsyncReadRent, W: AsyncWriteRent>(
     }
     if let Some(cx) = ctx.cache {
         // Stored (and sent to every worker) before the client can have the whole response.
-        let arrived = ctx.head_at.get().unwrap_or_else(Instant::now);
+        let arrived = ctx
+            .head_at
+            .get()
+            .map_or_else(Instant::now, Stamp::to_instant);
         cx.on_body_complete(ctx.worker.cache.as_ref(), arrived);
         if !out.is_empty() {
             ctx.sent.set(ctx.sent.get() + out.len() as u64);

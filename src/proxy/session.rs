@@ -21,6 +21,7 @@ use crate::deadline::Deadline;
 use crate::error::ProxyError;
 use crate::http::{parse_request, BodyLength, Method, RequestHead, ResponseHead, Version};
 use crate::metrics::RequestRecord;
+use crate::stamp::Stamp;
 use crate::trace::Trace;
 use crate::worker::{FirstRequest, Worker};
 
@@ -201,7 +202,7 @@ async fn conclude<S: Io>(
 /// Records the finished request: metrics, and the access log line.
 fn finish<S: Io>(c: &mut Session<'_, S>, w: &Worker) {
     let ex = &c.ex;
-    let total_us = ex.log.start.elapsed().as_micros() as u64;
+    let total_us = Stamp::now().micros_since(ex.log.start);
     // A request abandoned before any response: the client went away (nginx's 499).
     let status = if ex.log.status == 0 {
         499
