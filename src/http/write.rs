@@ -253,9 +253,11 @@ pub fn interim_response(out: &mut Vec<u8>, buf: &[u8], resp: &ResponseHead) {
 
 fn status_line(out: &mut Vec<u8>, status: u16, reason: &[u8]) {
     out.extend_from_slice(b"HTTP/1.1 ");
-    let mut b = itoa::Buffer::new();
-    out.extend_from_slice(b.format(status).as_bytes());
-    out.push(b' ');
+    // A status code is three digits (RFC 9110, 15): parsed ones are checked (100..=999), and
+    // configured ones (200..=599), and the gateway's own are constants.
+    debug_assert!((100..=999).contains(&status), "status {status}");
+    let digit = |n: u16| b'0' + (n % 10) as u8;
+    out.extend_from_slice(&[digit(status / 100), digit(status / 10), digit(status), b' ']);
     out.extend_from_slice(reason);
     out.extend_from_slice(b"\r\n");
 }

@@ -110,6 +110,7 @@ pub struct TargetState {
     streak: Cell<u32>,
     reported: Cell<u32>,
     /// Most recently used last: reuse takes the warmest connection.
+    /// Each with the moment it expires (its `idle_timeout` after it was returned).
     idle: RefCell<Vec<(UpstreamConn, Instant)>>,
 }
 
@@ -374,8 +375,8 @@ impl UpstreamState {
     /// worker's coarse clock: idle timeouts do not need better than its tick.
     pub fn checkout(&self, t: TargetId, now: Instant) -> Option<UpstreamConn> {
         let mut idle = self.targets[t.0].idle.borrow_mut();
-        while let Some((mut conn, since)) = idle.pop() {
-            if now.saturating_duration_since(since) < self.idle_timeout {
+        while let Some((mut conn, expires)) = idle.pop() {
+            if now < expires {
                 conn.reused = true;
                 return Some(conn);
             }
@@ -391,7 +392,7 @@ impl UpstreamState {
         }
         let mut idle = self.targets[t.0].idle.borrow_mut();
         if idle.len() < self.max_idle {
-            idle.push((conn, now));
+            idle.push((conn, now.checked_add(self.idle_timeout).unwrap_or(now)));
             if let Some(b) = &self.breaker {
                 b.released();
             }
@@ -510,7 +511,7 @@ impl UpstreamState {
             target
                 .idle
                 .borrow_mut()
-                .retain(|(_, since)| now.saturating_duration_since(*since) < self.idle_timeout);
+                .retain(|(_, expires)| now < *expires);
         }
     }
 
