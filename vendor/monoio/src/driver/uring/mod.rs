@@ -603,6 +603,8 @@ impl UringInner {
         this: &Rc<UnsafeCell<UringInner>>,
         index: usize,
     ) -> Option<CompletionMeta> {
+        // SAFETY: as everywhere in this driver, `UringInner` is used on its own thread only, and
+        // no other borrow of it is live across this call.
         let inner = unsafe { &mut *this.get() };
         inner.ops.slab.get(index)?.take_completed()
     }
@@ -613,6 +615,7 @@ impl UringInner {
         index: usize,
         data: &mut Option<T>,
     ) {
+        // SAFETY: as in `take_completed`.
         let inner = unsafe { &mut *this.get() };
         if index == usize::MAX {
             return;

@@ -397,6 +397,7 @@ impl AsyncWriteRent for TcpStream {
     #[cfg(all(target_os = "linux", feature = "iouring"))]
     async fn shutdown(&mut self) -> std::io::Result<()> {
         self.behind.settle(&self.fd).await?;
+        // SAFETY: shutdown(2) on the stream's own fd, open while the stream lives.
         match unsafe { shutdown(self.as_raw_fd(), SHUT_WR) } {
             -1 => Err(io::Error::last_os_error()),
             _ => Ok(()),
