@@ -15,6 +15,10 @@ mod fsync;
 mod open;
 mod poll;
 mod read;
+#[cfg(all(target_os = "linux", feature = "iouring"))]
+mod read_ahead;
+#[cfg(all(target_os = "linux", feature = "iouring"))]
+pub(crate) use read_ahead::{ReadAhead, StreamRead};
 mod recv;
 mod send;
 #[cfg(all(target_os = "linux", feature = "iouring"))]

@@ -22,6 +22,10 @@ pub(crate) enum Lifecycle {
 
     /// The operation has completed.
     Completed(io::Result<u32>, u32),
+
+    /// ringway: a multishot receive, completed by `multi::complete` instead. Boxed, so that
+    /// every other operation's slot stays small (it is moved in and out of the slab).
+    Multi(Box<super::multi::Multi>),
 }
 
 impl<'a> Ref<'a, Lifecycle> {
@@ -43,7 +47,9 @@ impl<'a> Ref<'a, Lifecycle> {
             Lifecycle::Ignored(..) => {
                 self.remove();
             }
-            Lifecycle::Completed(..) => unsafe { std::hint::unreachable_unchecked() },
+            Lifecycle::Completed(..) | Lifecycle::Multi(..) => unsafe {
+                std::hint::unreachable_unchecked()
+            },
         }
     }
 
@@ -101,7 +107,9 @@ impl<'a> Ref<'a, Lifecycle> {
             Lifecycle::Completed(..) => {
                 self.remove();
             }
-            Lifecycle::Ignored(..) => unsafe { std::hint::unreachable_unchecked() },
+            Lifecycle::Ignored(..) | Lifecycle::Multi(..) => unsafe {
+                std::hint::unreachable_unchecked()
+            },
         }
         true
     }

@@ -24,7 +24,10 @@ use super::{
 };
 use crate::utils::slab::Slab;
 
+mod bufring;
 mod lifecycle;
+mod multi;
+pub(crate) use multi::{end_error, End, Found, Multi};
 #[cfg(feature = "sync")]
 mod waker;
 #[cfg(feature = "sync")]
@@ -85,6 +88,12 @@ pub(crate) struct UringInner {
 
     /// ringway: slots in the ring's table of registered files.
     fixed: FixedFiles,
+
+    /// ringway: buffers for multishot receives (see `ReadAhead`); `None` if the kernel has no
+    /// buffer rings.
+    bufs: Option<bufring::BufRing>,
+    /// ringway: multishot receives to cancel, their reader having fallen behind.
+    stops: Vec<usize>,
 }
 
 /// ringway: busy stream sockets are registered in a sparse table of files (see
@@ -172,6 +181,8 @@ impl IoUringDriver {
             ops: Ops::new(),
             ext_arg: uring.params().is_feature_ext_arg(),
             fixed: FixedFiles::new(&uring),
+            bufs: bufring::BufRing::new(&uring),
+            stops: Vec::new(),
             uring,
         }));
 
@@ -207,6 +218,8 @@ impl IoUringDriver {
             ops: Ops::new(),
             ext_arg: uring.params().is_feature_ext_arg(),
             fixed: FixedFiles::new(&uring),
+            bufs: bufring::BufRing::new(&uring),
+            stops: Vec::new(),
             uring,
             shared_waker: std::sync::Arc::new(waker::EventWaker::new(waker)),
             eventfd_installed: false,
@@ -453,8 +466,17 @@ impl UringInner {
                     self.poll.tick(Some(Duration::ZERO))?;
                 }
                 _ if index >= MIN_REVERSED_USERDATA => (),
-                _ => self.ops.complete(index as _, resultify(&cqe), cqe.flags()),
+                _ => multi::complete(
+                    &mut self.ops.slab,
+                    &mut self.bufs,
+                    &mut self.stops,
+                    index as usize,
+                    &cqe,
+                ),
             }
+        }
+        if !self.stops.is_empty() {
+            self.stop_behind();
         }
         Ok(())
     }
@@ -626,7 +648,16 @@ impl UringInner {
     }
 
     pub(crate) unsafe fn cancel_op(this: &Rc<UnsafeCell<UringInner>>, index: usize) {
-        let inner = &mut *this.get();
+        (*this.get()).push_cancel(index)
+    }
+
+    /// Queues the cancellation of the operation at `index`.
+    ///
+    /// # Safety
+    /// `index` must be an occupied slot, which stays occupied until the operation's last
+    /// completion (so the cancellation cannot reach another operation).
+    pub(crate) unsafe fn push_cancel(&mut self, index: usize) {
+        let inner = self;
         let cancel = opcode::AsyncCancel::new(index as u64)
             .build()
             .user_data(u64::MAX);
@@ -698,6 +729,10 @@ impl Drop for UringInner {
     fn drop(&mut self) {
         // no need to wait for completion, as the kernel will clean up the ring asynchronically.
         let _ = self.uring.submitter().submit();
+        // ringway: the kernel lets go of the buffers before they are freed.
+        if let Some(bufs) = self.bufs.take() {
+            bufs.release(&self.uring);
+        }
         unsafe {
             ManuallyDrop::drop(&mut self.uring);
         }
@@ -712,11 +747,6 @@ impl Ops {
     // Insert a new operation
     pub(crate) fn insert(&mut self) -> usize {
         self.slab.insert(Lifecycle::Submitted)
-    }
-
-    fn complete(&mut self, index: usize, result: io::Result<u32>, flags: u32) {
-        let lifecycle = unsafe { self.slab.get(index).unwrap_unchecked() };
-        lifecycle.complete(result, flags);
     }
 }
 

@@ -63,7 +63,8 @@ impl<Inner> AsyncReadRent for OwnedReadHalf<Inner>
 where
     Inner: AsyncReadRent,
 {
-    #[inline]
+    // ringway: always inlined, like the stream's own `read` (a call per read otherwise).
+    #[inline(always)]
     fn read<T: crate::buf::IoBufMut>(
         &mut self,
         buf: T,

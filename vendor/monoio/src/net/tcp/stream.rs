@@ -68,6 +68,10 @@ impl TcpConnectOpts {
 }
 /// TcpStream
 pub struct TcpStream {
+    /// ringway: reads on io_uring come through one multishot receive (see `ReadAhead`).
+    /// First, so that it lets go of the receive before the fd is closed.
+    #[cfg(all(target_os = "linux", feature = "iouring"))]
+    ahead: ReadAhead,
     pub(super) fd: SharedFd,
     meta: StreamMeta,
     /// ringway: small writes on io_uring do not wait for their send (see `WriteBehind`).
@@ -89,6 +93,8 @@ impl TcpStream {
         meta.set_zero_copy();
 
         Self {
+            #[cfg(all(target_os = "linux", feature = "iouring"))]
+            ahead: ReadAhead::new(&fd),
             #[cfg(all(target_os = "linux", feature = "iouring"))]
             behind: WriteBehind::new(&fd),
             fd,
@@ -325,7 +331,7 @@ impl std::fmt::Debug for TcpStream {
 }
 
 #[cfg(all(target_os = "linux", feature = "iouring"))]
-use crate::driver::op::WriteBehind;
+use crate::driver::op::{ReadAhead, StreamRead, WriteBehind};
 
 impl AsyncWriteRent for TcpStream {
     #[cfg(not(all(target_os = "linux", feature = "iouring")))]
@@ -481,6 +487,7 @@ impl CancelableAsyncWriteRent for TcpStream {
 }
 
 impl AsyncReadRent for TcpStream {
+    #[cfg(not(all(target_os = "linux", feature = "iouring")))]
     #[inline]
     fn read<T: IoBufMut>(&mut self, buf: T) -> impl Future<Output = BufResult<usize, T>> {
         // Submit the read operation
@@ -488,11 +495,30 @@ impl AsyncReadRent for TcpStream {
         op.read()
     }
 
+    // ringway: through the multishot receive, where there is one (see `ReadAhead`).
+    #[cfg(all(target_os = "linux", feature = "iouring"))]
+    #[inline(always)]
+    fn read<T: IoBufMut>(&mut self, buf: T) -> impl Future<Output = BufResult<usize, T>> {
+        if self.ahead.enabled() {
+            self.fd.count_recv();
+            return StreamRead::ahead(&mut self.ahead, &self.fd, buf);
+        }
+        StreamRead::once(&self.fd, buf)
+    }
+
+    #[cfg(not(all(target_os = "linux", feature = "iouring")))]
     #[inline]
     fn readv<T: IoVecBufMut>(&mut self, buf: T) -> impl Future<Output = BufResult<usize, T>> {
         // Submit the read operation
         let op = Op::readv(self.fd.clone(), buf).unwrap();
         op.read()
+    }
+
+    // ringway: through the multishot receive, where there is one (see `ReadAhead`).
+    #[cfg(all(target_os = "linux", feature = "iouring"))]
+    #[inline]
+    async fn readv<T: IoVecBufMut>(&mut self, buf: T) -> BufResult<usize, T> {
+        self.ahead.readv(&self.fd, buf, None).await
     }
 }
 
@@ -503,15 +529,18 @@ impl CancelableAsyncReadRent for TcpStream {
         buf: T,
         c: CancelHandle,
     ) -> crate::BufResult<usize, T> {
-        let fd = self.fd.clone();
-
         if c.canceled() {
             return (Err(operation_canceled()), buf);
         }
+        #[cfg(all(target_os = "linux", feature = "iouring"))]
+        return self.ahead.read_cancelable(&self.fd, buf, &c).await;
 
-        let op = Op::recv_stream(fd, buf).unwrap();
-        let _guard = c.associate_op(op.op_canceller());
-        op.read().await
+        #[cfg(not(all(target_os = "linux", feature = "iouring")))]
+        {
+            let op = Op::recv_stream(self.fd.clone(), buf).unwrap();
+            let _guard = c.associate_op(op.op_canceller());
+            op.read().await
+        }
     }
 
     #[inline]
@@ -520,15 +549,18 @@ impl CancelableAsyncReadRent for TcpStream {
         buf: T,
         c: CancelHandle,
     ) -> crate::BufResult<usize, T> {
-        let fd = self.fd.clone();
-
         if c.canceled() {
             return (Err(operation_canceled()), buf);
         }
+        #[cfg(all(target_os = "linux", feature = "iouring"))]
+        return self.ahead.readv(&self.fd, buf, Some(&c)).await;
 
-        let op = Op::readv(fd, buf).unwrap();
-        let _guard = c.associate_op(op.op_canceller());
-        op.read().await
+        #[cfg(not(all(target_os = "linux", feature = "iouring")))]
+        {
+            let op = Op::readv(self.fd.clone(), buf).unwrap();
+            let _guard = c.associate_op(op.op_canceller());
+            op.read().await
+        }
     }
 }
 
