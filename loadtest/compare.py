@@ -38,6 +38,10 @@ drivers): this build's CPU per request over the baseline's, per rep; it resolves
 --latency-only [--rate R] [--reps N] measures p50/p99/p99.9/max at R requests/s (default 10000)
 for ringway on both drivers and nginx, alternating, and counts the reps where ringway's p99 and
 p99.9 were at most nginx's.
+
+--one-write-origin, with any mode, has the nginx origin send each response in one write
+(sendfile off) rather than head and body as two segments, which make the proxy's kernel send a
+pure ACK per request; results go to <date>-<kind>-one-write.*.
 """
 
 import argparse
@@ -64,6 +68,11 @@ PROXY_CPU = "0"
 LOAD_CPU = "1"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 BODIES = {"13B": 13, "1KiB": 1024, "16KiB": 16384}
+# With `sendfile on` the nginx origin sends a response's head and body as two segments, and the
+# proxy's kernel acknowledges the pair at once: one pure ACK per request, the same for every
+# proxy. `--one-write-origin` turns sendfile off, so head and body leave in one write, as from
+# most API backends.
+ORIGIN_ONE_WRITE = False
 
 
 def log(msg):
@@ -201,7 +210,7 @@ pid {tmp}/origin.pid;
 events {{ worker_connections 8192; }}
 http {{
   access_log off;
-  sendfile on;
+  sendfile {"off" if ORIGIN_ONE_WRITE else "on"};
   open_file_cache max=16;
   keepalive_requests 10000000;
   default_type text/plain;
@@ -528,9 +537,17 @@ def main():
     ap.add_argument("--auth-cost", action="store_true",
                     help="instructions per request of a JWT-protected route (token from the cache "
                          "of verified tokens) against the same route unprotected (callgrind)")
+    ap.add_argument("--one-write-origin", action="store_true",
+                    help="the origin sends each response's head and body in one write (sendfile "
+                         "off) rather than two segments, which cost the proxy a pure ACK each")
     ap.add_argument("--record", action="store_true",
                     help="with --guard: write the figures measured now into loadtest/guard.json")
     args = ap.parse_args()
+    global ORIGIN_ONE_WRITE
+    ORIGIN_ONE_WRITE = args.one_write_origin
+    # The modes import this module by name: let them find this instance, flag set, rather than
+    # a second copy of it.
+    sys.modules.setdefault("compare", sys.modules[__name__])
     if (args.guard or args.callgrind_only or args.cpu_only or args.auth_cost or args.latency_only
             or args.paired):
         import modes  # the single-purpose modes, in loadtest/modes.py

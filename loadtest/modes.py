@@ -12,6 +12,7 @@ import sys
 import tempfile
 import threading
 
+import compare
 from compare import (LOAD_CPU, ORIGIN_PORT, PER_REQUEST, PROXY_CPU, RINGWAY, ROOT, Measure,
                      Proxy, alternate, callgrind, cpu_model, log, median, medians,
                      nginx_proxy_config, oha_fixed_rate, oha_fixed_rates, origin_config, per_request, ringway,
@@ -38,6 +39,10 @@ def publish(kind, title, intro, table, data):
     """Writes loadtest/results/<date>-<kind>.md (a title naming the machine, an intro, a
     Markdown table) and .json (the raw runs), and prints the table."""
     stamp = datetime.date.today().isoformat()
+    if compare.ORIGIN_ONE_WRITE:
+        kind += "-one-write"
+        intro += (" The origin sends each response in one write (`--one-write-origin`: nginx "
+                  "with `sendfile off`).")
     out = os.path.join(ROOT, "loadtest", "results", f"{stamp}-{kind}")
     write(out + ".md", f"# {title}, {stamp}, {cpu_model()}, Linux {os.uname().release}\n\n"
           f"{intro}\n\n" + "\n".join(table) + "\n")
