@@ -197,8 +197,12 @@ fn an_invalid_or_restart_only_config_changes_nothing() {
     eventually("SIGHUP's reload", || {
         (get(addr, "/gen").text() == "gen-1").then_some(())
     });
-    let status = get(gw.admin.unwrap(), "/status").json();
-    assert_eq!(status["config"]["generation"], 2);
+    // A worker serves the new config as soon as it has applied it; the main thread records
+    // the generation once every worker has, so /status may lag /gen by a moment.
+    let status = eventually("the status's generation 2", || {
+        let status = get(gw.admin.unwrap(), "/status").json();
+        (status["config"]["generation"] == 2).then_some(status)
+    });
     assert_eq!(status["config"]["digest"].as_str().unwrap().len(), 64);
 }
 
