@@ -41,7 +41,8 @@ p99.9 were at most nginx's.
 
 --one-write-origin, with any mode, has the nginx origin send each response in one write
 (sendfile off) rather than head and body as two segments, which make the proxy's kernel send a
-pure ACK per request; results go to <date>-<kind>-one-write.*.
+pure ACK per request; a mode's results go to <date>-<kind>-one-write.*, the full kit's JSON
+records it as origin_one_write.
 """
 
 import argparse
@@ -570,6 +571,7 @@ def main():
                "host": socket.gethostname(), "cpus": os.cpu_count(),
                "cpu_model": cpu_model(), "kernel": os.uname().release,
                "layout": f"proxy on CPU {PROXY_CPU}; wrk/oha and the nginx origin on CPU {LOAD_CPU}",
+               "origin_one_write": ORIGIN_ONE_WRITE,
                "versions": versions(), "seconds": args.seconds, "reps": args.reps}
     origin = subprocess.Popen(["taskset", "-c", LOAD_CPU, "nginx", "-c", origin_config(tmp)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
