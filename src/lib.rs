@@ -5,7 +5,8 @@
 //! concern:
 //!
 //! - `config`: the TOML file, validated into plain data.
-//! - `runtime`: threads, core pinning, drivers, SO_REUSEPORT listeners, signals and drain.
+//! - `runtime`: threads, core pinning, drivers, SO_REUSEPORT listeners, signals and drain;
+//!   `handover`: each worker's own descriptor table, and its sockets sent to it there.
 //! - `worker`: what each worker thread owns; `generation`: the swappable request path built
 //!   from one config (router, route chains and terminals, upstreams).
 //! - `proxy`: the connection (`session`), per-request state (`exchange`), the phases
@@ -40,6 +41,7 @@ pub mod deadline;
 pub mod error;
 pub mod filter;
 pub mod generation;
+pub mod handover;
 pub mod hash;
 pub mod http;
 pub mod metrics;

@@ -14,6 +14,7 @@ use tracing::{error, info, warn};
 
 use crate::bind::{self, PerWorker};
 use crate::config::{self, Config, ConfigError, ListenerId};
+use crate::handover::Outbox;
 use crate::runtime::{Control, Event};
 use crate::upgrade::{Offered, OfferedSockets};
 
@@ -172,6 +173,8 @@ pub struct Reloader {
     generation: u64,
     /// To every worker, in worker order.
     pub controls: Vec<Sender<Control>>,
+    /// Every worker's socket link, in worker order.
+    outboxes: Vec<Outbox>,
     /// The TLS watcher's new configs.
     tls_watch: Sender<Arc<Config>>,
     status: Arc<ReloadStatus>,
@@ -183,6 +186,7 @@ impl Reloader {
     pub fn new(
         config: Arc<Config>,
         controls: Vec<Sender<Control>>,
+        outboxes: Vec<Outbox>,
         tls_watch: Sender<Arc<Config>>,
         status: Arc<ReloadStatus>,
         offered: Arc<Mutex<Offered>>,
@@ -191,6 +195,7 @@ impl Reloader {
             config,
             generation: 1,
             controls,
+            outboxes,
             tls_watch,
             status,
             offered,
@@ -222,9 +227,14 @@ impl Reloader {
         // Worker 0 last: by the time its services speak in the new config's ids, every other
         // worker already has the new config in its queue, ahead of what they send.
         for (w, tx) in self.controls.iter().enumerate().rev() {
+            let sockets = self.outboxes[w]
+                .send(std::mem::take(&mut sockets[w]))
+                .map_err(|e| {
+                    ReloadError::Failed(format!("worker {w} is not taking sockets: {e}"))
+                })?;
             let control = Control::Reload {
                 config: Arc::clone(&next),
-                sockets: std::mem::take(&mut sockets[w]),
+                sockets,
             };
             tx.send_timeout(control, APPLY_TIMEOUT)
                 .map_err(|_| ReloadError::Failed(format!("worker {w} is not taking controls")))?;

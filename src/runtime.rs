@@ -1,10 +1,12 @@
 //! Threads, cores, drivers, listeners and shutdown. The main thread binds every listener once
 //! per worker (SO_REUSEPORT, so the kernel spreads connections across workers), starts one
 //! thread per worker, each pinned to its core and running its own monoio runtime, waits for
-//! them to report in, then waits for SIGTERM/SIGINT. Workers hear from the main thread only
-//! through a crossbeam channel that they poll on a timer; nothing else crosses threads.
+//! them to report in, then waits for SIGTERM/SIGINT. Each worker has a descriptor table of its
+//! own and receives its listening sockets over a Unix socket (`handover`); otherwise workers
+//! hear from the main thread only through a crossbeam channel that they poll on a timer.
 
 use std::net::TcpListener as StdListener;
+use std::os::fd::RawFd;
 use std::os::unix::net::UnixStream;
 use std::rc::Rc;
 use std::sync::{Arc, Mutex};
@@ -23,6 +25,7 @@ use crate::auth::basic;
 use crate::bind;
 use crate::cache::{self, Batch};
 use crate::config::{Config, DriverChoice, ListenerId};
+use crate::handover::{self, Inbox, Parcel};
 use crate::metrics::Snapshot;
 use crate::ratelimit::{self, Grants, Report};
 use crate::reload::{ReloadStatus, Reloader};
@@ -46,10 +49,10 @@ pub enum Control {
     /// sockets down (false when a successor accepts from them too).
     Drain { close_listeners: bool },
     /// Take this config between requests (`reload`), and start accepting on `sockets`, the
-    /// addresses it adds.
+    /// addresses it adds (sent ahead on the worker's `handover` link).
     Reload {
         config: Arc<Config>,
-        sockets: Vec<(ListenerId, StdListener)>,
+        sockets: Parcel,
     },
 }
 
@@ -169,6 +172,9 @@ pub fn run(
     // Worker 0's services (JWKS, upstream health) and their channels to every worker.
     let service_links = services::links(workers, &admin_state);
     let mut controls = Vec::with_capacity(workers);
+    let mut outboxes = Vec::with_capacity(workers);
+    // Each worker's end of its socket link, kept open here until the worker has taken it.
+    let mut ends = Vec::with_capacity(workers);
     let links = sockets
         .into_iter()
         .zip(grant_channels)
@@ -178,6 +184,13 @@ pub fn run(
     for (id, ((((listeners, (_, grants)), cache_links), tls), services)) in links.enumerate() {
         let (tx, rx) = crossbeam_channel::bounded(4);
         controls.push(tx);
+        let handover_error =
+            |e: std::io::Error| StartError::Worker(format!("socket hand-over: {e}"));
+        let (mut outbox, end) = handover::link().map_err(handover_error)?;
+        let parcel = outbox.send(listeners).map_err(handover_error)?;
+        let end_fd = end.raw();
+        outboxes.push(outbox);
+        ends.push(end);
         let config = Arc::clone(&config);
         let channels = Channels {
             control: rx,
@@ -193,7 +206,7 @@ pub fn run(
         };
         thread::Builder::new()
             .name(format!("ringway-w{id}"))
-            .spawn(move || worker_thread(id, &config, listeners, channels))
+            .spawn(move || worker_thread(id, &config, (end_fd, parcel), channels))
             .map_err(|e| StartError::Worker(e.to_string()))?;
     }
     drop(events_tx);
@@ -213,6 +226,8 @@ pub fn run(
             Err(_) => return Err(StartError::Worker("a worker thread died".into())),
         }
     }
+    // Every worker has its own copy of its end (or a duplicate): these close only this table's.
+    drop(ends);
     if let Some(s) = admin_socket {
         admin::spawn(
             s,
@@ -241,6 +256,7 @@ pub fn run(
     let mut reloader = Reloader::new(
         Arc::clone(&config),
         controls,
+        outboxes,
         tls_watch,
         reload_status,
         offered,
@@ -357,13 +373,26 @@ struct Channels {
     services: Option<services::WorkerLinks>,
 }
 
-fn worker_thread(
-    id: usize,
-    config: &Arc<Config>,
-    listeners: Vec<(ListenerId, StdListener)>,
-    channels: Channels,
-) {
+/// `end`: the number of this worker's `handover::WorkerEnd` in the main thread's table, and the
+/// parcel of its first listening sockets, already sent on it.
+fn worker_thread(id: usize, config: &Arc<Config>, end: (RawFd, Parcel), channels: Channels) {
     let events = channels.events.clone();
+    // First, before this thread opens anything (its ring, its epoll): its own descriptor table.
+    let inbox = match handover::own_table(end.0) {
+        Ok((inbox, own)) => {
+            if !own {
+                info!(
+                    worker = id,
+                    "sharing the process's descriptor table (no unshare or close_range here)"
+                );
+            }
+            inbox
+        }
+        Err(e) => {
+            let _ = events.send(Event::Failed(format!("descriptor table: {e}")));
+            return;
+        }
+    };
     let core = config.runtime.cores[id];
     let pinned = match core {
         Some(c) => core_affinity::set_for_current(core_affinity::CoreId { id: c }),
@@ -377,7 +406,8 @@ fn worker_thread(
         id,
         core: core.filter(|_| pinned),
         config,
-        listeners,
+        inbox,
+        first: Some(end.1),
         channels,
     };
     // The ring has one submitter, this thread, and completions are posted when the worker asks
@@ -440,7 +470,9 @@ struct WorkerStart<'a> {
     id: usize,
     core: Option<usize>,
     config: &'a Arc<Config>,
-    listeners: Vec<(ListenerId, StdListener)>,
+    /// Where this worker's listening sockets arrive, and the first ones.
+    inbox: Inbox,
+    first: Option<Parcel>,
     channels: Channels,
 }
 
@@ -457,8 +489,11 @@ async fn worker_main(mut ctx: WorkerStart<'_>, driver: &'static str) {
         worker.basic.link(ctx.id, jobs, answers);
     }
     let mut listening = Listening::default();
-    let sockets = std::mem::take(&mut ctx.listeners);
-    if let Err(e) = listening.add(&worker, ctx.config, sockets) {
+    let first = ctx.first.take().map(|p| ctx.inbox.receive(p));
+    let added = first
+        .unwrap_or_else(|| Ok(Vec::new()))
+        .and_then(|sockets| listening.add(&worker, ctx.config, sockets));
+    if let Err(e) = added {
         let _ = ctx
             .channels
             .events
@@ -524,6 +559,7 @@ async fn worker_main(mut ctx: WorkerStart<'_>, driver: &'static str) {
             let drain = loop {
                 match ctx.channels.control.try_recv() {
                     Ok(Control::Reload { config, sockets }) => {
+                        let sockets = ctx.inbox.receive(sockets);
                         apply_reload(&worker, &mut listening, &mut services, &config, sockets)
                             .await;
                         let _ = ctx.channels.events.send(Event::Reloaded);
@@ -562,10 +598,14 @@ async fn apply_reload(
     listening: &mut Listening,
     services: &mut Option<services::Running>,
     config: &Arc<Config>,
-    sockets: Vec<(ListenerId, StdListener)>,
+    sockets: std::io::Result<Vec<(ListenerId, StdListener)>>,
 ) {
     worker.reload(config);
-    if let Err(e) = listening.reload(worker, config, sockets).await {
+    let added = match sockets {
+        Ok(sockets) => listening.reload(worker, config, sockets).await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = added {
         error!(worker = worker.id, error = %e, "a new listener could not start here");
     }
     if let Some(services) = services {

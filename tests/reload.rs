@@ -435,3 +435,84 @@ fn a_removed_upstreams_pooled_connection_is_closed() {
     assert_eq!(get(gw.addr("public"), "/extra").status, 404);
     assert!(served.join().unwrap(), "the pooled connection was closed");
 }
+
+/// Inodes of the sockets listening on `port` (/proc/net/tcp: local HEX_IP:HEX_PORT, state 0A
+/// is LISTEN, column 10 the inode).
+fn listening_inodes(port: u16) -> Vec<String> {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    table
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .filter(|c| c[3] == "0A" && c[1].ends_with(&format!(":{port:04X}")))
+        .map(|c| c[9].to_string())
+        .collect()
+}
+
+/// The socket inodes in the descriptor table of thread `comm` of process `pid`.
+fn thread_sockets(pid: i32, comm: &str) -> Vec<String> {
+    let task = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+        .map(|t| t.path())
+        .find(|t| std::fs::read_to_string(t.join("comm")).is_ok_and(|c| c.trim() == comm))
+        .unwrap_or_else(|| panic!("no thread {comm}"));
+    std::fs::read_dir(task.join("fd"))
+        .unwrap()
+        .flatten()
+        .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+        .filter_map(|l| {
+            let l = l.to_string_lossy().into_owned();
+            l.strip_prefix("socket:[")?
+                .strip_suffix(']')
+                .map(String::from)
+        })
+        .collect()
+}
+
+#[test]
+fn each_worker_holds_only_its_own_listening_sockets_in_its_own_table_before_and_after_a_reload() {
+    let up = Upstream::start(|_| Reply::ok("up"));
+    let base = generation(2, up.addr, 0);
+    let gw = Gateway::start(&base);
+    let second = "\n[[listeners]]\nname = \"second\"\naddress = \"127.0.0.1:0\"\n\n[[routes]]\nname = \"on-second\"\nlistener = \"second\"\npath_prefix = \"/\"\nrespond = { status = 200, body = \"second\" }\n";
+    gw.rewrite_config(&format!("{base}{second}"));
+    assert_eq!(gw.reload().status, 200);
+    let added = gw.added_listener("second");
+    for _ in 0..10 {
+        assert_eq!(get(added, "/x").text(), "second");
+    }
+    let admin = listening_inodes(gw.admin.expect("admin").port());
+    assert_eq!(admin.len(), 1);
+    for port in [gw.addr("public").port(), added.port()] {
+        let group = listening_inodes(port);
+        assert_eq!(group.len(), 2, "one socket per worker on {port}");
+        let held: Vec<Vec<String>> = (0..2)
+            .map(|w| {
+                let sockets = thread_sockets(gw.pid(), &format!("ringway-w{w}"));
+                assert!(
+                    !sockets.contains(&admin[0]),
+                    "worker {w} holds the admin socket"
+                );
+                group
+                    .iter()
+                    .filter(|s| sockets.contains(s))
+                    .cloned()
+                    .collect()
+            })
+            .collect();
+        assert_eq!(
+            held[0].len(),
+            1,
+            "worker 0 holds {:?} of {group:?}",
+            held[0]
+        );
+        assert_eq!(
+            held[1].len(),
+            1,
+            "worker 1 holds {:?} of {group:?}",
+            held[1]
+        );
+        assert_ne!(held[0], held[1]);
+    }
+}
