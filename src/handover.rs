@@ -22,6 +22,7 @@ use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 use sendfd::{RecvWithFd, SendWithFd};
+use tracing::info;
 
 use crate::config::ListenerId;
 
@@ -99,17 +100,21 @@ impl WorkerEnd {
 /// Gives the calling thread a descriptor table of its own holding only stdin/out/err and `end`
 /// (a `WorkerEnd`'s number, which the main thread keeps open until this thread reports in),
 /// and returns `end` as this thread's `Inbox`. Where the kernel refuses (no `close_range`,
-/// before Linux 5.9, or a sandbox that forbids `unshare`), the thread keeps sharing the
-/// process's table and takes a duplicate of `end`; `false` says so.
-pub fn own_table(end: RawFd) -> io::Result<(Inbox, bool)> {
+/// before Linux 5.9, or a sandbox that forbids `unshare`), worker `worker` keeps sharing the
+/// process's table, says so in the log, and takes a duplicate of `end`.
+pub fn own_table(worker: usize, end: RawFd) -> io::Result<Inbox> {
     // An empty range past every descriptor: succeeds exactly where close_range exists.
     let own = close_range(u32::MAX, u32::MAX).is_ok()
         // SAFETY: unshare(CLONE_FILES) only replaces this thread's table with a copy of it.
         && unsafe { libc::unshare(libc::CLONE_FILES) } == 0;
     if !own {
+        info!(
+            worker,
+            "sharing the process's descriptor table (no unshare or close_range here)"
+        );
         // SAFETY: the main thread keeps `end` open until this thread reports in.
         let dup = unsafe { BorrowedFd::borrow_raw(end) }.try_clone_to_owned()?;
-        return Ok((Inbox(dup.into()), false));
+        return Ok(Inbox(dup.into()));
     }
     // This thread owns nothing yet, so closing every other copy closes nothing it uses.
     let keep = end as u32;
@@ -123,7 +128,7 @@ pub fn own_table(end: RawFd) -> io::Result<(Inbox, bool)> {
     }
     // SAFETY: `end` is open in this table (copied by unshare) and nothing else here owns it.
     let stream = unsafe { UnixStream::from_raw_fd(end) };
-    Ok((Inbox(stream), true))
+    Ok(Inbox(stream))
 }
 
 fn close_range(first: u32, last: u32) -> io::Result<()> {
@@ -195,8 +200,7 @@ mod tests {
         let parcel = outbox.send(vec![(ListenerId(3), wanted)]).unwrap();
         let (raw, other) = (end.raw(), before.as_raw_fd());
         let worker = std::thread::spawn(move || {
-            let (inbox, own) = own_table(raw).unwrap();
-            assert!(own, "this kernel has unshare and close_range");
+            let inbox = own_table(0, raw).unwrap();
             // SAFETY: F_GETFD only asks whether the number is open in this thread's table.
             let open = unsafe { libc::fcntl(other, libc::F_GETFD) } != -1;
             assert!(!open, "a copy of the main thread's socket stayed open");

@@ -378,16 +378,8 @@ struct Channels {
 fn worker_thread(id: usize, config: &Arc<Config>, end: (RawFd, Parcel), channels: Channels) {
     let events = channels.events.clone();
     // First, before this thread opens anything (its ring, its epoll): its own descriptor table.
-    let inbox = match handover::own_table(end.0) {
-        Ok((inbox, own)) => {
-            if !own {
-                info!(
-                    worker = id,
-                    "sharing the process's descriptor table (no unshare or close_range here)"
-                );
-            }
-            inbox
-        }
+    let inbox = match handover::own_table(id, end.0) {
+        Ok(inbox) => inbox,
         Err(e) => {
             let _ = events.send(Event::Failed(format!("descriptor table: {e}")));
             return;
