@@ -13,6 +13,9 @@ use common::*;
 
 const ADMIN: &str = "[admin]\naddress = \"127.0.0.1:0\"\n[metrics]\ninterval_ms = 50\n";
 
+/// A listener a reload adds to a generation, with a route answering "second" on it.
+const SECOND: &str = "\n[[listeners]]\nname = \"second\"\naddress = \"127.0.0.1:0\"\n\n[[routes]]\nname = \"on-second\"\nlistener = \"second\"\npath_prefix = \"/\"\nrespond = { status = 200, body = \"second\" }\n";
+
 /// Generation `i` of a config: a stable proxied route, a route whose answer names `i`, and a
 /// route that exists only in this generation.
 fn generation(workers: usize, upstream: std::net::SocketAddr, i: usize) -> String {
@@ -244,8 +247,7 @@ fn listeners_are_added_and_removed_and_a_removed_ones_connections_close_after_th
     let up = Upstream::start(|_| Reply::ok("up"));
     let base = generation(1, up.addr, 0);
     let gw = Gateway::start(&base);
-    let second = "\n[[listeners]]\nname = \"second\"\naddress = \"127.0.0.1:0\"\n\n[[routes]]\nname = \"on-second\"\nlistener = \"second\"\npath_prefix = \"/\"\nrespond = { status = 200, body = \"second\" }\n";
-    gw.rewrite_config(&format!("{base}{second}"));
+    gw.rewrite_config(&format!("{base}{SECOND}"));
     assert_eq!(gw.reload().status, 200);
     let addr = gw.added_listener("second");
     assert_eq!(get(addr, "/x").text(), "second");
@@ -475,8 +477,7 @@ fn each_worker_holds_only_its_own_listening_sockets_in_its_own_table_before_and_
     let up = Upstream::start(|_| Reply::ok("up"));
     let base = generation(2, up.addr, 0);
     let gw = Gateway::start(&base);
-    let second = "\n[[listeners]]\nname = \"second\"\naddress = \"127.0.0.1:0\"\n\n[[routes]]\nname = \"on-second\"\nlistener = \"second\"\npath_prefix = \"/\"\nrespond = { status = 200, body = \"second\" }\n";
-    gw.rewrite_config(&format!("{base}{second}"));
+    gw.rewrite_config(&format!("{base}{SECOND}"));
     assert_eq!(gw.reload().status, 200);
     let added = gw.added_listener("second");
     for _ in 0..10 {
