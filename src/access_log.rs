@@ -41,6 +41,8 @@ pub struct Entry<'a> {
     pub trace_id: &'a [u8],
     pub referer: &'a [u8],
     pub user_agent: &'a [u8],
+    /// The path as routed and forwarded, when normalizing changed it (else empty).
+    pub normalized_path: &'a [u8],
     /// On a TLS connection: what it negotiated (logged only then).
     pub tls: Option<&'a TlsInfo>,
     /// The authenticated consumer (logged only when there is one).
@@ -205,6 +207,10 @@ impl AccessLog {
         json_str(out, or_dash(e.method));
         out.extend_from_slice(b",\"path\":");
         json_str(out, or_dash(e.target));
+        if !e.normalized_path.is_empty() {
+            out.extend_from_slice(b",\"normalized_path\":");
+            json_str(out, e.normalized_path);
+        }
         let _ = write!(
             out,
             ",\"status\":{},\"bytes_in\":{},\"bytes_out\":{},\"route\":",
@@ -280,6 +286,10 @@ impl AccessLog {
         quoted(out, e.request_id);
         out.extend_from_slice(b" trace_id=");
         out.extend_from_slice(or_dash(e.trace_id));
+        if !e.normalized_path.is_empty() {
+            out.extend_from_slice(b" normalized_path=");
+            quoted(out, e.normalized_path);
+        }
         if let Some(t) = e.tls {
             for (key, v) in TLS_FIELDS {
                 let _ = write!(out, " {key}=");
@@ -389,6 +399,7 @@ mod tests {
             trace_id: b"4bf92f3577b34da6a3ce929d0e0e4736",
             referer: b"",
             user_agent: b"curl/8",
+            normalized_path: b"",
             tls: None,
             consumer: None,
         }

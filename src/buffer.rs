@@ -42,6 +42,12 @@ impl ReadBuf {
         &self.buf[self.pos..]
     }
 
+    /// The unconsumed bytes, to rewrite in place (a request path normalized where it was read).
+    #[inline]
+    pub fn data_mut(&mut self) -> &mut [u8] {
+        &mut self.buf[self.pos..]
+    }
+
     #[inline]
     pub fn len(&self) -> usize {
         self.buf.len() - self.pos

@@ -5,6 +5,7 @@ use std::borrow::Cow;
 use std::rc::Rc;
 
 use crate::http::chunked::ChunkError;
+use crate::http::path::PathError;
 use crate::http::RequestError;
 use crate::ratelimit::Refusal;
 
@@ -14,6 +15,8 @@ pub enum ProxyError {
     BadRequest(&'static str),
     /// The request body breaks its chunked coding.
     BadChunk(&'static str),
+    /// The request's path cannot be normalized (see `http::path`).
+    BadPath(PathError),
     /// The client was too slow sending its head.
     HeadTimeout,
     /// The client was too slow sending its body.
@@ -54,7 +57,7 @@ pub enum ProxyError {
 impl ProxyError {
     pub fn status(&self) -> u16 {
         match self {
-            ProxyError::BadRequest(_) | ProxyError::BadChunk(_) => 400,
+            ProxyError::BadRequest(_) | ProxyError::BadChunk(_) | ProxyError::BadPath(_) => 400,
             ProxyError::NoRoute => 404,
             ProxyError::MethodNotAllowed(_) => 405,
             ProxyError::HeadTimeout | ProxyError::BodyTimeout => 408,
@@ -79,6 +82,7 @@ impl ProxyError {
             ProxyError::BadRequest(why) | ProxyError::BadChunk(why) => {
                 Cow::Owned(format!("bad request: {why}"))
             }
+            ProxyError::BadPath(e) => Cow::Owned(format!("bad request: {}", e.reason())),
             ProxyError::HeadTimeout | ProxyError::BodyTimeout => "request timed out".into(),
             ProxyError::NoRoute => "no route".into(),
             ProxyError::MethodNotAllowed(_) => "method not allowed".into(),
@@ -132,6 +136,9 @@ impl ProxyError {
         Some(match self {
             ProxyError::BadRequest(_) => Reject::MalformedHead,
             ProxyError::BadChunk(_) => Reject::MalformedBody,
+            ProxyError::BadPath(PathError::Traversal) => Reject::PathTraversal,
+            ProxyError::BadPath(PathError::EncodedSlash) => Reject::EncodedSlash,
+            ProxyError::BadPath(PathError::Invalid(_)) => Reject::InvalidPath,
             ProxyError::HeadTimeout => Reject::HeadTimeout,
             ProxyError::BodyTimeout => Reject::BodyTimeout,
             ProxyError::PayloadTooLarge => Reject::BodyTooLarge,
@@ -151,6 +158,12 @@ impl ProxyError {
 pub enum Reject {
     MalformedHead,
     MalformedBody,
+    /// A path whose dot segments climb above the root.
+    PathTraversal,
+    /// `%2F` or `%5C` in a path while `encoded_slashes = "reject"`.
+    EncodedSlash,
+    /// A bad percent-encoding, `%00`, a backslash or `#` in a path.
+    InvalidPath,
     HeadTimeout,
     BodyTimeout,
     BodyTooLarge,
@@ -174,9 +187,12 @@ pub enum Reject {
 }
 
 impl Reject {
-    pub const ALL: [Reject; 16] = [
+    pub const ALL: [Reject; 19] = [
         Reject::MalformedHead,
         Reject::MalformedBody,
+        Reject::PathTraversal,
+        Reject::EncodedSlash,
+        Reject::InvalidPath,
         Reject::HeadTimeout,
         Reject::BodyTimeout,
         Reject::BodyTooLarge,
@@ -197,6 +213,9 @@ impl Reject {
         match self {
             Reject::MalformedHead => "malformed_head",
             Reject::MalformedBody => "malformed_body",
+            Reject::PathTraversal => "path_traversal",
+            Reject::EncodedSlash => "encoded_slash",
+            Reject::InvalidPath => "invalid_path",
             Reject::HeadTimeout => "head_timeout",
             Reject::BodyTimeout => "body_timeout",
             Reject::BodyTooLarge => "body_too_large",

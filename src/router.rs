@@ -4,7 +4,7 @@
 //! order; ties go to file order. A route whose methods exclude the request's is skipped; if
 //! every route that matched the path was skipped, the answer is 405 with their methods.
 //! Hosts compare case-insensitively without the port; paths compare byte for byte, without the
-//! query, as sent (no percent-decoding).
+//! query, after the session normalized them (`http::path`).
 
 use std::cell::RefCell;
 

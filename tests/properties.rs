@@ -1,10 +1,12 @@
 //! Properties of the codec, checked on generated input: a valid request parses to the same head
-//! and body however its bytes are split across reads, and mutated input never panics, never
-//! loops, and is either refused or parsed into spans that lie inside the buffer.
+//! and body however its bytes are split across reads, mutated input never panics, never
+//! loops, and is either refused or parsed into spans that lie inside the buffer, and a
+//! normalized path is normalized (normalizing it again changes nothing).
 
 use proptest::prelude::*;
 use ringway::http::chunked::{ChunkedDecoder, Decoded};
 use ringway::http::write::{upstream_request, Forwarding};
+use ringway::http::path::{self, EncodedSlashes};
 use ringway::http::{parse_request, BodyLength, HeaderEdits, ParseLimits, RequestHead};
 
 #[derive(Debug, Clone)]
@@ -171,6 +173,42 @@ proptest! {
         let pieces: Vec<&[u8]> = bytes.chunks(step).collect();
         let (_, got) = process(&pieces).expect("parses");
         prop_assert_eq!(got, body);
+    }
+}
+
+/// Parses `GET {target}` and normalizes it; the path, or `None` when refused.
+fn normalize(target: &str, mode: EncodedSlashes) -> Option<String> {
+    let mut buf = format!("GET {target} HTTP/1.1\r\nHost: h\r\n\r\n").into_bytes();
+    let mut head = RequestHead::default();
+    if !matches!(parse_request(&buf, &ParseLimits::default(), &mut head), Ok(true)) {
+        return None;
+    }
+    path::normalize(&mut buf, &mut head, mode).ok()?;
+    assert!(head.path.end as usize <= head.len && head.target.end == head.path.end);
+    Some(String::from_utf8_lossy(head.path.get(&buf)).into_owned())
+}
+
+proptest! {
+    #[test]
+    fn normalized_paths_are_fixed_points(
+        raw in "/[/.%2eEfF5cC4a1;x?~\\#-]{0,30}",
+        mode in prop::sample::select(vec![EncodedSlashes::Reject, EncodedSlashes::Keep, EncodedSlashes::Decode]),
+    ) {
+        let Some(once) = normalize(&raw, mode) else { return Ok(()) };
+        prop_assert_eq!(normalize(&once, mode), Some(once.clone()), "{}", raw);
+        let p = once.split('?').next().unwrap_or_default();
+        prop_assert!(p.starts_with('/'));
+        prop_assert!(!p.contains("//"), "{}", once);
+        for seg in p.split('/') {
+            prop_assert!(seg != "." && seg != "..", "{}", once);
+        }
+        // What remains encoded is upper-case and not an unreserved character.
+        for (i, _) in p.match_indices('%') {
+            let hex = &p[i + 1..i + 3];
+            prop_assert_eq!(hex, hex.to_ascii_uppercase());
+            let b = u8::from_str_radix(hex, 16).unwrap();
+            prop_assert!(!(b.is_ascii_alphanumeric() || b"-._~".contains(&b)), "{}", once);
+        }
     }
 }
 

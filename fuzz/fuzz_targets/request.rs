@@ -1,10 +1,12 @@
-//! Fuzzes the request path's codec: the head parser, the upstream head writer and the chunked
-//! decoder, with the input split in two at a point the input chooses, as reads split it.
+//! Fuzzes the request path's codec: the head parser, path normalization (no panic, and a
+//! normalized path normalizes to itself), the upstream head writer and the chunked decoder,
+//! with the input split in two at a point the input chooses, as reads split it.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use ringway::http::chunked::{ChunkedDecoder, Decoded};
 use ringway::http::write::{upstream_request, Forwarding};
+use ringway::http::path::{normalize, EncodedSlashes};
 use ringway::http::{parse_request, BodyLength, HeaderEdits, ParseLimits, RequestHead};
 
 fuzz_target!(|data: &[u8]| {
@@ -21,6 +23,21 @@ fuzz_target!(|data: &[u8]| {
         return;
     }
     let buf = if head.len <= cut { &data[..cut] } else { data };
+    let mode = match cut % 3 {
+        0 => EncodedSlashes::Reject,
+        1 => EncodedSlashes::Keep,
+        _ => EncodedSlashes::Decode,
+    };
+    let mut owned = buf.to_vec();
+    if normalize(&mut owned, &mut head, mode).is_err() {
+        return;
+    }
+    let buf = &owned[..];
+    // Idempotent: the normalized path, normalized again, is unchanged.
+    let mut again = owned.clone();
+    let mut head2 = head.clone();
+    assert_eq!(normalize(&mut again, &mut head2, mode), Ok(false));
+    assert_eq!(head2.path.get(&again), head.path.get(buf));
     let mut out = Vec::new();
     upstream_request(
         &mut out,

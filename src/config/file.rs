@@ -193,6 +193,18 @@ pub struct LimitsFile {
     pub write_timeout_ms: Spanned<u64>,
     #[serde(default = "d_tunnel_idle_timeout")]
     pub tunnel_idle_timeout_ms: Spanned<u64>,
+    #[serde(default)]
+    pub encoded_slashes: EncodedSlashesChoice,
+}
+
+/// `encoded_slashes`: what `%2F` and `%5C` in a request path do.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EncodedSlashesChoice {
+    #[default]
+    Reject,
+    Keep,
+    Decode,
 }
 
 impl Default for LimitsFile {
@@ -209,6 +221,7 @@ impl Default for LimitsFile {
             keepalive_timeout_ms: d_keepalive_timeout(),
             write_timeout_ms: d_write_timeout(),
             tunnel_idle_timeout_ms: d_tunnel_idle_timeout(),
+            encoded_slashes: EncodedSlashesChoice::Reject,
         }
     }
 }

@@ -30,6 +30,7 @@ use toml::Spanned;
 pub use upstream::{HashKey, Target, Upstream};
 
 use crate::cidr::Cidr;
+use crate::http::path::EncodedSlashes;
 use crate::http::{ParseLimits, MAX_HEADERS_CEILING};
 
 /// Index of a listener in `Config::listeners`.
@@ -122,6 +123,8 @@ pub struct Limits {
     pub keepalive_timeout: Duration,
     pub write_timeout: Duration,
     pub tunnel_idle_timeout: Duration,
+    /// What `%2F` and `%5C` in a request path do (see `http::path`).
+    pub encoded_slashes: EncodedSlashes,
 }
 
 impl Limits {
@@ -152,6 +155,7 @@ impl Default for Limits {
             keepalive_timeout: ms(*f.keepalive_timeout_ms.get_ref()),
             write_timeout: ms(*f.write_timeout_ms.get_ref()),
             tunnel_idle_timeout: ms(*f.tunnel_idle_timeout_ms.get_ref()),
+            encoded_slashes: EncodedSlashes::Reject,
         }
     }
 }
@@ -382,6 +386,7 @@ impl Validator<'_> {
                 has_cache: f.cache.is_some(),
                 providers: &auth,
                 consumers: &consumers,
+                slashes: limits.encoded_slashes,
             };
             let route = self.route(i, r, &known)?;
             if routes.iter().any(|o| o.name == route.name) {
@@ -649,6 +654,11 @@ impl Validator<'_> {
             keepalive_timeout: positive(&l.keepalive_timeout_ms, "keepalive_timeout_ms")?,
             write_timeout: positive(&l.write_timeout_ms, "write_timeout_ms")?,
             tunnel_idle_timeout: positive(&l.tunnel_idle_timeout_ms, "tunnel_idle_timeout_ms")?,
+            encoded_slashes: match l.encoded_slashes {
+                file::EncodedSlashesChoice::Reject => EncodedSlashes::Reject,
+                file::EncodedSlashesChoice::Keep => EncodedSlashes::Keep,
+                file::EncodedSlashesChoice::Decode => EncodedSlashes::Decode,
+            },
         })
     }
 

@@ -3,6 +3,8 @@
 
 use toml::Spanned;
 
+use crate::http::path::EncodedSlashes;
+
 use super::file::{RedirectFile, RespondFile, RouteFile};
 use super::{
     ms, AuthId, AuthProvider, ConfigError, Consumer, HostMatch, Listener, ListenerId, PathMatch,
@@ -23,6 +25,8 @@ pub(super) struct Known<'a> {
     pub has_cache: bool,
     pub providers: &'a [AuthProvider],
     pub consumers: &'a [Consumer],
+    /// `[limits] encoded_slashes`: configured paths must be in the form requests take.
+    pub slashes: EncodedSlashes,
 }
 
 /// A route's authentication: providers in order, and the group rules.
@@ -46,6 +50,7 @@ impl Validator<'_> {
             has_cache,
             providers,
             consumers,
+            slashes,
         } = *known;
         let key = format!("routes[{i}]");
         let name = self.name(&r.name, &format!("{key}.name"))?;
@@ -65,11 +70,11 @@ impl Validator<'_> {
             Some(h) => self.host(h, &format!("{key}.host"))?,
         };
 
-        let path = self.path_match(r, &key)?;
+        let path = self.path_match(r, &key, slashes)?;
         let methods = self.methods(r, &key)?;
         let strip_prefix = match &r.strip_prefix {
             None => None,
-            Some(p) => Some(self.path(p, &format!("{key}.strip_prefix"))?),
+            Some(p) => Some(self.path(p, &format!("{key}.strip_prefix"), slashes)?),
         };
 
         let action = match (&r.upstream, &r.respond, &r.redirect) {
@@ -172,12 +177,19 @@ impl Validator<'_> {
         })
     }
 
-    fn path_match(&self, r: &RouteFile, key: &str) -> Result<PathMatch, ConfigError> {
+    fn path_match(
+        &self,
+        r: &RouteFile,
+        key: &str,
+        slashes: EncodedSlashes,
+    ) -> Result<PathMatch, ConfigError> {
         Ok(match (&r.path, &r.path_prefix, &r.path_regex) {
             (None, None, None) => PathMatch::Prefix("/".to_owned()),
-            (Some(p), None, None) => PathMatch::Exact(self.path(p, &format!("{key}.path"))?),
+            (Some(p), None, None) => {
+                PathMatch::Exact(self.path(p, &format!("{key}.path"), slashes)?)
+            }
             (None, Some(p), None) => {
-                PathMatch::Prefix(self.path(p, &format!("{key}.path_prefix"))?)
+                PathMatch::Prefix(self.path(p, &format!("{key}.path_prefix"), slashes)?)
             }
             (None, None, Some(p)) => {
                 if let Err(e) = regex_automata::meta::Regex::new(p.get_ref()) {
@@ -349,16 +361,36 @@ impl Validator<'_> {
         })
     }
 
-    fn path(&self, p: &Spanned<String>, key: &str) -> Result<String, ConfigError> {
+    /// A configured path: requests are matched after normalization (`http::path`), so a path
+    /// that normalization would change could never match and is refused, naming its form.
+    fn path(
+        &self,
+        p: &Spanned<String>,
+        key: &str,
+        slashes: EncodedSlashes,
+    ) -> Result<String, ConfigError> {
         let s = p.get_ref();
-        if s.starts_with('/') && s.bytes().all(|b| b.is_ascii_graphic()) {
-            Ok(s.clone())
-        } else {
-            Err(self.err(
+        if !(s.starts_with('/') && s.bytes().all(|b| b.is_ascii_graphic())) {
+            return Err(self.err(
                 p.span(),
                 key,
                 format!("{s:?} must start with '/' and contain no spaces"),
-            ))
+            ));
+        }
+        match crate::http::path::normalized(s, slashes) {
+            Ok(n) if n == *s => Ok(n),
+            Ok(n) => Err(self.err(
+                p.span(),
+                key,
+                format!(
+                    "{s:?} would never match: request paths are matched normalized; write {n:?}"
+                ),
+            )),
+            Err(e) => Err(self.err(
+                p.span(),
+                key,
+                format!("{s:?} would never match: {}", e.reason()),
+            )),
         }
     }
 

@@ -5,6 +5,7 @@
 
 pub mod chunked;
 mod edits;
+pub mod path;
 mod request;
 mod response;
 pub mod write;

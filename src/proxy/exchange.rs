@@ -152,19 +152,34 @@ impl Exchange {
 #[derive(Default)]
 pub(crate) struct LogText {
     bytes: Vec<u8>,
-    /// Ends of method, target, referer and user-agent within `bytes`.
-    ends: [usize; 4],
+    /// Ends of method, target, referer, user-agent and normalized path within `bytes`.
+    ends: [usize; 5],
 }
 
 impl LogText {
-    pub fn capture(&mut self, buf: &[u8], head: &RequestHead) {
+    /// Copies what the log shows of the request: the target as sent (`sent_target` when
+    /// normalizing changed it, which also records the normalized path, unless `normalized` is
+    /// false: a path refused half-way through has none).
+    pub fn capture(
+        &mut self,
+        buf: &[u8],
+        head: &RequestHead,
+        sent_target: &[u8],
+        normalized: bool,
+    ) {
         self.bytes.clear();
         let header = |name: &str| head.header(buf, name.as_bytes()).unwrap_or_default();
+        let (target, path) = match sent_target {
+            [] => (head.target.get(buf), &b""[..]),
+            sent if normalized => (sent, head.path.get(buf)),
+            sent => (sent, &b""[..]),
+        };
         for (i, part) in [
             head.method_span.get(buf),
-            head.target.get(buf),
+            target,
             header("referer"),
             header("user-agent"),
+            path,
         ]
         .into_iter()
         .enumerate()
@@ -176,7 +191,7 @@ impl LogText {
 
     pub fn clear(&mut self) {
         self.bytes.clear();
-        self.ends = [0; 4];
+        self.ends = [0; 5];
     }
 
     pub fn part(&self, i: usize) -> &[u8] {

@@ -19,7 +19,7 @@ use crate::buffer::{ReadBuf, STREAMING_CAPACITY};
 use crate::config::ListenerId;
 use crate::deadline::Deadline;
 use crate::error::ProxyError;
-use crate::http::{parse_request, BodyLength, Method, RequestHead, ResponseHead, Version};
+use crate::http::{parse_request, path, BodyLength, Method, RequestHead, ResponseHead, Version};
 use crate::metrics::RequestRecord;
 use crate::stamp::Stamp;
 use crate::trace::Trace;
@@ -42,6 +42,9 @@ pub(crate) struct Session<'w, S: Io> {
     /// Bytes to the upstream.
     pub up_out: Vec<u8>,
     pub head: RequestHead,
+    /// The request-target as the client sent it, kept only when normalizing changed the path
+    /// (for the access log); empty otherwise.
+    pub sent_target: Vec<u8>,
     pub resp: ResponseHead,
     pub served: u32,
     /// The request in progress.
@@ -89,6 +92,7 @@ pub(crate) async fn serve_admitted<S: Io>(
         out: Vec::with_capacity(1024),
         up_out: Vec::with_capacity(1024),
         head: RequestHead::default(),
+        sent_target: Vec::new(),
         resp: ResponseHead::default(),
         served: 0,
         ex: Exchange::new(w.generation(), listener, peer, tls),
@@ -131,7 +135,7 @@ async fn serve_request<S: Io>(c: &mut Session<'_, S>, w: &Rc<Worker>) -> Next {
             c.ex.log.bytes_in = c.head.len as u64;
             if w.access_log.is_some() {
                 let buf = c.rbuf.data();
-                c.ex.log_text.capture(buf, &c.head);
+                c.ex.log_text.capture(buf, &c.head, &c.sent_target, true);
                 let incoming = c.head.traceparent.map(|t| t.get(buf));
                 c.ex.log.trace = Some(Trace::new(incoming, &w.rng));
             }
@@ -147,6 +151,11 @@ async fn serve_request<S: Io>(c: &mut Session<'_, S>, w: &Rc<Worker>) -> Next {
         HeadRead::Failed(e) => {
             c.ex.log.bytes_in = c.rbuf.len() as u64;
             c.ex.log_text.clear();
+            if matches!(e, ProxyError::BadPath(_)) && w.access_log.is_some() {
+                // The head parsed: the log shows what was refused.
+                c.ex.log_text
+                    .capture(c.rbuf.data(), &c.head, &c.sent_target, false);
+            }
             c.ex.request_id.clear();
             w.rng.hex_id(&mut c.ex.request_id);
             c.head.version = Version::Http11;
@@ -241,6 +250,7 @@ fn finish<S: Io>(c: &mut Session<'_, S>, w: &Worker) {
         trace_id: trace.trace_id(),
         referer: ex.log_text.part(2),
         user_agent: ex.log_text.part(3),
+        normalized_path: ex.log_text.part(4),
         tls: ex.tls.as_ref(),
         consumer: ex.identity.as_ref().map(|i| i.name(&ex.gen.consumers)),
     });
@@ -263,7 +273,7 @@ async fn read_request_head<S: Io>(c: &mut Session<'_, S>, w: &Worker) -> HeadRea
     loop {
         if !c.rbuf.is_empty() {
             match parse_request(c.rbuf.data(), &w.parse_limits, &mut c.head) {
-                Ok(true) => return HeadRead::Ready,
+                Ok(true) => return normalize_path(c, w),
                 Ok(false) => {}
                 Err(e) => {
                     debug!(reason = ?e, "request head rejected");
@@ -285,6 +295,29 @@ async fn read_request_head<S: Io>(c: &mut Session<'_, S>, w: &Worker) -> HeadRea
             }
             Err(_) | Ok(Ok(0)) | Ok(Err(_)) => return HeadRead::Closed,
             Ok(Ok(_)) => {}
+        }
+    }
+}
+
+/// Normalizes the parsed head's path where it was read (`http::path`), keeping the target as
+/// sent when that changes it. The common path is one scan that finds nothing to do.
+fn normalize_path<S: Io>(c: &mut Session<'_, S>, w: &Worker) -> HeadRead {
+    c.sent_target.clear();
+    if !path::needs_normalizing(c.head.path.get(c.rbuf.data())) {
+        return HeadRead::Ready;
+    }
+    c.sent_target
+        .extend_from_slice(c.head.target.get(c.rbuf.data()));
+    match path::normalize(c.rbuf.data_mut(), &mut c.head, w.limits.encoded_slashes) {
+        Ok(true) => HeadRead::Ready,
+        Ok(false) => {
+            c.sent_target.clear();
+            HeadRead::Ready
+        }
+        Err(e) => {
+            debug!(reason = e.reason(), "request path rejected");
+            // The log shows the target as sent.
+            HeadRead::Failed(ProxyError::BadPath(e))
         }
     }
 }

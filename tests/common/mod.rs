@@ -13,6 +13,8 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+pub mod nginx;
+
 pub const TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Polls `f` until it returns `Some`, or panics after `TIMEOUT` naming `what`.
@@ -878,6 +880,34 @@ upstream = "app"
 "#,
         targets.join(", ")
     )
+}
+
+/// The value of the first `/metrics` line on the admin listener starting with `line_start`.
+pub fn metric(admin: SocketAddr, line_start: &str) -> Option<f64> {
+    let body = get(admin, "/metrics").text();
+    body.lines()
+        .find(|l| l.starts_with(line_start))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+/// Waits until the metric line starting with `line_start` reads `n` (workers report on their
+/// metrics interval), and checks it does not pass it.
+pub fn wait_metric(admin: SocketAddr, line_start: &str, n: f64) {
+    eventually(&format!("{line_start} to reach {n}"), || {
+        (metric(admin, line_start)? >= n).then_some(())
+    });
+    assert_eq!(metric(admin, line_start), Some(n), "{line_start}");
+}
+
+/// Stops the gateway (SIGTERM, which writes the access log's last lines) and reads the log.
+pub fn access_log_after_stop(mut gw: Gateway, path: &std::path::Path) -> Vec<String> {
+    gw.signal(libc::SIGTERM);
+    assert!(gw.wait_exit().success());
+    std::fs::read_to_string(path)
+        .expect("access log")
+        .lines()
+        .map(str::to_owned)
+        .collect()
 }
 
 // ---------------------------------------------------------------------------------------------
