@@ -10,7 +10,7 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use ringway::config::{self, ListenerId, RateLimitId, RouteId, UpstreamId};
 use ringway::http::write::{upstream_request, Forwarding};
 use ringway::http::{parse_request, parse_response, RequestHead, ResponseHead};
-use ringway::http::{HeaderEdits, Method, ParseLimits};
+use ringway::http::{HeaderEdits, Method, NameSet, ParseLimits};
 use ringway::metrics::{GenMetrics, RequestRecord, UpstreamOutcome, UpstreamStats, WorkerMetrics};
 use ringway::ratelimit::Limiter;
 use ringway::rng::Rng;
@@ -43,7 +43,9 @@ fn parse(c: &mut Criterion) {
     let mut head = RequestHead::default();
     c.bench_function("parse_request_head_9_headers", |b| {
         b.iter(|| {
-            assert!(parse_request(black_box(REQUEST), &limits, &mut head).unwrap());
+            assert!(
+                parse_request(black_box(REQUEST), &limits, &NameSet::default(), &mut head).unwrap()
+            );
         })
     });
     let mut resp = ResponseHead::default();
@@ -52,7 +54,7 @@ fn parse(c: &mut Criterion) {
             assert!(parse_response(black_box(RESPONSE), false, 40_000, 100, &mut resp).unwrap());
         })
     });
-    assert!(parse_request(REQUEST, &limits, &mut head).unwrap());
+    assert!(parse_request(REQUEST, &limits, &NameSet::default(), &mut head).unwrap());
     let mut out = Vec::with_capacity(1024);
     c.bench_function("write_upstream_head", |b| {
         b.iter(|| {
@@ -64,6 +66,8 @@ fn parse(c: &mut Criterion) {
                 &Forwarding {
                     client_ip: b"127.0.0.1",
                     proto: b"http",
+                    port: b"80",
+                    forwarded: false,
                     request_id: b"0123456789abcdef0123456789abcdef",
                     fallback_host: b"127.0.0.1:9",
                     strip_prefix: Some(b"/api"),

@@ -47,6 +47,8 @@ pub struct Entry<'a> {
     pub tls: Option<&'a TlsInfo>,
     /// The authenticated consumer (logged only when there is one).
     pub consumer: Option<&'a str>,
+    /// Client-sent copies of headers the gateway vouches for, removed (logged when any).
+    pub identity_dropped: u32,
 }
 
 /// A worker's side of the access log.
@@ -239,6 +241,9 @@ impl AccessLog {
             out.extend_from_slice(b",\"consumer\":");
             json_str(out, c.as_bytes());
         }
+        if e.identity_dropped > 0 {
+            let _ = write!(out, ",\"identity_headers_dropped\":{}", e.identity_dropped);
+        }
         out.extend_from_slice(b"}\n");
     }
 
@@ -299,6 +304,9 @@ impl AccessLog {
         if let Some(c) = e.consumer {
             out.extend_from_slice(b" consumer=");
             quoted(out, c.as_bytes());
+        }
+        if e.identity_dropped > 0 {
+            let _ = write!(out, " identity_headers_dropped={}", e.identity_dropped);
         }
         out.push(b'\n');
     }
@@ -402,6 +410,7 @@ mod tests {
             normalized_path: b"",
             tls: None,
             consumer: None,
+            identity_dropped: 0,
         }
     }
 

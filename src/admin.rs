@@ -33,7 +33,7 @@ use crate::cache::{Batch, Change};
 use crate::config::Config;
 use crate::http::write::{generated_response, Generated};
 use crate::http::{
-    parse_request, BodyLength, HeaderEdits, Method, ParseLimits, RequestHead, Version,
+    parse_request, BodyLength, HeaderEdits, Method, NameSet, ParseLimits, RequestHead, Version,
 };
 use crate::metrics::aggregate::Aggregate;
 use crate::metrics::render::{self, Process};
@@ -212,7 +212,7 @@ async fn handle(
             Ok(Ok(n)) if n > 0 => {}
             _ => return,
         }
-        match parse_request(rbuf.data(), &limits, &mut head) {
+        match parse_request(rbuf.data(), &limits, &NameSet::default(), &mut head) {
             Ok(true) => break true,
             Ok(false) => continue,
             Err(_) => break false,

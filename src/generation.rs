@@ -18,6 +18,7 @@ use crate::auth::Consumers;
 use crate::cidr::Cidr;
 use crate::config::{Config, ListenerId, RouteAction, RouteId, UpstreamId};
 use crate::filter::Chain;
+use crate::http::NameSet;
 use crate::metrics::{GenDelta, GenMetrics};
 use crate::router::Router;
 use crate::upstream::UpstreamState;
@@ -37,6 +38,13 @@ pub struct Generation {
     pub consumers: Rc<Consumers>,
     /// `[clients] trusted_proxies`.
     pub trusted_proxies: Box<[Cidr]>,
+    /// The request headers the gateway vouches for: the parser marks the client's copies, and
+    /// they are removed before any filter runs (unless a listener or route trusts them).
+    pub vouched: NameSet,
+    /// Per listener: whether it keeps the client's copies of `vouched` headers.
+    listener_trusts_identity: Box<[bool]>,
+    /// `[clients] forwarded`: send an RFC 7239 `Forwarded` element upstream.
+    pub forwarded_header: bool,
     /// JWT providers' keys (remote ones updated by the fetcher) and verified tokens.
     pub jwt: JwtState,
 }
@@ -46,6 +54,8 @@ pub struct RouteEntry {
     pub max_body_bytes: Option<u64>,
     /// `timeout_ms`: the upstream exchange up to the response head, retries included.
     pub timeout: Option<std::time::Duration>,
+    /// Keep the client's copies of the headers the gateway vouches for on this route.
+    pub trust_identity_headers: bool,
     pub chain: Chain,
     pub terminal: Terminal,
 }
@@ -101,6 +111,7 @@ impl Generation {
                 name: r.name.clone(),
                 max_body_bytes: r.max_body_bytes,
                 timeout: r.timeout,
+                trust_identity_headers: r.trust_identity_headers,
                 chain: Chain::build(r, config, &consumers),
                 terminal: match &r.action {
                     RouteAction::Proxy(upstream) => Terminal::Proxy {
@@ -149,6 +160,13 @@ impl Generation {
             upstreams,
             consumers,
             trusted_proxies: config.trusted_proxies.as_slice().into(),
+            vouched: NameSet::of(config.identity_headers.iter().map(String::as_bytes)),
+            listener_trusts_identity: config
+                .listeners
+                .iter()
+                .map(|l| l.trust_identity_headers)
+                .collect(),
+            forwarded_header: config.forwarded_header,
             jwt: JwtState::new(config, previous.map(|g| &g.jwt)),
         }
     }
@@ -172,6 +190,17 @@ impl Generation {
             .iter()
             .position(|l| l.same_socket(old))?;
         Some(ListenerId(i as u16))
+    }
+
+    /// Whether a request on `listener` and `route` keeps the client's copies of the headers
+    /// the gateway vouches for.
+    pub fn trusts_identity(&self, listener: ListenerId, route: &RouteEntry) -> bool {
+        route.trust_identity_headers
+            || self
+                .listener_trusts_identity
+                .get(usize::from(listener.0))
+                .copied()
+                .unwrap_or(false)
     }
 
     pub fn route(&self, id: RouteId) -> &RouteEntry {

@@ -51,7 +51,7 @@ query = "api_key"
 [[auth]]
 name = "forwarding"
 type = "api_key"
-header = "x-forwarded-key"
+header = "x-pass-key"
 forward_credentials = true
 
 [[rate_limits]]
@@ -166,9 +166,9 @@ fn api_keys_identify_the_consumer_upstream_and_are_not_forwarded() {
         .all(|l| !l.contains(GLOBEX_KEY) && !l.contains(ACME_KEY)));
 
     // forward_credentials keeps them.
-    let r = call(&gw, "/fwd/x", &format!("X-Forwarded-Key: {ACME_KEY}\r\n"));
+    let r = call(&gw, "/fwd/x", &format!("X-Pass-Key: {ACME_KEY}\r\n"));
     assert_eq!(r.status, 200);
-    assert_eq!(up.wait_for(4)[3].header("x-forwarded-key"), Some(ACME_KEY));
+    assert_eq!(up.wait_for(4)[3].header("x-pass-key"), Some(ACME_KEY));
 }
 
 #[test]

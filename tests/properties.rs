@@ -5,9 +5,9 @@
 
 use proptest::prelude::*;
 use ringway::http::chunked::{ChunkedDecoder, Decoded};
-use ringway::http::write::{upstream_request, Forwarding};
 use ringway::http::path::{self, EncodedSlashes};
-use ringway::http::{parse_request, BodyLength, HeaderEdits, ParseLimits, RequestHead};
+use ringway::http::write::{upstream_request, Forwarding};
+use ringway::http::{parse_request, BodyLength, HeaderEdits, NameSet, ParseLimits, RequestHead};
 
 #[derive(Debug, Clone)]
 struct Request {
@@ -76,7 +76,7 @@ fn process(pieces: &[&[u8]]) -> Option<(Vec<u8>, Vec<u8>)> {
     let mut buf: Vec<u8> = Vec::new();
     let mut pieces = pieces.iter();
     loop {
-        if !buf.is_empty() && parse_request(&buf, &limits, &mut head).ok()? {
+        if !buf.is_empty() && parse_request(&buf, &limits, &NameSet::default(), &mut head).ok()? {
             break;
         }
         buf.extend_from_slice(pieces.next()?);
@@ -89,6 +89,8 @@ fn process(pieces: &[&[u8]]) -> Option<(Vec<u8>, Vec<u8>)> {
         &Forwarding {
             client_ip: b"10.0.0.1",
             proto: b"http",
+            port: b"80",
+            forwarded: false,
             request_id: b"id",
             fallback_host: b"up",
             strip_prefix: None,
@@ -158,7 +160,7 @@ proptest! {
         // Either refused, incomplete, or parsed with every span inside the buffer.
         let _ = process(&[&bytes]);
         let mut head = RequestHead::default();
-        if let Ok(true) = parse_request(&bytes, &ParseLimits::default(), &mut head) {
+        if let Ok(true) = parse_request(&bytes, &ParseLimits::default(), &NameSet::default(), &mut head) {
             prop_assert!(head.len <= bytes.len());
             for h in &head.headers {
                 prop_assert!(h.name.end as usize <= head.len && h.value.end as usize <= head.len);
@@ -180,7 +182,15 @@ proptest! {
 fn normalize(target: &str, mode: EncodedSlashes) -> Option<String> {
     let mut buf = format!("GET {target} HTTP/1.1\r\nHost: h\r\n\r\n").into_bytes();
     let mut head = RequestHead::default();
-    if !matches!(parse_request(&buf, &ParseLimits::default(), &mut head), Ok(true)) {
+    if !matches!(
+        parse_request(
+            &buf,
+            &ParseLimits::default(),
+            &NameSet::default(),
+            &mut head
+        ),
+        Ok(true)
+    ) {
         return None;
     }
     path::normalize(&mut buf, &mut head, mode).ok()?;

@@ -7,16 +7,16 @@ use libfuzzer_sys::fuzz_target;
 use ringway::http::chunked::{ChunkedDecoder, Decoded};
 use ringway::http::write::{upstream_request, Forwarding};
 use ringway::http::path::{normalize, EncodedSlashes};
-use ringway::http::{parse_request, BodyLength, HeaderEdits, ParseLimits, RequestHead};
+use ringway::http::{parse_request, BodyLength, HeaderEdits, NameSet, ParseLimits, RequestHead};
 
 fuzz_target!(|data: &[u8]| {
     let Some((&cut, data)) = data.split_first() else { return };
     let cut = usize::from(cut).min(data.len());
     let limits = ParseLimits::default();
     let mut head = RequestHead::default();
-    let complete = match parse_request(&data[..cut], &limits, &mut head) {
+    let complete = match parse_request(&data[..cut], &limits, &NameSet::default(), &mut head) {
         Ok(true) => true,
-        Ok(false) => matches!(parse_request(data, &limits, &mut head), Ok(true)),
+        Ok(false) => matches!(parse_request(data, &limits, &NameSet::default(), &mut head), Ok(true)),
         Err(_) => false,
     };
     if !complete {
@@ -46,6 +46,8 @@ fuzz_target!(|data: &[u8]| {
         &Forwarding {
             client_ip: b"10.0.0.1",
             proto: b"http",
+            port: b"80",
+            forwarded: false,
             request_id: b"id",
             fallback_host: b"up",
             strip_prefix: Some(b"/a"),

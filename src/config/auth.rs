@@ -266,6 +266,19 @@ impl Validator<'_> {
             let kind = match a.kind.get_ref().as_str() {
                 "api_key" => {
                     let header = match &a.header {
+                        Some(h)
+                            if crate::http::classify(h.get_ref().as_bytes()).is_forwarding()
+                                || h.get_ref().eq_ignore_ascii_case("x-consumer") =>
+                        {
+                            return Err(self.err(
+                                h.span(),
+                                &format!("{key}.header"),
+                                format!(
+                                    "{:?} is a header the gateway owns (forwarding or identity) and removes from clients; name the key's header otherwise",
+                                    h.get_ref()
+                                ),
+                            ))
+                        }
                         Some(h) if crate::http::is_token(h.get_ref().as_bytes()) => {
                             Some(h.get_ref().to_ascii_lowercase())
                         }

@@ -301,6 +301,10 @@ pub struct ListenerFile {
     pub name: Spanned<String>,
     pub address: Spanned<String>,
     pub tls: Option<Spanned<super::tls::ListenerTlsFile>>,
+    /// Keep client-sent copies of the headers the gateway vouches for (a trusted gateway in
+    /// front sets them).
+    #[serde(default)]
+    pub trust_identity_headers: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -390,6 +394,8 @@ pub struct RouteFile {
     #[serde(default)]
     pub ip_deny: Vec<Spanned<String>>,
     pub timeout_ms: Option<Spanned<u64>>,
+    #[serde(default)]
+    pub trust_identity_headers: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -397,6 +403,9 @@ pub struct RouteFile {
 pub struct ClientsFile {
     #[serde(default)]
     pub trusted_proxies: Vec<Spanned<String>>,
+    /// Also send an RFC 7239 `Forwarded` element upstream.
+    #[serde(default)]
+    pub forwarded: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -443,6 +452,9 @@ pub struct RouteCacheFile {
     /// How long past freshness a stored response may answer when the upstream fails.
     #[serde(default)]
     pub serve_stale_on_error_ms: u64,
+    /// On a route with `auth`: each consumer has its own entries.
+    #[serde(default = "d_true")]
+    pub per_consumer: bool,
 }
 
 fn d_default_ttl() -> u64 {

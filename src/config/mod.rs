@@ -11,6 +11,7 @@ mod health;
 mod jwt;
 mod route;
 mod tls;
+mod trust;
 mod upstream;
 
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -68,6 +69,11 @@ pub struct Config {
     pub consumers: Vec<Consumer>,
     /// Peers whose `X-Forwarded-For` names the client (`[clients] trusted_proxies`).
     pub trusted_proxies: Vec<Cidr>,
+    /// `[clients] forwarded`: also send an RFC 7239 `Forwarded` element upstream.
+    pub forwarded_header: bool,
+    /// The request headers the gateway vouches for, lower-case (see `trust`): removed from
+    /// every client request, set only by the gateway.
+    pub identity_headers: Vec<String>,
     /// Authentication providers, referenced by routes' `auth`.
     pub auth: Vec<AuthProvider>,
 }
@@ -180,6 +186,9 @@ pub struct RouteCache {
     /// How long past freshness a stored response may answer when the upstream fails (beyond
     /// what its own `stale-if-error` allows).
     pub serve_stale_on_error: Duration,
+    /// On a route with `auth`, the consumer is part of the key (else entries are shared, and
+    /// only what RFC 9111 §3.5 lets a shared cache store for an authenticated request is).
+    pub per_consumer: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -195,6 +204,8 @@ pub struct Listener {
     pub addr: SocketAddr,
     /// Present on a TLS listener.
     pub tls: Option<ListenerTls>,
+    /// Client-sent copies of the headers the gateway vouches for are kept.
+    pub trust_identity_headers: bool,
 }
 
 impl Listener {
@@ -235,6 +246,8 @@ pub struct Route {
     /// Proxied routes: the longest the upstream exchange may take up to the response head,
     /// retries included.
     pub timeout: Option<Duration>,
+    /// Client-sent copies of the headers the gateway vouches for are kept on this route.
+    pub trust_identity_headers: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -399,6 +412,10 @@ impl Validator<'_> {
             routes.push(route);
         }
         self.fits_id(routes.len(), "routes")?;
+        for warning in routes.iter().flat_map(trust::cache_warnings) {
+            tracing::warn!("{warning}");
+        }
+        let identity_headers = trust::identity_headers(&auth, &routes);
 
         Ok(Config {
             path: self.path.to_owned(),
@@ -460,6 +477,8 @@ impl Validator<'_> {
             rate_limits,
             consumers,
             trusted_proxies,
+            forwarded_header: f.clients.as_ref().is_some_and(|c| c.forwarded),
+            identity_headers,
             auth,
         })
     }

@@ -147,6 +147,7 @@ impl Validator<'_> {
             }
         };
         Ok(Route {
+            trust_identity_headers: r.trust_identity_headers,
             timeout,
             cors,
             ip_allow,
@@ -304,6 +305,7 @@ impl Validator<'_> {
                     },
                     key_headers,
                     serve_stale_on_error: ms(c.get_ref().serve_stale_on_error_ms),
+                    per_consumer: c.get_ref().per_consumer,
                 })
             }
         })

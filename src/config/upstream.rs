@@ -88,7 +88,12 @@ impl Validator<'_> {
                 Some(t) => Some(self.listener_tls(t, &format!("{key}.tls"))?),
                 None => None,
             };
-            listeners.push(Listener { name, addr, tls });
+            listeners.push(Listener {
+                name,
+                addr,
+                tls,
+                trust_identity_headers: l.trust_identity_headers,
+            });
         }
         Ok(listeners)
     }

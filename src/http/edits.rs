@@ -3,14 +3,75 @@
 //! `http::write` applies them. Both buffers are owned by the connection and reused, so a
 //! request with edits allocates nothing once they have grown to their working size.
 
+/// A set of header names matched in any case, each encoded by `HeaderEdits::encode_name`.
+/// Built at load (the names the gateway vouches for) or per request (a head's removals).
+#[derive(Debug, Default, Clone)]
+pub struct NameSet {
+    encoded: Vec<u8>,
+    /// Bit `len % 64` is set for the length of every name in the set: most fields are ruled
+    /// out by their length alone, without walking the list.
+    lengths: u64,
+}
+
+impl NameSet {
+    /// The set of `names` (tokens of at most 255 bytes).
+    pub fn of<'a>(names: impl IntoIterator<Item = &'a [u8]>) -> NameSet {
+        let mut list = Vec::new();
+        for name in names {
+            HeaderEdits::encode_name(&mut list, name);
+        }
+        let mut set = NameSet::default();
+        set.extend_encoded(&list);
+        set
+    }
+
+    /// Adds the names of `list` (built with `HeaderEdits::encode_name`).
+    pub fn extend_encoded(&mut self, list: &[u8]) {
+        self.encoded.extend_from_slice(list);
+        let mut at = 0;
+        while let Some(&len) = list.get(at) {
+            self.lengths |= 1 << (len % 64);
+            at += 1 + 2 * usize::from(len);
+        }
+    }
+
+    pub fn clear(&mut self) {
+        self.encoded.clear();
+        self.lengths = 0;
+    }
+
+    #[inline]
+    pub fn is_empty(&self) -> bool {
+        self.lengths == 0
+    }
+
+    /// Whether `name` (any case) is in the set. The length bit rules out most names without
+    /// comparing them.
+    #[inline]
+    pub fn contains(&self, name: &[u8]) -> bool {
+        if self.lengths & (1 << (name.len() % 64)) == 0 {
+            return false;
+        }
+        let mut rest = &self.encoded[..];
+        while let Some((&len, tail)) = rest.split_first() {
+            let len = usize::from(len);
+            let Some((entry, next)) = tail.split_at_checked(2 * len) else {
+                return false;
+            };
+            if len == name.len() && folded_eq(name, &entry[..len], &entry[len..]) {
+                return true;
+            }
+            rest = next;
+        }
+        false
+    }
+}
+
 /// Edits to one head. `set` is a removal plus an appended line.
 #[derive(Debug, Default)]
 pub struct HeaderEdits {
-    /// Names to drop, each encoded by `encode_name`.
-    remove: Vec<u8>,
-    /// Bit `len % 64` is set for the length of every name in `remove`: most fields are ruled
-    /// out by their length alone, without walking the list.
-    remove_lengths: u64,
+    /// Names to drop.
+    remove: NameSet,
     /// Complete header lines (`name: value\r\n`) to add after the kept ones.
     append: Vec<u8>,
     /// Query parameters to drop from the target, each a length byte and the name.
@@ -20,7 +81,6 @@ pub struct HeaderEdits {
 impl HeaderEdits {
     pub fn clear(&mut self) {
         self.remove.clear();
-        self.remove_lengths = 0;
         self.append.clear();
         self.query_drop.clear();
     }
@@ -71,12 +131,7 @@ impl HeaderEdits {
 
     /// Drops every field named in `list` (built with `encode_name`).
     pub fn remove_encoded(&mut self, list: &[u8]) {
-        self.remove.extend_from_slice(list);
-        let mut at = 0;
-        while let Some(&len) = list.get(at) {
-            self.remove_lengths |= 1 << (len % 64);
-            at += 1 + 2 * usize::from(len);
-        }
+        self.remove.extend_encoded(list);
     }
 
     /// Appends header lines (each ending in CRLF); a line may be written in pieces, as long as
@@ -88,28 +143,13 @@ impl HeaderEdits {
     /// Whether any field is dropped: writers skip the name checks when none is.
     #[inline]
     pub fn removes_any(&self) -> bool {
-        self.remove_lengths != 0
+        !self.remove.is_empty()
     }
 
-    /// Whether the field `name` (any case) is dropped. The length byte rules out most names
-    /// without comparing them.
+    /// Whether the field `name` (any case) is dropped.
     #[inline]
     pub fn removes(&self, name: &[u8]) -> bool {
-        if self.remove_lengths & (1 << (name.len() % 64)) == 0 {
-            return false;
-        }
-        let mut rest = &self.remove[..];
-        while let Some((&len, tail)) = rest.split_first() {
-            let len = usize::from(len);
-            let Some((entry, next)) = tail.split_at_checked(2 * len) else {
-                return false;
-            };
-            if len == name.len() && folded_eq(name, &entry[..len], &entry[len..]) {
-                return true;
-            }
-            rest = next;
-        }
-        false
+        self.remove.contains(name)
     }
 
     /// Writes the appended lines to `out` (nothing at all, not even an empty copy, when there
@@ -187,6 +227,15 @@ mod tests {
         let mut out = Vec::new();
         e.copy_kept(&mut out, b"Server: a\r\nx-keep: 1\r\nX-POWERED-BY: b\r\n");
         assert_eq!(out, b"x-keep: 1\r\n");
+    }
+
+    #[test]
+    fn name_sets_match_any_case() {
+        let set = NameSet::of([&b"X-Consumer"[..], b"x-user-id"]);
+        assert!(set.contains(b"x-consumer") && set.contains(b"X-CONSUMER"));
+        assert!(set.contains(b"X-User-Id"));
+        assert!(!set.contains(b"x-consumers") && !set.contains(b"x-user-ie"));
+        assert!(NameSet::default().is_empty() && !set.is_empty());
     }
 
     #[test]

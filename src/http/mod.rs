@@ -10,7 +10,7 @@ mod request;
 mod response;
 pub mod write;
 
-pub use edits::HeaderEdits;
+pub use edits::{HeaderEdits, NameSet};
 pub use request::{parse_request, Method, RequestError, RequestHead};
 pub use response::{parse_response, ResponseError, ResponseHead};
 
@@ -132,11 +132,44 @@ pub enum HeaderKind {
     XForwardedFor,
     XForwardedProto,
     XForwardedHost,
+    XForwardedPort,
+    XForwardedPrefix,
+    /// Any other `X-Forwarded-*`.
+    XForwardedOther,
+    /// RFC 7239 `Forwarded`.
+    Forwarded,
+    XRealIp,
+    /// `X-Original-URL`, `X-Rewrite-URL`: routing overrides some servers honour.
+    RewriteUrl,
     XRequestId,
     TraceParent,
+    /// A header the gateway vouches for (the request parser's `vouched` set: `X-Consumer` and
+    /// the like), as the client sent it.
+    Identity,
+    /// Removed from the request before its filters ran: the writers leave it out and lookups
+    /// do not find it (its name span is empty).
+    Dropped,
 }
 
 impl HeaderKind {
+    /// The forwarding headers: what proxies tell the next hop about the client and the
+    /// request as it arrived. Believed only from `trusted_proxies`.
+    #[inline]
+    pub fn is_forwarding(self) -> bool {
+        matches!(
+            self,
+            HeaderKind::XForwardedFor
+                | HeaderKind::XForwardedProto
+                | HeaderKind::XForwardedHost
+                | HeaderKind::XForwardedPort
+                | HeaderKind::XForwardedPrefix
+                | HeaderKind::XForwardedOther
+                | HeaderKind::Forwarded
+                | HeaderKind::XRealIp
+                | HeaderKind::RewriteUrl
+        )
+    }
+
     /// Hop-by-hop fields (RFC 9110 §7.6.1) plus the framing fields the gateway always rewrites.
     #[inline]
     pub fn is_hop_by_hop(self) -> bool {
@@ -175,16 +208,25 @@ pub fn classify(name: &[u8]) -> HeaderKind {
         (6, b'e') if is("expect") => HeaderKind::Expect,
         (7, b'u') if is("upgrade") => HeaderKind::Upgrade,
         (7, b't') if is("trailer") => HeaderKind::Trailer,
+        (9, b'f') if is("forwarded") => HeaderKind::Forwarded,
+        (9, b'x') if is("x-real-ip") => HeaderKind::XRealIp,
         (10, b'c') if is("connection") => HeaderKind::Connection,
         (10, b'k') if is("keep-alive") => HeaderKind::KeepAlive,
         (11, b't') if is("traceparent") => HeaderKind::TraceParent,
         (12, b'x') if is("x-request-id") => HeaderKind::XRequestId,
+        (13, b'x') if is("x-rewrite-url") => HeaderKind::RewriteUrl,
         (14, b'c') if is("content-length") => HeaderKind::ContentLength,
+        (14, b'x') if is("x-original-url") => HeaderKind::RewriteUrl,
         (15, b'x') if is("x-forwarded-for") => HeaderKind::XForwardedFor,
         (16, b'p') if is("proxy-connection") => HeaderKind::ProxyConnection,
         (16, b'x') if is("x-forwarded-host") => HeaderKind::XForwardedHost,
+        (16, b'x') if is("x-forwarded-port") => HeaderKind::XForwardedPort,
         (17, b't') if is("transfer-encoding") => HeaderKind::TransferEncoding,
         (17, b'x') if is("x-forwarded-proto") => HeaderKind::XForwardedProto,
+        (18, b'x') if is("x-forwarded-prefix") => HeaderKind::XForwardedPrefix,
+        (n, b'x') if n > 12 && matches_lowercase(&name[..12], b"x-forwarded-") => {
+            HeaderKind::XForwardedOther
+        }
         _ => HeaderKind::Other,
     }
 }
@@ -309,6 +351,18 @@ mod tests {
         assert_eq!(classify(b"CONNECTION"), HeaderKind::Connection);
         assert_eq!(classify(b"connectioN"), HeaderKind::Connection);
         assert_eq!(classify(b"connectiom"), HeaderKind::Other);
+        assert_eq!(classify(b"X-Forwarded-Port"), HeaderKind::XForwardedPort);
+        assert_eq!(
+            classify(b"x-forwarded-prefix"),
+            HeaderKind::XForwardedPrefix
+        );
+        assert_eq!(classify(b"X-FORWARDED-SSL"), HeaderKind::XForwardedOther);
+        assert_eq!(classify(b"x-forwarded-"), HeaderKind::Other);
+        assert_eq!(classify(b"x-forwardedx-y"), HeaderKind::Other);
+        assert_eq!(classify(b"Forwarded"), HeaderKind::Forwarded);
+        assert_eq!(classify(b"X-Real-IP"), HeaderKind::XRealIp);
+        assert_eq!(classify(b"X-Original-URL"), HeaderKind::RewriteUrl);
+        assert_eq!(classify(b"x-rewrite-url"), HeaderKind::RewriteUrl);
     }
 
     #[test]

@@ -270,13 +270,19 @@ pub fn normalized(path: &str, slashes: EncodedSlashes) -> Result<String, PathErr
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::http::{parse_request, ParseLimits};
+    use crate::http::{parse_request, NameSet, ParseLimits};
 
     fn norm(path: &str, slashes: EncodedSlashes) -> Result<String, PathError> {
         let raw = format!("GET {path} HTTP/1.1\r\nHost: h\r\n\r\n");
         let mut buf = raw.into_bytes();
         let mut head = RequestHead::default();
-        assert!(parse_request(&buf, &ParseLimits::default(), &mut head).unwrap());
+        assert!(parse_request(
+            &buf,
+            &ParseLimits::default(),
+            &NameSet::default(),
+            &mut head
+        )
+        .unwrap());
         normalize(&mut buf, &mut head, slashes)?;
         assert_eq!(head.path.get(&buf), head.target.get(&buf));
         Ok(String::from_utf8(head.path.get(&buf).to_vec()).unwrap())
@@ -385,7 +391,13 @@ mod tests {
     fn absolute_form_paths_are_normalized_too() {
         let mut buf = b"GET http://h/a/../%62?q HTTP/1.1\r\nHost: h\r\n\r\n".to_vec();
         let mut head = RequestHead::default();
-        assert!(parse_request(&buf, &ParseLimits::default(), &mut head).unwrap());
+        assert!(parse_request(
+            &buf,
+            &ParseLimits::default(),
+            &NameSet::default(),
+            &mut head
+        )
+        .unwrap());
         assert!(normalize(&mut buf, &mut head, EncodedSlashes::Reject).unwrap());
         assert_eq!(head.path.get(&buf), b"/b?q");
         assert_eq!(head.target.get(&buf), b"http://h/b?q");

@@ -5,7 +5,8 @@ use std::mem::MaybeUninit;
 
 use super::{
     classify, find_header, line_ends_are_crlf, list_items, parse_content_length, BodyLength,
-    ConnectionOptions, Header, HeaderKind, ParseLimits, Span, Version, MAX_HEADERS_CEILING,
+    ConnectionOptions, Header, HeaderKind, NameSet, ParseLimits, Span, Version,
+    MAX_HEADERS_CEILING,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,6 +104,10 @@ pub struct RequestHead {
     pub request_id: Option<Span>,
     /// The first `traceparent`, if any (checked when the trace is joined).
     pub traceparent: Option<Span>,
+    /// Some header is a forwarding one (`HeaderKind::is_forwarding`).
+    pub forwarding: bool,
+    /// Some header is one the gateway vouches for (`HeaderKind::Identity`).
+    pub identity: bool,
 }
 
 impl RequestHead {
@@ -110,6 +115,49 @@ impl RequestHead {
     #[inline]
     pub fn header<'b>(&self, buf: &'b [u8], name: &[u8]) -> Option<&'b [u8]> {
         find_header(buf, &self.headers, name)
+    }
+
+    /// Marks the headers named in `vouched` as `Identity` (and no others), for a head parsed
+    /// with another set: a request that moved to another generation's config.
+    pub fn mark_vouched(&mut self, buf: &[u8], vouched: &NameSet) {
+        self.identity = false;
+        for h in &mut self.headers {
+            match h.kind {
+                HeaderKind::Identity | HeaderKind::Other => {
+                    let ours = vouched.contains(h.name.get(buf));
+                    h.kind = if ours {
+                        HeaderKind::Identity
+                    } else {
+                        HeaderKind::Other
+                    };
+                    self.identity |= ours;
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Removes, before any filter sees them, the client's copies of the headers the gateway
+    /// vouches for (`identity`) and of the forwarding headers (`forwarding`; routing overrides
+    /// such as `X-Original-URL` always): each becomes `Dropped`, with an empty name, so the
+    /// writers leave it out and no lookup finds it. Returns how many identity headers went.
+    pub fn drop_untrusted(&mut self, identity: bool, forwarding: bool) -> u32 {
+        let mut dropped = 0;
+        for h in &mut self.headers {
+            let drop = match h.kind {
+                HeaderKind::Identity if identity => {
+                    dropped += 1;
+                    true
+                }
+                HeaderKind::RewriteUrl => true,
+                kind => forwarding && kind.is_forwarding(),
+            };
+            if drop {
+                h.kind = HeaderKind::Dropped;
+                h.name.end = h.name.start;
+            }
+        }
+        dropped
     }
 }
 
@@ -131,15 +179,18 @@ impl Default for RequestHead {
             connection: ConnectionOptions::default(),
             request_id: None,
             traceparent: None,
+            forwarding: false,
+            identity: false,
         }
     }
 }
 
-/// Parses the request head at the start of `buf` into `head`. `Ok(false)` means the head is not
-/// complete yet; errors are final.
+/// Parses the request head at the start of `buf` into `head`, classifying the headers named in
+/// `vouched` as `Identity`. `Ok(false)` means the head is not complete yet; errors are final.
 pub fn parse_request(
     buf: &[u8],
     limits: &ParseLimits,
+    vouched: &NameSet,
     head: &mut RequestHead,
 ) -> Result<bool, RequestError> {
     let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS_CEILING];
@@ -198,6 +249,8 @@ pub fn parse_request(
     head.request_id = None;
     head.traceparent = None;
     head.expect_continue = false;
+    head.forwarding = false;
+    head.identity = false;
 
     let authority = parse_target(head, buf, target.as_bytes())?;
 
@@ -212,7 +265,12 @@ pub fn parse_request(
     for h in req.headers.iter() {
         let name = h.name.as_bytes();
         let value = h.value;
-        let kind = classify(name);
+        let mut kind = classify(name);
+        if kind == HeaderKind::Other && vouched.contains(name) {
+            kind = HeaderKind::Identity;
+            head.identity = true;
+        }
+        head.forwarding |= kind.is_forwarding();
         let value_span = Span::of(buf, value);
         head.headers.push(Header {
             kind,
@@ -444,7 +502,7 @@ mod tests {
 
     fn parse(raw: &[u8]) -> Result<RequestHead, RequestError> {
         let mut head = RequestHead::default();
-        match parse_request(raw, &ParseLimits::default(), &mut head)? {
+        match parse_request(raw, &ParseLimits::default(), &NameSet::default(), &mut head)? {
             true => Ok(head),
             false => Err(RequestError::Malformed("partial")),
         }
@@ -522,14 +580,32 @@ mod tests {
         let mut head = RequestHead::default();
         let long = format!("GET /{} HTTP/1.1\r\n", "a".repeat(100));
         assert_eq!(
-            parse_request(long.as_bytes(), &limits, &mut head),
+            parse_request(long.as_bytes(), &limits, &NameSet::default(), &mut head),
             Err(RequestError::UriTooLong)
         );
         let big = format!("GET / HTTP/1.1\r\nX: {}\r\n", "a".repeat(2000));
         assert_eq!(
-            parse_request(big.as_bytes(), &limits, &mut head),
+            parse_request(big.as_bytes(), &limits, &NameSet::default(), &mut head),
             Err(RequestError::HeadersTooLarge)
         );
+    }
+
+    #[test]
+    fn vouched_and_forwarding_headers_are_classified_and_dropped() {
+        let raw = b"GET / HTTP/1.1\r\nHost: x\r\nX-CONSUMER: eve\r\nX-Forwarded-Port: 1\r\nX-Original-URL: /a\r\nAccept: */*\r\nx-consumer: eve\r\n\r\n";
+        let mut head = RequestHead::default();
+        let vouched = NameSet::of([&b"x-consumer"[..]]);
+        assert!(parse_request(raw, &ParseLimits::default(), &vouched, &mut head).unwrap());
+        assert!(head.identity && head.forwarding);
+        assert_eq!(head.header(raw, b"x-consumer"), Some(&b"eve"[..]));
+        // A trusted peer keeps its forwarding headers, never a routing override.
+        assert_eq!(head.drop_untrusted(true, false), 2);
+        assert_eq!(head.header(raw, b"x-consumer"), None);
+        assert_eq!(head.header(raw, b"x-original-url"), None);
+        assert_eq!(head.header(raw, b"x-forwarded-port"), Some(&b"1"[..]));
+        assert_eq!(head.header(raw, b"accept"), Some(&b"*/*"[..]));
+        head.drop_untrusted(true, true);
+        assert_eq!(head.header(raw, b"x-forwarded-port"), None);
     }
 
     #[test]

@@ -14,18 +14,41 @@ use super::{BodyLength, Header, HeaderKind, RequestHead, ResponseHead, Version};
 
 /// What the gateway adds to a forwarded request.
 pub struct Forwarding<'a> {
-    /// The connection's peer, appended to `X-Forwarded-For`.
+    /// The connection's peer, appended to `X-Forwarded-For` (and `Forwarded`'s `for=`).
     pub client_ip: &'a [u8],
     pub proto: &'a [u8],
+    /// `X-Forwarded-Port`: the port the client addressed (`forwarded_port`).
+    pub port: &'a [u8],
+    /// Also send an RFC 7239 `Forwarded` element (`[clients] forwarded`).
+    pub forwarded: bool,
     pub request_id: &'a [u8],
     /// `Host` for an HTTP/1.0 request that had none (upstreams speak HTTP/1.1).
     pub fallback_host: &'a [u8],
-    /// Removed from the start of the path before forwarding.
+    /// Removed from the start of the path before forwarding (and sent as
+    /// `X-Forwarded-Prefix`).
     pub strip_prefix: Option<&'a [u8]>,
     /// The `traceparent` for the upstream (the incoming one is replaced).
     pub traceparent: &'a [u8],
     /// The route's edits to the request head (a cache's conditionals among them).
     pub edits: &'a HeaderEdits,
+}
+
+/// The port a client addressed: the one in its Host (or absolute-form authority), else the
+/// scheme's default. What `X-Forwarded-Port` says, as frameworks building URLs expect.
+pub fn forwarded_port(host: Option<&[u8]>, tls: bool) -> &[u8] {
+    let default: &[u8] = if tls { b"443" } else { b"80" };
+    let Some(host) = host else { return default };
+    match host.iter().rposition(|&b| b == b':') {
+        Some(colon) if !host.ends_with(b"]") => {
+            let port = &host[colon + 1..];
+            if !port.is_empty() && port.iter().all(u8::is_ascii_digit) {
+                port
+            } else {
+                default
+            }
+        }
+        _ => default,
+    }
 }
 
 /// Appends the header line `name: value`. Inlined into each caller, where the name is a
@@ -102,6 +125,17 @@ fn target_without(out: &mut Vec<u8>, target: &[u8], edits: &HeaderEdits) {
     }
 }
 
+/// Which forwarding headers a trusted peer sent (the others' were dropped before the filters).
+#[derive(Default)]
+struct Sent {
+    xff: bool,
+    proto: bool,
+    host: bool,
+    port: bool,
+    prefix: bool,
+    forwarded: bool,
+}
+
 /// Appends the request head to send upstream. `buf` is the buffer `head` was parsed from.
 pub fn upstream_request(out: &mut Vec<u8>, buf: &[u8], head: &RequestHead, fwd: &Forwarding<'_>) {
     out.extend_from_slice(head.method_span.get(buf));
@@ -115,25 +149,48 @@ pub fn upstream_request(out: &mut Vec<u8>, buf: &[u8], head: &RequestHead, fwd: 
         out.extend_from_slice(path);
     }
     out.extend_from_slice(b" HTTP/1.1\r\n");
+    // The prefix actually stripped, without its trailing slash: `X-Forwarded-Prefix`.
+    let stripped = fwd
+        .strip_prefix
+        .filter(|p| head.path.get(buf).starts_with(p))
+        .map(|p| p.strip_suffix(b"/").unwrap_or(p))
+        .filter(|p| !p.is_empty());
 
     let removing = edits.removes_any();
-    let mut xff_seen = false;
+    let mut sent = Sent::default();
     copy_lines(out, buf, &head.headers, head.len, |h| match h.kind {
         HeaderKind::Upgrade if head.upgrade => true,
         HeaderKind::Host
         | HeaderKind::Expect
-        | HeaderKind::XForwardedProto
-        | HeaderKind::XForwardedHost
         | HeaderKind::XRequestId
-        | HeaderKind::TraceParent => false,
+        | HeaderKind::TraceParent
+        | HeaderKind::RewriteUrl
+        | HeaderKind::Dropped => false,
+        // Combined with the gateway's own below.
         HeaderKind::XForwardedFor => {
-            xff_seen = true;
+            sent.xff = true;
+            false
+        }
+        HeaderKind::Forwarded if fwd.forwarded => {
+            sent.forwarded = true;
+            false
+        }
+        HeaderKind::XForwardedPrefix if stripped.is_some() => {
+            sent.prefix = true;
             false
         }
         kind if kind.is_hop_by_hop() => false,
-        _ => {
+        kind => {
             let name = h.name.get(buf);
-            !(head.connection.names(buf, name) || removing && edits.removes(name))
+            let kept = !(head.connection.names(buf, name) || removing && edits.removes(name));
+            // A trusted peer's own, kept instead of the gateway's.
+            match kind {
+                HeaderKind::XForwardedProto => sent.proto |= kept,
+                HeaderKind::XForwardedHost => sent.host |= kept,
+                HeaderKind::XForwardedPort => sent.port |= kept,
+                _ => {}
+            }
+            kept
         }
     });
 
@@ -142,24 +199,47 @@ pub fn upstream_request(out: &mut Vec<u8>, buf: &[u8], head: &RequestHead, fwd: 
     let keep = |name: &[u8]| !(removing && edits.removes(name));
     if keep(b"x-forwarded-for") {
         out.extend_from_slice(b"x-forwarded-for: ");
-        if xff_seen {
-            for h in head
-                .headers
-                .iter()
-                .filter(|h| h.kind == HeaderKind::XForwardedFor)
-            {
-                out.extend_from_slice(h.value.get(buf));
-                out.extend_from_slice(b", ");
-            }
+        if sent.xff {
+            values_of(out, buf, head, HeaderKind::XForwardedFor, b", ");
         }
         out.extend_from_slice(fwd.client_ip);
         out.extend_from_slice(b"\r\n");
     }
-    if keep(b"x-forwarded-proto") {
+    if !sent.proto && keep(b"x-forwarded-proto") {
         field(out, b"x-forwarded-proto", fwd.proto);
     }
-    if let Some(h) = head.host.filter(|_| keep(b"x-forwarded-host")) {
+    if let Some(h) = head
+        .host
+        .filter(|_| !sent.host && keep(b"x-forwarded-host"))
+    {
         field(out, b"x-forwarded-host", h.get(buf));
+    }
+    if !sent.port && keep(b"x-forwarded-port") {
+        field(out, b"x-forwarded-port", fwd.port);
+    }
+    if let Some(prefix) = stripped.filter(|_| keep(b"x-forwarded-prefix")) {
+        out.extend_from_slice(b"x-forwarded-prefix: ");
+        if sent.prefix {
+            // A trusted proxy's prefix comes first: the path was stripped there, then here.
+            for h in head
+                .headers
+                .iter()
+                .filter(|h| h.kind == HeaderKind::XForwardedPrefix)
+            {
+                let v = h.value.get(buf);
+                out.extend_from_slice(v.strip_suffix(b"/").unwrap_or(v));
+            }
+        }
+        out.extend_from_slice(prefix);
+        out.extend_from_slice(b"\r\n");
+    }
+    if fwd.forwarded && keep(b"forwarded") {
+        out.extend_from_slice(b"forwarded: ");
+        if sent.forwarded {
+            values_of(out, buf, head, HeaderKind::Forwarded, b", ");
+        }
+        forwarded_element(out, fwd.client_ip, head.host.map(|h| h.get(buf)), fwd.proto);
+        out.extend_from_slice(b"\r\n");
     }
     field(out, b"x-request-id", fwd.request_id);
     if keep(b"traceparent") {
@@ -175,6 +255,34 @@ pub fn upstream_request(out: &mut Vec<u8>, buf: &[u8], head: &RequestHead, fwd: 
         BodyLength::None | BodyLength::UntilClose => {}
     }
     out.extend_from_slice(b"\r\n");
+}
+
+/// Appends the values of every header of `kind`, each followed by `sep`.
+fn values_of(out: &mut Vec<u8>, buf: &[u8], head: &RequestHead, kind: HeaderKind, sep: &[u8]) {
+    for h in head.headers.iter().filter(|h| h.kind == kind) {
+        out.extend_from_slice(h.value.get(buf));
+        out.extend_from_slice(sep);
+    }
+}
+
+/// This hop's RFC 7239 element: `for` (an IPv6 address quoted in brackets), `host` (quoted:
+/// a port's `:` is not a token character) and `proto`.
+fn forwarded_element(out: &mut Vec<u8>, client_ip: &[u8], host: Option<&[u8]>, proto: &[u8]) {
+    out.extend_from_slice(b"for=");
+    if client_ip.contains(&b':') {
+        out.extend_from_slice(b"\"[");
+        out.extend_from_slice(client_ip);
+        out.extend_from_slice(b"]\"");
+    } else {
+        out.extend_from_slice(client_ip);
+    }
+    if let Some(h) = host {
+        out.extend_from_slice(b";host=\"");
+        out.extend_from_slice(h);
+        out.push(b'"');
+    }
+    out.extend_from_slice(b";proto=");
+    out.extend_from_slice(proto);
 }
 
 /// How the response body is framed towards the client.
@@ -364,11 +472,13 @@ pub fn reason_phrase(status: u16) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::http::{parse_request, ParseLimits};
+    use crate::http::{parse_request, NameSet, ParseLimits};
 
     fn forwarded(raw: &[u8], strip: Option<&[u8]>) -> String {
         let mut head = RequestHead::default();
-        assert!(parse_request(raw, &ParseLimits::default(), &mut head).unwrap());
+        assert!(
+            parse_request(raw, &ParseLimits::default(), &NameSet::default(), &mut head).unwrap()
+        );
         let mut out = Vec::new();
         upstream_request(
             &mut out,
@@ -377,6 +487,8 @@ mod tests {
             &Forwarding {
                 client_ip: b"10.0.0.1",
                 proto: b"http",
+                port: b"80",
+                forwarded: false,
                 request_id: b"rid",
                 fallback_host: b"backend:80",
                 strip_prefix: strip,

@@ -27,6 +27,8 @@ pub struct Aggregate {
     pub targets: Vec<Vec<TargetFigures>>,
     pub rejections: [u64; Reject::ALL.len()],
     pub access_log_dropped: u64,
+    /// Client-sent copies of headers the gateway vouches for, removed.
+    pub identity_headers_dropped: u64,
     pub limit_names: Vec<String>,
     pub cache: [u64; CacheOutcome::ALL.len()],
     pub cache_enabled: bool,
@@ -117,6 +119,7 @@ impl Aggregate {
             targets: Vec::new(),
             rejections: [0; Reject::ALL.len()],
             access_log_dropped: 0,
+            identity_headers_dropped: 0,
             limit_names: config.rate_limits.iter().map(|l| l.name.clone()).collect(),
             cache: [0; CacheOutcome::ALL.len()],
             cache_enabled: config.cache.is_some(),
@@ -249,6 +252,7 @@ impl Aggregate {
             self.rejections[i] += n;
         }
         self.access_log_dropped += s.access_log_dropped;
+        self.identity_headers_dropped += s.identity_headers_dropped;
         for (i, n) in s.cache.iter().enumerate() {
             self.cache[i] += n;
         }

@@ -180,6 +180,7 @@ pub struct WorkerMetrics {
     requests: u64,
     rejections: [u64; Reject::ALL.len()],
     access_log_dropped: u64,
+    identity_headers_dropped: u64,
     cache: [u64; CacheOutcome::ALL.len()],
 }
 
@@ -241,6 +242,7 @@ impl Default for WorkerMetrics {
             requests: 0,
             rejections: [0; Reject::ALL.len()],
             access_log_dropped: 0,
+            identity_headers_dropped: 0,
             cache: [0; CacheOutcome::ALL.len()],
         }
     }
@@ -271,6 +273,10 @@ impl WorkerMetrics {
         self.cache[outcome as usize] += 1;
     }
 
+    pub fn record_identity_headers_dropped(&mut self, n: u32) {
+        self.identity_headers_dropped += u64::from(n);
+    }
+
     pub fn record_access_log_dropped(&mut self, lines: u64) {
         self.access_log_dropped += lines;
     }
@@ -292,6 +298,7 @@ impl WorkerMetrics {
             requests: std::mem::take(&mut self.requests),
             rejections: std::mem::take(&mut self.rejections),
             access_log_dropped: std::mem::take(&mut self.access_log_dropped),
+            identity_headers_dropped: std::mem::take(&mut self.identity_headers_dropped),
             unrouted: self.unrouted.delta(None),
             gens,
             gauges,
@@ -470,6 +477,7 @@ pub struct Snapshot {
     pub requests: u64,
     pub rejections: [u64; Reject::ALL.len()],
     pub access_log_dropped: u64,
+    pub identity_headers_dropped: u64,
     /// Requests that matched no route.
     pub unrouted: Option<RouteDelta>,
     /// Per generation the worker still has requests on: figures by its config's ids.

@@ -372,6 +372,17 @@ pub fn prometheus(agg: &Aggregate, process: &Process) -> String {
     );
     header(
         &mut out,
+        "ringway_identity_headers_dropped_total",
+        "counter",
+        "Client-sent copies of headers the gateway vouches for (X-Consumer, claim headers), removed.",
+    );
+    let _ = writeln!(
+        out,
+        "ringway_identity_headers_dropped_total {}",
+        agg.identity_headers_dropped
+    );
+    header(
+        &mut out,
         "process_resident_memory_bytes",
         "gauge",
         "Resident memory size in bytes.",

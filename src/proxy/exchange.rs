@@ -30,6 +30,8 @@ pub(crate) struct Exchange {
     /// `X-Forwarded-For` hop. What IP rules, rate limits, `${client_ip}` and the log see.
     pub client: IpAddr,
     pub client_ip: IpText,
+    /// The peer is in `trusted_proxies`: its forwarding headers are believed and kept.
+    pub peer_trusted: bool,
     /// What the connection's TLS negotiated; `None` on cleartext.
     pub tls: Option<TlsInfo>,
     /// Who the auth filter found the caller to be.
@@ -65,6 +67,7 @@ impl Exchange {
             peer_ip: IpText::new(peer.ip()),
             client: peer.ip(),
             client_ip: IpText::new(peer.ip()),
+            peer_trusted: false,
             tls,
             identity: None,
             route: None,
@@ -94,6 +97,7 @@ impl Exchange {
         }
         self.route = None;
         self.identity = None;
+        self.peer_trusted = false;
         self.log = RequestLog::new();
         self.extra.clear();
         self.up_edits.clear();
@@ -117,7 +121,8 @@ impl Exchange {
     pub fn resolve_client(&mut self, buf: &[u8], head: &RequestHead) {
         let trusted = &self.gen.trusted_proxies;
         let mut client = self.peer;
-        if any_contains(trusted, client) {
+        self.peer_trusted = any_contains(trusted, client);
+        if self.peer_trusted {
             let hops = head
                 .headers
                 .iter()
@@ -209,6 +214,8 @@ pub(crate) struct RequestLog {
     pub upstream_us: Option<u64>,
     pub bytes_in: u64,
     pub bytes_out: Cell<u64>,
+    /// Client-sent copies of headers the gateway vouches for, removed.
+    pub identity_dropped: u32,
     /// Set when the request was forwarded (or logged).
     pub trace: Option<Trace>,
 }
@@ -222,6 +229,7 @@ impl RequestLog {
             upstream_us: None,
             bytes_in: 0,
             bytes_out: Cell::new(0),
+            identity_dropped: 0,
             trace: None,
         }
     }

@@ -272,6 +272,8 @@ fn write_upstream_head<S: Io>(
             } else {
                 b"http"
             },
+            port: write::forwarded_port(head.host.map(|h| h.get(buf)), c.ex.tls.is_some()),
+            forwarded: c.ex.gen.forwarded_header,
             request_id: &c.ex.request_id,
             fallback_host: target_name,
             strip_prefix,

@@ -12,7 +12,7 @@ use super::{cached, forward, reply, Failure, Io, Next};
 use crate::config::RouteId;
 use crate::error::ProxyError;
 use crate::filter::{Flow, RequestInfo, RequestOut, RequestView};
-use crate::generation::{RouteEntry, Terminal};
+use crate::generation::{Generation, RouteEntry, Terminal};
 use crate::http::{BodyLength, RequestHead};
 use crate::metrics::CacheOutcome;
 use crate::router::RouteMatch;
@@ -23,12 +23,11 @@ pub(super) async fn run<S: Io>(c: &mut Session<'_, S>, w: &Rc<Worker>) -> Result
     // The request keeps its generation to the end, whatever the worker installs meanwhile.
     let gen = Rc::clone(&c.ex.gen);
     let buf = c.rbuf.data();
-    let head = &c.head;
     let found = gen.router.route(
         c.ex.listener,
-        head.host.map(|h| h.get(buf)),
-        head.path.get(buf),
-        head.method_span.get(buf),
+        c.head.host.map(|h| h.get(buf)),
+        c.head.path.get(buf),
+        c.head.method_span.get(buf),
     );
     let id = match found {
         RouteMatch::Found(id) => id,
@@ -39,6 +38,7 @@ pub(super) async fn run<S: Io>(c: &mut Session<'_, S>, w: &Rc<Worker>) -> Result
     };
     c.ex.route = Some(id);
     let route = gen.route(id);
+    drop_untrusted_headers(c, w, &gen, route);
     let info = request_info(
         c.rbuf.data(),
         &c.head,
@@ -139,6 +139,29 @@ pub(super) async fn run<S: Io>(c: &mut Session<'_, S>, w: &Rc<Worker>) -> Result
             cached::serve(c, w, route, &entry, outcome, false).await
         }
         Flow::Continue | Flow::Respond(_) => result,
+    }
+}
+
+/// The trust boundary: before any filter sees the request, the client's copies of the headers
+/// the gateway vouches for go (unless the listener or route trusts them), and so do the
+/// forwarding headers of a peer not in `trusted_proxies` (routing overrides from anyone). Free
+/// when the head has none: the parser flagged them.
+fn drop_untrusted_headers<S: Io>(
+    c: &mut Session<'_, S>,
+    w: &Worker,
+    gen: &Generation,
+    route: &RouteEntry,
+) {
+    let identity = c.head.identity && !gen.trusts_identity(c.ex.listener, route);
+    if !(identity || c.head.forwarding) {
+        return;
+    }
+    let dropped = c.head.drop_untrusted(identity, !c.ex.peer_trusted);
+    if dropped > 0 {
+        c.ex.log.identity_dropped = dropped;
+        w.metrics
+            .borrow_mut()
+            .record_identity_headers_dropped(dropped);
     }
 }
 

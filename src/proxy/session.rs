@@ -121,10 +121,16 @@ async fn serve_request<S: Io>(c: &mut Session<'_, S>, w: &Rc<Worker>) -> Next {
         return Next::Close;
     }
     let ready = read_request_head(c, w).await;
+    let parsed_on = Rc::clone(&c.ex.gen);
     if !c.ex.reset(w.generation()) {
         // Its listener was removed while this request arrived: the last on this connection.
         c.head.keep_alive = false;
     }
+    if !Rc::ptr_eq(&parsed_on, &c.ex.gen) {
+        // Parsed with the previous config's vouched headers: classify with this one's.
+        c.head.mark_vouched(c.rbuf.data(), &c.ex.gen.vouched);
+    }
+    drop(parsed_on);
     let next = match ready {
         HeadRead::Ready => {
             let _inflight = w.begin_request();
@@ -253,6 +259,7 @@ fn finish<S: Io>(c: &mut Session<'_, S>, w: &Worker) {
         normalized_path: ex.log_text.part(4),
         tls: ex.tls.as_ref(),
         consumer: ex.identity.as_ref().map(|i| i.name(&ex.gen.consumers)),
+        identity_dropped: ex.log.identity_dropped,
     });
     if dropped > 0 {
         w.metrics.borrow_mut().record_access_log_dropped(dropped);
@@ -272,7 +279,8 @@ async fn read_request_head<S: Io>(c: &mut Session<'_, S>, w: &Worker) -> HeadRea
     let mut deadline: Option<Instant> = None;
     loop {
         if !c.rbuf.is_empty() {
-            match parse_request(c.rbuf.data(), &w.parse_limits, &mut c.head) {
+            let vouched = &c.ex.gen.vouched;
+            match parse_request(c.rbuf.data(), &w.parse_limits, vouched, &mut c.head) {
                 Ok(true) => return normalize_path(c, w),
                 Ok(false) => {}
                 Err(e) => {
