@@ -57,6 +57,7 @@ fn jwt(c: &mut Criterion) {
     let (set, _) = KeySet::parse(jwks(&keys.iter().collect::<Vec<_>>()).as_bytes()).expect("jwks");
     let set = Arc::new(set);
     let settings = JwtSettings {
+        provider: "bench".into(),
         realm: "bench".into(),
         issuer: Some("https://idp.example.com/".into()),
         audiences: vec!["orders-api".into()],
@@ -136,6 +137,7 @@ fn jwt(c: &mut Criterion) {
 
 fn clone(v: &ringway::auth::jwt::Verified) -> ringway::auth::jwt::Verified {
     ringway::auth::jwt::Verified {
+        provider: v.provider.clone(),
         consumer: v.consumer,
         subject: v.subject.clone(),
         lines: v.lines.clone(),

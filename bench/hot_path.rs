@@ -166,11 +166,13 @@ fn cache_entry(target: &str) -> ringway::cache::Entry {
     use std::time::{Duration, Instant};
     Entry {
         url: url_hash(b"api.example.com", target.as_bytes()),
-        variant: variant_hash(std::iter::empty(), |_| std::iter::empty()),
+        variant: variant_hash(0, std::iter::empty(), |_| std::iter::empty()),
         vary: Vec::new(),
         target: target.as_bytes().into(),
         host: b"api.example.com"[..].into(),
         request_headers: Box::default(),
+        replay: Box::default(),
+        authorized: false,
         status: 200,
         reason: b"OK"[..].into(),
         head: bytes::Bytes::from_static(b"content-type: application/json\r\n"),
@@ -214,7 +216,7 @@ fn cache_lookup(c: &mut Criterion) {
     let lookup = |cache: &WorkerCache, target: &str| {
         let url = url_hash(black_box(b"api.example.com:8080"), target.as_bytes());
         let entry = cache.get(url, |e| {
-            variant_hash(e.vary.iter().map(|n| &n[..]), |_| std::iter::empty())
+            variant_hash(0, e.vary.iter().map(|n| &n[..]), |_| std::iter::empty())
         });
         entry.is_some_and(|e| e.is_fresh(Instant::now()))
     };

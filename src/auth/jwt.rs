@@ -177,6 +177,8 @@ fn key(entry: &Value) -> Result<Key, String> {
 /// What a verified token tells the gateway, kept in the cache and carried by the exchange.
 #[derive(Debug)]
 pub struct Verified {
+    /// The provider that verified it: a subject names someone only within its provider.
+    pub provider: Rc<str>,
     /// The `[[consumers]]` entry `consumer_claim` named.
     pub consumer: Option<ConsumerId>,
     /// `sub`, or empty.
@@ -207,6 +209,7 @@ type ClaimHeader = (Box<[u8]>, Box<[String]>);
 
 /// A provider's checks, built once per generation.
 pub struct Checker {
+    provider: Rc<str>,
     /// One per allowed algorithm: jsonwebtoken wants a validation's algorithms to be of the
     /// key's family, and the token's `alg` picks its own.
     validations: Box<[Validation]>,
@@ -237,6 +240,7 @@ impl Checker {
         };
         let path = |p: &str| p.split('.').map(str::to_owned).collect::<Box<[String]>>();
         Checker {
+            provider: s.provider.as_str().into(),
             validations: s.algorithms.iter().map(|&a| validation(a)).collect(),
             leeway: s.leeway_s,
             hs_secret: s
@@ -319,6 +323,7 @@ impl Checker {
             Some(_) => return Err(Failure::Invalid("sub is not a string")),
         };
         Ok(Verified {
+            provider: Rc::clone(&self.provider),
             consumer,
             subject: subject.into(),
             lines: lines.into(),
@@ -527,6 +532,7 @@ mod tests {
     fn the_token_cache_holds_a_token_for_its_keys_and_lifetime() {
         let settings = JwtSettings {
             realm: "r".into(),
+            provider: "p".into(),
             issuer: None,
             audiences: Vec::new(),
             algorithms: vec![Algorithm::ES256],
@@ -539,6 +545,7 @@ mod tests {
         let checker = Checker::new(&settings);
         let verified = || {
             Rc::new(Verified {
+                provider: "p".into(),
                 consumer: None,
                 subject: "s".into(),
                 lines: Box::default(),

@@ -39,7 +39,9 @@ use crate::hash::stable_hasher;
 pub struct Entry {
     /// Hash of host and request-target: what an unsafe request invalidates.
     pub url: u64,
-    /// Hash of the request's values for the route's `key_headers` and the response's `Vary`.
+    /// Hash of the request's partition (see `filter::cache`: scheme, port, and on a
+    /// per-consumer route the identity) and its values for the route's `key_headers` and the
+    /// response's `Vary`.
     pub variant: u64,
     /// Lower-cased names of the request headers the variant depends on.
     pub vary: Vec<Box<[u8]>>,
@@ -48,6 +50,12 @@ pub struct Entry {
     /// The request's Host, and its header lines the variant depends on: for revalidating.
     pub host: Box<[u8]>,
     pub request_headers: Box<[u8]>,
+    /// What the gateway told the upstream about the request that stored it (forwarding and
+    /// identity lines): a background revalidation sends the same, never another consumer's.
+    pub replay: Box<[u8]>,
+    /// Stored for a request with credentials, shared across consumers: RFC 9111 §3.5 decides
+    /// whether a new representation from a revalidation may replace it.
+    pub authorized: bool,
     pub status: u16,
     pub reason: Box<[u8]>,
     /// The response's header lines as they are replayed (no framing, hop-by-hop, Age).
@@ -73,7 +81,12 @@ pub struct Entry {
 impl Entry {
     /// Bytes this entry accounts for.
     pub fn size(&self) -> usize {
-        self.body.len() + self.head.len() + self.target.len() + self.request_headers.len() + 256
+        self.body.len()
+            + self.head.len()
+            + self.target.len()
+            + self.request_headers.len()
+            + self.replay.len()
+            + 256
     }
 
     /// Its age now (RFC 9111 §4.2.3, with the arrival time standing in for the request's).
@@ -111,15 +124,17 @@ pub fn url_hash(host: &[u8], target: &[u8]) -> u64 {
     h.finish()
 }
 
-/// Hash of the request's values for `names` (each lower-cased), normalised as RFC 9111 §4.1
-/// allows: every line of a field, split into list items without the whitespace around them, so
+/// Hash of `partition` and the request's values for `names` (each lower-cased), normalised as
+/// RFC 9111 §4.1 allows: every line of a field, split into list items without the whitespace around them, so
 /// that `a,b`, `a, b` and two lines `a` and `b` are one variant; the values of fields whose
 /// values are case-insensitive compared without case. Missing fields count as empty.
 pub fn variant_hash<'a, I: Iterator<Item = &'a [u8]>>(
+    partition: u64,
     names: impl Iterator<Item = &'a [u8]>,
     values_of: impl Fn(&'a [u8]) -> I,
 ) -> u64 {
     let mut h = stable_hasher();
+    h.write_u64(partition);
     for name in names {
         h.write(name);
         h.write_u8(b':');

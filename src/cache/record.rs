@@ -163,6 +163,12 @@ pub type HeaderValue = (Box<[u8]>, Box<[u8]>);
 /// The request's facts a stored entry keeps, read before the head's buffer is reused.
 pub struct Request {
     pub url: u64,
+    /// The key's part that is neither URL nor header values (`filter::cache::partition`).
+    pub partition: u64,
+    /// What the gateway sends upstream about the request (forwarding, identity lines).
+    pub replay: Box<[u8]>,
+    /// The request had credentials, and the entry is shared across consumers (§3.5).
+    pub authorized: bool,
     pub variant_names: Vec<Box<[u8]>>,
     pub host: Box<[u8]>,
     pub target: Box<[u8]>,
@@ -180,9 +186,8 @@ impl Request {
     }
 
     pub fn variant(&self, vary: &[Box<[u8]>]) -> u64 {
-        variant_hash(self.variant_names.iter().chain(vary).map(|n| &n[..]), |n| {
-            self.values(n)
-        })
+        let names = self.variant_names.iter().chain(vary).map(|n| &n[..]);
+        variant_hash(self.partition, names, |n| self.values(n))
     }
 }
 
@@ -222,6 +227,8 @@ pub fn new_entry(
         target: request.target.clone(),
         host: request.host.clone(),
         request_headers: request_headers.into(),
+        replay: request.replay.clone(),
+        authorized: request.authorized,
         status: rec.status,
         reason: rec.reason,
         head: Bytes::from(rec.head),
@@ -315,6 +322,8 @@ fn clone_entry(e: &Entry) -> Entry {
         target: e.target.clone(),
         host: e.host.clone(),
         request_headers: e.request_headers.clone(),
+        replay: e.replay.clone(),
+        authorized: e.authorized,
         status: e.status,
         reason: e.reason.clone(),
         head: e.head.clone(),

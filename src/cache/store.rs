@@ -257,6 +257,8 @@ pub(super) mod tests {
             target: format!("/u{url}").into_bytes().into(),
             host: Box::default(),
             request_headers: Box::default(),
+            replay: Box::default(),
+            authorized: false,
             status: 200,
             reason: Box::default(),
             head: Bytes::new(),

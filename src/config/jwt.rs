@@ -34,6 +34,8 @@ pub struct SecretFile {
 /// A JWT provider's settings.
 #[derive(Debug, Clone)]
 pub struct JwtSettings {
+    /// The provider's name: the namespace its tokens' subjects are in.
+    pub provider: String,
     pub realm: String,
     pub issuer: Option<String>,
     pub audiences: Vec<String>,
@@ -192,6 +194,7 @@ impl Validator<'_> {
             }
         }
         Ok(JwtSettings {
+            provider: name.to_owned(),
             realm: self.realm(a, key, name)?,
             issuer: a.issuer.as_ref().map(|i| i.get_ref().clone()),
             audiences: a

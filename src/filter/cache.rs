@@ -9,21 +9,31 @@
 //! without `cache` while `[cache]` is on, and `Cache` for unsafe methods: an unsafe request
 //! whose response head is not an error invalidates its URL (and its `Location` /
 //! `Content-Location`) on every worker before the head goes to the client.
+//!
+//! The key is the URL, a partition and the variant headers. The partition holds what the
+//! upstream hears about the request beyond its own headers: where the client addressed it
+//! (scheme, port), and on a route with `auth` who is calling, so that a response the gateway
+//! fetched for one consumer (whose identity it sent as `X-Consumer`) never answers another.
 
 use std::cell::{Cell, RefCell};
+use std::hash::Hasher;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
 use super::{Ctx, Flow, RequestInfo};
+use crate::auth::{Consumers, Identity};
 use crate::body::Tee;
 use crate::cache::policy::{self, CacheControl, Implicit};
 use crate::cache::record::{add_validators, new_entry, refreshed, Recorded, Request};
 use crate::cache::{url_hash, variant_hash, Entry, WorkerCache};
 use crate::config::RouteCache;
 use crate::error::ProxyError;
-use crate::http::{BodyLength, HeaderEdits, Method, RequestHead, ResponseHead};
+use crate::hash::stable_hasher;
+use crate::http::write::forwarded_port;
+use crate::http::{BodyLength, HeaderEdits, HeaderKind, Method, RequestHead, ResponseHead};
 use crate::metrics::CacheOutcome;
 
 /// How long a miss waits for another request's fetch of the same key before making its own.
@@ -34,6 +44,62 @@ pub struct Cache {
     /// The longest wait for another request's fetch: `COALESCE_WAIT`, or less when the
     /// upstream's `request_timeout` is shorter.
     coalesce_wait: Duration,
+    /// The route authenticates and keys entries by consumer (`per_consumer`, the default).
+    per_consumer: bool,
+    /// The route authenticates and shares entries across consumers: only what RFC 9111 §3.5
+    /// lets a shared cache store for an authenticated request is stored.
+    shared_authenticated: bool,
+    consumers: Rc<Consumers>,
+}
+
+/// What the gateway tells the upstream about the request as it arrived: the scheme, host and
+/// port the client addressed (a trusted proxy's `X-Forwarded-*` values where it sent them).
+/// The upstream may build its answer from them without a `Vary`, so they are in the key.
+struct Addressed<'a> {
+    proto: &'a [u8],
+    host: &'a [u8],
+    port: &'a [u8],
+    /// `host` is a trusted proxy's `X-Forwarded-Host` (else the Host, already in the URL key).
+    forwarded_host: bool,
+}
+
+/// How a request is keyed beyond its URL and header values.
+#[derive(Clone, Copy)]
+struct Keyed {
+    /// Hash of what the upstream hears about the request besides its own headers: where the
+    /// client addressed it, and on a per-consumer route who is calling.
+    partition: u64,
+    /// RFC 9111 §3.5 applies: the request carried credentials and the entry is shared.
+    authorized: bool,
+}
+
+impl<'a> Addressed<'a> {
+    fn of(req: &RequestInfo<'a>) -> Addressed<'a> {
+        let tls = req.tls.is_some();
+        let head = req.view.head;
+        let mut a = Addressed {
+            proto: if tls { b"https" } else { b"http" },
+            host: req.view.host(),
+            port: forwarded_port(head.host.map(|h| h.get(req.view.buf)), tls),
+            forwarded_host: false,
+        };
+        // Only a trusted peer's forwarding headers are left (the parser flagged any).
+        if head.forwarding {
+            for h in &head.headers {
+                let slot = match h.kind {
+                    HeaderKind::XForwardedProto => &mut a.proto,
+                    HeaderKind::XForwardedHost => {
+                        a.forwarded_host = true;
+                        &mut a.host
+                    }
+                    HeaderKind::XForwardedPort => &mut a.port,
+                    _ => continue,
+                };
+                *slot = h.value.get(req.view.buf);
+            }
+        }
+        a
+    }
 }
 
 /// What the cache phases keep about one request that went upstream.
@@ -217,10 +283,32 @@ pub fn header_values<'a>(
 }
 
 /// The request's facts a stored entry keeps, read before the head's buffer is reused.
-fn request_facts(req: &RequestInfo<'_>, url: u64, key_headers: &[String]) -> Request {
+fn request_facts(
+    req: &RequestInfo<'_>,
+    url: u64,
+    key_headers: &[String],
+    keyed: Keyed,
+    who: Option<(&str, &Identity)>,
+) -> Request {
     let (buf, head) = (req.view.buf, req.view.head);
+    let a = Addressed::of(req);
+    let mut replay = Vec::with_capacity(128);
+    for (name, value) in [
+        (&b"x-forwarded-proto"[..], a.proto),
+        (b"x-forwarded-host", a.host),
+        (b"x-forwarded-port", a.port),
+    ] {
+        crate::http::write::field(&mut replay, name, value);
+    }
+    if let Some((name, identity)) = who {
+        crate::http::write::field(&mut replay, b"x-consumer", name.as_bytes());
+        replay.extend_from_slice(identity.lines());
+    }
     Request {
         url,
+        partition: keyed.partition,
+        replay: replay.into(),
+        authorized: keyed.authorized,
         variant_names: key_headers.iter().map(|h| h.as_bytes().into()).collect(),
         host: req.view.host().into(),
         target: origin_target(req).into(),
@@ -267,11 +355,66 @@ fn asked(req: &RequestInfo<'_>) -> Asked {
 }
 
 impl Cache {
-    pub fn new(policy: &RouteCache, request_timeout: Duration) -> Cache {
+    /// `authenticated`: the route has `auth`, so every request that reaches the cache has an
+    /// identity.
+    pub fn new(
+        policy: &RouteCache,
+        request_timeout: Duration,
+        authenticated: bool,
+        consumers: &Rc<Consumers>,
+    ) -> Cache {
         Cache {
             policy: policy.clone(),
             coalesce_wait: COALESCE_WAIT.min(request_timeout),
+            per_consumer: authenticated && policy.per_consumer,
+            shared_authenticated: authenticated && !policy.per_consumer,
+            consumers: Rc::clone(consumers),
         }
+    }
+
+    /// The request's partition of the key. On a per-consumer route, the caller: a consumer by
+    /// name (stable across reloads, unlike its id), or a token's provider and subject; with
+    /// the claim lines sent upstream. `None`: a caller with no name to key by (a token
+    /// without `sub` and no consumer), which is not cached.
+    fn keyed(
+        &self,
+        req: &RequestInfo<'_>,
+        asked: &Asked,
+        identity: Option<&Identity>,
+    ) -> Option<Keyed> {
+        let a = Addressed::of(req);
+        let mut h = stable_hasher();
+        h.write(a.proto);
+        h.write_u8(b' ');
+        h.write(a.port);
+        if a.forwarded_host {
+            h.write_u8(b' ');
+            h.write(a.host);
+        }
+        if !self.per_consumer {
+            return Some(Keyed {
+                partition: h.finish(),
+                authorized: asked.authorized || self.shared_authenticated,
+            });
+        }
+        let who = identity?;
+        h.write_u8(b'\n');
+        match (who, who.consumer()) {
+            (_, Some(id)) => h.write(self.consumers.name(id).as_bytes()),
+            (Identity::Token(v), None) if !v.subject.is_empty() => {
+                h.write(v.provider.as_bytes());
+                h.write_u8(b' ');
+                h.write(v.subject.as_bytes());
+            }
+            _ => return None,
+        }
+        h.write_u8(b'\n');
+        h.write(who.lines());
+        // The consumer's own entries are private to it: §3.5 does not hold them back.
+        Some(Keyed {
+            partition: h.finish(),
+            authorized: false,
+        })
     }
 
     pub async fn on_request(
@@ -280,6 +423,7 @@ impl Cache {
         req: &RequestInfo<'_>,
         lines: &mut Vec<u8>,
         slot: &mut Option<CacheSlot>,
+        identity: Option<&Identity>,
     ) -> Result<Flow, ProxyError> {
         let Some(cache) = cx.cache else {
             return Ok(Flow::Continue);
@@ -290,21 +434,25 @@ impl Cache {
         let directives = policy::request_directives(&asked.cc);
         let eligible =
             matches!(method, Method::Get | Method::Head) && head.body == BodyLength::None;
-        if !eligible || directives.no_store {
+        let keyed = self
+            .keyed(req, &asked, identity)
+            .filter(|_| eligible && !directives.no_store);
+        let Some(keyed) = keyed else {
             lines.extend_from_slice(b"x-cache: BYPASS\r\n");
             cx.metrics.borrow_mut().record_cache(CacheOutcome::Bypass);
             if !method.is_safe() {
                 *slot = Some(CacheSlot::invalidating(req));
             }
             return Ok(Flow::Continue);
-        }
-
+        };
         let url = url_hash(req.view.host(), origin_target(req));
         let variant_of = |vary: &[Box<[u8]>]| {
             let names = self.policy.key_headers.iter().map(String::as_bytes);
-            variant_hash(names.chain(vary.iter().map(|n| &n[..])), |n| {
-                header_values(req.view.buf, head, n)
-            })
+            variant_hash(
+                keyed.partition,
+                names.chain(vary.iter().map(|n| &n[..])),
+                |n| header_values(req.view.buf, head, n),
+            )
         };
         let now = Instant::now();
         let found = cache.get(url, |e| variant_of(&e.vary));
@@ -338,11 +486,12 @@ impl Cache {
                 }
             }
         }
+        let who = identity.map(|i| (i.name(&self.consumers), i));
         let mut exchange = CacheExchange::new((method == Method::Get).then(|| Capture {
-            request: request_facts(req, url, &self.policy.key_headers),
+            request: request_facts(req, url, &self.policy.key_headers, keyed, who),
             tee: RefCell::new(Tee::new(cache.settings.max_entry_bytes)),
             recorded: RefCell::new(None),
-            authorized: asked.authorized,
+            authorized: keyed.authorized,
             implicit: self.policy.implicit,
             max_entry: cache.settings.max_entry_bytes,
         }));

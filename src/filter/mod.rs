@@ -255,7 +255,13 @@ impl Chain {
         match (&route.cache, &route.action) {
             (Some(policy), RouteAction::Proxy(up)) => {
                 let timeout = config.upstreams[usize::from(up.0)].request_timeout;
-                filters.push(Filter::Cache(Cache::new(policy, timeout)));
+                let authenticated = !route.auth.is_empty();
+                filters.push(Filter::Cache(Cache::new(
+                    policy,
+                    timeout,
+                    authenticated,
+                    consumers,
+                )));
             }
             (None, RouteAction::Proxy(_)) if config.cache.is_some() => {
                 filters.push(Filter::Invalidate);
@@ -321,7 +327,10 @@ impl Chain {
     ) -> Result<Flow, ProxyError> {
         for f in self.filters.iter() {
             match f {
-                Filter::Cache(c) => return c.on_request(cx, req, out.lines, out.cache).await,
+                Filter::Cache(c) => {
+                    let identity = out.identity.as_ref();
+                    return c.on_request(cx, req, out.lines, out.cache, identity).await;
+                }
                 Filter::Cors(c) => {
                     if let Some(flow) = c.on_request(req, out.lines) {
                         return Ok(flow);

@@ -278,6 +278,7 @@ async fn background_fetch(
     let Some(cache) = &w.cache else { return Ok(()) };
     let mut headers = Vec::with_capacity(256);
     headers.extend_from_slice(&entry.request_headers);
+    headers.extend_from_slice(&entry.replay);
     add_validators(&mut headers, entry);
     headers.extend_from_slice(b"x-cache-revalidation: 1\r\n");
     let request = client::Request {
@@ -295,11 +296,14 @@ async fn background_fetch(
     }
     // A new representation: store it if it is storable and was small enough to fetch whole.
     let Some(body) = resp.body else { return Ok(()) };
-    if !policy::storable(&rec.facts(false)) {
+    if !policy::storable(&rec.facts(entry.authorized)) {
         return Ok(());
     }
     let request = Request {
         url: entry.url,
+        partition: 0,
+        replay: entry.replay.clone(),
+        authorized: entry.authorized,
         variant_names: Vec::new(),
         host: entry.host.clone(),
         target: entry.target.clone(),
