@@ -385,3 +385,33 @@ fn on_a_tls_listener_the_gateway_says_https_and_its_port() {
         ]
     );
 }
+
+#[test]
+fn a_reload_that_vouches_for_a_new_header_removes_it_on_a_connection_already_open() {
+    use std::io::Write;
+    let up = Upstream::start(|_| Reply::ok("ok"));
+    let before = format!(
+        "[admin]\naddress = \"127.0.0.1:0\"\n{}",
+        proxy_config(&[up.addr], "", "")
+    );
+    let gw = Gateway::start(&before);
+    let mut c = ResponseReader::new(connect(gw.addr("public")));
+    let forged = b"GET /x HTTP/1.1\r\nHost: h\r\nX-Tenant: t-9\r\n\r\n";
+    c.stream.write_all(forged).unwrap();
+    assert_eq!(c.read_response(false).unwrap().status, 200);
+    // The new config's provider sends X-Tenant: from now on the gateway vouches for it.
+    std::fs::write(gw.config_path.with_file_name("secret"), HS_SECRET).unwrap();
+    gw.rewrite_config(&format!(
+        "{before}\n[[auth]]\nname = \"idp\"\ntype = \"jwt\"\nalgorithms = [\"HS256\"]\nsecret = {{ file = \"secret\" }}\nclaims_to_headers = {{ \"x-tenant\" = \"tenant\" }}\n"
+    ));
+    assert_eq!(gw.reload().status, 200);
+    c.stream.write_all(forged).unwrap();
+    assert_eq!(c.read_response(false).unwrap().status, 200);
+    let got = up.wait_for(2);
+    assert_eq!(
+        got[0].header("x-tenant"),
+        Some("t-9"),
+        "not vouched for yet"
+    );
+    assert!(got[1].header("x-tenant").is_none(), "{}", got[1].head);
+}

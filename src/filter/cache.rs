@@ -315,6 +315,7 @@ fn request_facts(
         headers: head
             .headers
             .iter()
+            .filter(|h| h.kind != HeaderKind::Dropped)
             .map(|h| {
                 (
                     h.name.get(buf).to_ascii_lowercase().into(),

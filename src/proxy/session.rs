@@ -121,16 +121,16 @@ async fn serve_request<S: Io>(c: &mut Session<'_, S>, w: &Rc<Worker>) -> Next {
         return Next::Close;
     }
     let ready = read_request_head(c, w).await;
-    let parsed_on = Rc::clone(&c.ex.gen);
+    // Both generations are alive while `reset` swaps them, so their addresses differ.
+    let parsed_on = Rc::as_ptr(&c.ex.gen);
     if !c.ex.reset(w.generation()) {
         // Its listener was removed while this request arrived: the last on this connection.
         c.head.keep_alive = false;
     }
-    if !Rc::ptr_eq(&parsed_on, &c.ex.gen) {
+    if matches!(ready, HeadRead::Ready) && !std::ptr::eq(parsed_on, Rc::as_ptr(&c.ex.gen)) {
         // Parsed with the previous config's vouched headers: classify with this one's.
         c.head.mark_vouched(c.rbuf.data(), &c.ex.gen.vouched);
     }
-    drop(parsed_on);
     let next = match ready {
         HeadRead::Ready => {
             let _inflight = w.begin_request();
