@@ -6,6 +6,8 @@
 
 use std::ops::Range;
 
+use super::hex;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChunkError {
     InvalidSize,
@@ -220,15 +222,6 @@ impl ChunkedDecoder {
             return Err(ChunkError::TrailersTooLarge);
         }
         Ok(())
-    }
-}
-
-fn hex(b: u8) -> Option<u8> {
-    match b {
-        b'0'..=b'9' => Some(b - b'0'),
-        b'a'..=b'f' => Some(b - b'a' + 10),
-        b'A'..=b'F' => Some(b - b'A' + 10),
-        _ => None,
     }
 }
 

@@ -243,6 +243,16 @@ fn matches_lowercase(name: &[u8], lower: &[u8]) -> bool {
         })
 }
 
+/// The value of an ASCII hex digit.
+pub(crate) fn hex(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
+}
+
 /// RFC 9110 `token`.
 pub fn is_token(s: &[u8]) -> bool {
     !s.is_empty()

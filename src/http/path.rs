@@ -12,7 +12,7 @@
 //!
 //! The common path needs nothing: one scan finds no `%`, `\`, `#`, `/.` or `//`.
 
-use super::{RequestHead, Span};
+use super::{hex, RequestHead, Span};
 
 /// What an encoded slash or backslash (`%2F`, `%5C`) in a path does.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -242,15 +242,6 @@ fn decode_one(
     }
 }
 
-fn hex(b: u8) -> Option<u8> {
-    match b {
-        b'0'..=b'9' => Some(b - b'0'),
-        b'a'..=b'f' => Some(b - b'a' + 10),
-        b'A'..=b'F' => Some(b - b'A' + 10),
-        _ => None,
-    }
-}
-
 /// RFC 3986 §2.3.
 fn unreserved(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
@@ -272,17 +263,16 @@ mod tests {
     use super::*;
     use crate::http::{parse_request, NameSet, ParseLimits};
 
-    fn norm(path: &str, slashes: EncodedSlashes) -> Result<String, PathError> {
-        let raw = format!("GET {path} HTTP/1.1\r\nHost: h\r\n\r\n");
-        let mut buf = raw.into_bytes();
+    fn parsed(raw: String) -> (Vec<u8>, RequestHead) {
+        let buf = raw.into_bytes();
         let mut head = RequestHead::default();
-        assert!(parse_request(
-            &buf,
-            &ParseLimits::default(),
-            &NameSet::default(),
-            &mut head
-        )
-        .unwrap());
+        let limits = ParseLimits::default();
+        assert!(parse_request(&buf, &limits, &NameSet::default(), &mut head).unwrap());
+        (buf, head)
+    }
+
+    fn norm(path: &str, slashes: EncodedSlashes) -> Result<String, PathError> {
+        let (mut buf, mut head) = parsed(format!("GET {path} HTTP/1.1\r\nHost: h\r\n\r\n"));
         normalize(&mut buf, &mut head, slashes)?;
         assert_eq!(head.path.get(&buf), head.target.get(&buf));
         Ok(String::from_utf8(head.path.get(&buf).to_vec()).unwrap())
@@ -389,15 +379,8 @@ mod tests {
 
     #[test]
     fn absolute_form_paths_are_normalized_too() {
-        let mut buf = b"GET http://h/a/../%62?q HTTP/1.1\r\nHost: h\r\n\r\n".to_vec();
-        let mut head = RequestHead::default();
-        assert!(parse_request(
-            &buf,
-            &ParseLimits::default(),
-            &NameSet::default(),
-            &mut head
-        )
-        .unwrap());
+        let (mut buf, mut head) =
+            parsed("GET http://h/a/../%62?q HTTP/1.1\r\nHost: h\r\n\r\n".into());
         assert!(normalize(&mut buf, &mut head, EncodedSlashes::Reject).unwrap());
         assert_eq!(head.path.get(&buf), b"/b?q");
         assert_eq!(head.target.get(&buf), b"http://h/b?q");
