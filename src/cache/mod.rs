@@ -111,14 +111,17 @@ impl Entry {
     }
 }
 
-/// Hash of a URL: lower-cased host without port, and the request-target.
+/// Hash of a URL: the lower-cased authority (host and port, as the Host field gave them: the
+/// upstream hears it as `X-Forwarded-Host` and `X-Forwarded-Port`) and the request-target.
 pub fn url_hash(host: &[u8], target: &[u8]) -> u64 {
-    let host = match host.iter().position(|&b| b == b':') {
-        Some(colon) if host.first() != Some(&b'[') => &host[..colon],
-        _ => host,
-    };
     let mut h = stable_hasher();
-    write_lowercase(&mut h, host);
+    // Only the name has letters to fold; a port is digits.
+    let (name, port) = match host.iter().position(|&b| b == b':') {
+        Some(colon) if host.first() != Some(&b'[') => host.split_at(colon),
+        _ => (host, &b""[..]),
+    };
+    write_lowercase(&mut h, name);
+    h.write(port);
     h.write_u8(b' ');
     h.write(target);
     h.finish()

@@ -71,8 +71,8 @@ pub struct Config {
     pub trusted_proxies: Vec<Cidr>,
     /// `[clients] forwarded`: also send an RFC 7239 `Forwarded` element upstream.
     pub forwarded_header: bool,
-    /// The request headers the gateway vouches for, lower-case (see `trust`): removed from
-    /// every client request, set only by the gateway.
+    /// The request headers the gateway vouches for besides `X-Consumer`, lower-case (see
+    /// `trust`): removed from every client request, set only by the gateway.
     pub identity_headers: Vec<String>,
     /// Authentication providers, referenced by routes' `auth`.
     pub auth: Vec<AuthProvider>,

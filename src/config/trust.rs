@@ -4,14 +4,14 @@
 
 use super::{AuthKind, AuthProvider, Route, TemplatePart};
 
-/// `X-Consumer` always; every JWT provider's `claims_to_headers` target; and every header a
-/// route's request transform fills from `${consumer}`, `${client_ip}` or a `${tls_*}`
-/// variable. Lower-case, each once.
+/// Besides `X-Consumer`, which the codec always knows as one: every JWT provider's
+/// `claims_to_headers` target, and every header a route's request transform fills from
+/// `${consumer}`, `${client_ip}` or a `${tls_*}` variable. Lower-case, each once.
 pub fn identity_headers(auth: &[AuthProvider], routes: &[Route]) -> Vec<String> {
-    let mut names = vec!["x-consumer".to_owned()];
+    let mut names: Vec<String> = Vec::new();
     let mut add = |name: &str| {
         let lower = name.to_ascii_lowercase();
-        if !names.contains(&lower) {
+        if lower != "x-consumer" && !names.contains(&lower) {
             names.push(lower);
         }
     };

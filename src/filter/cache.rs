@@ -59,8 +59,6 @@ struct Addressed<'a> {
     proto: &'a [u8],
     host: &'a [u8],
     port: &'a [u8],
-    /// `host` is a trusted proxy's `X-Forwarded-Host` (else the Host, already in the URL key).
-    forwarded_host: bool,
 }
 
 /// How a request is keyed beyond its URL and header values.
@@ -74,24 +72,27 @@ struct Keyed {
 }
 
 impl<'a> Addressed<'a> {
-    fn of(req: &RequestInfo<'a>) -> Addressed<'a> {
+    /// What the connection and the Host say.
+    fn of_connection(req: &RequestInfo<'a>) -> Addressed<'a> {
         let tls = req.tls.is_some();
-        let head = req.view.head;
-        let mut a = Addressed {
+        let host = req.view.head.host.map(|h| h.get(req.view.buf));
+        Addressed {
             proto: if tls { b"https" } else { b"http" },
-            host: req.view.host(),
-            port: forwarded_port(head.host.map(|h| h.get(req.view.buf)), tls),
-            forwarded_host: false,
-        };
+            host: host.unwrap_or_default(),
+            port: forwarded_port(host, tls),
+        }
+    }
+
+    /// What the upstream hears: the connection's facts, or a trusted proxy's.
+    fn of(req: &RequestInfo<'a>) -> Addressed<'a> {
+        let head = req.view.head;
+        let mut a = Addressed::of_connection(req);
         // Only a trusted peer's forwarding headers are left (the parser flagged any).
         if head.forwarding {
             for h in &head.headers {
                 let slot = match h.kind {
                     HeaderKind::XForwardedProto => &mut a.proto,
-                    HeaderKind::XForwardedHost => {
-                        a.forwarded_host = true;
-                        &mut a.host
-                    }
+                    HeaderKind::XForwardedHost => &mut a.host,
                     HeaderKind::XForwardedPort => &mut a.port,
                     _ => continue,
                 };
@@ -99,6 +100,27 @@ impl<'a> Addressed<'a> {
             }
         }
         a
+    }
+
+    /// The key's partition for where the request was addressed. The URL key holds the Host
+    /// (whence the gateway's `X-Forwarded-Host` and `-Port`), so without a trusted proxy's
+    /// values it is the scheme alone, with no hashing: the common path.
+    fn partition(req: &RequestInfo<'_>) -> u64 {
+        let plain = u64::from(req.tls.is_some());
+        if !req.view.head.forwarding {
+            return plain;
+        }
+        let a = Addressed::of(req);
+        let own = Addressed::of_connection(req);
+        if (a.proto, a.host, a.port) == (own.proto, own.host, own.port) {
+            return plain;
+        }
+        let mut h = stable_hasher();
+        for part in [a.proto, a.host, a.port] {
+            h.write(part);
+            h.write_u8(b' ');
+        }
+        h.finish()
     }
 }
 
@@ -383,23 +405,16 @@ impl Cache {
         asked: &Asked,
         identity: Option<&Identity>,
     ) -> Option<Keyed> {
-        let a = Addressed::of(req);
-        let mut h = stable_hasher();
-        h.write(a.proto);
-        h.write_u8(b' ');
-        h.write(a.port);
-        if a.forwarded_host {
-            h.write_u8(b' ');
-            h.write(a.host);
-        }
+        let place = Addressed::partition(req);
         if !self.per_consumer {
             return Some(Keyed {
-                partition: h.finish(),
+                partition: place,
                 authorized: asked.authorized || self.shared_authenticated,
             });
         }
         let who = identity?;
-        h.write_u8(b'\n');
+        let mut h = stable_hasher();
+        h.write_u64(place);
         match (who, who.consumer()) {
             (_, Some(id)) => h.write(self.consumers.name(id).as_bytes()),
             (Identity::Token(v), None) if !v.subject.is_empty() => {

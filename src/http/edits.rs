@@ -46,12 +46,15 @@ impl NameSet {
     }
 
     /// Whether `name` (any case) is in the set. The length bit rules out most names without
-    /// comparing them.
-    #[inline]
+    /// comparing them (inlined: the parser asks for every header).
+    #[inline(always)]
     pub fn contains(&self, name: &[u8]) -> bool {
-        if self.lengths & (1 << (name.len() % 64)) == 0 {
-            return false;
-        }
+        self.lengths & (1 << (name.len() % 64)) != 0 && self.compare(name)
+    }
+
+    /// `contains` past the length bit: the names are compared.
+    #[inline(never)]
+    fn compare(&self, name: &[u8]) -> bool {
         let mut rest = &self.encoded[..];
         while let Some((&len, tail)) = rest.split_first() {
             let len = usize::from(len);

@@ -143,8 +143,8 @@ pub enum HeaderKind {
     RewriteUrl,
     XRequestId,
     TraceParent,
-    /// A header the gateway vouches for (the request parser's `vouched` set: `X-Consumer` and
-    /// the like), as the client sent it.
+    /// A header the gateway vouches for, as the client sent it: `X-Consumer`, or one of the
+    /// request parser's `vouched` set (claim headers and the like).
     Identity,
     /// Removed from the request before its filters ran: the writers leave it out and lookups
     /// do not find it (its name span is empty).
@@ -212,6 +212,7 @@ pub fn classify(name: &[u8]) -> HeaderKind {
         (9, b'x') if is("x-real-ip") => HeaderKind::XRealIp,
         (10, b'c') if is("connection") => HeaderKind::Connection,
         (10, b'k') if is("keep-alive") => HeaderKind::KeepAlive,
+        (10, b'x') if is("x-consumer") => HeaderKind::Identity,
         (11, b't') if is("traceparent") => HeaderKind::TraceParent,
         (12, b'x') if is("x-request-id") => HeaderKind::XRequestId,
         (13, b'x') if is("x-rewrite-url") => HeaderKind::RewriteUrl,

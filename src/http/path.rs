@@ -47,25 +47,31 @@ impl PathError {
     }
 }
 
-/// Bytes that may start something to normalize: `%`, `\`, `#`, and `.` or `/` after a `/`.
-/// `?` ends the path.
-#[inline]
-fn interesting(b: u8) -> bool {
-    matches!(b, b'%' | b'\\' | b'#' | b'.' | b'/' | b'?')
-}
+/// What a byte may start, for `needs_normalizing`: 1 something to normalize or refuse (`%`,
+/// `\`, `#`); 2 a dot segment or a repeated slash, after a `/` (`.`, `/`); 3 the query (`?`).
+static CLASS: [u8; 256] = {
+    let mut t = [0u8; 256];
+    t[b'%' as usize] = 1;
+    t[b'\\' as usize] = 1;
+    t[b'#' as usize] = 1;
+    t[b'.' as usize] = 2;
+    t[b'/' as usize] = 2;
+    t[b'?' as usize] = 3;
+    t
+};
 
 /// Whether `path` (the path and query as sent) may change when normalized: one scan of the
-/// path, up to its query.
+/// path, up to its query, that finds no `%`, `\`, `#`, `/.` or `//`.
 #[inline]
 pub fn needs_normalizing(path: &[u8]) -> bool {
     let mut prev = 0u8;
     for &b in path {
-        if interesting(b) {
-            match b {
-                b'?' => return false,
-                b'.' | b'/' if prev != b'/' => {}
-                _ => return true,
-            }
+        match CLASS[usize::from(b)] {
+            0 => {}
+            1 => return true,
+            2 if prev == b'/' => return true,
+            2 => {}
+            _ => return false,
         }
         prev = b;
     }

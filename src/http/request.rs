@@ -108,6 +108,9 @@ pub struct RequestHead {
     pub forwarding: bool,
     /// Some header is one the gateway vouches for (`HeaderKind::Identity`).
     pub identity: bool,
+    /// The path may change when normalized (`path::needs_normalizing`, found while the
+    /// target was checked).
+    pub unnormalized: bool,
 }
 
 impl RequestHead {
@@ -117,22 +120,18 @@ impl RequestHead {
         find_header(buf, &self.headers, name)
     }
 
-    /// Marks the headers named in `vouched` as `Identity` (and no others), for a head parsed
-    /// with another set: a request that moved to another generation's config.
+    /// Classifies the headers again with another `vouched` set, as `parse_request` would
+    /// have: for a request that moved to another generation's config.
     pub fn mark_vouched(&mut self, buf: &[u8], vouched: &NameSet) {
         self.identity = false;
         for h in &mut self.headers {
-            match h.kind {
-                HeaderKind::Identity | HeaderKind::Other => {
-                    let ours = vouched.contains(h.name.get(buf));
-                    h.kind = if ours {
-                        HeaderKind::Identity
-                    } else {
-                        HeaderKind::Other
-                    };
-                    self.identity |= ours;
-                }
-                _ => {}
+            if matches!(h.kind, HeaderKind::Identity | HeaderKind::Other) {
+                let name = h.name.get(buf);
+                h.kind = match classify(name) {
+                    HeaderKind::Other if vouched.contains(name) => HeaderKind::Identity,
+                    kind => kind,
+                };
+                self.identity |= h.kind == HeaderKind::Identity;
             }
         }
     }
@@ -157,6 +156,9 @@ impl RequestHead {
                 h.name.end = h.name.start;
             }
         }
+        // What is left is trusted (and flagged still, if any).
+        self.identity &= !identity;
+        self.forwarding &= !forwarding;
         dropped
     }
 }
@@ -181,12 +183,13 @@ impl Default for RequestHead {
             traceparent: None,
             forwarding: false,
             identity: false,
+            unnormalized: false,
         }
     }
 }
 
-/// Parses the request head at the start of `buf` into `head`, classifying the headers named in
-/// `vouched` as `Identity`. `Ok(false)` means the head is not complete yet; errors are final.
+/// Parses the request head at the start of `buf` into `head`, classifying `X-Consumer` and the
+/// headers named in `vouched` as `Identity`. `Ok(false)` means the head is not complete yet; errors are final.
 pub fn parse_request(
     buf: &[u8],
     limits: &ParseLimits,
@@ -268,9 +271,7 @@ pub fn parse_request(
         let mut kind = classify(name);
         if kind == HeaderKind::Other && vouched.contains(name) {
             kind = HeaderKind::Identity;
-            head.identity = true;
         }
-        head.forwarding |= kind.is_forwarding();
         let value_span = Span::of(buf, value);
         head.headers.push(Header {
             kind,
@@ -341,6 +342,16 @@ pub fn parse_request(
             {
                 head.request_id = Some(value_span);
             }
+            HeaderKind::Identity => head.identity = true,
+            HeaderKind::XForwardedFor
+            | HeaderKind::XForwardedProto
+            | HeaderKind::XForwardedHost
+            | HeaderKind::XForwardedPort
+            | HeaderKind::XForwardedPrefix
+            | HeaderKind::XForwardedOther
+            | HeaderKind::Forwarded
+            | HeaderKind::XRealIp
+            | HeaderKind::RewriteUrl => head.forwarding = true,
             _ => {}
         }
     }
@@ -400,6 +411,7 @@ fn parse_target(
     }
     if target.first() == Some(&b'/') {
         head.path = Span::of(buf, target);
+        head.unnormalized = super::path::needs_normalizing(target);
         return Ok(None);
     }
     if target == b"*" {
@@ -409,6 +421,7 @@ fn parse_target(
             ));
         }
         head.path = Span::of(buf, target);
+        head.unnormalized = false;
         return Ok(None);
     }
     let rest = strip_prefix_ignore_case(target, b"http://")
@@ -426,7 +439,9 @@ fn parse_target(
             "invalid authority in request-target",
         ));
     }
-    head.path = Span::of(buf, &rest[end..]);
+    let path = &rest[end..];
+    head.path = Span::of(buf, path);
+    head.unnormalized = path.first() == Some(&b'/') && super::path::needs_normalizing(path);
     Ok(Some(Span::of(buf, authority)))
 }
 

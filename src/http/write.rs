@@ -38,15 +38,10 @@ pub struct Forwarding<'a> {
 pub fn forwarded_port(host: Option<&[u8]>, tls: bool) -> &[u8] {
     let default: &[u8] = if tls { b"443" } else { b"80" };
     let Some(host) = host else { return default };
-    match host.iter().rposition(|&b| b == b':') {
-        Some(colon) if !host.ends_with(b"]") => {
-            let port = &host[colon + 1..];
-            if !port.is_empty() && port.iter().all(u8::is_ascii_digit) {
-                port
-            } else {
-                default
-            }
-        }
+    // The digits at the end, after a colon (`[::1]` ends in `]`: no port).
+    let digits = host.iter().rev().take_while(|b| b.is_ascii_digit()).count();
+    match host.len().checked_sub(digits + 1).map(|colon| host[colon]) {
+        Some(b':') if digits > 0 => &host[host.len() - digits..],
         _ => default,
     }
 }
@@ -195,27 +190,26 @@ pub fn upstream_request(out: &mut Vec<u8>, buf: &[u8], head: &RequestHead, fwd: 
     });
 
     let host = head.host.map_or(fwd.fallback_host, |h| h.get(buf));
-    field(out, b"host", host);
     let keep = |name: &[u8]| !(removing && edits.removes(name));
-    if keep(b"x-forwarded-for") {
-        out.extend_from_slice(b"x-forwarded-for: ");
-        if sent.xff {
-            values_of(out, buf, head, HeaderKind::XForwardedFor, b", ");
-        }
+    if removing || head.forwarding {
+        field(out, b"host", host);
+        forwarding_fields(out, buf, head, fwd, &sent, &keep);
+    } else {
+        // The common case, nothing removed and no forwarding header kept: the gateway's own,
+        // written as one run of pieces (each constant joins the end of a line to the next).
+        out.extend_from_slice(b"host: ");
+        out.extend_from_slice(host);
+        out.extend_from_slice(b"\r\nx-forwarded-for: ");
         out.extend_from_slice(fwd.client_ip);
+        out.extend_from_slice(b"\r\nx-forwarded-proto: ");
+        out.extend_from_slice(fwd.proto);
+        if let Some(h) = head.host {
+            out.extend_from_slice(b"\r\nx-forwarded-host: ");
+            out.extend_from_slice(h.get(buf));
+        }
+        out.extend_from_slice(b"\r\nx-forwarded-port: ");
+        out.extend_from_slice(fwd.port);
         out.extend_from_slice(b"\r\n");
-    }
-    if !sent.proto && keep(b"x-forwarded-proto") {
-        field(out, b"x-forwarded-proto", fwd.proto);
-    }
-    if let Some(h) = head
-        .host
-        .filter(|_| !sent.host && keep(b"x-forwarded-host"))
-    {
-        field(out, b"x-forwarded-host", h.get(buf));
-    }
-    if !sent.port && keep(b"x-forwarded-port") {
-        field(out, b"x-forwarded-port", fwd.port);
     }
     if let Some(prefix) = stripped.filter(|_| keep(b"x-forwarded-prefix")) {
         out.extend_from_slice(b"x-forwarded-prefix: ");
@@ -255,6 +249,39 @@ pub fn upstream_request(out: &mut Vec<u8>, buf: &[u8], head: &RequestHead, fwd: 
         BodyLength::None | BodyLength::UntilClose => {}
     }
     out.extend_from_slice(b"\r\n");
+}
+
+/// `X-Forwarded-For`, `-Proto`, `-Host` and `-Port` where a trusted peer sent some or the
+/// route's edits remove some: a kept `X-Forwarded-For` gets the peer appended, the others keep
+/// the peer's value instead of the gateway's, and a removed one is not written.
+fn forwarding_fields(
+    out: &mut Vec<u8>,
+    buf: &[u8],
+    head: &RequestHead,
+    fwd: &Forwarding<'_>,
+    sent: &Sent,
+    keep: &impl Fn(&[u8]) -> bool,
+) {
+    if keep(b"x-forwarded-for") {
+        out.extend_from_slice(b"x-forwarded-for: ");
+        if sent.xff {
+            values_of(out, buf, head, HeaderKind::XForwardedFor, b", ");
+        }
+        out.extend_from_slice(fwd.client_ip);
+        out.extend_from_slice(b"\r\n");
+    }
+    if !sent.proto && keep(b"x-forwarded-proto") {
+        field(out, b"x-forwarded-proto", fwd.proto);
+    }
+    if let Some(h) = head
+        .host
+        .filter(|_| !sent.host && keep(b"x-forwarded-host"))
+    {
+        field(out, b"x-forwarded-host", h.get(buf));
+    }
+    if !sent.port && keep(b"x-forwarded-port") {
+        field(out, b"x-forwarded-port", fwd.port);
+    }
 }
 
 /// Appends the values of every header of `kind`, each followed by `sep`.
@@ -526,6 +553,17 @@ mod tests {
             s.contains("\r\nX-Empty:\r\nX-A:  spaced \r\nX-B: b\r\nhost: h\r\n"),
             "{s}"
         );
+    }
+
+    #[test]
+    fn the_forwarded_port_is_the_hosts_or_the_schemes() {
+        assert_eq!(forwarded_port(Some(b"a.example:8443"), false), b"8443");
+        assert_eq!(forwarded_port(Some(b"[::1]:8080"), true), b"8080");
+        for host in [&b"a.example"[..], b"[::1]", b"a:", b"10.0.0.1", b"1234"] {
+            assert_eq!(forwarded_port(Some(host), false), b"80");
+            assert_eq!(forwarded_port(Some(host), true), b"443");
+        }
+        assert_eq!(forwarded_port(None, true), b"443");
     }
 
     #[test]

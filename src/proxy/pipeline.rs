@@ -38,7 +38,9 @@ pub(super) async fn run<S: Io>(c: &mut Session<'_, S>, w: &Rc<Worker>) -> Result
     };
     c.ex.route = Some(id);
     let route = gen.route(id);
-    drop_untrusted_headers(c, w, &gen, route);
+    if c.head.identity || c.head.forwarding {
+        drop_untrusted_headers(c, w, &gen, route);
+    }
     let info = request_info(
         c.rbuf.data(),
         &c.head,
@@ -144,8 +146,9 @@ pub(super) async fn run<S: Io>(c: &mut Session<'_, S>, w: &Rc<Worker>) -> Result
 
 /// The trust boundary: before any filter sees the request, the client's copies of the headers
 /// the gateway vouches for go (unless the listener or route trusts them), and so do the
-/// forwarding headers of a peer not in `trusted_proxies` (routing overrides from anyone). Free
-/// when the head has none: the parser flagged them.
+/// forwarding headers of a peer not in `trusted_proxies` (routing overrides from anyone). Run
+/// only for a head the parser flagged as carrying any.
+#[cold]
 fn drop_untrusted_headers<S: Io>(
     c: &mut Session<'_, S>,
     w: &Worker,
@@ -153,9 +156,6 @@ fn drop_untrusted_headers<S: Io>(
     route: &RouteEntry,
 ) {
     let identity = c.head.identity && !gen.trusts_identity(c.ex.listener, route);
-    if !(identity || c.head.forwarding) {
-        return;
-    }
     let dropped = c.head.drop_untrusted(identity, !c.ex.peer_trusted);
     if dropped > 0 {
         c.ex.log.identity_dropped = dropped;

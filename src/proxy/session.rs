@@ -308,10 +308,10 @@ async fn read_request_head<S: Io>(c: &mut Session<'_, S>, w: &Worker) -> HeadRea
 }
 
 /// Normalizes the parsed head's path where it was read (`http::path`), keeping the target as
-/// sent when that changes it. The common path is one scan that finds nothing to do.
+/// sent when that changes it. The common path: the parser's scan found nothing to do.
 fn normalize_path<S: Io>(c: &mut Session<'_, S>, w: &Worker) -> HeadRead {
     c.sent_target.clear();
-    if !path::needs_normalizing(c.head.path.get(c.rbuf.data())) {
+    if !c.head.unnormalized {
         return HeadRead::Ready;
     }
     c.sent_target
