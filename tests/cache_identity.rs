@@ -304,7 +304,27 @@ fn a_purge_removes_every_consumers_entries() {
 
 #[test]
 fn background_revalidation_sends_the_identity_of_the_entry_it_refreshes() {
-    let up = per_consumer_upstream();
+    // Alice's revalidation is held until Bob's arrives: one consumer's refresh in flight must
+    // not stop another's (nor answer for it).
+    let bob_came = Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
+    let seen = Arc::clone(&bob_came);
+    let inner = per_consumer_upstream();
+    let inner_addr = inner.addr;
+    let up = Upstream::start(move |r| {
+        if r.header("x-cache-revalidation").is_some() {
+            let (lock, cv) = &*seen;
+            let mut came = lock.lock().unwrap();
+            if r.header("x-consumer") == Some("bob") {
+                *came = true;
+                cv.notify_all();
+            } else {
+                let timeout = std::time::Duration::from_secs(5);
+                came = cv.wait_timeout_while(came, timeout, |c| !*c).unwrap().0;
+            }
+            drop(came);
+        }
+        forward_to(inner_addr, r)
+    });
     let gw = gateway(up.addr);
     let addr = gw.addr("pub");
     for who in [Who::Alice, Who::Bob] {
@@ -336,6 +356,27 @@ fn background_revalidation_sends_the_identity_of_the_entry_it_refreshes() {
         });
         assert_eq!(owner(&resp), who.name());
     }
+}
+
+/// `r` sent again to `addr` (the per-consumer upstream), and its answer as a reply.
+fn forward_to(addr: SocketAddr, r: &Received) -> Reply {
+    let mut head = format!(
+        "GET {} HTTP/1.1\r\nHost: h\r\nConnection: close\r\n",
+        r.path
+    );
+    for (n, v) in &r.headers {
+        if n.eq_ignore_ascii_case("x-consumer") {
+            head.push_str(&format!("{n}: {v}\r\n"));
+        }
+    }
+    let resp = exchange(addr, format!("{head}\r\n").as_bytes());
+    let mut reply = Reply::ok(&resp.text());
+    for name in ["cache-control", "age"] {
+        if let Some(v) = resp.header(name) {
+            reply = reply.header(name, v);
+        }
+    }
+    reply
 }
 
 #[test]

@@ -239,7 +239,7 @@ fn content_range(out: &mut Vec<u8>, ranged: Ranged, len: usize) {
     out.extend_from_slice(b"\r\n");
 }
 
-/// Revalidates `entry` off the request path (stale-while-revalidate), once per URL at a time,
+/// Revalidates `entry` off the request path (stale-while-revalidate), once per entry at a time,
 /// through the buffered upstream client. The request goes to the path the route forwards to
 /// (after `strip_prefix`), like the request that stored the entry.
 fn revalidate_in_background(
@@ -249,7 +249,8 @@ fn revalidate_in_background(
     strip: Option<&[u8]>,
     entry: Arc<Entry>,
 ) {
-    let key = entry.url ^ REVALIDATION;
+    // One per entry: each consumer's entry for a URL is refreshed as that consumer.
+    let key = entry.url ^ entry.variant.wrapping_mul(REVALIDATION);
     let (_, leader) = cache.flight(key);
     if !leader {
         return;
