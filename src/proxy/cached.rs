@@ -107,6 +107,10 @@ fn not_modified_for(asked: &Asked<'_>, entry: &Entry) -> bool {
                 .is_some_and(|etag| policy::if_none_match_matches(inm, etag));
     }
     let ims = asked.if_modified_since;
+    if ims.is_empty() {
+        // Most hits: no date to parse.
+        return false;
+    }
     let modified = entry.last_modified.as_ref().map(|(t, _)| *t).or(entry.date);
     match (policy::http_date(ims), modified) {
         (Some(since), Some(modified)) => modified <= since,
