@@ -16,12 +16,13 @@
 //! fetched for one consumer (whose identity it sent as `X-Consumer`) never answers another.
 
 use std::cell::{Cell, RefCell};
-use std::hash::Hasher;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+
+mod key;
 
 use super::{Ctx, Flow, RequestInfo};
 use crate::auth::{Consumers, Identity};
@@ -31,10 +32,9 @@ use crate::cache::record::{add_validators, new_entry, refreshed, Recorded, Reque
 use crate::cache::{url_hash, variant_hash, Entry, WorkerCache};
 use crate::config::RouteCache;
 use crate::error::ProxyError;
-use crate::hash::stable_hasher;
-use crate::http::write::forwarded_port;
 use crate::http::{BodyLength, HeaderEdits, HeaderKind, Method, RequestHead, ResponseHead};
 use crate::metrics::CacheOutcome;
+use key::{Keyed, Keying};
 
 /// How long a miss waits for another request's fetch of the same key before making its own.
 const COALESCE_WAIT: Duration = Duration::from_secs(5);
@@ -44,84 +44,8 @@ pub struct Cache {
     /// The longest wait for another request's fetch: `COALESCE_WAIT`, or less when the
     /// upstream's `request_timeout` is shorter.
     coalesce_wait: Duration,
-    /// The route authenticates and keys entries by consumer (`per_consumer`, the default).
-    per_consumer: bool,
-    /// The route authenticates and shares entries across consumers: only what RFC 9111 §3.5
-    /// lets a shared cache store for an authenticated request is stored.
-    shared_authenticated: bool,
-    consumers: Rc<Consumers>,
-}
-
-/// What the gateway tells the upstream about the request as it arrived: the scheme, host and
-/// port the client addressed (a trusted proxy's `X-Forwarded-*` values where it sent them).
-/// The upstream may build its answer from them without a `Vary`, so they are in the key.
-struct Addressed<'a> {
-    proto: &'a [u8],
-    host: &'a [u8],
-    port: &'a [u8],
-}
-
-/// How a request is keyed beyond its URL and header values.
-#[derive(Clone, Copy)]
-struct Keyed {
-    /// Hash of what the upstream hears about the request besides its own headers: where the
-    /// client addressed it, and on a per-consumer route who is calling.
-    partition: u64,
-    /// RFC 9111 §3.5 applies: the request carried credentials and the entry is shared.
-    authorized: bool,
-}
-
-impl<'a> Addressed<'a> {
-    /// What the connection and the Host say.
-    fn of_connection(req: &RequestInfo<'a>) -> Addressed<'a> {
-        let tls = req.tls.is_some();
-        let host = req.view.head.host.map(|h| h.get(req.view.buf));
-        Addressed {
-            proto: if tls { b"https" } else { b"http" },
-            host: host.unwrap_or_default(),
-            port: forwarded_port(host, tls),
-        }
-    }
-
-    /// What the upstream hears: the connection's facts, or a trusted proxy's.
-    fn of(req: &RequestInfo<'a>) -> Addressed<'a> {
-        let head = req.view.head;
-        let mut a = Addressed::of_connection(req);
-        // Only a trusted peer's forwarding headers are left (the parser flagged any).
-        if head.forwarding {
-            for h in &head.headers {
-                let slot = match h.kind {
-                    HeaderKind::XForwardedProto => &mut a.proto,
-                    HeaderKind::XForwardedHost => &mut a.host,
-                    HeaderKind::XForwardedPort => &mut a.port,
-                    _ => continue,
-                };
-                *slot = h.value.get(req.view.buf);
-            }
-        }
-        a
-    }
-
-    /// The key's partition for where the request was addressed. The URL key holds the Host
-    /// (whence the gateway's `X-Forwarded-Host` and `-Port`), so without a trusted proxy's
-    /// values it is the scheme alone, with no hashing: the common path.
-    fn partition(req: &RequestInfo<'_>) -> u64 {
-        let plain = u64::from(req.tls.is_some());
-        if !req.view.head.forwarding {
-            return plain;
-        }
-        let a = Addressed::of(req);
-        let own = Addressed::of_connection(req);
-        if (a.proto, a.host, a.port) == (own.proto, own.host, own.port) {
-            return plain;
-        }
-        let mut h = stable_hasher();
-        for part in [a.proto, a.host, a.port] {
-            h.write(part);
-            h.write_u8(b' ');
-        }
-        h.finish()
-    }
+    /// What the key holds beyond the URL and header values.
+    keying: Keying,
 }
 
 /// What the cache phases keep about one request that went upstream.
@@ -313,23 +237,10 @@ fn request_facts(
     who: Option<(&str, &Identity)>,
 ) -> Request {
     let (buf, head) = (req.view.buf, req.view.head);
-    let a = Addressed::of(req);
-    let mut replay = Vec::with_capacity(128);
-    for (name, value) in [
-        (&b"x-forwarded-proto"[..], a.proto),
-        (b"x-forwarded-host", a.host),
-        (b"x-forwarded-port", a.port),
-    ] {
-        crate::http::write::field(&mut replay, name, value);
-    }
-    if let Some((name, identity)) = who {
-        crate::http::write::field(&mut replay, b"x-consumer", name.as_bytes());
-        replay.extend_from_slice(identity.lines());
-    }
     Request {
         url,
         partition: keyed.partition,
-        replay: replay.into(),
+        replay: key::replay(req, who),
         authorized: keyed.authorized,
         variant_names: key_headers.iter().map(|h| h.as_bytes().into()).collect(),
         host: req.view.host().into(),
@@ -389,48 +300,8 @@ impl Cache {
         Cache {
             policy: policy.clone(),
             coalesce_wait: COALESCE_WAIT.min(request_timeout),
-            per_consumer: authenticated && policy.per_consumer,
-            shared_authenticated: authenticated && !policy.per_consumer,
-            consumers: Rc::clone(consumers),
+            keying: Keying::new(policy.per_consumer, authenticated, consumers),
         }
-    }
-
-    /// The request's partition of the key. On a per-consumer route, the caller: a consumer by
-    /// name (stable across reloads, unlike its id), or a token's provider and subject; with
-    /// the claim lines sent upstream. `None`: a caller with no name to key by (a token
-    /// without `sub` and no consumer), which is not cached.
-    fn keyed(
-        &self,
-        req: &RequestInfo<'_>,
-        asked: &Asked,
-        identity: Option<&Identity>,
-    ) -> Option<Keyed> {
-        let place = Addressed::partition(req);
-        if !self.per_consumer {
-            return Some(Keyed {
-                partition: place,
-                authorized: asked.authorized || self.shared_authenticated,
-            });
-        }
-        let who = identity?;
-        let mut h = stable_hasher();
-        h.write_u64(place);
-        match (who, who.consumer()) {
-            (_, Some(id)) => h.write(self.consumers.name(id).as_bytes()),
-            (Identity::Token(v), None) if !v.subject.is_empty() => {
-                h.write(v.provider.as_bytes());
-                h.write_u8(b' ');
-                h.write(v.subject.as_bytes());
-            }
-            _ => return None,
-        }
-        h.write_u8(b'\n');
-        h.write(who.lines());
-        // The consumer's own entries are private to it: §3.5 does not hold them back.
-        Some(Keyed {
-            partition: h.finish(),
-            authorized: false,
-        })
     }
 
     pub async fn on_request(
@@ -451,7 +322,8 @@ impl Cache {
         let eligible =
             matches!(method, Method::Get | Method::Head) && head.body == BodyLength::None;
         let keyed = self
-            .keyed(req, &asked, identity)
+            .keying
+            .keyed(req, asked.authorized, identity)
             .filter(|_| eligible && !directives.no_store);
         let Some(keyed) = keyed else {
             lines.extend_from_slice(b"x-cache: BYPASS\r\n");
@@ -502,7 +374,7 @@ impl Cache {
                 }
             }
         }
-        let who = identity.map(|i| (i.name(&self.consumers), i));
+        let who = identity.map(|i| (self.keying.name(i), i));
         let mut exchange = CacheExchange::new((method == Method::Get).then(|| Capture {
             request: request_facts(req, url, &self.policy.key_headers, keyed, who),
             tee: RefCell::new(Tee::new(cache.settings.max_entry_bytes)),
