@@ -174,18 +174,24 @@ pub fn upstream_request(out: &mut Vec<u8>, buf: &[u8], head: &RequestHead, fwd: 
             sent.prefix = true;
             false
         }
-        kind if kind.is_hop_by_hop() => false,
-        kind => {
+        // A trusted peer's own, kept instead of the gateway's.
+        kind @ (HeaderKind::XForwardedProto
+        | HeaderKind::XForwardedHost
+        | HeaderKind::XForwardedPort) => {
             let name = h.name.get(buf);
             let kept = !(head.connection.names(buf, name) || removing && edits.removes(name));
-            // A trusted peer's own, kept instead of the gateway's.
-            match kind {
-                HeaderKind::XForwardedProto => sent.proto |= kept,
-                HeaderKind::XForwardedHost => sent.host |= kept,
-                HeaderKind::XForwardedPort => sent.port |= kept,
-                _ => {}
-            }
+            let seen = match kind {
+                HeaderKind::XForwardedProto => &mut sent.proto,
+                HeaderKind::XForwardedHost => &mut sent.host,
+                _ => &mut sent.port,
+            };
+            *seen |= kept;
             kept
+        }
+        kind if kind.is_hop_by_hop() => false,
+        _ => {
+            let name = h.name.get(buf);
+            !(head.connection.names(buf, name) || removing && edits.removes(name))
         }
     });
 
