@@ -47,10 +47,16 @@ impl PathError {
     }
 }
 
-/// What a byte may start, for `needs_normalizing`: 1 something to normalize or refuse (`%`,
-/// `\`, `#`); 2 a dot segment or a repeated slash, after a `/` (`.`, `/`); 3 the query (`?`).
+/// What a byte may start, for `scan`: 1 something to normalize or refuse (`%`, `\`, `#`); 2 a
+/// dot segment or a repeated slash, after a `/` (`.`, `/`); 3 the query (`?`); 4 nothing a
+/// request-target may hold (a non-ASCII byte).
 static CLASS: [u8; 256] = {
     let mut t = [0u8; 256];
+    let mut b = 0x80;
+    while b < 256 {
+        t[b] = 4;
+        b += 1;
+    }
     t[b'%' as usize] = 1;
     t[b'\\' as usize] = 1;
     t[b'#' as usize] = 1;
@@ -64,18 +70,26 @@ static CLASS: [u8; 256] = {
 /// path, up to its query, that finds no `%`, `\`, `#`, `/.` or `//`.
 #[inline]
 pub fn needs_normalizing(path: &[u8]) -> bool {
+    scan(path) == Some(true)
+}
+
+/// One pass over an origin-form target: `None` if it holds a non-ASCII byte, else whether its
+/// path may change when normalized (the parser's check of the target and the normalizer's
+/// test in one loop: the common path costs nothing more).
+#[inline]
+pub fn scan(target: &[u8]) -> Option<bool> {
     let mut prev = 0u8;
-    for &b in path {
+    for (i, &b) in target.iter().enumerate() {
         match CLASS[usize::from(b)] {
             0 => {}
-            1 => return true,
-            2 if prev == b'/' => return true,
-            2 => {}
-            _ => return false,
+            2 if prev != b'/' => {}
+            3 => return target[i..].is_ascii().then_some(false),
+            4 => return None,
+            _ => return target[i..].is_ascii().then_some(true),
         }
         prev = b;
     }
-    false
+    Some(false)
 }
 
 /// Normalizes `head.path` in place in `buf` (its bytes are rewritten; the query moves up to
@@ -307,6 +321,16 @@ mod tests {
         ] {
             assert_eq!(ok(p), "/admin/secret", "{p}");
         }
+    }
+
+    #[test]
+    fn one_scan_checks_the_target_and_finds_what_to_normalize() {
+        assert_eq!(scan(b"/api/v1?x=/../%41"), Some(false));
+        assert_eq!(scan(b"/a/../b?q"), Some(true));
+        assert_eq!(scan(b"/%61"), Some(true));
+        assert_eq!(scan("/é".as_bytes()), None);
+        assert_eq!(scan("/a?é".as_bytes()), None);
+        assert_eq!(scan("/a/./é".as_bytes()), None);
     }
 
     #[test]

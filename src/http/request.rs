@@ -403,15 +403,21 @@ fn parse_target(
     buf: &[u8],
     target: &[u8],
 ) -> Result<Option<Span>, RequestError> {
-    if !target.is_ascii() {
+    let origin_form = target.first() == Some(&b'/');
+    let scanned = if origin_form {
+        super::path::scan(target)
+    } else {
+        target.is_ascii().then_some(false)
+    };
+    let Some(unnormalized) = scanned else {
         return Err(RequestError::Malformed("non-ASCII byte in request-target"));
-    }
+    };
     if head.method == Method::Connect {
         return Err(RequestError::NotImplemented("CONNECT is not supported"));
     }
-    if target.first() == Some(&b'/') {
+    if origin_form {
         head.path = Span::of(buf, target);
-        head.unnormalized = super::path::needs_normalizing(target);
+        head.unnormalized = unnormalized;
         return Ok(None);
     }
     if target == b"*" {
