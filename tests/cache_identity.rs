@@ -4,16 +4,14 @@
 //! the query, as Basic and as a bearer token.
 
 mod common;
+mod jwt_support;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use common::*;
-use jsonwebtoken::{Algorithm, EncodingKey, Header};
-use serde_json::json;
 
 const ALICE_KEY: &str = "alice-key-0123456789";
 const BOB_KEY: &str = "bob-key-0123456789ab";
@@ -142,16 +140,7 @@ impl Who {
 }
 
 fn bearer(sub: &str, tenant: &str) -> String {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    jsonwebtoken::encode(
-        &Header::new(Algorithm::HS256),
-        &json!({ "sub": sub, "tenant": tenant, "iat": now, "exp": now + 600 }),
-        &EncodingKey::from_secret(HS_SECRET.as_bytes()).unwrap(),
-    )
-    .unwrap()
+    jwt_support::hs256(HS_SECRET, sub, tenant)
 }
 
 /// `GET path` as `who`, the credential carried as the route (`/hdr`, `/qry`, `/basic`,

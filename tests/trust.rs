@@ -4,30 +4,19 @@
 //! plain and TLS listeners and with `strip_prefix`; and the cache never keeps a client's.
 
 mod common;
+mod jwt_support;
 mod tls_support;
 
 use std::net::SocketAddr;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use common::*;
-use jsonwebtoken::{Algorithm, EncodingKey, Header};
-use serde_json::json;
 
 const KEY: &str = "alice-key-0123456789";
 const HS_SECRET: &str = "an-hmac-secret-of-at-least-32-bytes!";
 
 /// A token the `idp` provider accepts, for subject `sub` with a `tenant` claim.
 fn token(sub: &str) -> String {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    jsonwebtoken::encode(
-        &Header::new(Algorithm::HS256),
-        &json!({ "sub": sub, "tenant": "t-1", "iat": now, "exp": now + 600 }),
-        &EncodingKey::from_secret(HS_SECRET.as_bytes()).unwrap(),
-    )
-    .unwrap()
+    jwt_support::hs256(HS_SECRET, sub, "t-1")
 }
 
 /// One service with private routes (an API key, a token) and an open one, as the issue has it;

@@ -115,6 +115,23 @@ pub enum BodyLength {
     UntilClose,
 }
 
+/// The forwarding header kinds, as a pattern: one list for `HeaderKind::is_forwarding` and
+/// the parser's match (where an arm of its own keeps the match a jump table).
+macro_rules! forwarding_kinds {
+    () => {
+        HeaderKind::XForwardedFor
+            | HeaderKind::XForwardedProto
+            | HeaderKind::XForwardedHost
+            | HeaderKind::XForwardedPort
+            | HeaderKind::XForwardedPrefix
+            | HeaderKind::XForwardedOther
+            | HeaderKind::Forwarded
+            | HeaderKind::XRealIp
+            | HeaderKind::RewriteUrl
+    };
+}
+pub(crate) use forwarding_kinds;
+
 /// Headers the proxy treats specially, recognised once while parsing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HeaderKind {
@@ -156,18 +173,7 @@ impl HeaderKind {
     /// request as it arrived. Believed only from `trusted_proxies`.
     #[inline]
     pub fn is_forwarding(self) -> bool {
-        matches!(
-            self,
-            HeaderKind::XForwardedFor
-                | HeaderKind::XForwardedProto
-                | HeaderKind::XForwardedHost
-                | HeaderKind::XForwardedPort
-                | HeaderKind::XForwardedPrefix
-                | HeaderKind::XForwardedOther
-                | HeaderKind::Forwarded
-                | HeaderKind::XRealIp
-                | HeaderKind::RewriteUrl
-        )
+        matches!(self, forwarding_kinds!())
     }
 
     /// Hop-by-hop fields (RFC 9110 §7.6.1) plus the framing fields the gateway always rewrites.

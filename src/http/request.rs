@@ -4,8 +4,8 @@
 use std::mem::MaybeUninit;
 
 use super::{
-    classify, find_header, line_ends_are_crlf, list_items, parse_content_length, BodyLength,
-    ConnectionOptions, Header, HeaderKind, NameSet, ParseLimits, Span, Version,
+    classify, find_header, forwarding_kinds, line_ends_are_crlf, list_items, parse_content_length,
+    BodyLength, ConnectionOptions, Header, HeaderKind, NameSet, ParseLimits, Span, Version,
     MAX_HEADERS_CEILING,
 };
 
@@ -343,15 +343,7 @@ pub fn parse_request(
                 head.request_id = Some(value_span);
             }
             HeaderKind::Identity => head.identity = true,
-            HeaderKind::XForwardedFor
-            | HeaderKind::XForwardedProto
-            | HeaderKind::XForwardedHost
-            | HeaderKind::XForwardedPort
-            | HeaderKind::XForwardedPrefix
-            | HeaderKind::XForwardedOther
-            | HeaderKind::Forwarded
-            | HeaderKind::XRealIp
-            | HeaderKind::RewriteUrl => head.forwarding = true,
+            forwarding_kinds!() => head.forwarding = true,
             _ => {}
         }
     }

@@ -103,3 +103,18 @@ fn pkcs1_of(pkcs8: &[u8]) -> Vec<u8> {
 pub fn jwks(keys: &[&SigningKey]) -> String {
     json!({ "keys": keys.iter().map(|k| k.jwk()).collect::<Vec<_>>() }).to_string()
 }
+
+/// An HS256 token signed with `secret` for subject `sub` and claim `tenant`, issued now and
+/// valid for ten minutes.
+pub fn hs256(secret: &str, sub: &str, tenant: &str) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &json!({ "sub": sub, "tenant": tenant, "iat": now, "exp": now + 600 }),
+        &EncodingKey::from_secret(secret.as_bytes()).unwrap(),
+    )
+    .unwrap()
+}
