@@ -8,7 +8,7 @@
 
 use std::time::Instant;
 
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::{ConnectError, TargetId, UpstreamConn, UpstreamState};
 use crate::body::{BodyError, BodyReader, Reframe};
@@ -206,8 +206,10 @@ pub struct Response {
 }
 
 /// Sends `req` to a target of `up` and reads the whole response within the upstream's
-/// `request_timeout`. Interim (1xx) responses are skipped. The connection goes back to the
-/// pool when the exchange ended cleanly.
+/// `request_timeout`. Interim (1xx) responses are skipped. A pooled connection that turns out
+/// to be closed before a response byte arrived (the upstream closed it while it was idle) is
+/// replaced by a new one to the same target, once, for a GET or HEAD, as the proxy does. The
+/// connection goes back to the pool when the exchange ended cleanly.
 pub async fn fetch(
     w: &Worker,
     up: &UpstreamState,
@@ -218,8 +220,24 @@ pub async fn fetch(
     let deadline = w.deadlines.slot();
     let (lease, mut conn) = acquire(up, w, key, &deadline).await?;
     let started = Instant::now();
-    let exchange = exchange(w, &mut conn, req, max_body);
-    let result = match deadline.within(up.request_timeout, exchange).await {
+    let repeatable = matches!(req.method, b"GET" | b"HEAD");
+    let attempts = async {
+        loop {
+            match exchange(w, &mut conn, req, max_body).await {
+                Err(Failed::Unanswered(_)) if conn.reused && repeatable => {
+                    debug!(upstream = %up.name, "pooled connection was closed; fetching on a new one");
+                    conn = up.connect(lease.target, &deadline).await.map_err(|e| {
+                        if !matches!(e, ConnectError::TimedOut) {
+                            mark_down(w, up, lease.target, &e);
+                        }
+                        e.proxy_error()
+                    })?;
+                }
+                r => return r.map_err(Failed::error),
+            }
+        }
+    };
+    let result = match deadline.within(up.request_timeout, attempts).await {
         Ok(r) => r,
         Err(_) => Err(ProxyError::UpstreamTimeout),
     };
@@ -257,11 +275,33 @@ pub async fn probe(
         exchange(w, &mut conn, req, 64 * 1024)
             .await
             .map(|(resp, _)| Some(resp))
-            .map_err(|e| e.message().into_owned())
+            .map_err(|e| e.error().message().into_owned())
     };
     match monoio::time::timeout(limit, attempt).await {
         Ok(result) => result,
         Err(_) => Err(format!("no answer within {} ms", limit.as_millis())),
+    }
+}
+
+/// How an exchange on one connection failed.
+enum Failed {
+    /// Not a byte of the response arrived: the connection was closed (or reset) before the
+    /// request could be answered. On a pooled connection, the upstream closed it while idle.
+    Unanswered(ProxyError),
+    Other(ProxyError),
+}
+
+impl Failed {
+    fn error(self) -> ProxyError {
+        match self {
+            Failed::Unanswered(e) | Failed::Other(e) => e,
+        }
+    }
+}
+
+impl From<ProxyError> for Failed {
+    fn from(e: ProxyError) -> Failed {
+        Failed::Other(e)
     }
 }
 
@@ -271,7 +311,7 @@ async fn exchange(
     conn: &mut UpstreamConn,
     req: &Request<'_>,
     max_body: usize,
-) -> Result<(Response, bool), ProxyError> {
+) -> Result<(Response, bool), Failed> {
     let mut out = Vec::with_capacity(256 + req.headers.len());
     out.extend_from_slice(req.method);
     out.push(b' ');
@@ -282,7 +322,7 @@ async fn exchange(
     out.extend_from_slice(b"\r\n");
     write_out(&mut conn.w, &mut out)
         .await
-        .map_err(|_| ProxyError::UpstreamUnreachable("write failed"))?;
+        .map_err(|_| Failed::Unanswered(ProxyError::UpstreamUnreachable("write failed")))?;
 
     let limits = &w.parse_limits;
     let max_head = limits.max_response_head();
@@ -298,9 +338,9 @@ async fn exchange(
                 &mut head,
             ) {
                 Ok(true) if head.status == 101 => {
-                    return Err(ProxyError::UpstreamInvalid(
-                        "101 without an upgrade request",
-                    ))
+                    return Err(
+                        ProxyError::UpstreamInvalid("101 without an upgrade request").into(),
+                    )
                 }
                 Ok(true) if head.status < 200 => {
                     conn.rbuf.consume(head.len);
@@ -309,15 +349,26 @@ async fn exchange(
                 Ok(true) => break,
                 Ok(false) => {}
                 Err(ResponseError::TooLarge) => {
-                    return Err(ProxyError::UpstreamInvalid("response head too large"))
+                    return Err(ProxyError::UpstreamInvalid("response head too large").into())
                 }
-                Err(ResponseError::Malformed(why)) => return Err(ProxyError::UpstreamInvalid(why)),
+                Err(ResponseError::Malformed(why)) => {
+                    return Err(ProxyError::UpstreamInvalid(why).into())
+                }
             }
         }
+        let unanswered = conn.rbuf.is_empty() && head.len == 0;
+        let failed = |e| match unanswered {
+            true => Failed::Unanswered(e),
+            false => Failed::Other(e),
+        };
         match conn.rbuf.fill(&mut conn.r, max_head + 1).await {
             Ok(n) if n > 0 => {}
-            Ok(_) => return Err(ProxyError::UpstreamUnreachable("closed before responding")),
-            Err(_) => return Err(ProxyError::UpstreamUnreachable("connection reset")),
+            Ok(_) => {
+                return Err(failed(ProxyError::UpstreamUnreachable(
+                    "closed before responding",
+                )))
+            }
+            Err(_) => return Err(failed(ProxyError::UpstreamUnreachable("connection reset"))),
         }
     }
     let raw_head = conn.rbuf.data()[..head.len].to_vec();
