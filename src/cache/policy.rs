@@ -3,6 +3,7 @@
 
 use std::time::{Duration, SystemTime};
 
+use crate::config::Implicit;
 use crate::http::list_items;
 
 /// The `Cache-Control` directives a shared cache acts on.
@@ -154,25 +155,6 @@ pub fn storable(f: &ResponseFacts<'_>) -> bool {
         206 | 304 | 100..=199 => false,
         s if heuristically_cacheable(s) => true,
         _ => explicit || f.cc.public,
-    }
-}
-
-/// What stands in for freshness when a response gives none.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Implicit {
-    /// The route's `default_ttl_ms`.
-    pub ttl: Duration,
-    /// The route's `heuristic_percent`: this share of the time since `Last-Modified`, at most
-    /// `ttl` (RFC 9111 §4.2.2), for heuristically cacheable statuses.
-    pub heuristic_percent: Option<u32>,
-}
-
-impl Implicit {
-    pub fn ttl(ttl: Duration) -> Implicit {
-        Implicit {
-            ttl,
-            heuristic_percent: None,
-        }
     }
 }
 

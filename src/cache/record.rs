@@ -7,8 +7,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 
-use super::policy::{self, CacheControl, Implicit, ResponseFacts};
+use super::policy::{self, CacheControl, ResponseFacts};
 use super::{variant_hash, Entry};
+use crate::config::Implicit;
 use crate::http::write::copy_lines;
 use crate::http::{parse_response, HeaderKind, ResponseHead, MAX_HEADERS_CEILING};
 

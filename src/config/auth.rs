@@ -163,7 +163,7 @@ impl Validator<'_> {
                             format!("user name {user:?} is also another consumer's"),
                         ));
                     }
-                    crate::auth::basic::check_hash(b.password_hash.get_ref()).map_err(|e| {
+                    check_password_hash(b.password_hash.get_ref()).map_err(|e| {
                         self.err(
                             b.password_hash.span(),
                             &format!("{key}.basic.password_hash"),
@@ -237,7 +237,7 @@ impl Validator<'_> {
                 "an API key needs at least 16 characters (or give its \"sha256:...\" digest)",
             ));
         }
-        Ok((crate::auth::digest(s.as_bytes()), true))
+        Ok((crate::hash::sha256(s.as_bytes()), true))
     }
 
     pub(super) fn auth_providers(
@@ -449,4 +449,20 @@ impl Validator<'_> {
             max_age_s,
         })
     }
+}
+
+/// Whether `hash` is a PHC argon2id string or a bcrypt hash ringway can verify.
+pub fn check_password_hash(hash: &str) -> Result<(), String> {
+    if hash.starts_with("$argon2id$") {
+        return argon2::PasswordHash::new(hash)
+            .map(drop)
+            .map_err(|e| format!("not a valid argon2id hash: {e}"));
+    }
+    if ["$2a$", "$2b$", "$2y$"].iter().any(|p| hash.starts_with(p)) {
+        return hash
+            .parse::<bcrypt::HashParts>()
+            .map(drop)
+            .map_err(|e| format!("not a valid bcrypt hash: {e}"));
+    }
+    Err("give an argon2id (\"$argon2id$...\") or bcrypt (\"$2b$...\") hash".into())
 }

@@ -285,7 +285,7 @@ impl Validator<'_> {
                     ));
                 }
                 let host = match &f.host {
-                    Some(v) if crate::proxy::valid_redirect_host(v.get_ref().as_bytes()) => {
+                    Some(v) if crate::http::valid_redirect_host(v.get_ref().as_bytes()) => {
                         Some(v.get_ref().clone())
                     }
                     Some(v) => {

@@ -14,7 +14,7 @@ use toml::Spanned;
 
 use super::auth::AuthFile;
 use super::{ConfigError, Upstream, UpstreamId, Validator};
-use crate::auth::jwt::KeySet;
+use crate::keyset::KeySet;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

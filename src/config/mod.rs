@@ -19,7 +19,9 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-pub use auth::{AuthId, AuthKind, AuthProvider, Consumer, ConsumerId, CorsPolicy};
+pub use auth::{
+    check_password_hash, AuthId, AuthKind, AuthProvider, Consumer, ConsumerId, CorsPolicy,
+};
 pub use error::ConfigError;
 pub use file::{AccessLogFormat, Balance, DriverChoice};
 use file::{File, PinCores, Workers};
@@ -175,12 +177,34 @@ pub struct CacheSettings {
     pub sync_interval: Duration,
 }
 
+/// Rate limits a route may apply.
+pub const MAX_LIMITS_PER_ROUTE: usize = 8;
+
+/// What stands in for freshness when a response gives none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Implicit {
+    /// The route's `default_ttl_ms`.
+    pub ttl: Duration,
+    /// The route's `heuristic_percent`: this share of the time since `Last-Modified`, at most
+    /// `ttl` (RFC 9111 §4.2.2), for heuristically cacheable statuses.
+    pub heuristic_percent: Option<u32>,
+}
+
+impl Implicit {
+    pub fn ttl(ttl: Duration) -> Implicit {
+        Implicit {
+            ttl,
+            heuristic_percent: None,
+        }
+    }
+}
+
 /// A route's caching.
 #[derive(Debug, Clone)]
 pub struct RouteCache {
     /// Freshness when the upstream's response gives none: `default_ttl_ms`, or a share of the
     /// time since `Last-Modified` with `heuristic_percent`.
-    pub implicit: crate::cache::policy::Implicit,
+    pub implicit: Implicit,
     /// Lower-cased request headers that are part of the cache key.
     pub key_headers: Vec<String>,
     /// How long past freshness a stored response may answer when the upstream fails (beyond
@@ -419,7 +443,7 @@ impl Validator<'_> {
 
         Ok(Config {
             path: self.path.to_owned(),
-            digest: crate::auth::hex_sha256(self.source.as_bytes()),
+            digest: crate::hash::hex_sha256(self.source.as_bytes()),
             runtime,
             admin,
             limits,

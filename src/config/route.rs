@@ -104,13 +104,13 @@ impl Validator<'_> {
             }
         };
 
-        if r.rate_limits.len() > crate::ratelimit::MAX_LIMITS_PER_ROUTE {
+        if r.rate_limits.len() > super::MAX_LIMITS_PER_ROUTE {
             return Err(self.err(
                 r.name.span(),
                 &format!("{key}.rate_limits"),
                 format!(
                     "at most {} rate limits per route",
-                    crate::ratelimit::MAX_LIMITS_PER_ROUTE
+                    super::MAX_LIMITS_PER_ROUTE
                 ),
             ));
         }
@@ -299,7 +299,7 @@ impl Validator<'_> {
                     p => p.as_ref().map(|p| *p.get_ref()),
                 };
                 Some(RouteCache {
-                    implicit: crate::cache::policy::Implicit {
+                    implicit: super::Implicit {
                         ttl: ms(c.get_ref().default_ttl_ms),
                         heuristic_percent,
                     },
@@ -477,7 +477,7 @@ impl Validator<'_> {
         };
         let host = match &f.host {
             None => None,
-            Some(h) if crate::proxy::valid_redirect_host(h.get_ref().as_bytes()) => {
+            Some(h) if crate::http::valid_redirect_host(h.get_ref().as_bytes()) => {
                 Some(h.get_ref().to_ascii_lowercase())
             }
             Some(h) => {

@@ -13,8 +13,8 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::{ConfigError, Validator};
-use crate::tls::certs::{CertPaths, LoadedCert};
-use crate::tls::{FileAt, TlsFiles};
+use crate::pki::certs::{self, CertPaths, LoadedCert};
+use crate::pki::{FileAt, TlsFiles};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -211,8 +211,10 @@ impl Validator<'_> {
             tickets,
             files: Arc::new(files),
         };
-        // What only building the rustls config finds (a client CA it cannot use).
-        crate::tls::server_config(&tls, &tls.files).map_err(|e| self.err(t.span(), key, e))?;
+        // What only building the verifier finds (a client CA it cannot use).
+        if let (false, Some(roots)) = (client_auth == ClientAuth::None, &tls.files.client_roots) {
+            crate::pki::check_client_roots(roots).map_err(|e| self.err(t.span(), key, e))?;
+        }
         Ok(tls)
     }
 }
@@ -265,7 +267,7 @@ impl Validator<'_> {
             names.push(name);
         }
         let roots = match &f.ca {
-            Some(ca) => crate::tls::certs::load_roots(&dir.join(ca.get_ref()))
+            Some(ca) => certs::load_roots(&dir.join(ca.get_ref()))
                 .map_err(|e| self.err(ca.span(), &format!("{key}.ca"), e))?,
             None => system_roots().map_err(|e| self.err(t.span(), &format!("{key}.ca"), e))?,
         };
@@ -276,16 +278,15 @@ impl Validator<'_> {
                     cert: dir.join(cert.get_ref()),
                     key: dir.join(k.get_ref()),
                 };
-                let loaded =
-                    crate::tls::certs::load(&paths, &crate::tls::provider(), SystemTime::now())
-                        .map_err(|e| match e {
-                            crate::tls::certs::CertError::Cert(m) => {
-                                self.err(cert.span(), &format!("{key}.client_cert"), m)
-                            }
-                            crate::tls::certs::CertError::Key(m) => {
-                                self.err(k.span(), &format!("{key}.client_key"), m)
-                            }
-                        })?;
+                let loaded = certs::load(&paths, &crate::pki::provider(), SystemTime::now())
+                    .map_err(|e| match e {
+                        certs::CertError::Cert(m) => {
+                            self.err(cert.span(), &format!("{key}.client_cert"), m)
+                        }
+                        certs::CertError::Key(m) => {
+                            self.err(k.span(), &format!("{key}.client_key"), m)
+                        }
+                    })?;
                 Some(loaded)
             }
             (Some(s), None) | (None, Some(s)) => {

@@ -250,6 +250,25 @@ fn matches_lowercase(name: &[u8], lower: &[u8]) -> bool {
         })
 }
 
+/// A host name, an IPv4 address or a bracketed IPv6 literal: nothing that could turn a
+/// `Location` into another URL (`/`, `@`, `?`, `#`, `\\`).
+pub fn valid_redirect_host(h: &[u8]) -> bool {
+    match h {
+        [] => false,
+        [b'[', inner @ .., b']'] => {
+            !inner.is_empty()
+                && inner
+                    .iter()
+                    .all(|b| b.is_ascii_hexdigit() || b".:".contains(b))
+        }
+        _ => {
+            h.len() <= 253
+                && h.iter()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-.".contains(b))
+        }
+    }
+}
+
 /// The value of an ASCII hex digit.
 pub(crate) fn hex(b: u8) -> Option<u8> {
     match b {

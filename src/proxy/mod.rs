@@ -37,7 +37,6 @@ use crate::error::ProxyError;
 use crate::metrics::UpstreamOutcome;
 use crate::tls::{TlsInfo, TlsReader, TlsStream, TlsWriter};
 
-pub use reply::valid_redirect_host;
 pub(crate) use session::serve_admitted;
 pub use session::{serve, serve_accepted};
 

@@ -115,7 +115,7 @@ pub(super) async fn redirect<S: Io>(
         b"" => {
             let authority = c.head.host.map_or(&b""[..], |h| h.get(buf));
             let host = without_port(authority);
-            if !valid_redirect_host(host) {
+            if !crate::http::valid_redirect_host(host) {
                 return Err(Failure::BeforeBody(ProxyError::BadRequest(
                     "a redirect needs the request's Host",
                 )));
@@ -149,25 +149,6 @@ fn without_port(authority: &[u8]) -> &[u8] {
     match authority.iter().position(|&b| b == b':') {
         Some(i) => &authority[..i],
         None => authority,
-    }
-}
-
-/// A host name, an IPv4 address or a bracketed IPv6 literal: nothing that could turn a
-/// `Location` into another URL (`/`, `@`, `?`, `#`, `\\`).
-pub fn valid_redirect_host(h: &[u8]) -> bool {
-    match h {
-        [] => false,
-        [b'[', inner @ .., b']'] => {
-            !inner.is_empty()
-                && inner
-                    .iter()
-                    .all(|b| b.is_ascii_hexdigit() || b".:".contains(b))
-        }
-        _ => {
-            h.len() <= 253
-                && h.iter()
-                    .all(|b| b.is_ascii_alphanumeric() || b"-.".contains(b))
-        }
     }
 }
 

@@ -57,8 +57,7 @@ use crate::http::write::field;
 /// The smallest share of a key's grant any worker gets (see the module docs).
 pub const FLOOR_SHARE: f64 = 0.02;
 
-/// Limits a route may apply (validated with the config).
-pub const MAX_LIMITS_PER_ROUTE: usize = 8;
+use crate::config::MAX_LIMITS_PER_ROUTE;
 
 /// What a refusal tells the client (`RateLimit-*` and `Retry-After` headers).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -15,7 +15,7 @@ use crate::config::UpstreamTls;
 
 /// One worker's client config for an upstream.
 pub fn client_config(tls: &UpstreamTls) -> Result<Arc<ClientConfig>, String> {
-    let provider = super::provider();
+    let provider = crate::pki::provider();
     let builder = ClientConfig::builder_with_provider(Arc::clone(&provider))
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?;

@@ -13,9 +13,9 @@ use std::time::{Duration, SystemTime};
 use crossbeam_channel::{Receiver, SendTimeoutError, Sender, TryRecvError};
 use tracing::{error, info, warn};
 
-use super::certs::EXPIRY_WARNING;
-use super::TlsFiles;
 use crate::config::{Config, ListenerTls};
+use crate::pki::certs::EXPIRY_WARNING;
+use crate::pki::TlsFiles;
 
 /// How often files are looked at.
 pub const CHECK_INTERVAL: Duration = Duration::from_secs(2);
