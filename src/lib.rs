@@ -37,6 +37,7 @@ pub mod buffer;
 pub mod cache;
 pub mod cidr;
 pub mod config;
+pub mod control;
 pub mod deadline;
 pub mod error;
 pub mod filter;

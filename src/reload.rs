@@ -14,8 +14,9 @@ use tracing::{error, info, warn};
 
 use crate::bind::{self, PerWorker};
 use crate::config::{self, Config, ConfigError, ListenerId};
+use crate::control::{Control, Event};
 use crate::handover::Outbox;
-use crate::runtime::{Control, Event};
+pub use crate::metrics::status::{Loaded, RELOAD_RESULTS};
 use crate::upgrade::{Offered, OfferedSockets};
 
 /// How long the workers have to take a new config (each does so on its next tick).
@@ -64,17 +65,6 @@ impl std::fmt::Display for ReloadError {
 /// A reload's outcome, as the admin answers it.
 pub type Answer = Result<Loaded, ReloadError>;
 
-/// The config in use.
-#[derive(Debug, Clone)]
-pub struct Loaded {
-    /// 1 for the config the process started with, one more per reload.
-    pub generation: u64,
-    pub digest: String,
-    pub path: String,
-    /// Seconds since the epoch.
-    pub loaded_at: u64,
-}
-
 /// What the admin thread knows of reloads: the config in use, the outcomes so far, and the way
 /// to ask the main thread for one.
 pub struct ReloadStatus {
@@ -83,8 +73,6 @@ pub struct ReloadStatus {
     counts: [AtomicU64; 4],
     asks: Sender<Sender<Answer>>,
 }
-
-pub const RESULTS: [&str; 4] = ["ok", "invalid", "refused", "failed"];
 
 impl ReloadStatus {
     pub fn new(config: &Config, asks: Sender<Sender<Answer>>) -> ReloadStatus {
@@ -116,7 +104,7 @@ impl ReloadStatus {
             }
             Err(e) => e.label(),
         };
-        if let Some(i) = RESULTS.iter().position(|r| *r == label) {
+        if let Some(i) = RELOAD_RESULTS.iter().position(|r| *r == label) {
             self.counts[i].fetch_add(1, Ordering::Relaxed);
         }
     }

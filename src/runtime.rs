@@ -25,6 +25,7 @@ use crate::auth::basic;
 use crate::bind;
 use crate::cache::{self, Batch};
 use crate::config::{Config, DriverChoice, ListenerId};
+use crate::control::{Control, Event};
 use crate::handover::{self, Inbox, Parcel};
 use crate::metrics::Snapshot;
 use crate::ratelimit::{self, Grants, Report};
@@ -42,31 +43,6 @@ use crate::worker::Worker;
 const CONTROL_TICK: Duration = Duration::from_millis(25);
 /// Idle upstream connections past their timeout are closed this often.
 const SWEEP_EVERY: u32 = 40;
-
-/// From the main thread to a worker.
-pub enum Control {
-    /// Stop accepting, finish what is in flight and stop. `close_listeners`: shut the listening
-    /// sockets down (false when a successor accepts from them too).
-    Drain { close_listeners: bool },
-    /// Take this config between requests (`reload`), and start accepting on `sockets`, the
-    /// addresses it adds (sent ahead on the worker's `handover` link).
-    Reload {
-        config: Arc<Config>,
-        sockets: Parcel,
-    },
-}
-
-/// From a worker to the main thread.
-pub enum Event {
-    Started,
-    Failed(String),
-    Stopped {
-        worker: usize,
-        unfinished: usize,
-    },
-    /// The worker took the config of the last `Control::Reload`.
-    Reloaded,
-}
 
 /// Runs the gateway until a signal (or a successor, see `upgrade`) has drained it. Returns
 /// once every worker has stopped. `predecessor`: what `ringway --upgrade` took over, and the
@@ -520,7 +496,7 @@ async fn worker_main(mut ctx: WorkerStart<'_>, driver: &'static str) {
             for up in gen.upstreams.iter() {
                 up.sweep_idle(worker.now());
             }
-            upstream::client::summarize_failures(&worker, &gen.upstreams);
+            upstream::client::summarize_failures(&worker.upstream_ctx(), &gen.upstreams);
             if ctx.channels.metrics.is_none() {
                 worker.prune_retired();
             }

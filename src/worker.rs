@@ -24,6 +24,7 @@ use crate::metrics::{Gauges, Snapshot, WorkerMetrics};
 use crate::ratelimit::{Grants, Limiter, Report};
 use crate::rng::Rng;
 use crate::tls::{self, watch::TlsUpdate};
+use crate::upstream::UpstreamCtx;
 
 pub struct Worker {
     pub id: usize,
@@ -174,6 +175,17 @@ impl Worker {
             jwt: &gen.jwt,
             now: self.now(),
             unix_now: self.deadlines.unix_now(),
+        }
+    }
+
+    /// What upstream code may use of this worker.
+    #[inline]
+    pub fn upstream_ctx(&self) -> UpstreamCtx<'_> {
+        UpstreamCtx {
+            worker: self.id,
+            rng: &self.rng,
+            deadlines: &self.deadlines,
+            parse_limits: &self.parse_limits,
         }
     }
 

@@ -26,7 +26,7 @@ pub use error::ConfigError;
 pub use file::{AccessLogFormat, Balance, DriverChoice};
 use file::{File, PinCores, Workers};
 pub use headers::{HeaderTransform, Template, TemplatePart, TlsVar};
-pub use health::{HealthCheck, Outlier, Probe, Retries, RetryOn, UpstreamLimits};
+pub use health::{HealthCheck, Limit, Outlier, Probe, Retries, RetryOn, UpstreamLimits};
 pub use jwt::{JwksSource, JwtSettings, Secret};
 pub use tls::{ClientAuth, ListenerTls, TlsVersion, UpstreamTls};
 use toml::Spanned;
@@ -43,6 +43,10 @@ pub struct ListenerId(pub u16);
 /// Index of an upstream in `Config::upstreams`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct UpstreamId(pub u16);
+
+/// Index of a target within its upstream (`Upstream::targets`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TargetId(pub usize);
 
 /// Index of a rate limit in `Config::rate_limits`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

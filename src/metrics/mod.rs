@@ -8,16 +8,17 @@
 pub mod aggregate;
 pub mod render;
 mod resilience;
+pub mod status;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use hdrhistogram::Histogram;
 
+use crate::config::TargetId;
 use crate::config::{AuthId, Config, RateLimitId, RouteId, UpstreamId};
 use crate::error::Reject;
 use crate::http::Method;
-use crate::upstream::TargetId;
 
 /// Highest latency recorded, in µs: 60 s. Longer ones are recorded as 60 s.
 pub const MAX_LATENCY_US: u64 = 60_000_000;
@@ -385,7 +386,7 @@ impl UpstreamStats {
     }
 
     /// A request the upstream's `[limits]` refused.
-    pub fn record_breaker(&mut self, limit: crate::upstream::breaker::Limit) {
+    pub fn record_breaker(&mut self, limit: crate::config::Limit) {
         self.breaker[limit as usize] += 1;
     }
 

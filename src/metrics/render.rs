@@ -8,9 +8,9 @@ use serde_json::{json, Map, Value};
 
 use super::aggregate::{Aggregate, WorkerFigures};
 use super::resilience;
+use super::status::CertExpiry;
 use super::{CacheOutcome, UpstreamOutcome, METHODS, STATUS_CLASSES};
 use crate::error::Reject;
-use crate::tls::watch::CertExpiry;
 
 /// Prometheus histogram bucket bounds, in seconds; counts come from the HDR data.
 const BUCKETS: [f64; 18] = [
@@ -65,11 +65,11 @@ pub struct Process {
     /// Every served TLS certificate's expiry.
     pub tls_certs: Vec<CertExpiry>,
     /// Every remote JWKS's fetches and keys.
-    pub jwks: Vec<crate::auth::jwks::JwksStat>,
+    pub jwks: Vec<super::status::JwksStat>,
     /// Every actively probed target's health.
-    pub health: Vec<crate::upstream::health::TargetHealth>,
+    pub health: Vec<super::status::TargetHealth>,
     /// The config in use, and reload outcomes by result (`reload::RESULTS` order).
-    pub config: Option<crate::reload::Loaded>,
+    pub config: Option<super::status::Loaded>,
     pub reloads: [u64; 4],
 }
 
@@ -532,7 +532,7 @@ pub fn status(agg: &Aggregate, process: &Process) -> Value {
             "digest": c.digest,
             "path": c.path,
             "loaded_at": c.loaded_at,
-            "reloads": crate::reload::RESULTS.iter().zip(process.reloads)
+            "reloads": super::status::RELOAD_RESULTS.iter().zip(process.reloads)
                 .map(|(r, n)| ((*r).to_owned(), json!(n))).collect::<Map<String, Value>>(),
         })),
         "resident_memory_bytes": process.resident_bytes,

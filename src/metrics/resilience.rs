@@ -17,7 +17,7 @@ pub fn upstreams(out: &mut String, agg: &Aggregate) {
     );
     for (u, counts) in agg.breaker.iter().enumerate() {
         let (uname, _) = &agg.upstream_names[u];
-        for limit in crate::upstream::breaker::Limit::ALL {
+        for limit in crate::config::Limit::ALL {
             let _ = writeln!(
                 out,
                 "ringway_upstream_breaker_refusals_total{{upstream=\"{}\",limit=\"{}\"}} {}",
@@ -62,7 +62,7 @@ pub fn upstreams(out: &mut String, agg: &Aggregate) {
 }
 
 /// Remote JWKS: fetches by result, keys held, and the age of the keys in use.
-pub fn jwks(out: &mut String, all: &[crate::auth::jwks::JwksStat]) {
+pub fn jwks(out: &mut String, all: &[super::status::JwksStat]) {
     if all.is_empty() {
         return;
     }
@@ -117,8 +117,8 @@ pub fn jwks(out: &mut String, all: &[crate::auth::jwks::JwksStat]) {
 }
 
 /// Upstream health: active checks' verdicts and probes, outlier ejections.
-pub fn health(out: &mut String, all: &[crate::upstream::health::TargetHealth]) {
-    let label = |t: &crate::upstream::health::TargetHealth| {
+pub fn health(out: &mut String, all: &[super::status::TargetHealth]) {
+    let label = |t: &super::status::TargetHealth| {
         format!(
             "upstream=\"{}\",target=\"{}\"",
             esc(&t.upstream),
@@ -208,7 +208,7 @@ pub fn config(out: &mut String, process: &super::render::Process) {
         "counter",
         "Reloads asked for (SIGHUP, POST /config/reload), by result: ok, invalid, refused (needs a restart), failed.",
     );
-    for (result, n) in crate::reload::RESULTS.iter().zip(process.reloads) {
+    for (result, n) in super::status::RELOAD_RESULTS.iter().zip(process.reloads) {
         let _ = writeln!(
             out,
             "ringway_config_reloads_total{{result=\"{result}\"}} {n}"

@@ -293,7 +293,14 @@ async fn background_fetch(
         host: &entry.host,
         headers: &headers,
     };
-    let resp = fetch(w, up, entry.url, &request, cache.settings.max_entry_bytes).await?;
+    let resp = fetch(
+        &w.upstream_ctx(),
+        up,
+        entry.url,
+        &request,
+        cache.settings.max_entry_bytes,
+    )
+    .await?;
     let now = Instant::now();
     let rec = Recorded::from_head(&resp.raw_head, &resp.head);
     if resp.head.status == 304 {

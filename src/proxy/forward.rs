@@ -59,6 +59,7 @@ pub(super) async fn proxy<S: Io>(
     strip_prefix: Option<&[u8]>,
 ) -> Result<Next, Failure> {
     let key = balance_key(up, c);
+    let up_cx = w.upstream_ctx();
     let _in_flight = match &up.breaker {
         Some(b) => Some(b.admit().map_err(|limit| {
             up.stats.borrow_mut().record_breaker(limit);
@@ -86,10 +87,11 @@ pub(super) async fn proxy<S: Io>(
         let may_retry = allowed.filter(|_| up.retry_affordable());
         // A failure a retry would follow, were the budget not spent, is counted.
         let budget_short = allowed.filter(|_| may_retry.is_none());
-        let acquired = match client::pick(up, w, key, |t| tried.contains(t)) {
+        let acquired = match client::pick(up, &up_cx, key, |t| tried.contains(t)) {
             Ok(Pick::Pooled(lease, conn)) => Ok((lease, conn)),
             Ok(Pick::Connect(t)) => {
-                let connecting = connect_untried(up, w, key, &c.deadline, |t| tried.contains(t), t);
+                let connecting =
+                    connect_untried(up, &up_cx, key, &c.deadline, |t| tried.contains(t), t);
                 match left {
                     None => connecting.await,
                     Some(left) => monoio::time::timeout(left, connecting)
@@ -588,7 +590,7 @@ async fn exchange<W: AsyncWriteRent>(
                     Ok(fresh) => fresh,
                     Err(e) => {
                         if !matches!(e, ConnectError::TimedOut) {
-                            client::mark_down(ctx.worker, up, target, &e);
+                            client::mark_down(&ctx.worker.upstream_ctx(), up, target, &e);
                         }
                         return Err(ResponseFailure::new(e.proxy_error()));
                     }

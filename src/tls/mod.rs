@@ -2,7 +2,6 @@
 //!
 //! Certificate files are read and checked by `pki` (a leaf `config` uses too).
 //! - `stream`: the handshake and the two halves the pipeline reads and writes (our adapter).
-//! - `accept`: a TLS listener's connection: admission, bounded handshake, then the pipeline.
 //! - `watch`: rotation: files re-read when they change, new configs handed to every worker.
 //!
 //! Each worker builds its own `ServerConfig` per listener from the checked files, with a
@@ -10,7 +9,6 @@
 //! the ticket keys are shared (rustls's rotating ticketer), so a ticket issued by one worker
 //! resumes on any.
 
-pub mod accept;
 pub mod client;
 mod stream;
 pub mod watch;

@@ -32,13 +32,7 @@ pub struct TlsUpdate {
 #[derive(Default)]
 pub struct CertExpiries(Mutex<Vec<CertExpiry>>);
 
-#[derive(Debug, Clone)]
-pub struct CertExpiry {
-    pub listener: String,
-    pub name: String,
-    /// notAfter, in seconds since the epoch.
-    pub not_after: i64,
-}
+pub use crate::metrics::status::CertExpiry;
 
 impl CertExpiries {
     pub fn snapshot(&self) -> Vec<CertExpiry> {

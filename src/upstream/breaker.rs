@@ -65,34 +65,7 @@ impl Drop for ConnSlot {
     }
 }
 
-/// Which limit refused a request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Limit {
-    Requests,
-    Pending,
-    Connections,
-}
-
-impl Limit {
-    pub const ALL: [Limit; 3] = [Limit::Requests, Limit::Pending, Limit::Connections];
-
-    pub fn label(self) -> &'static str {
-        match self {
-            Limit::Requests => "max_requests",
-            Limit::Pending => "max_pending",
-            Limit::Connections => "max_connections",
-        }
-    }
-
-    /// The reason a refused client reads.
-    pub fn reason(self) -> &'static str {
-        match self {
-            Limit::Requests => "the upstream's max_requests are in flight",
-            Limit::Pending => "the upstream's max_pending requests are waiting for a connection",
-            Limit::Connections => "no connection to the upstream came free in time",
-        }
-    }
-}
+pub use crate::config::Limit;
 
 /// Counts a request as in flight until dropped.
 pub struct InFlight<'a>(&'a Cell<u32>);

@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use tracing::{debug, info, warn};
 
-use super::{ConnectError, TargetId, UpstreamConn, UpstreamState};
+use super::{ConnectError, TargetId, UpstreamConn, UpstreamCtx, UpstreamState};
 use crate::body::{BodyError, BodyReader, Reframe};
 use crate::buffer::write_out;
 use crate::deadline::Deadline;
@@ -18,7 +18,6 @@ use crate::error::ProxyError;
 use crate::http::write::field;
 use crate::http::{parse_response, BodyLength, ResponseError, ResponseHead};
 use crate::metrics::UpstreamOutcome;
-use crate::worker::Worker;
 
 /// Connect attempts per request, each to a target not yet found down.
 const MAX_CONNECT_ATTEMPTS: usize = 3;
@@ -39,7 +38,7 @@ impl Drop for TargetLease<'_> {
 /// marked down and another tried. `key` places the request for consistent hashing.
 pub async fn acquire<'a>(
     up: &'a UpstreamState,
-    w: &Worker,
+    w: &UpstreamCtx<'_>,
     key: u64,
     deadline: &Deadline<'_>,
 ) -> Result<(TargetLease<'a>, UpstreamConn), ProxyError> {
@@ -64,12 +63,12 @@ pub enum Pick<'a> {
 /// pooled connection to it if there is one.
 pub fn pick<'a>(
     up: &'a UpstreamState,
-    w: &Worker,
+    w: &UpstreamCtx<'_>,
     key: u64,
     tried: impl Fn(TargetId) -> bool,
 ) -> Result<Pick<'a>, ProxyError> {
     let t = up
-        .pick_untried(&w.rng, key, &tried)
+        .pick_untried(w.rng, key, &tried)
         .ok_or(ProxyError::NoHealthyTarget)?;
     Ok(match up.checkout(t, w.now()) {
         Some(conn) => {
@@ -85,7 +84,7 @@ pub fn pick<'a>(
 /// another picked.
 pub async fn connect_untried<'a>(
     up: &'a UpstreamState,
-    w: &Worker,
+    w: &UpstreamCtx<'_>,
     key: u64,
     deadline: &Deadline<'_>,
     tried: impl Fn(TargetId) -> bool,
@@ -110,7 +109,7 @@ pub async fn connect_untried<'a>(
             None => match up.connect(t, deadline).await {
                 Ok(conn) => {
                     if up.mark_up(t) {
-                        info!(worker = w.id, upstream = %up.name, target = %up.target(t).name, "target up again");
+                        info!(worker = w.worker, upstream = %up.name, target = %up.target(t).name, "target up again");
                     }
                     conn
                 }
@@ -132,7 +131,7 @@ pub async fn connect_untried<'a>(
 /// wait for one to come free; `None` when a new connection may be opened.
 async fn connection_slot(
     up: &UpstreamState,
-    w: &Worker,
+    w: &UpstreamCtx<'_>,
 ) -> Result<Option<(TargetId, UpstreamConn)>, ProxyError> {
     let Some(b) = &up.breaker else {
         return Ok(None);
@@ -167,20 +166,20 @@ pub fn record(
 }
 
 /// Marks `t` down after a failed connect, with a warning when that changes its state.
-pub fn mark_down(w: &Worker, up: &UpstreamState, t: TargetId, e: &ConnectError) {
+pub fn mark_down(w: &UpstreamCtx<'_>, up: &UpstreamState, t: TargetId, e: &ConnectError) {
     if up.mark_down(t) {
-        warn!(worker = w.id, upstream = %up.name, target = %up.target(t).name, error = %e,
+        warn!(worker = w.worker, upstream = %up.name, target = %up.target(t).name, error = %e,
             "target down; skipped for fail_timeout_ms");
     }
 }
 
 /// Logs, at most every 10 s per upstream, how many exchanges failed on this worker since the
 /// last summary: a 502 storm is visible at the default level without a line per request.
-pub fn summarize_failures(w: &Worker, upstreams: &[std::rc::Rc<UpstreamState>]) {
+pub fn summarize_failures(w: &UpstreamCtx<'_>, upstreams: &[std::rc::Rc<UpstreamState>]) {
     let now = w.now();
     for up in upstreams {
         if let Some(failed) = up.failures_to_report(now) {
-            warn!(worker = w.id, upstream = %up.name, failed, "upstream exchanges failed (connect, reset, timeout or invalid response) since the last summary");
+            warn!(worker = w.worker, upstream = %up.name, failed, "upstream exchanges failed (connect, reset, timeout or invalid response) since the last summary");
         }
     }
 }
@@ -211,7 +210,7 @@ pub struct Response {
 /// replaced by a new one to the same target, once, for a GET or HEAD, as the proxy does. The
 /// connection goes back to the pool when the exchange ended cleanly.
 pub async fn fetch(
-    w: &Worker,
+    w: &UpstreamCtx<'_>,
     up: &UpstreamState,
     key: u64,
     req: &Request<'_>,
@@ -262,7 +261,7 @@ pub async fn fetch(
 /// target accepts connections. Bounded by `limit` as a
 /// whole; nothing is recorded in the request metrics or the passive health state.
 pub async fn probe(
-    w: &Worker,
+    w: &UpstreamCtx<'_>,
     up: &UpstreamState,
     t: TargetId,
     req: Option<&Request<'_>>,
@@ -307,7 +306,7 @@ impl From<ProxyError> for Failed {
 
 /// The exchange on one connection; also says whether the connection may be reused.
 async fn exchange(
-    w: &Worker,
+    w: &UpstreamCtx<'_>,
     conn: &mut UpstreamConn,
     req: &Request<'_>,
     max_body: usize,
@@ -324,7 +323,7 @@ async fn exchange(
         .await
         .map_err(|_| Failed::Unanswered(ProxyError::UpstreamUnreachable("write failed")))?;
 
-    let limits = &w.parse_limits;
+    let limits = w.parse_limits;
     let max_head = limits.max_response_head();
     let to_head = req.method == b"HEAD";
     let mut head = ResponseHead::default();
@@ -388,7 +387,7 @@ async fn exchange(
 /// The response body, decoded, if it fits in `max_body` (`None` otherwise: not read whole);
 /// and whether it was read to its end.
 async fn read_body(
-    w: &Worker,
+    w: &UpstreamCtx<'_>,
     conn: &mut UpstreamConn,
     head: &ResponseHead,
     max_body: usize,
@@ -396,7 +395,7 @@ async fn read_body(
     if matches!(head.body, BodyLength::Length(n) if n > max_body as u64) {
         return Ok((None, false));
     }
-    let mut reader = BodyReader::new(head.body, &w.parse_limits);
+    let mut reader = BodyReader::new(head.body, w.parse_limits);
     let mut body = Vec::new();
     let mut seen = 0u64;
     let max = Some(max_body as u64);

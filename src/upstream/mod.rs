@@ -37,9 +37,26 @@ use crate::rng::Rng;
 use crate::tls::HandshakeError;
 pub use stream::{UpRead, UpWrite};
 
-/// Index of a target within its upstream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TargetId(pub usize);
+pub use crate::config::TargetId;
+
+/// What upstream code needs of the worker it runs on, lent by the worker for a call: upstream
+/// code never sees the worker itself.
+pub struct UpstreamCtx<'a> {
+    /// The worker's id, for logs.
+    pub worker: usize,
+    pub rng: &'a crate::rng::Rng,
+    /// The worker's deadline slots and coarse clock.
+    pub deadlines: &'a crate::deadline::Deadlines,
+    pub parse_limits: &'a crate::http::ParseLimits,
+}
+
+impl UpstreamCtx<'_> {
+    /// The worker's coarse clock.
+    #[inline]
+    pub fn now(&self) -> std::time::Instant {
+        self.deadlines.now()
+    }
+}
 
 /// A connection to a target, split so that a request body can stream up while the response
 /// streams down; cleartext or TLS.

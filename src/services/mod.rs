@@ -3,15 +3,21 @@
 //! probes, outlier ejection). Each worker applies what they send on its tick; worker 0 also
 //! runs them on its tick.
 
+mod health;
+mod jwks_fetcher;
+
+use health::Health;
+use jwks_fetcher::Fetcher;
+
 use std::rc::Rc;
 use std::sync::Arc;
 
 use crossbeam_channel::{Receiver, Sender};
 
 use crate::admin::AdminState;
-use crate::auth::jwks::{self, Ask, Fetcher, KeysUpdate};
+use crate::auth::jwks::{self, Ask, KeysUpdate};
 use crate::config::Config;
-use crate::upstream::health::{self, ejection, HealthUpdate};
+use crate::upstream::health::{self as upstream_health, ejection, HealthUpdate};
 use crate::worker::Worker;
 
 /// One worker's ends of the services' channels, and worker 0's services themselves.
@@ -42,7 +48,7 @@ type JwksStart = (
 type HealthStart = (
     Vec<Sender<HealthUpdate>>,
     Receiver<ejection::Report>,
-    Arc<health::HealthStatus>,
+    Arc<upstream_health::HealthStatus>,
 );
 
 /// Every worker's links, worker 0's first.
@@ -56,7 +62,7 @@ pub fn links(workers: usize, admin: &AdminState) -> Vec<WorkerLinks> {
         .map(|rx| (ask_tx.clone(), rx))
         .collect();
     let jwks_leader = (asks, updates, Arc::clone(&admin.jwks));
-    let h = health::links(workers);
+    let h = upstream_health::links(workers);
     let (report_tx, reports) = h.reports;
     let (update_txs, update_rxs): (Vec<_>, Vec<_>) = h.updates.into_iter().unzip();
     let mut leader = Some(Leader {
@@ -83,7 +89,7 @@ pub struct Running {
     /// Some upstream has `[outlier]`: failure runs are reported.
     outliers: bool,
     fetcher: Option<Fetcher>,
-    health_service: Option<health::Health>,
+    health_service: Option<Health>,
 }
 
 impl Running {
@@ -96,9 +102,7 @@ impl Running {
             let (asks, updates, status) = leader.jwks;
             fetcher = Some(Fetcher::new(config, asks, updates, status));
             let (updates, reports, status) = leader.health;
-            health_service = Some(health::Health::start(
-                worker, config, updates, reports, status,
-            ));
+            health_service = Some(Health::start(worker, config, updates, reports, status));
         }
         Running {
             jwt_updates,
@@ -130,11 +134,13 @@ impl Running {
         }
         worker.generation().jwt.apply(&self.jwt_updates);
         if self.outliers {
-            health::report(worker, &self.health_reports);
+            let gen = worker.generation();
+            upstream_health::report(gen.id, worker.id, &gen.upstreams, &self.health_reports);
         }
         if let Some(h) = &mut self.health_service {
             h.poll(worker.now());
         }
-        health::apply(worker, &self.health);
+        let gen = worker.generation();
+        upstream_health::apply(gen.id, &gen.upstreams, &self.health);
     }
 }

@@ -2,6 +2,8 @@
 //! listeners it keeps (`Listener::same_socket`) (under their new `ListenerId`), stops those it removes (they stop
 //! accepting; their connections finish and close) and starts the ones it adds.
 
+mod tls;
+
 use std::cell::Cell;
 use std::net::TcpListener as StdListener;
 use std::rc::Rc;
@@ -14,7 +16,6 @@ use tracing::warn;
 
 use crate::config::{Config, Listener, ListenerId};
 use crate::proxy;
-use crate::tls;
 use crate::worker::{FirstRequest, Worker};
 
 /// Whether an accept loop goes on, and how it ends.
@@ -145,7 +146,7 @@ async fn accept_loop(
                 // Counted now, before its task runs: a drain starting meanwhile waits for it.
                 let first = FirstRequest::new(&worker);
                 if worker.is_tls(id) {
-                    monoio::spawn(tls::accept::serve(stream, peer, id, w, first));
+                    monoio::spawn(tls::serve(stream, peer, id, w, first));
                 } else {
                     monoio::spawn(proxy::serve_accepted(stream, peer, id, w, first));
                 }

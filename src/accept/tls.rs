@@ -12,10 +12,10 @@ use rustls::server::ServerConnection;
 use rustls::Connection;
 use tracing::debug;
 
-use super::stream::{handshake, HandshakeError, TlsStream};
 use crate::config::ListenerId;
 use crate::deadline::TimedOut;
 use crate::error::Reject;
+use crate::tls::{handshake, HandshakeError, TlsStream};
 use crate::worker::{FirstRequest, Worker};
 
 /// TLS records start with a content type; a ClientHello comes in a handshake record.
