@@ -3,7 +3,7 @@
 //! next hop sees framing the gateway wrote), close-delimited response bodies until EOF. Memory
 //! per transfer is bounded by the read buffer's capacity, whatever the body's size.
 
-use std::cell::{Cell, RefCell};
+use std::cell::Cell;
 use std::io;
 use std::pin::pin;
 use std::time::Duration;
@@ -25,33 +25,6 @@ pub enum BodyReader {
     Done,
 }
 
-/// A copy of a body's data taken as it passes (for the cache), given up past `max` bytes.
-#[derive(Debug, Default)]
-pub struct Tee {
-    pub data: Vec<u8>,
-    pub max: usize,
-    pub overflowed: bool,
-}
-
-impl Tee {
-    pub fn new(max: usize) -> Tee {
-        Tee {
-            data: Vec::new(),
-            max,
-            overflowed: false,
-        }
-    }
-
-    fn push(&mut self, bytes: &[u8]) {
-        if self.overflowed || self.data.len() + bytes.len() > self.max {
-            self.overflowed = true;
-            self.data = Vec::new();
-        } else {
-            self.data.extend_from_slice(bytes);
-        }
-    }
-}
-
 /// How the data leaves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reframe {
@@ -59,6 +32,51 @@ pub enum Reframe {
     AsIs,
     /// Chunked, ending with the last chunk.
     Chunked,
+}
+
+/// What a body's data meets on its way from the sender's framing to the receiver's: written
+/// as it is (`Plain`), or handed to the route's body filters (`proxy::response`), which may
+/// observe or transform it.
+pub trait BodyHook {
+    /// Data arrived; appends what the receiver gets to `out`, framed by `reframe`.
+    fn data(&mut self, data: &[u8], out: &mut Vec<u8>, reframe: Reframe);
+    /// The sender paused with everything so far handed over: anything held back goes now.
+    fn flush(&mut self, _out: &mut Vec<u8>, _reframe: Reframe) {}
+    /// The body ended: the rest, and the last chunk when chunked.
+    fn end(&mut self, out: &mut Vec<u8>, reframe: Reframe);
+}
+
+/// The data as it is.
+pub struct Plain;
+
+impl BodyHook for Plain {
+    #[inline]
+    fn data(&mut self, data: &[u8], out: &mut Vec<u8>, reframe: Reframe) {
+        frame(out, data, reframe);
+    }
+
+    #[inline]
+    fn end(&mut self, out: &mut Vec<u8>, reframe: Reframe) {
+        if reframe == Reframe::Chunked {
+            out.extend_from_slice(LAST_CHUNK);
+        }
+    }
+}
+
+/// Appends `data` to `out` in the receiver's framing (an empty chunk would end the body, so
+/// empty data writes nothing).
+#[inline]
+pub fn frame(out: &mut Vec<u8>, data: &[u8], reframe: Reframe) {
+    if reframe == Reframe::Chunked {
+        if data.is_empty() {
+            return;
+        }
+        write_chunk_header(out, data.len());
+        out.extend_from_slice(data);
+        out.extend_from_slice(b"\r\n");
+    } else {
+        out.extend_from_slice(data);
+    }
 }
 
 #[derive(Debug)]
@@ -93,8 +111,9 @@ impl BodyReader {
         matches!(self, BodyReader::Done)
     }
 
-    /// Moves the body bytes already in `rbuf` to `out`, stopping at the body's end so that a
-    /// pipelined request behind it stays in `rbuf`. `seen` counts data bytes against `max`.
+    /// Moves the body bytes already in `rbuf` to `out` through `hook`, stopping at the body's
+    /// end (where the hook's `end` runs) so that a pipelined request behind it stays in
+    /// `rbuf`. `seen` counts data bytes against `max`.
     pub fn take_buffered(
         &mut self,
         rbuf: &mut ReadBuf,
@@ -102,7 +121,7 @@ impl BodyReader {
         reframe: Reframe,
         seen: &mut u64,
         max: Option<u64>,
-        mut tee: Option<&mut Tee>,
+        hook: &mut impl BodyHook,
     ) -> Result<(), BodyError> {
         let mut count = |n: usize| {
             *seen += n as u64;
@@ -118,22 +137,17 @@ impl BodyReader {
                     .len()
                     .min(usize::try_from(*remaining).unwrap_or(usize::MAX));
                 count(n)?;
-                if let Some(t) = tee.as_deref_mut() {
-                    t.push(&rbuf.data()[..n]);
-                }
-                out.extend_from_slice(&rbuf.data()[..n]);
+                hook.data(&rbuf.data()[..n], out, reframe);
                 rbuf.consume(n);
                 *remaining -= n as u64;
                 if *remaining == 0 {
                     *self = BodyReader::Done;
+                    hook.end(out, reframe);
                 }
             }
             BodyReader::UntilClose => {
                 let n = rbuf.len();
-                if let Some(t) = tee.as_deref_mut() {
-                    t.push(rbuf.data());
-                }
-                out.extend_from_slice(rbuf.data());
+                hook.data(rbuf.data(), out, reframe);
                 rbuf.consume(n);
             }
             BodyReader::Chunked(decoder) => loop {
@@ -144,24 +158,13 @@ impl BodyReader {
                 match found {
                     Decoded::Data(range) => {
                         count(range.len())?;
-                        if let Some(t) = tee.as_deref_mut() {
-                            t.push(&rbuf.data()[range.clone()]);
-                        }
-                        if reframe == Reframe::Chunked {
-                            write_chunk_header(out, range.len());
-                        }
-                        out.extend_from_slice(&rbuf.data()[range]);
-                        if reframe == Reframe::Chunked {
-                            out.extend_from_slice(b"\r\n");
-                        }
+                        hook.data(&rbuf.data()[range], out, reframe);
                         rbuf.consume(used);
                     }
                     Decoded::Done => {
                         rbuf.consume(used);
-                        if reframe == Reframe::Chunked {
-                            out.extend_from_slice(LAST_CHUNK);
-                        }
                         *self = BodyReader::Done;
+                        hook.end(out, reframe);
                         break;
                     }
                     Decoded::NeedMore => {
@@ -186,16 +189,11 @@ pub struct Transfer<'a> {
     pub deadline: &'a Deadline<'a>,
     /// Bytes written to the receiver, counted as they go.
     pub sent: &'a Cell<u64>,
-    /// Where to copy the data as it passes, if anywhere.
-    pub tee: Option<&'a RefCell<Tee>>,
-    /// Leave the last bytes in `out` for the caller to send, so that it can act once the input
-    /// has ended but before the receiver has all of it.
-    pub keep_last: bool,
 }
 
-/// Streams the rest of a body from `src` to `dst`. `out` may hold bytes to send first (a head);
-/// it is flushed before every wait for input, so the receiver never waits on the gateway, and at
-/// the end unless `keep_last`.
+/// Streams the rest of a body from `src` to `dst` through `hook`. `out` may hold bytes to send
+/// first (a head); it is flushed (the hook's first) before every wait for input, so the
+/// receiver never waits on the gateway, and at the end.
 #[allow(clippy::too_many_arguments)]
 pub async fn copy_body<R: AsyncReadRent, W: AsyncWriteRent>(
     src: &mut R,
@@ -206,12 +204,11 @@ pub async fn copy_body<R: AsyncReadRent, W: AsyncWriteRent>(
     reframe: Reframe,
     seen: &mut u64,
     t: &Transfer<'_>,
+    hook: &mut impl BodyHook,
 ) -> Result<(), BodyError> {
     let mut streaming = false;
     loop {
-        let mut tee = t.tee.map(RefCell::borrow_mut);
-        body.take_buffered(rbuf, out, reframe, seen, t.max, tee.as_deref_mut())?;
-        drop(tee);
+        body.take_buffered(rbuf, out, reframe, seen, t.max, hook)?;
         if body.is_done() {
             break;
         }
@@ -220,12 +217,15 @@ pub async fn copy_body<R: AsyncReadRent, W: AsyncWriteRent>(
         // would otherwise cost a send and a receive more per request).
         let rest_is_small =
             matches!(body, BodyReader::Length(n) if out.len() as u64 + *n <= COALESCE_BYTES);
-        if !out.is_empty() && !rest_is_small {
-            t.sent.set(t.sent.get() + out.len() as u64);
-            send(dst, out, t.deadline, t.write_timeout)
-                .await
-                .map_err(BodyError::Write)?;
-            out.clear();
+        if !rest_is_small {
+            hook.flush(out, reframe);
+            if !out.is_empty() {
+                t.sent.set(t.sent.get() + out.len() as u64);
+                send(dst, out, t.deadline, t.write_timeout)
+                    .await
+                    .map_err(BodyError::Write)?;
+                out.clear();
+            }
         }
         if !streaming {
             rbuf.reserve_for_streaming();
@@ -236,6 +236,7 @@ pub async fn copy_body<R: AsyncReadRent, W: AsyncWriteRent>(
             Err(_) => return Err(BodyError::ReadTimeout),
             Ok(Ok(0)) if matches!(body, BodyReader::UntilClose) => {
                 *body = BodyReader::Done;
+                hook.end(out, reframe);
                 break;
             }
             Ok(Ok(0)) => return Err(BodyError::Truncated),
@@ -243,7 +244,7 @@ pub async fn copy_body<R: AsyncReadRent, W: AsyncWriteRent>(
             Ok(Err(e)) => return Err(BodyError::Read(e)),
         }
     }
-    if !out.is_empty() && !t.keep_last {
+    if !out.is_empty() {
         t.sent.set(t.sent.get() + out.len() as u64);
         send(dst, out, t.deadline, t.write_timeout)
             .await

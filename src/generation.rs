@@ -17,7 +17,7 @@ use crate::auth::jwks::JwtState;
 use crate::auth::Consumers;
 use crate::cidr::Cidr;
 use crate::config::{Config, ListenerId, RouteAction, RouteId, UpstreamId};
-use crate::filter::Chain;
+use crate::filter::{Chain, Reply};
 use crate::http::NameSet;
 use crate::metrics::{GenDelta, GenMetrics};
 use crate::router::Router;
@@ -66,12 +66,8 @@ pub enum Terminal {
         upstream: UpstreamId,
         strip_prefix: Option<Box<[u8]>>,
     },
-    /// A fixed response; `headers` are ready-made header lines.
-    Respond {
-        status: u16,
-        headers: Box<[u8]>,
-        body: Box<[u8]>,
-    },
+    /// A fixed response; its headers are ready-made header lines.
+    Respond(Reply),
     /// A redirect to the request's path and query at `scheme://host:port`.
     Redirect {
         status: u16,
@@ -89,7 +85,7 @@ impl Generation {
     /// target name, what must outlive a config (pools, health, breakers, retry budgets).
     pub fn build(config: &Arc<Config>, previous: Option<&Generation>) -> Generation {
         let consumers = Rc::new(Consumers::new(config));
-        let upstreams = config
+        let upstreams: Box<[Rc<UpstreamState>]> = config
             .upstreams
             .iter()
             .enumerate()
@@ -112,7 +108,7 @@ impl Generation {
                 max_body_bytes: r.max_body_bytes,
                 timeout: r.timeout,
                 trust_identity_headers: r.trust_identity_headers,
-                chain: Chain::build(r, config, &consumers),
+                chain: Chain::build(r, config, &consumers, &upstreams),
                 terminal: match &r.action {
                     RouteAction::Proxy(upstream) => Terminal::Proxy {
                         upstream: *upstream,
@@ -139,11 +135,12 @@ impl Generation {
                                 value.as_bytes(),
                             );
                         }
-                        Terminal::Respond {
+                        Terminal::Respond(Reply {
                             status: resp.status,
                             headers: headers.into(),
-                            body: resp.body.as_bytes().into(),
-                        }
+                            body: resp.body.clone().into_bytes().into(),
+                            ..Reply::default()
+                        })
                     }
                 },
             })

@@ -165,7 +165,11 @@ impl Worker {
 
     /// The services filters may use, with the connection's `deadline`, on the request's
     /// generation `gen`.
-    pub fn filter_ctx<'a>(&'a self, gen: &'a Generation, deadline: &'a Deadline<'a>) -> Ctx<'a> {
+    pub fn filter_ctx<'a>(
+        self: &'a Rc<Self>,
+        gen: &'a Generation,
+        deadline: &'a Deadline<'a>,
+    ) -> Ctx<'a> {
         Ctx {
             limiters: &self.limiters,
             metrics: &self.metrics,
@@ -175,6 +179,7 @@ impl Worker {
             jwt: &gen.jwt,
             now: self.now(),
             unix_now: self.deadlines.unix_now(),
+            background: self,
         }
     }
 

@@ -57,7 +57,8 @@ pub struct Entry {
     /// whether a new representation from a revalidation may replace it.
     pub authorized: bool,
     pub status: u16,
-    pub reason: Box<[u8]>,
+    /// The reason phrase, shared with every answer from the entry.
+    pub reason: Bytes,
     /// The response's header lines as they are replayed (no framing, hop-by-hop, Age).
     pub head: Bytes,
     pub body: Bytes,

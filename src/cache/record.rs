@@ -11,7 +11,7 @@ use super::policy::{self, CacheControl, ResponseFacts};
 use super::{variant_hash, Entry};
 use crate::config::Implicit;
 use crate::http::write::copy_lines;
-use crate::http::{parse_response, HeaderKind, ResponseHead, MAX_HEADERS_CEILING};
+use crate::http::{parse_response, HeaderEdits, HeaderKind, ResponseHead, MAX_HEADERS_CEILING};
 
 /// The largest age a response can state: larger values count as 2^31 s (RFC 9111 §1.2.2).
 pub const MAX_AGE: Duration = Duration::from_secs(1 << 31);
@@ -116,6 +116,20 @@ impl Recorded {
                 && !resp.connection.names(buf, h.name.get(buf))
         });
         r
+    }
+
+    /// `from_head` of the head as `edits` leave it (the filters before the cache changed it).
+    pub fn from_edited(buf: &[u8], resp: &ResponseHead, edits: &HeaderEdits) -> Recorded {
+        if edits.is_empty() {
+            return Recorded::from_head(buf, resp);
+        }
+        let mut lines = Vec::with_capacity(resp.len);
+        copy_lines(&mut lines, buf, &resp.headers, resp.len, |h| {
+            !edits.removes(h.name.get(buf))
+        });
+        edits.write_appended(&mut lines);
+        Recorded::from_lines(resp.status, resp.reason.get(buf), &lines)
+            .unwrap_or_else(|| Recorded::from_head(buf, resp))
     }
 
     /// The facts of a header block as stored (`name: value\r\n` lines), as if it came with
@@ -231,7 +245,12 @@ pub fn new_entry(
         replay: request.replay.clone(),
         authorized: request.authorized,
         status: rec.status,
-        reason: rec.reason,
+        // The standard phrase is written by the head writer: nothing to share on every hit.
+        reason: if rec.reason[..] == *crate::http::write::reason_phrase(rec.status).as_bytes() {
+            Bytes::new()
+        } else {
+            Bytes::from(rec.reason)
+        },
         head: Bytes::from(rec.head),
         body,
         etag: rec.etag,

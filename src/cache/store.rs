@@ -260,7 +260,7 @@ pub(super) mod tests {
             replay: Box::default(),
             authorized: false,
             status: 200,
-            reason: Box::default(),
+            reason: Bytes::new(),
             head: Bytes::new(),
             body: Bytes::from(vec![0u8; body]),
             etag: None,

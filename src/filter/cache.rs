@@ -1,44 +1,48 @@
 //! The cache filters. `Cache`, on routes with `cache`: `on_request` answers from the worker's
-//! cache when an entry is fresh (HIT), or stale within `stale-while-revalidate` (STALE; the
-//! pipeline revalidates it in the background), waits for another request's fetch of the same
-//! key (one per key on a worker at a time), or lets the request go upstream (MISS) with a
-//! `CacheSlot` in the exchange; `on_upstream_request` adds the validators of a stale entry;
-//! the response side records the upstream's head, copies a storable body and stores it once the
-//! body is whole, before its last bytes go to the client (`CacheExchange`); `on_done` refreshes
-//! the entry a 304 revalidated and asks the pipeline to answer from it. `Invalidate`, on routes
-//! without `cache` while `[cache]` is on, and `Cache` for unsafe methods: an unsafe request
-//! whose response head is not an error invalidates its URL (and its `Location` /
-//! `Content-Location`) on every worker before the head goes to the client.
+//! cache when an entry is fresh (HIT), or stale within `stale-while-revalidate` (STALE; a
+//! background revalidation starts), waits for another request's fetch of the same key (one
+//! per key on a worker at a time), or lets the request go upstream (MISS) with a `CacheSlot`;
+//! `on_upstream_request` adds the validators of a stale entry; `on_upstream_response` records
+//! the upstream's head (as the filters before it edited it), or replaces it: a 304 that
+//! revalidated a stale entry by the refreshed entry, a 5xx by a stale entry that may stand in;
+//! `on_body` copies a storable body and stores it at its end, before its last bytes go to the
+//! client; `on_done` answers from a stale entry if the upstream failed, counts the miss and
+//! lands the flight. `Invalidate`, on routes without `cache` while `[cache]` is on, and `Cache`
+//! for unsafe methods: an unsafe request whose response head is not an error invalidates its
+//! URL (and its `Location` / `Content-Location`) on every worker before the head goes to the
+//! client. Answers are `Reply`s (`answer`), written like any other.
 //!
 //! The key is the URL, a partition and the variant headers. The partition holds what the
 //! upstream hears about the request beyond its own headers: where the client addressed it
 //! (scheme, port), and on a route with `auth` who is calling, so that a response the gateway
 //! fetched for one consumer (whose identity it sent as `X-Consumer`) never answers another.
 
-use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
+mod answer;
 mod key;
 
-use super::{Ctx, Flow, RequestInfo};
+use super::{BodyStep, Ctx, Done, Flow, RequestInfo, ResponseOut, ResponseView, Slot};
 use crate::auth::{Consumers, Identity};
-use crate::body::Tee;
 use crate::cache::policy::{self, CacheControl};
 use crate::cache::record::{add_validators, new_entry, refreshed, Recorded, Request};
 use crate::cache::{url_hash, variant_hash, Entry, WorkerCache};
-use crate::config::Implicit;
-use crate::config::RouteCache;
+use crate::config::{Implicit, Route, RouteCache};
 use crate::error::ProxyError;
-use crate::http::{BodyLength, HeaderEdits, HeaderKind, Method, RequestHead, ResponseHead};
+use crate::http::{BodyLength, HeaderEdits, HeaderKind, Method, RequestHead};
 use crate::metrics::CacheOutcome;
+use crate::upstream::UpstreamState;
+use answer::Asked;
 use key::{Keyed, Keying};
 
 /// How long a miss waits for another request's fetch of the same key before making its own.
 const COALESCE_WAIT: Duration = Duration::from_secs(5);
+/// Flights for background revalidation are keyed apart from fetches for misses.
+const REVALIDATION: u64 = 0x9e37_79b9_7f4a_7c15;
 
 pub struct Cache {
     policy: RouteCache,
@@ -47,25 +51,31 @@ pub struct Cache {
     coalesce_wait: Duration,
     /// What the key holds beyond the URL and header values.
     keying: Keying,
+    /// Where a background revalidation goes: the route's upstream, and the prefix it strips.
+    upstream: Rc<UpstreamState>,
+    strip_prefix: Option<Box<[u8]>>,
 }
 
-/// What the cache phases keep about one request that went upstream.
+/// A background revalidation of an entry answered STALE, for the worker to run (`Background`).
+pub struct Revalidation {
+    pub upstream: Rc<UpstreamState>,
+    /// The path asked for (after `strip_prefix`), as for the request that stored the entry.
+    pub target: Box<[u8]>,
+    pub entry: Arc<Entry>,
+    /// The flight it leads (one per entry at a time), landed when it ends.
+    pub flight: u64,
+}
+
+/// What the cache filters keep about one request that went upstream.
 pub struct CacheSlot {
-    /// What the response side looks at.
-    pub exchange: CacheExchange,
-    /// The stale entry this request revalidates, if any.
+    /// The stale entry found for the request, if any: revalidated by it, or standing in.
     stale: Option<Arc<Entry>>,
     /// The flight this request leads, landed when it ends.
     flight: Option<u64>,
-    /// Where `X-Cache: MISS` starts in the gateway's lines (dropped if a 304 revalidates).
+    /// Where `X-Cache: MISS` starts in the gateway's lines (dropped if an entry answers).
     miss_line: usize,
-}
-
-/// What caching asks of one proxied exchange's response side.
-pub struct CacheExchange {
-    /// A stale entry is being revalidated: a 304 answers from it instead of reaching the client.
-    pub revalidating: bool,
-    pub not_modified: Cell<bool>,
+    /// A stale entry is being revalidated: a 304 answers from it.
+    revalidating: bool,
     /// Conditional header lines for the upstream request.
     conditional: Vec<u8>,
     capture: Option<Capture>,
@@ -73,137 +83,69 @@ pub struct CacheExchange {
     invalidates: Option<(Box<[u8]>, u64)>,
     /// The stale entry to answer with if the upstream fails, and the route's window for it.
     fallback: Option<(Arc<Entry>, Duration)>,
-    /// The upstream answered 5xx and this fallback was taken instead (decided once, at the head:
-    /// the 5xx is not forwarded, so the entry must answer even if its window closes meanwhile).
-    failed_over: RefCell<Option<Arc<Entry>>>,
+    /// An entry answered instead of the upstream's response: no miss to count.
+    answered: bool,
 }
 
 struct Capture {
     /// What storing the response needs from the request (read before its head is consumed).
     request: Request,
-    tee: RefCell<Tee>,
-    recorded: RefCell<Option<Recorded>>,
+    /// The body so far, while it may still be stored.
+    tee: Vec<u8>,
+    /// Not stored after all: not storable, or over `max_entry`.
+    given_up: bool,
+    recorded: Option<Recorded>,
+    /// When the response head arrived.
+    arrived: Instant,
     authorized: bool,
     implicit: Implicit,
     max_entry: usize,
 }
 
-impl CacheExchange {
-    fn new(capture: Option<Capture>) -> CacheExchange {
-        CacheExchange {
+impl CacheSlot {
+    fn new(capture: Option<Capture>) -> CacheSlot {
+        CacheSlot {
+            stale: None,
+            flight: None,
+            miss_line: 0,
             revalidating: false,
-            not_modified: Cell::new(false),
             conditional: Vec::new(),
             capture,
             invalidates: None,
             fallback: None,
-            failed_over: RefCell::new(None),
+            answered: false,
         }
     }
 
-    /// The stale entry, if it may answer now that the upstream failed.
-    fn fallback_now(&self) -> Option<&Arc<Entry>> {
-        let (entry, window) = self.fallback.as_ref()?;
-        entry
-            .may_serve_on_error(Instant::now(), *window)
-            .then_some(entry)
-    }
-
-    /// The upstream's final head, before the client sees anything: a 304 to a revalidation is
-    /// recorded and taken over (the caller writes nothing; the pipeline answers from the
-    /// refreshed entry), and so is a 5xx when a stale entry may answer instead
-    /// (`stale-if-error`); a non-error answer to an unsafe request invalidates now, so no worker
-    /// can serve the old entry once the client has the answer; anything else is noted for
-    /// storing. Returns whether the response was taken over.
-    pub fn on_upstream_response(
-        &self,
-        cache: Option<&WorkerCache>,
-        buf: &[u8],
-        resp: &ResponseHead,
-    ) -> bool {
-        if self.revalidating && resp.status == 304 {
-            if let Some(cap) = &self.capture {
-                *cap.recorded.borrow_mut() = Some(Recorded::from_head(buf, resp));
-            }
-            self.not_modified.set(true);
-            return true;
-        }
-        if resp.status >= 500 {
-            if let Some(entry) = self.fallback_now() {
-                *self.failed_over.borrow_mut() = Some(Arc::clone(entry));
-                return true;
-            }
-        }
-        if let (Some((host, own)), Some(cache)) = (&self.invalidates, cache) {
-            if (200..400).contains(&resp.status) {
-                let locations = resp.headers.iter().filter_map(|h| {
-                    let name = h.name.get(buf);
-                    (name.eq_ignore_ascii_case(b"location")
-                        || name.eq_ignore_ascii_case(b"content-location"))
-                    .then(|| h.value.get(buf))
-                });
-                invalidate(cache, host, *own, locations);
-            }
-        }
-        let Some(cap) = &self.capture else {
-            return false;
-        };
-        let rec = Recorded::from_head(buf, resp);
-        let fits = match resp.body {
-            BodyLength::Length(n) => n <= cap.max_entry as u64,
-            _ => true,
-        };
-        if fits && policy::storable(&rec.facts(cap.authorized)) {
-            *cap.recorded.borrow_mut() = Some(rec);
-        } else {
-            cap.tee.borrow_mut().overflowed = true;
-        }
-        false
-    }
-
-    /// The body observer: where the response body is copied, while it may still be stored.
-    pub fn tee(&self) -> Option<&RefCell<Tee>> {
-        self.capture
-            .as_ref()
-            .filter(|c| c.recorded.borrow().is_some() && !c.tee.borrow().overflowed)
-            .map(|c| &c.tee)
-    }
-
-    /// The body arrived whole: stores the response if it was storable and copied whole (before
-    /// its last bytes go to the client, so that every worker has it by the time the client
-    /// can ask again). `arrived` is when the response head came.
-    pub fn on_body_complete(&self, cache: Option<&WorkerCache>, arrived: Instant) {
-        let (Some(cap), Some(cache)) = (&self.capture, cache) else {
-            return;
-        };
-        if self.not_modified.get() {
-            return;
-        }
-        let Some(rec) = cap.recorded.borrow_mut().take() else {
-            return;
-        };
-        let mut tee = cap.tee.borrow_mut();
-        if tee.overflowed {
-            return;
-        }
-        let body = Bytes::from(std::mem::take(&mut tee.data));
-        let entry = new_entry(&cap.request, rec, body, arrived, cap.implicit);
-        cache.insert(Arc::new(entry));
-    }
-}
-
-impl CacheSlot {
     /// For an unsafe request: nothing to store, only its URL to invalidate if it succeeds.
     pub fn invalidating(req: &RequestInfo<'_>) -> CacheSlot {
         let host = req.view.host();
-        let mut exchange = CacheExchange::new(None);
-        exchange.invalidates = Some((host.into(), url_hash(host, origin_target(req))));
-        CacheSlot {
-            exchange,
-            stale: None,
-            flight: None,
-            miss_line: 0,
-        }
+        let mut slot = CacheSlot::new(None);
+        slot.invalidates = Some((host.into(), url_hash(host, origin_target(req))));
+        slot
+    }
+
+    /// The stale entry, if it may answer now that the upstream failed.
+    fn fallback_now(&self) -> Option<Arc<Entry>> {
+        let (entry, window) = self.fallback.as_ref()?;
+        entry
+            .may_serve_on_error(Instant::now(), *window)
+            .then(|| Arc::clone(entry))
+    }
+
+    /// Answers from `entry` instead of the upstream's response.
+    fn answer(
+        &mut self,
+        cx: &Ctx<'_>,
+        entry: &Entry,
+        outcome: CacheOutcome,
+        asked: Option<&Asked<'_>>,
+        lines: &mut Vec<u8>,
+    ) -> Flow {
+        self.answered = true;
+        lines.truncate(self.miss_line);
+        cx.metrics.borrow_mut().record_cache(outcome);
+        Flow::Reply(answer::reply(entry, outcome, asked, lines, Instant::now()))
     }
 }
 
@@ -261,14 +203,14 @@ fn request_facts(
 }
 
 /// What the request asks of the cache.
-struct Asked {
+struct Asks {
     cc: CacheControl,
     authorized: bool,
     conditional: bool,
 }
 
-fn asked(req: &RequestInfo<'_>) -> Asked {
-    let mut a = Asked {
+fn asks(req: &RequestInfo<'_>) -> Asks {
+    let mut a = Asks {
         cc: CacheControl::default(),
         authorized: false,
         conditional: false,
@@ -294,14 +236,17 @@ impl Cache {
     /// identity.
     pub fn new(
         policy: &RouteCache,
-        request_timeout: Duration,
+        route: &Route,
+        upstream: Rc<UpstreamState>,
         authenticated: bool,
         consumers: &Rc<Consumers>,
     ) -> Cache {
         Cache {
             policy: policy.clone(),
-            coalesce_wait: COALESCE_WAIT.min(request_timeout),
+            coalesce_wait: COALESCE_WAIT.min(upstream.request_timeout),
             keying: Keying::new(policy.per_consumer, authenticated, consumers),
+            upstream,
+            strip_prefix: route.strip_prefix.as_ref().map(|p| p.as_bytes().into()),
         }
     }
 
@@ -310,7 +255,7 @@ impl Cache {
         cx: &Ctx<'_>,
         req: &RequestInfo<'_>,
         lines: &mut Vec<u8>,
-        slot: &mut Option<CacheSlot>,
+        slot: &mut Slot,
         identity: Option<&Identity>,
     ) -> Result<Flow, ProxyError> {
         let Some(cache) = cx.cache else {
@@ -318,7 +263,7 @@ impl Cache {
         };
         let head = req.view.head;
         let method = head.method;
-        let asked = asked(req);
+        let asked = asks(req);
         let directives = policy::request_directives(&asked.cc);
         let eligible =
             matches!(method, Method::Get | Method::Head) && head.body == BodyLength::None;
@@ -330,7 +275,7 @@ impl Cache {
             lines.extend_from_slice(b"x-cache: BYPASS\r\n");
             cx.metrics.borrow_mut().record_cache(CacheOutcome::Bypass);
             if !method.is_safe() {
-                *slot = Some(CacheSlot::invalidating(req));
+                *slot = Slot::Cache(Box::new(CacheSlot::invalidating(req)));
             }
             return Ok(Flow::Continue);
         };
@@ -347,10 +292,11 @@ impl Cache {
         let found = cache.get(url, |e| variant_of(&e.vary));
         if let Some(entry) = &found {
             if entry.is_fresh(now) && !directives.revalidate {
-                return Ok(Flow::Cached(Arc::clone(entry), CacheOutcome::Hit));
+                return Ok(self.hit(cx, req, entry, CacheOutcome::Hit, lines, now));
             }
             if !directives.revalidate && entry.may_serve_stale(now) {
-                return Ok(Flow::Cached(Arc::clone(entry), CacheOutcome::Stale));
+                self.revalidate_in_background(cx, cache, entry);
+                return Ok(self.hit(cx, req, entry, CacheOutcome::Stale, lines, now));
             }
         }
         if directives.only_if_cached {
@@ -371,87 +317,198 @@ impl Cache {
                     .await;
                 let again = cache.get(url, |e| variant_of(&e.vary));
                 if let Some(entry) = again.filter(|e| e.is_fresh(Instant::now())) {
-                    return Ok(Flow::Cached(entry, CacheOutcome::Coalesced));
+                    return Ok(self.hit(
+                        cx,
+                        req,
+                        &entry,
+                        CacheOutcome::Coalesced,
+                        lines,
+                        Instant::now(),
+                    ));
                 }
             }
         }
         let who = identity.map(|i| (self.keying.name(i), i));
-        let mut exchange = CacheExchange::new((method == Method::Get).then(|| Capture {
+        let mut s = CacheSlot::new((method == Method::Get).then(|| Capture {
             request: request_facts(req, url, &self.policy.key_headers, keyed, who),
-            tee: RefCell::new(Tee::new(cache.settings.max_entry_bytes)),
-            recorded: RefCell::new(None),
+            tee: Vec::new(),
+            given_up: false,
+            recorded: None,
+            arrived: now,
             authorized: keyed.authorized,
             implicit: self.policy.implicit,
             max_entry: cache.settings.max_entry_bytes,
         }));
         if let Some(entry) = found.as_ref().filter(|_| !asked.conditional) {
             if entry.etag.is_some() || entry.last_modified.is_some() {
-                add_validators(&mut exchange.conditional, entry);
-                exchange.revalidating = true;
+                add_validators(&mut s.conditional, entry);
+                s.revalidating = true;
             }
         }
         if !directives.revalidate {
-            exchange.fallback = found.clone().map(|e| (e, self.policy.serve_stale_on_error));
+            s.fallback = found.clone().map(|e| (e, self.policy.serve_stale_on_error));
         }
-        let miss_line = lines.len();
+        s.miss_line = lines.len();
         lines.extend_from_slice(b"x-cache: MISS\r\n");
-        *slot = Some(CacheSlot {
-            exchange,
-            stale: found,
-            flight: leading.then_some(flight_key),
-            miss_line,
-        });
+        s.stale = found;
+        s.flight = leading.then_some(flight_key);
+        *slot = Slot::Cache(Box::new(s));
         Ok(Flow::Continue)
     }
 
-    /// The validators of the stale entry being revalidated.
-    pub fn on_upstream_request(slot: Option<&CacheSlot>, edits: &mut HeaderEdits) {
-        if let Some(s) = slot {
-            edits.append_lines(&s.exchange.conditional);
+    /// Answers from `entry` before the upstream is asked.
+    #[inline(always)]
+    fn hit(
+        &self,
+        cx: &Ctx<'_>,
+        req: &RequestInfo<'_>,
+        entry: &Entry,
+        outcome: CacheOutcome,
+        lines: &mut Vec<u8>,
+        now: Instant,
+    ) -> Flow {
+        cx.metrics.borrow_mut().record_cache(outcome);
+        let asked = Asked::read(req);
+        Flow::Reply(answer::reply(entry, outcome, Some(&asked), lines, now))
+    }
+
+    /// Starts revalidating `entry` off the request path (stale-while-revalidate), once per entry
+    /// at a time: the request goes to the path the route forwards to (after `strip_prefix`),
+    /// like the request that stored the entry.
+    fn revalidate_in_background(&self, cx: &Ctx<'_>, cache: &WorkerCache, entry: &Arc<Entry>) {
+        // One per entry: each consumer's entry for a URL is refreshed as that consumer.
+        let flight = entry.url ^ entry.variant.wrapping_mul(REVALIDATION);
+        if !cache.flight(flight).1 {
+            return;
         }
+        let (slash, rest) =
+            crate::http::write::upstream_path(&entry.target, self.strip_prefix.as_deref());
+        cx.background.revalidate(Revalidation {
+            upstream: Rc::clone(&self.upstream),
+            target: [slash, rest].concat().into(),
+            entry: Arc::clone(entry),
+            flight,
+        });
+    }
+}
+
+/// The validators of the stale entry being revalidated.
+pub fn on_upstream_request(slot: &Slot, edits: &mut HeaderEdits) {
+    if let Slot::Cache(s) = slot {
+        edits.append_lines(&s.conditional);
     }
 }
 
 /// `Invalidate::on_request`: an unsafe request may change what its URL returns.
-pub fn invalidate_on_request(req: &RequestInfo<'_>, slot: &mut Option<CacheSlot>) {
+pub fn invalidate_on_request(req: &RequestInfo<'_>, slot: &mut Slot) {
     if !req.view.head.method.is_safe() {
-        *slot = Some(CacheSlot::invalidating(req));
+        *slot = Slot::Cache(Box::new(CacheSlot::invalidating(req)));
     }
 }
 
-/// However the exchange ended: answer from the stale entry if the upstream failed (`origin_failed`:
-/// before any of the response was sent) or answered 5xx, and the entry allows it; refresh the
-/// entry a 304 revalidated (and answer from it: `Flow::Cached`); count a miss; and land the
-/// flight this request led, after storing, so that its waiters find the entry.
-pub fn on_done(
+/// The upstream's final head, before the client sees anything: a 304 to a revalidation
+/// refreshes the stale entry, which answers instead; so does a stale entry for a 5xx when it
+/// may (`stale-if-error`); a non-error answer to an unsafe request invalidates now, so no
+/// worker can serve the old entry once the client has the answer; anything else is recorded
+/// for storing, as the filters before the cache left it (`out.edits`).
+pub fn on_upstream_response(
     cx: &Ctx<'_>,
-    slot: &mut Option<CacheSlot>,
-    origin_failed: bool,
-    lines: &mut Vec<u8>,
+    slot: &mut Slot,
+    resp: ResponseView<'_>,
+    out: &mut ResponseOut<'_>,
 ) -> Flow {
-    let (Some(s), Some(cache)) = (slot.take(), cx.cache) else {
+    let (Slot::Cache(s), Some(cache)) = (slot, cx.cache) else {
         return Flow::Continue;
     };
-    let fallback = s.exchange.failed_over.take().or_else(|| {
-        origin_failed
-            .then(|| s.exchange.fallback_now().cloned())
-            .flatten()
-    });
-    let flow = if s.exchange.invalidates.is_some() {
+    let (buf, head) = (resp.buf, resp.head);
+    if s.revalidating && head.status == 304 {
+        if let Some(stale) = s.stale.take() {
+            let fresh = refreshed(&stale, Some(Recorded::from_head(buf, head)), Instant::now());
+            cache.insert(Arc::clone(&fresh));
+            return s.answer(cx, &fresh, CacheOutcome::Revalidated, None, out.lines);
+        }
+    }
+    if head.status >= 500 {
+        if let Some(entry) = s.fallback_now() {
+            return s.answer(cx, &entry, CacheOutcome::StaleIfError, None, out.lines);
+        }
+    }
+    if let Some((host, own)) = &s.invalidates {
+        if (200..400).contains(&head.status) {
+            let locations = head.headers.iter().filter_map(|h| {
+                let name = h.name.get(buf);
+                (name.eq_ignore_ascii_case(b"location")
+                    || name.eq_ignore_ascii_case(b"content-location"))
+                .then(|| h.value.get(buf))
+            });
+            invalidate(cache, host, *own, locations);
+        }
+    }
+    let Some(cap) = &mut s.capture else {
+        return Flow::Continue;
+    };
+    let rec = Recorded::from_edited(buf, head, out.edits);
+    let fits = match head.body {
+        BodyLength::Length(n) if !out.reframes => n <= cap.max_entry as u64,
+        _ => true,
+    };
+    if fits && policy::storable(&rec.facts(cap.authorized)) {
+        cap.recorded = Some(rec);
+        cap.arrived = Instant::now();
+    } else {
+        cap.given_up = true;
+    }
+    Flow::Continue
+}
+
+/// The response body: copied while it may be stored, and stored at its end (before its last
+/// bytes go to the client, so that every worker has it by the time the client can ask again).
+pub fn on_body(cx: &Ctx<'_>, slot: &mut Slot, step: BodyStep<'_>) {
+    let Slot::Cache(s) = slot else {
+        return;
+    };
+    let Some(cap) = &mut s.capture else {
+        return;
+    };
+    if cap.given_up || cap.recorded.is_none() {
+        return;
+    }
+    match step {
+        BodyStep::Data(data) if cap.tee.len() + data.len() > cap.max_entry => {
+            cap.given_up = true;
+            cap.tee = Vec::new();
+        }
+        BodyStep::Data(data) => cap.tee.extend_from_slice(data),
+        BodyStep::Flush => {}
+        BodyStep::End => {
+            let (Some(cache), Some(rec)) = (cx.cache, cap.recorded.take()) else {
+                return;
+            };
+            let body = Bytes::from(std::mem::take(&mut cap.tee));
+            let entry = new_entry(&cap.request, rec, body, cap.arrived, cap.implicit);
+            cache.insert(Arc::new(entry));
+        }
+    }
+}
+
+/// However the exchange ended: a stale entry answers if the upstream failed before any of the
+/// response was sent and the entry allows it; a miss is counted; and the flight this request
+/// led lands, after storing, so that its waiters find the entry.
+pub fn on_done(cx: &Ctx<'_>, slot: &mut Slot, done: &Done<'_>, lines: &mut Vec<u8>) -> Flow {
+    let (Slot::Cache(mut s), Some(cache)) = (std::mem::take(slot), cx.cache) else {
+        return Flow::Continue;
+    };
+    let flow = if s.invalidates.is_some() || s.answered {
         Flow::Continue
-    } else if let Some(entry) = fallback {
-        lines.truncate(s.miss_line);
-        Flow::Cached(entry, CacheOutcome::StaleIfError)
-    } else if let Some(stale) = s.stale.filter(|_| s.exchange.not_modified.get()) {
-        let rec = s
-            .exchange
-            .capture
-            .as_ref()
-            .and_then(|c| c.recorded.borrow_mut().take());
-        let fresh = refreshed(&stale, rec, Instant::now());
-        cache.insert(Arc::clone(&fresh));
-        lines.truncate(s.miss_line);
-        Flow::Cached(fresh, CacheOutcome::Revalidated)
+    } else if let Some(entry) = s.fallback_now().filter(|_| done.origin_failed) {
+        let asked = done.request.as_ref().map(Asked::read);
+        s.answer(
+            cx,
+            &entry,
+            CacheOutcome::StaleIfError,
+            asked.as_ref(),
+            lines,
+        )
     } else {
         cx.metrics.borrow_mut().record_cache(CacheOutcome::Miss);
         Flow::Continue

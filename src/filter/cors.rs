@@ -4,7 +4,7 @@
 //! gets the allow headers when the request's `Origin` is allowed, and `Vary: Origin` whenever
 //! the answer depends on it. A disallowed origin gets no CORS headers at all.
 
-use super::{Flow, RequestInfo};
+use super::{Reply, RequestInfo};
 use crate::config::CorsPolicy;
 use crate::http::{HeaderEdits, Method};
 
@@ -98,7 +98,7 @@ impl Cors {
 
     /// A preflight gets its answer here (204, with the preflight headers when everything it
     /// asks for is allowed, without them when not); anything else goes on.
-    pub fn on_request(&self, req: &RequestInfo<'_>, lines: &mut Vec<u8>) -> Option<Flow> {
+    pub fn on_request(&self, req: &RequestInfo<'_>, lines: &mut Vec<u8>) -> Option<Reply> {
         if req.view.head.method != Method::Options {
             return None;
         }
@@ -119,7 +119,7 @@ impl Cors {
         if self.allowed_origin(req).is_some() && method_ok && headers_ok {
             lines.extend_from_slice(&self.preflight_lines);
         }
-        Some(Flow::Respond(204))
+        Some(Reply::status(204))
     }
 }
 

@@ -3,48 +3,57 @@
 //! `dyn`, no boxed futures, nothing allocated per request), compiled per route at load into a
 //! `Chain`; a route without filters pays for an empty loop.
 //!
-//! Phases, in the order a request meets them:
+//! Phases, in the order a request meets them; every filter may act in any of them, and `Chain`
+//! calls a phase only on routes where some filter does (`Filter::phases`):
 //! - `on_response`: edits for every response head the client gets on the route, whoever writes
 //!   it (proxied, cache hit, 304, the gateway's own refusals). Filled once the route is known,
 //!   before any filter may refuse, so a refusal carries them too.
 //! - `on_request` (async): may refuse the request (an `Err` becomes the response through the
-//!   one error funnel), answer it instead of the terminal (`Flow::Cached`), or add the
-//!   gateway's own response lines (`RateLimit-*`, `X-Cache`).
+//!   one error funnel), answer it instead of the terminal (`Flow::Reply`: a cache hit, a CORS
+//!   preflight), or add the gateway's own response lines (`RateLimit-*`, `X-Cache`).
 //! - `on_upstream_request`: edits to the head going upstream (proxy terminal only).
-//! - `on_upstream_response` and the body observer: the cache's, run by the response side on
-//!   the request's `CacheSlot` (the only filter that asks for them).
-//! - `on_done`: however the terminal ended; may still answer (`Flow::Cached`, after a 304
-//!   revalidated a stale entry).
+//! - `on_upstream_response`: the upstream's final head, before the client sees anything: edits
+//!   to it (what the response is, as a cache stores it), or a reply that replaces it.
+//! - `on_body`: the upstream's body as it passes, in route order: a filter may transform it
+//!   (compression) for the filters after it and the client, or observe it (the cache's copy);
+//!   a flush when the upstream pauses, and a last call at its end.
+//! - `on_done`: however the exchange ended, for every filter that acts in it and kept state in
+//!   its slot, whichever filter answered; may still answer if nothing was sent (a stale entry
+//!   when the upstream failed).
 //!
-//! Filters see a `RequestInfo` (a view of the parsed head and what the exchange knows) and
-//! write `HeaderEdits`; they never see framing bytes or the stream. A new filter is a new
-//! variant here, a file beside this one, and a line in `Chain::build`.
+//! Per-request state lives in the exchange's `Slot`s, one per filter position. Filters see a
+//! `RequestInfo` (a view of the parsed head and what the exchange knows) and write
+//! `HeaderEdits`; they never see framing bytes or the stream. A new filter is a new variant
+//! here (the compiler then asks for its arm in every phase), a file beside this one, and a line
+//! in `Chain::build`.
 
 mod auth;
 pub mod cache;
+mod chain;
 mod cors;
 mod headers;
 mod rate_limit;
 
 use std::cell::RefCell;
 use std::net::IpAddr;
-use std::rc::Rc;
-use std::sync::Arc;
+
+use bytes::Bytes;
 
 use crate::auth::basic::BasicChecks;
 use crate::auth::jwks::JwtState;
-use crate::auth::{Consumers, Identity};
-use crate::cache::{Entry, WorkerCache};
+use crate::auth::Identity;
+use crate::cache::WorkerCache;
 use crate::cidr::{any_contains, Cidr};
-use crate::config::{Config, Route, RouteAction, RouteId};
+use crate::config::RouteId;
 use crate::deadline::Deadline;
 use crate::error::ProxyError;
-use crate::http::{HeaderEdits, RequestHead};
-use crate::metrics::{CacheOutcome, GenMetrics, WorkerMetrics};
+use crate::http::{HeaderEdits, RequestHead, ResponseHead};
+use crate::metrics::{GenMetrics, WorkerMetrics};
 use crate::ratelimit::Limiter;
 
 use auth::Auth;
 use cache::{Cache, CacheSlot};
+pub use chain::{BodyStep, Chain};
 use cors::Cors;
 pub use headers::HeaderRules;
 pub use rate_limit::RateLimit;
@@ -52,10 +61,39 @@ pub use rate_limit::RateLimit;
 /// What the pipeline does after a filter phase.
 pub enum Flow {
     Continue,
-    /// Answer from this cache entry instead of (or after) the terminal.
-    Cached(Arc<Entry>, CacheOutcome),
-    /// Answer with this status, no body, and the lines the filters wrote (a CORS preflight).
-    Respond(u16),
+    /// Answer with this instead of the terminal (or of the upstream's response).
+    Reply(Reply),
+}
+
+/// A response a filter answers with (a cache hit, a CORS preflight, a refreshed entry) or a
+/// `respond` route's: written by `proxy::reply` through the one generated-head writer, with
+/// the route's response edits and the gateway's lines.
+#[derive(Clone, Default)]
+pub struct Reply {
+    pub status: u16,
+    /// The reason phrase; empty for the standard one.
+    pub reason: Bytes,
+    /// Header lines, each ending in CRLF (a stored response's, a route's).
+    pub headers: Bytes,
+    /// Only the lines of `headers` whose name this accepts are sent (a 304's subset).
+    pub only: Option<fn(&[u8]) -> bool>,
+    pub body: Bytes,
+}
+
+impl Reply {
+    /// A reply with this status and nothing else.
+    pub fn status(status: u16) -> Reply {
+        Reply {
+            status,
+            ..Reply::default()
+        }
+    }
+
+    /// Whether the head states the body's length (RFC 9110 §8.6: not a 1xx or 204, and a 304
+    /// describes no representation whose length it could repeat).
+    pub fn states_length(&self) -> bool {
+        !matches!(self.status, 100..=199 | 204 | 304)
+    }
 }
 
 /// A read-only view of a parsed request head over the buffer it was parsed from.
@@ -79,6 +117,13 @@ impl<'b> RequestView<'b> {
     }
 }
 
+/// A read-only view of the upstream's final response head.
+#[derive(Clone, Copy)]
+pub struct ResponseView<'b> {
+    pub buf: &'b [u8],
+    pub head: &'b ResponseHead,
+}
+
 /// What a filter may know about the request.
 #[derive(Clone, Copy)]
 pub struct RequestInfo<'a> {
@@ -99,6 +144,12 @@ pub struct RequestInfo<'a> {
     pub identity: Option<&'a Identity>,
 }
 
+/// Work a filter starts that outlives its request: a background revalidation of a cache entry
+/// answered stale. The worker runs it (`proxy::revalidate`).
+pub trait Background {
+    fn revalidate(&self, job: cache::Revalidation);
+}
+
 /// The worker's services a filter may use, borrowed from the worker (no filter sees `Worker`),
 /// and the connection's deadline for bounded waits.
 pub struct Ctx<'a> {
@@ -113,16 +164,51 @@ pub struct Ctx<'a> {
     /// The worker's coarse clock, and its wall-clock seconds.
     pub now: std::time::Instant,
     pub unix_now: u64,
+    pub background: &'a dyn Background,
 }
 
 /// What `on_request` may write besides its answer.
 pub struct RequestOut<'a> {
     /// The gateway's lines for the response (`RateLimit-*`, `X-Cache`).
     pub lines: &'a mut Vec<u8>,
-    /// The cache's per-request state.
-    pub cache: &'a mut Option<CacheSlot>,
     /// Who is calling, once the auth filter knows.
     pub identity: &'a mut Option<Identity>,
+}
+
+/// What `on_upstream_response` may write.
+pub struct ResponseOut<'a> {
+    /// The gateway's lines for the response.
+    pub lines: &'a mut Vec<u8>,
+    /// Edits to the upstream's head: what the response is from here on (a cache stores it so).
+    pub edits: &'a mut HeaderEdits,
+    /// A filter will change the body's length (compression): the client gets it chunked.
+    pub reframes: bool,
+}
+
+/// How the exchange ended, for `on_done`.
+pub struct Done<'a> {
+    /// The upstream failed before any of the response went to the client.
+    pub origin_failed: bool,
+    /// The request, while its head is still unread by the terminal (it failed first).
+    pub request: Option<RequestInfo<'a>>,
+    pub route: RouteId,
+    pub metrics: &'a RefCell<GenMetrics>,
+}
+
+/// One filter's state for one request.
+#[derive(Default)]
+pub enum Slot {
+    #[default]
+    Empty,
+    /// Boxed: a slot is moved with its exchange, and most requests have none.
+    Cache(Box<CacheSlot>),
+}
+
+impl Slot {
+    #[inline]
+    pub fn is_empty(&self) -> bool {
+        matches!(self, Slot::Empty)
+    }
 }
 
 pub enum Filter {
@@ -147,7 +233,76 @@ pub enum Filter {
     Invalidate,
 }
 
+/// Which phases a filter (or any filter of a chain) acts in.
+#[derive(Default, Clone, Copy)]
+pub(crate) struct Phases {
+    pub response: bool,
+    pub request: bool,
+    pub upstream_request: bool,
+    pub upstream_response: bool,
+    pub body: bool,
+    pub done: bool,
+}
+
+impl Phases {
+    fn or(self, o: Phases) -> Phases {
+        Phases {
+            response: self.response | o.response,
+            request: self.request | o.request,
+            upstream_request: self.upstream_request | o.upstream_request,
+            upstream_response: self.upstream_response | o.upstream_response,
+            body: self.body | o.body,
+            done: self.done | o.done,
+        }
+    }
+
+    /// Whether a filter acting in these phases keeps per-request state in a slot.
+    fn needs_slot(self) -> bool {
+        self.upstream_response | self.body | self.done
+    }
+}
+
 impl Filter {
+    /// The phases this filter acts in.
+    fn phases(&self) -> Phases {
+        let none = Phases::default();
+        match self {
+            Filter::Headers { request, response } => Phases {
+                response: response.is_some(),
+                upstream_request: request.is_some(),
+                ..none
+            },
+            Filter::RateLimit(_) | Filter::IpRules { .. } => Phases {
+                request: true,
+                ..none
+            },
+            Filter::Cors(_) => Phases {
+                request: true,
+                response: true,
+                ..none
+            },
+            Filter::Auth(_) => Phases {
+                request: true,
+                upstream_request: true,
+                ..none
+            },
+            Filter::Cache(_) => Phases {
+                request: true,
+                upstream_request: true,
+                upstream_response: true,
+                body: true,
+                done: true,
+                ..none
+            },
+            Filter::Invalidate => Phases {
+                request: true,
+                upstream_response: true,
+                done: true,
+                ..none
+            },
+        }
+    }
+
     #[inline]
     fn on_response(&self, req: &RequestInfo<'_>, edits: &mut HeaderEdits) {
         match self {
@@ -156,19 +311,25 @@ impl Filter {
                 ..
             } => rules.apply(req, edits),
             Filter::Cors(cors) => cors.on_response(req, edits),
-            _ => {}
+            Filter::Headers { response: None, .. }
+            | Filter::IpRules { .. }
+            | Filter::Auth(_)
+            | Filter::RateLimit(_)
+            | Filter::Cache(_)
+            | Filter::Invalidate => {}
         }
     }
 
-    /// The synchronous filters' `on_request`; the cache's may wait, and `Chain` awaits it
-    /// directly (one async layer less on every request).
+    /// The synchronous filters' `on_request`; the ones that may wait (auth, cache) `Chain`
+    /// awaits directly (one async layer less on every request).
     #[inline]
     fn on_request_now(
         &self,
         cx: &Ctx<'_>,
         req: &RequestInfo<'_>,
+        slot: &mut Slot,
         out: &mut RequestOut<'_>,
-    ) -> Result<(), ProxyError> {
+    ) -> Result<Flow, ProxyError> {
         match self {
             Filter::IpRules { allow, deny } => {
                 if (!allow.is_empty() && !any_contains(allow, req.client))
@@ -178,191 +339,65 @@ impl Filter {
                         "the client's address may not use this route",
                     ));
                 }
-                Ok(())
             }
-            Filter::RateLimit(limit) => limit.on_request(cx, req, out.lines, out.identity.as_ref()),
-            Filter::Invalidate => {
-                cache::invalidate_on_request(req, out.cache);
-                Ok(())
+            Filter::RateLimit(limit) => {
+                limit.on_request(cx, req, out.lines, out.identity.as_ref())?
             }
-            Filter::Headers { .. } | Filter::Cache(_) | Filter::Cors(_) | Filter::Auth(_) => Ok(()),
+            Filter::Invalidate => cache::invalidate_on_request(req, slot),
+            Filter::Cors(c) => {
+                if let Some(reply) = c.on_request(req, out.lines) {
+                    return Ok(Flow::Reply(reply));
+                }
+            }
+            Filter::Headers { .. } | Filter::Cache(_) | Filter::Auth(_) => {}
         }
+        Ok(Flow::Continue)
     }
 
     #[inline]
-    fn on_upstream_request(
-        &self,
-        req: &RequestInfo<'_>,
-        slot: Option<&CacheSlot>,
-        edits: &mut HeaderEdits,
-    ) {
+    fn on_upstream_request(&self, req: &RequestInfo<'_>, slot: &Slot, edits: &mut HeaderEdits) {
         match self {
             Filter::Headers {
                 request: Some(rules),
                 ..
             } => rules.apply(req, edits),
-            Filter::Cache(_) => Cache::on_upstream_request(slot, edits),
+            Filter::Cache(_) => cache::on_upstream_request(slot, edits),
             Filter::Auth(auth) => auth.on_upstream_request(req, edits),
-            _ => {}
-        }
-    }
-}
-
-/// A route's filters, in the order they run.
-#[derive(Default)]
-pub struct Chain {
-    filters: Box<[Filter]>,
-    /// Which phases any filter of the chain acts in: the pipeline skips the others.
-    phases: Phases,
-}
-
-#[derive(Default, Clone, Copy)]
-struct Phases {
-    response: bool,
-    request: bool,
-    upstream_request: bool,
-}
-
-impl Chain {
-    /// The route's filters: header transforms first (so that a refusal carries the response
-    /// edits), then IP rules (the cheapest refusal), then authentication (so that rate limits can key on the consumer, and nobody
-    /// unknown spends a limit), then rate limits, then the cache (a refused request never
-    /// reaches it).
-    pub fn build(route: &Route, config: &Config, consumers: &Rc<Consumers>) -> Chain {
-        let mut filters = Vec::new();
-        if route.request_headers.is_some() || route.response_headers.is_some() {
-            filters.push(Filter::Headers {
-                request: route.request_headers.as_ref().map(HeaderRules::new),
-                response: route.response_headers.as_ref().map(HeaderRules::new),
-            });
-        }
-        if !route.ip_allow.is_empty() || !route.ip_deny.is_empty() {
-            filters.push(Filter::IpRules {
-                allow: route.ip_allow.as_slice().into(),
-                deny: route.ip_deny.as_slice().into(),
-            });
-        }
-        // Before authentication: a preflight carries no credentials.
-        if let Some(policy) = &route.cors {
-            filters.push(Filter::Cors(Cors::new(policy)));
-        }
-        if !route.auth.is_empty() {
-            filters.push(Filter::Auth(Auth::new(route, config, consumers)));
-        }
-        if !route.rate_limits.is_empty() {
-            filters.push(Filter::RateLimit(RateLimit::new(&route.rate_limits)));
-        }
-        match (&route.cache, &route.action) {
-            (Some(policy), RouteAction::Proxy(up)) => {
-                let timeout = config.upstreams[usize::from(up.0)].request_timeout;
-                let authenticated = !route.auth.is_empty();
-                filters.push(Filter::Cache(Cache::new(
-                    policy,
-                    timeout,
-                    authenticated,
-                    consumers,
-                )));
-            }
-            (None, RouteAction::Proxy(_)) if config.cache.is_some() => {
-                filters.push(Filter::Invalidate);
-            }
-            _ => {}
-        }
-        let mut phases = Phases::default();
-        for f in &filters {
-            match f {
-                Filter::Headers { request, response } => {
-                    phases.response |= response.is_some();
-                    phases.upstream_request |= request.is_some();
-                }
-                Filter::RateLimit(_) | Filter::Invalidate | Filter::IpRules { .. } => {
-                    phases.request = true
-                }
-                Filter::Cors(_) => {
-                    phases.request = true;
-                    phases.response = true;
-                }
-                Filter::Cache(_) | Filter::Auth(_) => {
-                    phases.request = true;
-                    phases.upstream_request = true;
-                }
-            }
-        }
-        Chain {
-            filters: filters.into(),
-            phases,
+            Filter::Headers { request: None, .. }
+            | Filter::IpRules { .. }
+            | Filter::Cors(_)
+            | Filter::RateLimit(_)
+            | Filter::Invalidate => {}
         }
     }
 
-    /// Whether `on_response` does anything on this route.
-    #[inline]
-    pub fn runs_on_response(&self) -> bool {
-        self.phases.response
-    }
-
-    /// Whether `on_request` does anything on this route.
-    #[inline]
-    pub fn runs_on_request(&self) -> bool {
-        self.phases.request
-    }
-
-    /// Whether `on_upstream_request` does anything on this route.
-    #[inline]
-    pub fn runs_on_upstream_request(&self) -> bool {
-        self.phases.upstream_request
-    }
-
-    pub fn on_response(&self, req: &RequestInfo<'_>, edits: &mut HeaderEdits) {
-        for f in self.filters.iter() {
-            f.on_response(req, edits);
-        }
-    }
-
-    /// Runs the filters' `on_request` in order, until one refuses or answers.
-    pub async fn on_request(
+    fn on_upstream_response(
         &self,
         cx: &Ctx<'_>,
-        req: &RequestInfo<'_>,
-        out: &mut RequestOut<'_>,
-    ) -> Result<Flow, ProxyError> {
-        for f in self.filters.iter() {
-            match f {
-                Filter::Cache(c) => {
-                    let identity = out.identity.as_ref();
-                    return c.on_request(cx, req, out.lines, out.cache, identity).await;
-                }
-                Filter::Cors(c) => {
-                    if let Some(flow) = c.on_request(req, out.lines) {
-                        return Ok(flow);
-                    }
-                }
-                Filter::Auth(a) => a.on_request(cx, req, out.identity).await?,
-                f => f.on_request_now(cx, req, out)?,
-            }
-        }
-        Ok(Flow::Continue)
-    }
-
-    pub fn on_upstream_request(
-        &self,
-        req: &RequestInfo<'_>,
-        slot: Option<&CacheSlot>,
-        edits: &mut HeaderEdits,
-    ) {
-        for f in self.filters.iter() {
-            f.on_upstream_request(req, slot, edits);
-        }
-    }
-
-    /// However the terminal ended (`origin_failed`: the upstream failed before any of the
-    /// response was sent): the cache's ending. Only a request that left a `CacheSlot` has one.
-    pub fn on_done(
-        &self,
-        cx: &Ctx<'_>,
-        slot: &mut Option<CacheSlot>,
-        origin_failed: bool,
-        lines: &mut Vec<u8>,
+        slot: &mut Slot,
+        resp: ResponseView<'_>,
+        out: &mut ResponseOut<'_>,
     ) -> Flow {
-        cache::on_done(cx, slot, origin_failed, lines)
+        match self {
+            Filter::Cache(_) | Filter::Invalidate => {
+                cache::on_upstream_response(cx, slot, resp, out)
+            }
+            Filter::Headers { .. }
+            | Filter::IpRules { .. }
+            | Filter::Cors(_)
+            | Filter::Auth(_)
+            | Filter::RateLimit(_) => Flow::Continue,
+        }
+    }
+
+    fn on_done(&self, cx: &Ctx<'_>, slot: &mut Slot, done: &Done<'_>, lines: &mut Vec<u8>) -> Flow {
+        match self {
+            Filter::Cache(_) | Filter::Invalidate => cache::on_done(cx, slot, done, lines),
+            Filter::Headers { .. }
+            | Filter::IpRules { .. }
+            | Filter::Cors(_)
+            | Filter::Auth(_)
+            | Filter::RateLimit(_) => Flow::Continue,
+        }
     }
 }

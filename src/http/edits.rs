@@ -143,6 +143,12 @@ impl HeaderEdits {
         self.append.extend_from_slice(lines);
     }
 
+    /// The lines appended so far.
+    #[inline]
+    pub fn appended(&self) -> &[u8] {
+        &self.append
+    }
+
     /// Whether any field is dropped: writers skip the name checks when none is.
     #[inline]
     pub fn removes_any(&self) -> bool {

@@ -341,6 +341,9 @@ pub struct ClientHead<'a> {
     pub extra: &'a [u8],
     /// The route's edits to the response head.
     pub edits: &'a HeaderEdits,
+    /// The filters' edits to the upstream's head (`on_upstream_response`), which the route's
+    /// edits apply to as to the upstream's own lines.
+    pub upstream_edits: &'a HeaderEdits,
 }
 
 /// Appends the response head for the client from the upstream's.
@@ -349,18 +352,21 @@ pub fn client_response(out: &mut Vec<u8>, buf: &[u8], resp: &ResponseHead, head:
     status_line(out, resp.status, resp.reason.get(buf));
     let upgrade = resp.status == 101;
     let bodiless = framing == ClientFraming::Bodiless && resp.status != 204 && resp.status >= 200;
-    let edits = head.edits;
-    let removing = edits.removes_any();
+    let (edits, changed) = (head.edits, head.upstream_edits);
+    let removing = edits.removes_any() || changed.removes_any();
     copy_lines(out, buf, &resp.headers, resp.len, |h| match h.kind {
         HeaderKind::XRequestId => false,
         HeaderKind::Upgrade if upgrade => true,
-        HeaderKind::ContentLength if bodiless => true,
+        // A HEAD's length, unless a filter changes the body's (compression).
+        HeaderKind::ContentLength if bodiless => !(removing && changed.removes(h.name.get(buf))),
         kind if kind.is_hop_by_hop() => false,
         _ => {
             let name = h.name.get(buf);
-            !(resp.connection.names(buf, name) || removing && edits.removes(name))
+            !(resp.connection.names(buf, name)
+                || removing && (edits.removes(name) || changed.removes(name)))
         }
     });
+    edits.copy_kept(out, changed.appended());
     edits.copy_kept(out, head.extra);
     edits.write_appended(out);
     field(out, b"x-request-id", head.request_id);

@@ -11,7 +11,7 @@ use std::rc::Rc;
 use crate::auth::Identity;
 use crate::cidr::any_contains;
 use crate::config::{ListenerId, RouteId, UpstreamId};
-use crate::filter::cache::CacheSlot;
+use crate::filter::Slot;
 use crate::generation::{Generation, RouteEntry};
 use crate::http::{HeaderEdits, HeaderKind, RequestHead};
 use crate::stamp::Stamp;
@@ -49,8 +49,11 @@ pub(crate) struct Exchange {
     pub up_edits: HeaderEdits,
     /// The route's edits to every response head the client gets.
     pub resp_edits: HeaderEdits,
-    /// The cache filters' state, while a request that went upstream has one.
-    pub cache: Option<CacheSlot>,
+    /// The filters' edits to the upstream's response head (`on_upstream_response`).
+    pub upstream_edits: HeaderEdits,
+    /// The route's filters' per-request state, one slot per filter (empty on routes whose
+    /// filters keep none).
+    pub slots: Vec<Slot>,
 }
 
 impl Exchange {
@@ -77,7 +80,8 @@ impl Exchange {
             extra: Vec::new(),
             up_edits: HeaderEdits::default(),
             resp_edits: HeaderEdits::default(),
-            cache: None,
+            upstream_edits: HeaderEdits::default(),
+            slots: Vec::new(),
         }
     }
 
@@ -102,11 +106,8 @@ impl Exchange {
         self.extra.clear();
         self.up_edits.clear();
         self.resp_edits.clear();
-        debug_assert!(
-            self.cache.is_none(),
-            "the cache's on_done always takes its slot"
-        );
-        self.cache = None;
+        self.upstream_edits.clear();
+        // The slots are emptied by the route's chain (`Chain::prepare_slots`).
         stays
     }
 

@@ -7,6 +7,7 @@
 use std::cell::Cell;
 use std::future::Future;
 use std::pin::pin;
+use std::rc::Rc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
@@ -16,11 +17,12 @@ use tracing::debug;
 use super::pipeline::{request_info, Who};
 use super::response::{
     read_final_head, send_response, HeadWait, ResponseCtx, ResponseDone, ResponseFailure,
+    ResponseState,
 };
 use super::retry::{self, Tried};
 use super::session::Session;
 use super::{body_failure, tunnel, Failure, Io, Next};
-use crate::body::{copy_body, BodyError, BodyReader, Reframe, Transfer};
+use crate::body::{copy_body, BodyError, BodyReader, Plain, Reframe, Transfer};
 use crate::buffer::{send, write_out, ReadBuf};
 use crate::config::HashKey;
 use crate::config::RetryOn;
@@ -53,7 +55,7 @@ fn balance_key<S: Io>(up: &UpstreamState, c: &Session<'_, S>) -> u64 {
 /// `retries` allow is made again on another target, within the attempts and the retry budget.
 pub(super) async fn proxy<S: Io>(
     c: &mut Session<'_, S>,
-    w: &Worker,
+    w: &Rc<Worker>,
     route: &RouteEntry,
     up: &UpstreamState,
     strip_prefix: Option<&[u8]>,
@@ -218,7 +220,7 @@ fn prepare<S: Io>(
         reframe,
         &mut seen,
         route.max_body_bytes,
-        None,
+        &mut Plain,
     )
     .map_err(body_failure)?;
     Ok(Prepared {
@@ -257,10 +259,9 @@ fn write_upstream_head<S: Io>(
             identity: c.ex.identity.as_ref(),
         };
         let info = request_info(buf, head, who, id, route, &c.ex.gen.metrics);
-        let slot = c.ex.cache.as_ref();
         route
             .chain
-            .on_upstream_request(&info, slot, &mut c.ex.up_edits);
+            .on_upstream_request(&info, &c.ex.slots, &mut c.ex.up_edits);
     }
     c.up_out.clear();
     write::upstream_request(
@@ -291,7 +292,7 @@ fn write_upstream_head<S: Io>(
 #[allow(clippy::too_many_arguments)]
 async fn forward<S: Io>(
     c: &mut Session<'_, S>,
-    w: &Worker,
+    w: &Rc<Worker>,
     route: &RouteEntry,
     up: &UpstreamState,
     lease: &TargetLease<'_>,
@@ -316,11 +317,16 @@ async fn forward<S: Io>(
         write_timeout: w.limits.write_timeout,
         sent: &c.ex.log.bytes_out,
         head_at,
-        extra: &c.ex.extra,
-        edits: &c.ex.resp_edits,
-        cache: c.ex.cache.as_ref().map(|s| &s.exchange),
         deadline: &c.deadline,
         worker: w,
+    };
+    let mut st = ResponseState {
+        gen: &c.ex.gen,
+        chain: &route.chain,
+        slots: &mut c.ex.slots,
+        lines: &mut c.ex.extra,
+        resp_edits: &c.ex.resp_edits,
+        upstream_edits: &mut c.ex.upstream_edits,
     };
 
     let (done, body_complete) = if p.body.is_done() {
@@ -333,6 +339,7 @@ async fn forward<S: Io>(
             &mut c.out,
             &mut c.resp,
             &ctx,
+            &mut st,
             method.is_idempotent(),
             retry_on,
         )
@@ -374,13 +381,13 @@ async fn forward<S: Io>(
             seen: &mut p.seen,
             max: route.max_body_bytes,
         };
-        match stream_both_ways(client, &mut conn, body, &ctx, w).await {
+        match stream_both_ways(client, &mut conn, body, &ctx, &mut st, w).await {
             Ok(r) => r,
             Err(f) => return Attempt::Done(Err(f)),
         }
     };
 
-    c.ex.log.status = c.resp.status;
+    c.ex.log.status = done.status;
     c.ex.log.bytes_in = p.head_len + p.seen;
     if done.upgrade {
         tunnel::run(c, w, &mut conn, w.limits.tunnel_idle_timeout).await;
@@ -423,6 +430,7 @@ async fn stream_both_ways<S: Io>(
     conn: &mut UpstreamConn,
     body: Streaming<'_>,
     ctx: &ResponseCtx<'_>,
+    st: &mut ResponseState<'_>,
     w: &Worker,
 ) -> Result<(ResponseDone, bool), Failure> {
     if send(&mut conn.w, c.up_out, ctx.deadline, w.limits.write_timeout)
@@ -442,8 +450,6 @@ async fn stream_both_ways<S: Io>(
         max: body.max,
         deadline: &pump_deadline,
         sent: &pump_sent,
-        tee: None,
-        keep_last: false,
     };
     let UpstreamConn {
         r: ur,
@@ -466,7 +472,10 @@ async fn stream_both_ways<S: Io>(
         ..
     } = body;
     let pump = async {
-        let r = copy_body(cr, crbuf, uw, up_out, reader, reframe, seen, &transfer).await;
+        let r = copy_body(
+            cr, crbuf, uw, up_out, reader, reframe, seen, &transfer, &mut Plain,
+        )
+        .await;
         if r.is_ok() {
             // The request is complete: the wait for the response head starts now.
             ctx.deadline.arm(ctx.request_timeout);
@@ -475,7 +484,7 @@ async fn stream_both_ways<S: Io>(
     };
     let response = async {
         read_final_head(ur, urbuf, cw, out, resp, ctx, HeadWait::AfterBody).await?;
-        send_response(ur, urbuf, cw, out, resp, ctx).await
+        send_response(ur, urbuf, cw, out, resp, ctx, st).await
     };
     match full_duplex(pump, response).await {
         (pumped, Some(Ok(done))) => Ok((done, matches!(pumped, Some(Ok(()))))),
@@ -553,6 +562,7 @@ async fn exchange<W: AsyncWriteRent>(
     out: &mut Vec<u8>,
     resp: &mut ResponseHead,
     ctx: &ResponseCtx<'_>,
+    st: &mut ResponseState<'_>,
     idempotent: bool,
     retry_on: Option<RetryOn>,
 ) -> Result<ResponseDone, ResponseFailure> {
@@ -601,7 +611,9 @@ async fn exchange<W: AsyncWriteRent>(
             Ok(()) if retry_on.is_some_and(|on| on.status(resp.status)) => {
                 return Err(ResponseFailure::status_retry())
             }
-            Ok(()) => return send_response(&mut conn.r, &mut conn.rbuf, cw, out, resp, ctx).await,
+            Ok(()) => {
+                return send_response(&mut conn.r, &mut conn.rbuf, cw, out, resp, ctx, st).await
+            }
         }
     }
 }

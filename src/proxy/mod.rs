@@ -3,27 +3,28 @@
 //!
 //! 1. route: the router on the request's generation (404 / 405); the declared body size (413).
 //! 2. `on_response` filters: the route's edits for every head the client will get.
-//! 3. `on_request` filters: may refuse (429), answer from the cache (`cached::serve`), or add
-//!    the gateway's response lines.
-//! 4. the terminal: `Respond` (a fixed answer), or `Proxy` (`forward`: pick a target through
+//! 3. `on_request` filters: may refuse (429), answer (`Flow::Reply`: a cache hit, a CORS
+//!    preflight, written by `reply`), or add the gateway's response lines.
+//! 4. the terminal: `Respond`/`Redirect` (`reply`), or `Proxy` (`forward`: pick a target through
 //!    the pools, `on_upstream_request` edits, write the head and body; `response`: read the
-//!    final head, which the cache filter sees first, and stream the response back; a 101
-//!    becomes a `tunnel`).
-//! 5. `on_done` filters (the cache stores, refreshes or invalidates; a revalidated entry is
-//!    answered from), then `session` decides whether the connection goes on, answers a failure
-//!    through the one error funnel (`reply::error`), and records metrics and the access log.
+//!    final head, which the `on_upstream_response` filters see first (and may replace), and
+//!    stream the body back through the `on_body` filters; a 101 becomes a `tunnel`).
+//! 5. `on_done` filters, however the request ended (the cache lands its flight or stands in
+//!    for a failed upstream), then `session` decides whether the connection goes on, answers a
+//!    failure through the one error funnel (`reply::error`), and records metrics and the
+//!    access log.
 //!
 //! A failure before the response head went out becomes an error response (`ProxyError` says
 //! which); after it, the client connection is closed, so a truncated response never looks
 //! whole. Every head the client gets is written by `http::write`, with the route's edits.
 
-mod cached;
 mod exchange;
 mod forward;
 mod pipeline;
 mod reply;
 mod response;
 mod retry;
+mod revalidate;
 mod session;
 mod tunnel;
 

@@ -1,20 +1,20 @@
 //! The phases of one request, in order: route → `on_response` edits → body size → `on_request`
-//! filters (which may answer from the cache) → terminal (`on_upstream_request` and the
-//! response side's cache phases run inside the proxy terminal) → `on_done` (which may still
-//! answer from the cache). Each phase's filters come from the route's `Chain`; the terminal is
-//! the route's `Terminal`. Whatever fails returns a `Failure`, which `session` answers through
-//! the one error funnel.
+//! filters (which may answer: a cache hit, a CORS preflight) → terminal (`on_upstream_request`,
+//! `on_upstream_response` and `on_body` run inside the proxy terminal) → `on_done` for every
+//! filter that acts in it, however the request ended (which may still answer, if nothing was
+//! sent). Each phase's filters come from the route's `Chain`; the terminal is the route's
+//! `Terminal`. Whatever fails returns a `Failure`, which `session` answers through the one error
+//! funnel.
 
 use std::rc::Rc;
 
 use super::session::Session;
-use super::{cached, forward, reply, Failure, Io, Next};
+use super::{forward, reply, Failure, Io, Next};
 use crate::config::RouteId;
 use crate::error::ProxyError;
-use crate::filter::{Flow, RequestInfo, RequestOut, RequestView};
+use crate::filter::{Done, Flow, RequestInfo, RequestOut, RequestView, Slot};
 use crate::generation::{Generation, RouteEntry, Terminal};
 use crate::http::{BodyLength, RequestHead};
-use crate::metrics::CacheOutcome;
 use crate::router::RouteMatch;
 use crate::tls::TlsInfo;
 use crate::worker::Worker;
@@ -41,6 +41,23 @@ pub(super) async fn run<S: Io>(c: &mut Session<'_, S>, w: &Rc<Worker>) -> Result
     if c.head.identity || c.head.forwarding {
         drop_untrusted_headers(c, w, &gen, route);
     }
+    route.chain.prepare_slots(&mut c.ex.slots);
+    let result = filters_and_terminal(c, w, &gen, id, route).await;
+    // `on_done` is for the filters that kept state for this request (a cache hit keeps none).
+    if !route.chain.runs_on_done() || c.ex.slots.iter().all(Slot::is_empty) {
+        return result;
+    }
+    done(c, w, &gen, id, route, result).await
+}
+
+/// The request's filters up to the terminal, and the terminal.
+async fn filters_and_terminal<S: Io>(
+    c: &mut Session<'_, S>,
+    w: &Rc<Worker>,
+    gen: &Generation,
+    id: RouteId,
+    route: &RouteEntry,
+) -> Result<Next, Failure> {
     let info = request_info(
         c.rbuf.data(),
         &c.head,
@@ -64,33 +81,23 @@ pub(super) async fn run<S: Io>(c: &mut Session<'_, S>, w: &Rc<Worker>) -> Result
             return Err(Failure::BeforeBody(ProxyError::PayloadTooLarge));
         }
     }
-    let mut flow = Flow::Continue;
     if route.chain.runs_on_request() {
-        let cx = w.filter_ctx(&gen, &c.deadline);
+        let cx = w.filter_ctx(gen, &c.deadline);
         let mut out = RequestOut {
             lines: &mut c.ex.extra,
-            cache: &mut c.ex.cache,
             identity: &mut c.ex.identity,
         };
-        flow = route
+        let flow = route
             .chain
-            .on_request(&cx, &info, &mut out)
+            .on_request(&cx, &info, &mut c.ex.slots, &mut out)
             .await
             .map_err(Failure::BeforeBody)?;
-    }
-    match flow {
-        Flow::Cached(entry, outcome) => {
-            return cached::serve(c, w, route, &entry, outcome, true).await
+        if let Flow::Reply(answer) = flow {
+            return reply::respond(c, w, route, &answer).await;
         }
-        Flow::Respond(status) => return reply::respond(c, w, route, status, b"", b"").await,
-        Flow::Continue => {}
     }
-    let result = match &route.terminal {
-        Terminal::Respond {
-            status,
-            headers,
-            body,
-        } => reply::respond(c, w, route, *status, headers, body).await,
+    match &route.terminal {
+        Terminal::Respond(answer) => reply::respond(c, w, route, answer).await,
         Terminal::Redirect {
             status,
             scheme,
@@ -119,28 +126,49 @@ pub(super) async fn run<S: Io>(c: &mut Session<'_, S>, w: &Rc<Worker>) -> Result
             )
             .await
         }
-    };
-    if c.ex.cache.is_none() {
-        return result;
     }
-    let cx = w.filter_ctx(&gen, &c.deadline);
+}
+
+/// Every filter's `on_done`, however the request ended. An answer one of them gives is sent if
+/// the upstream failed before the client got anything (a stale entry standing in); a failure
+/// before the request was sent leaves its head unread, and the answer then reads it.
+async fn done<S: Io>(
+    c: &mut Session<'_, S>,
+    w: &Rc<Worker>,
+    gen: &Generation,
+    id: RouteId,
+    route: &RouteEntry,
+    result: Result<Next, Failure>,
+) -> Result<Next, Failure> {
     let origin_failed = result.as_ref().is_err_and(Failure::origin_failed);
-    match route
-        .chain
-        .on_done(&cx, &mut c.ex.cache, origin_failed, &mut c.ex.extra)
-    {
-        // The upstream failed before the client got anything: the stale entry answers instead.
-        // (A failure before the request was sent leaves its head unread.)
-        Flow::Cached(entry, CacheOutcome::StaleIfError) => {
-            let head_pending = matches!(result, Err(Failure::BeforeBody(_)));
-            let outcome = CacheOutcome::StaleIfError;
-            cached::serve(c, w, route, &entry, outcome, head_pending).await
-        }
-        Flow::Cached(entry, outcome) => {
-            result?;
-            cached::serve(c, w, route, &entry, outcome, false).await
-        }
-        Flow::Continue | Flow::Respond(_) => result,
+    let head_pending = matches!(result, Err(Failure::BeforeBody(_)));
+    let answer = {
+        let cx = w.filter_ctx(gen, &c.deadline);
+        let request = head_pending.then(|| {
+            let who = Who {
+                client: c.ex.client,
+                client_ip: &c.ex.client_ip,
+                tls: c.ex.tls.as_ref(),
+                request_id: &c.ex.request_id,
+                consumer: None,
+                identity: None,
+            };
+            request_info(c.rbuf.data(), &c.head, who, id, route, &gen.metrics)
+        });
+        let done = Done {
+            origin_failed,
+            request,
+            route: id,
+            metrics: &gen.metrics,
+        };
+        route
+            .chain
+            .on_done(&cx, &mut c.ex.slots, &done, &mut c.ex.extra)
+    };
+    match answer {
+        Some(answer) if origin_failed && head_pending => reply::respond(c, w, route, &answer).await,
+        Some(answer) if origin_failed => reply::after_terminal(c, w, &answer).await,
+        _ => result,
     }
 }
 

@@ -1,17 +1,23 @@
 //! Heads the gateway writes itself: error responses (the one place a `ProxyError` becomes a
-//! response) and `respond` routes. Cache hits use the same writer (`cached`). All of them carry
-//! the route's response edits and the gateway's lines, through `http::write::generated_response`.
+//! response), `respond` and `redirect` routes, and every filter's `Reply` (cache hits, CORS
+//! preflights, an entry standing in for the upstream's response). All of them carry the route's
+//! response edits and the gateway's lines, through `http::write::generated_response`.
 
 use tracing::debug;
 
 use super::session::{linger, Session};
 use super::{body_failure, Failure, Io, Next};
-use crate::body::{BodyReader, Reframe};
+use bytes::Bytes;
+use monoio::io::{AsyncWriteRent, AsyncWriteRentExt};
+
+use crate::body::{BodyReader, Plain, Reframe};
 use crate::buffer::send;
+use crate::deadline::Deadline;
 use crate::error::ProxyError;
+use crate::filter::Reply;
 use crate::generation::RouteEntry;
 use crate::http::write::{self, Generated};
-use crate::http::Method;
+use crate::http::{HeaderEdits, Method, Version};
 use crate::worker::Worker;
 
 /// Writes a gateway-generated error response. Returns whether it was written.
@@ -57,48 +63,148 @@ pub(super) async fn error<S: Io>(
         .is_ok()
 }
 
-/// A `respond` route: the fixed response, after reading and discarding any request body.
+/// Bodies up to this size are copied into the response buffer; larger ones are written from
+/// the shared `Bytes` (one atomic increment instead of a copy).
+const COPY_BODY_BYTES: usize = 64 * 1024;
+
+/// A reply to a request whose head the terminal has not read: a `respond` route's, a
+/// redirect, a filter's answer (a cache hit, a CORS preflight). Any request body is read and
+/// discarded; one still on its way is not worth waiting for: answer, then close.
 pub(super) async fn respond<S: Io>(
     c: &mut Session<'_, S>,
     w: &Worker,
     route: &RouteEntry,
-    status: u16,
-    headers: &[u8],
-    body: &[u8],
+    reply: &Reply,
 ) -> Result<Next, Failure> {
     let head = &c.head;
-    let mut keep = head.keep_alive;
-    let mut reader = BodyReader::new(head.body, &w.parse_limits);
+    let mut keep = head.keep_alive && !w.draining.get();
     c.rbuf.consume(head.len);
     let mut seen = 0;
-    c.up_out.clear();
-    reader
-        .take_buffered(
-            &mut c.rbuf,
-            &mut c.up_out,
-            Reframe::AsIs,
-            &mut seen,
-            route.max_body_bytes,
-            None,
-        )
-        .map_err(body_failure)?;
-    c.up_out.clear();
-    // A body still on its way is not worth waiting for: answer, then close.
-    keep &= reader.is_done() && !w.draining.get();
-    write_generated(c, status, headers, body, keep);
-    c.ex.log.status = status;
+    let mut reader = BodyReader::new(head.body, &w.parse_limits);
+    if !reader.is_done() {
+        c.up_out.clear();
+        reader
+            .take_buffered(
+                &mut c.rbuf,
+                &mut c.up_out,
+                Reframe::AsIs,
+                &mut seen,
+                route.max_body_bytes,
+                &mut Plain,
+            )
+            .map_err(body_failure)?;
+        c.up_out.clear();
+        keep &= reader.is_done();
+    }
     c.ex.log.bytes_in = c.head.len as u64 + seen;
-    c.ex.log.bytes_out.set(c.out.len() as u64);
-    if send(&mut c.w, &mut c.out, &c.deadline, w.limits.write_timeout)
+    let rest = render_reply(c, reply, keep);
+    let limit = w.limits.write_timeout;
+    send(&mut c.w, &mut c.out, &c.deadline, limit)
         .await
-        .is_err()
-    {
-        return Err(Failure::Abort);
+        .map_err(|_| Failure::Abort)?;
+    if !rest.is_empty() {
+        write_rest(&mut c.w, rest, &c.deadline, limit)
+            .await
+            .map_err(|_| Failure::Abort)?;
     }
     if !reader.is_done() {
         linger(c).await;
     }
     Ok(if keep { Next::KeepAlive } else { Next::Close })
+}
+
+/// A filter's reply once the terminal has read the request (a stale entry standing in for a
+/// failed upstream).
+pub(super) async fn after_terminal<S: Io>(
+    c: &mut Session<'_, S>,
+    w: &Worker,
+    reply: &Reply,
+) -> Result<Next, Failure> {
+    let keep = c.head.keep_alive && !w.draining.get();
+    let rest = render_reply(c, reply, keep);
+    let limit = w.limits.write_timeout;
+    send(&mut c.w, &mut c.out, &c.deadline, limit)
+        .await
+        .map_err(|_| Failure::Abort)?;
+    write_rest(&mut c.w, rest, &c.deadline, limit)
+        .await
+        .map_err(|_| Failure::Abort)?;
+    Ok(if keep { Next::KeepAlive } else { Next::Close })
+}
+
+/// Renders `reply` into the session's `out` and logs it; returns the body left to write.
+fn render_reply<S: Io>(c: &mut Session<'_, S>, reply: &Reply, keep_alive: bool) -> Bytes {
+    c.out.clear();
+    let rest = render(
+        &mut c.out,
+        reply,
+        &ReplyHead {
+            extra: &c.ex.extra,
+            edits: &c.ex.resp_edits,
+            head_only: c.head.method == Method::Head,
+            keep_alive,
+            client_version: c.head.version,
+            request_id: &c.ex.request_id,
+        },
+    );
+    c.ex.log.status = reply.status;
+    c.ex.log.bytes_out.set((c.out.len() + rest.len()) as u64);
+    rest
+}
+
+/// Writes the part of a reply's body `render` left out.
+pub(super) async fn write_rest<W: AsyncWriteRent>(
+    w: &mut W,
+    rest: Bytes,
+    deadline: &Deadline<'_>,
+    limit: std::time::Duration,
+) -> Result<(), ()> {
+    if rest.is_empty() {
+        return Ok(());
+    }
+    match deadline.within(limit, w.write_all(rest)).await {
+        Ok((Ok(_), _)) => Ok(()),
+        _ => Err(()),
+    }
+}
+
+/// What a reply's head takes from the exchange.
+pub(super) struct ReplyHead<'a> {
+    pub extra: &'a [u8],
+    pub edits: &'a HeaderEdits,
+    /// The request was HEAD: the length is stated, no body sent.
+    pub head_only: bool,
+    pub keep_alive: bool,
+    pub client_version: Version,
+    pub request_id: &'a [u8],
+}
+
+/// Renders `reply` into `out` through the one generated-head writer: the head, and a small
+/// body after it. Returns the body left to write after `out` (a large one, shared).
+pub(super) fn render(out: &mut Vec<u8>, reply: &Reply, h: &ReplyHead<'_>) -> Bytes {
+    let copy = reply.body.len() <= COPY_BODY_BYTES;
+    write::generated_response(
+        out,
+        &Generated {
+            status: reply.status,
+            reason: &reply.reason,
+            headers: &reply.headers,
+            only: reply.only,
+            extra: h.extra,
+            edits: h.edits,
+            body: if copy { &reply.body } else { b"" },
+            content_length: reply.states_length().then_some(reply.body.len() as u64),
+            head_only: h.head_only,
+            keep_alive: h.keep_alive,
+            client_version: h.client_version,
+            request_id: h.request_id,
+        },
+    );
+    if copy || h.head_only {
+        Bytes::new()
+    } else {
+        reply.body.clone()
+    }
 }
 
 /// A `redirect` route: `location` is `parts` (scheme, host, port) and the request's path and
@@ -134,7 +240,7 @@ pub(super) async fn redirect<S: Io>(
         lines.extend_from_slice(part);
     }
     lines.extend_from_slice(b"\r\n");
-    respond(c, w, route, status, b"", b"").await
+    respond(c, w, route, &Reply::status(status)).await
 }
 
 /// A Host value's host: an IPv6 literal with its brackets, or what precedes the port.

@@ -1,19 +1,24 @@
 //! The response side of a proxied exchange: read the upstream's final head (relaying interim
-//! responses), let the route's cache see it, write the client's head with the route's edits,
-//! and stream the body back.
+//! responses), hand it to the route's `on_upstream_response` filters (which may edit it, or
+//! replace it with a reply), write the client's head with the route's edits, and stream the body
+//! back through the route's `on_body` filters.
 
 use std::cell::Cell;
 use std::io;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use monoio::io::{AsyncReadRent, AsyncWriteRent};
 use tracing::debug;
 
-use crate::body::{copy_body, BodyReader, Reframe, Transfer};
+use std::rc::Rc;
+
+use super::reply::{self, ReplyHead};
+use crate::body::{copy_body, frame, BodyHook, BodyReader, Plain, Reframe, Transfer};
 use crate::buffer::{send, write_out, ReadBuf};
 use crate::deadline::{Deadline, TimedOut};
 use crate::error::ProxyError;
-use crate::filter::cache::CacheExchange;
+use crate::filter::{BodyStep, Chain, Ctx, Reply, ResponseOut, ResponseView, Slot};
+use crate::generation::Generation;
 use crate::http::write::{self, ClientFraming, ClientHead};
 use crate::http::{parse_response, BodyLength, HeaderEdits, ResponseError, ResponseHead, Version};
 use crate::stamp::Stamp;
@@ -32,18 +37,28 @@ pub(super) struct ResponseCtx<'a> {
     pub(super) sent: &'a Cell<u64>,
     /// When the final response head arrived.
     pub(super) head_at: &'a Cell<Option<Stamp>>,
-    /// Header lines the gateway adds to the response.
-    pub(super) extra: &'a [u8],
-    /// The route's edits to the response head.
-    pub(super) edits: &'a HeaderEdits,
-    /// What caching asks of this exchange, if the route caches.
-    pub(super) cache: Option<&'a CacheExchange>,
     /// Times the response side's operations.
     pub(super) deadline: &'a Deadline<'a>,
-    pub(super) worker: &'a Worker,
+    pub(super) worker: &'a Rc<Worker>,
+}
+
+/// The exchange's state the response side writes: the route's filters with their slots, and
+/// the lines and edits of the client's head.
+pub(super) struct ResponseState<'a> {
+    pub(super) gen: &'a Generation,
+    pub(super) chain: &'a Chain,
+    pub(super) slots: &'a mut [Slot],
+    /// Header lines the gateway adds to the response.
+    pub(super) lines: &'a mut Vec<u8>,
+    /// The route's edits to every response head.
+    pub(super) resp_edits: &'a HeaderEdits,
+    /// The filters' edits to the upstream's head.
+    pub(super) upstream_edits: &'a mut HeaderEdits,
 }
 
 pub(super) struct ResponseDone {
+    /// The status the client got.
+    pub(super) status: u16,
     pub(super) client_keep_alive: bool,
     pub(super) upstream_reusable: bool,
     pub(super) upgrade: bool,
@@ -195,7 +210,37 @@ fn is_reset(e: &io::Error) -> bool {
     )
 }
 
-/// Writes the response head for the client and streams the body after it.
+/// The route's body filters between the upstream's body and the client's framing.
+struct FilterBody<'a> {
+    chain: &'a Chain,
+    cx: &'a Ctx<'a>,
+    slots: &'a mut [Slot],
+}
+
+impl FilterBody<'_> {
+    fn step(&mut self, step: BodyStep<'_>, out: &mut Vec<u8>, reframe: Reframe) {
+        self.chain
+            .on_body(self.cx, self.slots, step, &mut |d| frame(out, d, reframe));
+    }
+}
+
+impl BodyHook for FilterBody<'_> {
+    fn data(&mut self, data: &[u8], out: &mut Vec<u8>, reframe: Reframe) {
+        self.step(BodyStep::Data(data), out, reframe);
+    }
+
+    fn flush(&mut self, out: &mut Vec<u8>, reframe: Reframe) {
+        self.step(BodyStep::Flush, out, reframe);
+    }
+
+    fn end(&mut self, out: &mut Vec<u8>, reframe: Reframe) {
+        self.step(BodyStep::End, out, reframe);
+        Plain.end(out, reframe);
+    }
+}
+
+/// Writes the response head for the client and streams the body after it; or, when a filter
+/// replaces the upstream's response, its reply.
 pub(super) async fn send_response<R: AsyncReadRent, W: AsyncWriteRent>(
     ur: &mut R,
     urbuf: &mut ReadBuf,
@@ -203,35 +248,41 @@ pub(super) async fn send_response<R: AsyncReadRent, W: AsyncWriteRent>(
     out: &mut Vec<u8>,
     resp: &ResponseHead,
     ctx: &ResponseCtx<'_>,
+    st: &mut ResponseState<'_>,
 ) -> Result<ResponseDone, ResponseFailure> {
     let http11 = ctx.client_version == Version::Http11;
+    let chain = st.chain;
+    let filtered = chain.runs_on_upstream_response() || chain.runs_on_body();
+    let cx = filtered.then(|| ctx.worker.filter_ctx(st.gen, ctx.deadline));
+    let mut reframes = false;
+    if let Some(cx) = cx.as_ref().filter(|_| chain.runs_on_upstream_response()) {
+        let mut o = ResponseOut {
+            lines: st.lines,
+            edits: st.upstream_edits,
+            reframes: false,
+        };
+        let view = ResponseView {
+            buf: urbuf.data(),
+            head: resp,
+        };
+        if let Some(answer) = chain.on_upstream_response(cx, st.slots, view, &mut o) {
+            return replace(urbuf, cw, out, resp, ctx, st, &answer).await;
+        }
+        reframes = o.reframes;
+    }
     let (framing, reframe) = match resp.body {
         BodyLength::None => (ClientFraming::Bodiless, Reframe::AsIs),
-        BodyLength::Length(n) => (ClientFraming::Length(n), Reframe::AsIs),
+        _ if reframes && http11 => (ClientFraming::Chunked, Reframe::Chunked),
+        BodyLength::Length(n) if !reframes => (ClientFraming::Length(n), Reframe::AsIs),
         BodyLength::Chunked if http11 => (ClientFraming::Chunked, Reframe::Chunked),
         // An HTTP/1.0 client cannot read chunked: decode and delimit by closing.
-        BodyLength::Chunked | BodyLength::UntilClose => (ClientFraming::Close, Reframe::AsIs),
+        _ => (ClientFraming::Close, Reframe::AsIs),
     };
     let upgrade = resp.status == 101;
     let keep = ctx.client_keep_alive
         && framing != ClientFraming::Close
         && !upgrade
         && !ctx.worker.draining.get();
-    // The route's cache sees the head first: a 304 that revalidated a stale entry, or a 5xx a
-    // stale entry answers instead, is taken over (the pipeline answers from the entry), so
-    // nothing is written here; a body left unread makes the connection unusable.
-    if ctx
-        .cache
-        .is_some_and(|cx| cx.on_upstream_response(ctx.worker.cache.as_ref(), urbuf.data(), resp))
-    {
-        urbuf.consume(resp.len);
-        let bodiless = matches!(resp.body, BodyLength::None | BodyLength::Length(0));
-        return Ok(ResponseDone {
-            client_keep_alive: keep,
-            upstream_reusable: resp.keep_alive && bodiless,
-            upgrade: false,
-        });
-    }
     out.clear();
     write::client_response(
         out,
@@ -242,8 +293,9 @@ pub(super) async fn send_response<R: AsyncReadRent, W: AsyncWriteRent>(
             client_version: ctx.client_version,
             keep_alive: keep,
             request_id: ctx.request_id,
-            extra: ctx.extra,
-            edits: ctx.edits,
+            extra: st.lines,
+            edits: st.resp_edits,
+            upstream_edits: st.upstream_edits,
         },
     );
     let mut body = BodyReader::new(resp.body, &ctx.worker.parse_limits);
@@ -254,6 +306,7 @@ pub(super) async fn send_response<R: AsyncReadRent, W: AsyncWriteRent>(
             .await
             .map_err(|_| ResponseFailure::new(ProxyError::UpstreamUnreachable("client gone")))?;
         return Ok(ResponseDone {
+            status: resp.status,
             client_keep_alive: false,
             upstream_reusable: false,
             upgrade: true,
@@ -267,36 +320,85 @@ pub(super) async fn send_response<R: AsyncReadRent, W: AsyncWriteRent>(
         max: None,
         deadline: ctx.deadline,
         sent: ctx.sent,
-        tee: ctx.cache.and_then(CacheExchange::tee),
-        keep_last: ctx.cache.is_some(),
     };
     let mut seen = 0;
-    if let Err(e) = copy_body(ur, urbuf, cw, out, &mut body, reframe, &mut seen, &transfer).await {
+    let copied = match cx.as_ref().filter(|_| chain.runs_on_body()) {
+        Some(cx) => {
+            let mut hook = FilterBody {
+                chain,
+                cx,
+                slots: st.slots,
+            };
+            if body.is_done() {
+                hook.end(out, reframe);
+            }
+            copy_body(
+                ur, urbuf, cw, out, &mut body, reframe, &mut seen, &transfer, &mut hook,
+            )
+            .await
+        }
+        None => {
+            copy_body(
+                ur, urbuf, cw, out, &mut body, reframe, &mut seen, &transfer, &mut Plain,
+            )
+            .await
+        }
+    };
+    if let Err(e) = copied {
         debug!(error = ?e, "response body failed");
         return Err(ResponseFailure::new(ProxyError::UpstreamUnreachable(
             "closed inside the response body",
         )));
     }
-    if let Some(cx) = ctx.cache {
-        // Stored (and sent to every worker) before the client can have the whole response.
-        let arrived = ctx
-            .head_at
-            .get()
-            .map_or_else(Instant::now, Stamp::to_instant);
-        cx.on_body_complete(ctx.worker.cache.as_ref(), arrived);
-        if !out.is_empty() {
-            ctx.sent.set(ctx.sent.get() + out.len() as u64);
-            send(cw, out, ctx.deadline, ctx.write_timeout)
-                .await
-                .map_err(|_| {
-                    ResponseFailure::new(ProxyError::UpstreamUnreachable("client gone"))
-                })?;
-            out.clear();
-        }
-    }
     Ok(ResponseDone {
+        status: resp.status,
         client_keep_alive: keep,
         upstream_reusable: resp.keep_alive,
+        upgrade: false,
+    })
+}
+
+/// A filter's reply instead of the upstream's response (a refreshed cache entry after a 304,
+/// a stale one for a 5xx). The upstream's body is left unread, so its connection is kept only
+/// when it had none.
+async fn replace<W: AsyncWriteRent>(
+    urbuf: &mut ReadBuf,
+    cw: &mut W,
+    out: &mut Vec<u8>,
+    resp: &ResponseHead,
+    ctx: &ResponseCtx<'_>,
+    st: &ResponseState<'_>,
+    answer: &Reply,
+) -> Result<ResponseDone, ResponseFailure> {
+    urbuf.consume(resp.len);
+    let bodiless = matches!(resp.body, BodyLength::None | BodyLength::Length(0));
+    let keep = ctx.client_keep_alive && !ctx.worker.draining.get();
+    out.clear();
+    let rest = reply::render(
+        out,
+        answer,
+        &ReplyHead {
+            extra: st.lines,
+            edits: st.resp_edits,
+            head_only: ctx.to_head,
+            keep_alive: keep,
+            client_version: ctx.client_version,
+            request_id: ctx.request_id,
+        },
+    );
+    ctx.sent
+        .set(ctx.sent.get() + (out.len() + rest.len()) as u64);
+    let gone = |_| ResponseFailure::new(ProxyError::UpstreamUnreachable("client gone"));
+    send(cw, out, ctx.deadline, ctx.write_timeout)
+        .await
+        .map_err(gone)?;
+    reply::write_rest(cw, rest, ctx.deadline, ctx.write_timeout)
+        .await
+        .map_err(|()| ResponseFailure::new(ProxyError::UpstreamUnreachable("client gone")))?;
+    Ok(ResponseDone {
+        status: answer.status,
+        client_keep_alive: keep,
+        upstream_reusable: resp.keep_alive && bodiless,
         upgrade: false,
     })
 }

@@ -11,7 +11,7 @@ use std::time::Instant;
 use tracing::{debug, info, warn};
 
 use super::{ConnectError, TargetId, UpstreamConn, UpstreamCtx, UpstreamState};
-use crate::body::{BodyError, BodyReader, Reframe};
+use crate::body::{BodyError, BodyReader, Plain, Reframe};
 use crate::buffer::write_out;
 use crate::deadline::Deadline;
 use crate::error::ProxyError;
@@ -406,7 +406,7 @@ async fn read_body(
             Reframe::AsIs,
             &mut seen,
             max,
-            None,
+            &mut Plain,
         ) {
             Ok(()) if body.len() <= max_body => {}
             Ok(()) | Err(BodyError::TooLarge) => return Ok((None, false)),
