@@ -389,6 +389,7 @@ pub struct RouteFile {
     #[serde(default)]
     pub deny_groups: Vec<Spanned<String>>,
     pub cors: Option<Spanned<super::auth::CorsFile>>,
+    pub compression: Option<Spanned<super::compression::CompressionFile>>,
     #[serde(default)]
     pub ip_allow: Vec<Spanned<String>>,
     #[serde(default)]

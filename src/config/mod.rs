@@ -4,6 +4,7 @@
 //! data with references resolved to ids; each worker builds its own runtime state from it.
 
 mod auth;
+mod compression;
 mod error;
 mod file;
 mod headers;
@@ -22,6 +23,7 @@ use std::time::Duration;
 pub use auth::{
     check_password_hash, AuthId, AuthKind, AuthProvider, Consumer, ConsumerId, CorsPolicy,
 };
+pub use compression::{Coding, Compression};
 pub use error::ConfigError;
 pub use file::{AccessLogFormat, Balance, DriverChoice};
 use file::{File, PinCores, Workers};
@@ -271,6 +273,8 @@ pub struct Route {
     /// Clients inside these ranges get 403.
     pub ip_deny: Vec<Cidr>,
     pub cors: Option<CorsPolicy>,
+    /// Response compression (proxied routes).
+    pub compression: Option<Compression>,
     /// Proxied routes: the longest the upstream exchange may take up to the response head,
     /// retries included.
     pub timeout: Option<Duration>,

@@ -128,6 +128,17 @@ impl Validator<'_> {
             Some(c) => Some(self.cors(c, &format!("{key}.cors"))?),
             None => None,
         };
+        let compression = match &r.compression {
+            Some(c) if !matches!(action, RouteAction::Proxy(_)) => {
+                return Err(self.err(
+                    c.span(),
+                    &format!("{key}.compression"),
+                    "compression is for routes with an upstream",
+                ))
+            }
+            Some(c) => Some(self.compression(c, &format!("{key}.compression"))?),
+            None => None,
+        };
         let timeout = match &r.timeout_ms {
             None => None,
             Some(t) if !matches!(action, RouteAction::Proxy(_)) => {
@@ -150,6 +161,7 @@ impl Validator<'_> {
             trust_identity_headers: r.trust_identity_headers,
             timeout,
             cors,
+            compression,
             ip_allow,
             ip_deny,
             auth,

@@ -26,14 +26,14 @@ use bytes::Bytes;
 mod answer;
 mod key;
 
-use super::{BodyStep, Ctx, Done, Flow, RequestInfo, ResponseOut, ResponseView, Slot};
+use super::{compress, BodyStep, Ctx, Done, Flow, RequestInfo, ResponseOut, ResponseView, Slot};
 use crate::auth::{Consumers, Identity};
 use crate::cache::policy::{self, CacheControl};
 use crate::cache::record::{add_validators, new_entry, refreshed, Recorded, Request};
 use crate::cache::{url_hash, variant_hash, Entry, WorkerCache};
-use crate::config::{Implicit, Route, RouteCache};
+use crate::config::{Coding, Implicit, Route, RouteCache};
 use crate::error::ProxyError;
-use crate::http::{BodyLength, HeaderEdits, HeaderKind, Method, RequestHead};
+use crate::http::{BodyLength, HeaderEdits, HeaderKind, Method, RequestHead, ResponseHead};
 use crate::metrics::CacheOutcome;
 use crate::upstream::UpstreamState;
 use answer::Asked;
@@ -54,6 +54,26 @@ pub struct Cache {
     /// Where a background revalidation goes: the route's upstream, and the prefix it strips.
     upstream: Rc<UpstreamState>,
     strip_prefix: Option<Box<[u8]>>,
+    /// The route compresses with these: `Accept-Encoding` is keyed by the coding negotiated
+    /// (one entry per coding, not per header spelling).
+    codings: Option<Box<[Coding]>>,
+}
+
+/// The values of request header `name` as the key sees them: for `Accept-Encoding` on a
+/// compressing route, the coding negotiated.
+enum Values<'a, I> {
+    Header(I),
+    Coding(Option<&'a [u8]>),
+}
+
+impl<'a, I: Iterator<Item = &'a [u8]>> Iterator for Values<'a, I> {
+    type Item = &'a [u8];
+    fn next(&mut self) -> Option<&'a [u8]> {
+        match self {
+            Values::Header(i) => i.next(),
+            Values::Coding(c) => c.take(),
+        }
+    }
 }
 
 /// A background revalidation of an entry answered STALE, for the worker to run (`Background`).
@@ -85,6 +105,8 @@ pub struct CacheSlot {
     fallback: Option<(Arc<Entry>, Duration)>,
     /// An entry answered instead of the upstream's response: no miss to count.
     answered: bool,
+    /// On a compressing route, the coding the key holds: a response in another is not stored.
+    coding: Option<&'static [u8]>,
 }
 
 struct Capture {
@@ -114,6 +136,7 @@ impl CacheSlot {
             invalidates: None,
             fallback: None,
             answered: false,
+            coding: None,
         }
     }
 
@@ -178,9 +201,10 @@ fn request_facts(
     key_headers: &[String],
     keyed: Keyed,
     who: Option<(&str, &Identity)>,
+    coding: Option<&[u8]>,
 ) -> Request {
     let (buf, head) = (req.view.buf, req.view.head);
-    Request {
+    let mut request = Request {
         url,
         partition: keyed.partition,
         replay: key::replay(req, who),
@@ -199,7 +223,35 @@ fn request_facts(
                 )
             })
             .collect(),
+    };
+    if let Some(c) = coding {
+        request
+            .headers
+            .retain(|(n, _)| &n[..] != b"accept-encoding");
+        request
+            .headers
+            .push((b"accept-encoding"[..].into(), c.into()));
     }
+    request
+}
+
+/// The content coding of the response as the filters before the cache left it.
+fn final_coding<'a>(buf: &'a [u8], head: &'a ResponseHead, edits: &'a HeaderEdits) -> &'a [u8] {
+    let set = edits
+        .appended()
+        .split_inclusive(|&b| b == b'\n')
+        .find_map(|line| {
+            let (name, value) = line.split_at(line.iter().position(|&b| b == b':')?);
+            name.eq_ignore_ascii_case(b"content-encoding")
+                .then(|| value[1..].trim_ascii())
+        });
+    set.or_else(|| {
+        head.headers
+            .iter()
+            .find(|h| h.name.get(buf).eq_ignore_ascii_case(b"content-encoding"))
+            .map(|h| h.value.get(buf).trim_ascii())
+    })
+    .unwrap_or(b"identity")
 }
 
 /// What the request asks of the cache.
@@ -247,6 +299,10 @@ impl Cache {
             keying: Keying::new(policy.per_consumer, authenticated, consumers),
             upstream,
             strip_prefix: route.strip_prefix.as_ref().map(|p| p.as_bytes().into()),
+            codings: route
+                .compression
+                .as_ref()
+                .map(|c| c.algorithms.as_slice().into()),
         }
     }
 
@@ -280,12 +336,22 @@ impl Cache {
             return Ok(Flow::Continue);
         };
         let url = url_hash(req.view.host(), origin_target(req));
+        let coding = self.codings.as_ref().map(|algorithms| {
+            let accept = header_values(req.view.buf, head, b"accept-encoding");
+            compress::negotiate(accept, algorithms)
+                .map_or(&b"identity"[..], |c| c.token().as_bytes())
+        });
         let variant_of = |vary: &[Box<[u8]>]| {
             let names = self.policy.key_headers.iter().map(String::as_bytes);
             variant_hash(
                 keyed.partition,
                 names.chain(vary.iter().map(|n| &n[..])),
-                |n| header_values(req.view.buf, head, n),
+                |n| match coding {
+                    Some(c) if n.eq_ignore_ascii_case(b"accept-encoding") => {
+                        Values::Coding(Some(c))
+                    }
+                    _ => Values::Header(header_values(req.view.buf, head, n)),
+                },
             )
         };
         let now = Instant::now();
@@ -330,7 +396,7 @@ impl Cache {
         }
         let who = identity.map(|i| (self.keying.name(i), i));
         let mut s = CacheSlot::new((method == Method::Get).then(|| Capture {
-            request: request_facts(req, url, &self.policy.key_headers, keyed, who),
+            request: request_facts(req, url, &self.policy.key_headers, keyed, who, coding),
             tee: Vec::new(),
             given_up: false,
             recorded: None,
@@ -352,6 +418,7 @@ impl Cache {
         lines.extend_from_slice(b"x-cache: MISS\r\n");
         s.stale = found;
         s.flight = leading.then_some(flight_key);
+        s.coding = coding;
         *slot = Slot::Cache(Box::new(s));
         Ok(Flow::Continue)
     }
@@ -423,7 +490,8 @@ pub fn on_upstream_response(
     let (buf, head) = (resp.buf, resp.head);
     if s.revalidating && head.status == 304 {
         if let Some(stale) = s.stale.take() {
-            let fresh = refreshed(&stale, Some(Recorded::from_head(buf, head)), Instant::now());
+            let rec = Recorded::from_edited(buf, head, out.edits);
+            let fresh = refreshed(&stale, Some(rec), Instant::now());
             cache.insert(Arc::clone(&fresh));
             return s.answer(cx, &fresh, CacheOutcome::Revalidated, None, out.lines);
         }
@@ -452,7 +520,11 @@ pub fn on_upstream_response(
         BodyLength::Length(n) if !out.reframes => n <= cap.max_entry as u64,
         _ => true,
     };
-    if fits && policy::storable(&rec.facts(cap.authorized)) {
+    // Keyed by a coding, an entry must be in it (an upstream may encode on its own).
+    let coded = s
+        .coding
+        .is_none_or(|c| final_coding(buf, head, out.edits).eq_ignore_ascii_case(c));
+    if fits && coded && policy::storable(&rec.facts(cap.authorized)) {
         cap.recorded = Some(rec);
         cap.arrived = Instant::now();
     } else {

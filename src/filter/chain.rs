@@ -3,8 +3,8 @@
 use std::rc::Rc;
 
 use super::{
-    cache, Auth, Cache, Cors, Ctx, Done, Filter, Flow, HeaderRules, Phases, RateLimit, Reply,
-    RequestInfo, RequestOut, ResponseOut, ResponseView, Slot,
+    cache, compress, Auth, Cache, Compress, Cors, Ctx, Done, Filter, Flow, HeaderRules, Phases,
+    RateLimit, Reply, RequestInfo, RequestOut, ResponseOut, ResponseView, Slot,
 };
 use crate::auth::Consumers;
 use crate::config::{Config, Route, RouteAction};
@@ -35,8 +35,8 @@ impl Chain {
     /// The route's filters: header transforms first (so that a refusal carries the response
     /// edits), then IP rules (the cheapest refusal), then CORS (a preflight carries no
     /// credentials), then authentication (so that rate limits can key on the consumer, and
-    /// nobody unknown spends a limit), then rate limits, then the cache (a refused request
-    /// never reaches it).
+    /// nobody unknown spends a limit), then rate limits, then compression, then the cache (a
+    /// refused request never reaches it).
     pub fn build(
         route: &Route,
         config: &Config,
@@ -64,6 +64,11 @@ impl Chain {
         }
         if !route.rate_limits.is_empty() {
             filters.push(Filter::RateLimit(RateLimit::new(&route.rate_limits)));
+        }
+        // Before the cache: what it stores is the response as the client gets it (one entry
+        // per coding), and its hits go out as stored.
+        if let Some(c) = &route.compression {
+            filters.push(Filter::Compress(Compress::new(c)));
         }
         match (&route.cache, &route.action) {
             (Some(policy), RouteAction::Proxy(up)) => {
@@ -173,6 +178,7 @@ impl Chain {
                 | Filter::Cors(_)
                 | Filter::RateLimit(_)
                 | Filter::Headers { .. }
+                | Filter::Compress(_)
                 | Filter::Invalidate => f.on_request_now(cx, req, slot, out)?,
             };
             if let Flow::Reply(_) = flow {
@@ -250,9 +256,21 @@ fn body_through(
     step: BodyStep<'_>,
     sink: &mut dyn FnMut(&[u8]),
 ) {
-    for (f, slot) in filters.iter().zip(slots.iter_mut()) {
-        match f {
-            Filter::Cache(_) => cache::on_body(cx, slot, step),
+    for i in 0..filters.len().min(slots.len()) {
+        match &filters[i] {
+            Filter::Cache(_) => cache::on_body(cx, &mut slots[i], step),
+            Filter::Compress(_) => {
+                let (mine, rest) = slots.split_at_mut(i + 1);
+                let after = &filters[i + 1..];
+                let mut pass =
+                    |out: &[u8]| body_through(after, rest, cx, BodyStep::Data(out), sink);
+                if compress::step(&mut mine[i], step, &mut pass) {
+                    if !matches!(step, BodyStep::Data(_)) {
+                        body_through(after, rest, cx, step, sink);
+                    }
+                    return;
+                }
+            }
             Filter::Headers { .. }
             | Filter::IpRules { .. }
             | Filter::Cors(_)

@@ -30,6 +30,7 @@
 mod auth;
 pub mod cache;
 mod chain;
+mod compress;
 mod cors;
 mod headers;
 mod rate_limit;
@@ -54,6 +55,7 @@ use crate::ratelimit::Limiter;
 use auth::Auth;
 use cache::{Cache, CacheSlot};
 pub use chain::{BodyStep, Chain};
+use compress::{Compress, CompressSlot};
 use cors::Cors;
 pub use headers::HeaderRules;
 pub use rate_limit::RateLimit;
@@ -202,6 +204,7 @@ pub enum Slot {
     Empty,
     /// Boxed: a slot is moved with its exchange, and most requests have none.
     Cache(Box<CacheSlot>),
+    Compress(Box<CompressSlot>),
 }
 
 impl Slot {
@@ -227,6 +230,8 @@ pub enum Filter {
         request: Option<HeaderRules>,
         response: Option<HeaderRules>,
     },
+    /// Response compression, on routes with `compression`.
+    Compress(Compress),
     /// Caching, on routes with `cache`.
     Cache(Cache),
     /// On routes without `cache` while `[cache]` is on: unsafe requests invalidate.
@@ -300,6 +305,13 @@ impl Filter {
                 done: true,
                 ..none
             },
+            Filter::Compress(_) => Phases {
+                request: true,
+                upstream_response: true,
+                body: true,
+                done: true,
+                ..none
+            },
         }
     }
 
@@ -315,6 +327,7 @@ impl Filter {
             | Filter::IpRules { .. }
             | Filter::Auth(_)
             | Filter::RateLimit(_)
+            | Filter::Compress(_)
             | Filter::Cache(_)
             | Filter::Invalidate => {}
         }
@@ -349,6 +362,7 @@ impl Filter {
                     return Ok(Flow::Reply(reply));
                 }
             }
+            Filter::Compress(c) => c.on_request(req, slot),
             Filter::Headers { .. } | Filter::Cache(_) | Filter::Auth(_) => {}
         }
         Ok(Flow::Continue)
@@ -367,6 +381,7 @@ impl Filter {
             | Filter::IpRules { .. }
             | Filter::Cors(_)
             | Filter::RateLimit(_)
+            | Filter::Compress(_)
             | Filter::Invalidate => {}
         }
     }
@@ -382,6 +397,7 @@ impl Filter {
             Filter::Cache(_) | Filter::Invalidate => {
                 cache::on_upstream_response(cx, slot, resp, out)
             }
+            Filter::Compress(c) => c.on_upstream_response(slot, resp, out),
             Filter::Headers { .. }
             | Filter::IpRules { .. }
             | Filter::Cors(_)
@@ -393,6 +409,7 @@ impl Filter {
     fn on_done(&self, cx: &Ctx<'_>, slot: &mut Slot, done: &Done<'_>, lines: &mut Vec<u8>) -> Flow {
         match self {
             Filter::Cache(_) | Filter::Invalidate => cache::on_done(cx, slot, done, lines),
+            Filter::Compress(_) => compress::on_done(slot, done),
             Filter::Headers { .. }
             | Filter::IpRules { .. }
             | Filter::Cors(_)

@@ -37,6 +37,8 @@ pub struct Aggregate {
     pub auth_names: Vec<String>,
     /// Authentication decisions by (route, provider, outcome).
     pub auth: std::collections::BTreeMap<(usize, usize, AuthOutcome), u64>,
+    /// Compression by route: responses by algorithm (`Coding::ALL` order), bytes in, out.
+    pub compression: std::collections::BTreeMap<usize, [u64; 5]>,
     /// Circuit-breaker refusals by upstream and limit.
     pub breaker: Vec<[u64; 3]>,
     /// Retries the budget refused, by upstream.
@@ -125,6 +127,7 @@ impl Aggregate {
             cache_enabled: config.cache.is_some(),
             auth_names: Vec::new(),
             auth: Default::default(),
+            compression: Default::default(),
             breaker: Vec::new(),
             budget_refused: Vec::new(),
             ratelimited: Vec::new(),
@@ -299,6 +302,14 @@ impl Aggregate {
         for (u, n) in &gen.budget_refused {
             if let Some(&up) = upstreams.get(usize::from(u.0)) {
                 self.budget_refused[up] += n;
+            }
+        }
+        for (route, c) in &gen.compression {
+            if let Some(&r) = routes.get(usize::from(route.0)) {
+                let total = self.compression.entry(r).or_default();
+                for (t, n) in total.iter_mut().zip(c) {
+                    *t += n;
+                }
             }
         }
         for ((route, provider, outcome), n) in &gen.auth {

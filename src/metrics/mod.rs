@@ -196,6 +196,9 @@ pub struct GenMetrics {
     /// Authentication decisions by route, provider and outcome (at most routes × providers × 4
     /// entries, each allocated once).
     auth: ahash::AHashMap<(RouteId, AuthId, AuthOutcome), u64>,
+    /// Per route: responses compressed by algorithm (`Coding::ALL` order), then bytes in and
+    /// out of the compressor.
+    compression: Vec<[u64; 5]>,
 }
 
 /// One upstream's figures in one generation, indexed by target.
@@ -314,6 +317,16 @@ impl GenMetrics {
             ratelimited: vec![0; routes * limits],
             limits,
             auth: ahash::AHashMap::new(),
+            compression: vec![[0; 5]; routes],
+        }
+    }
+
+    /// One response compressed with `coding` (its index in `Coding::ALL`), and its bytes.
+    pub fn record_compression(&mut self, route: RouteId, coding: usize, bytes_in: u64, out: u64) {
+        if let Some(c) = self.compression.get_mut(usize::from(route.0)) {
+            c[coding.min(2)] += 1;
+            c[3] += bytes_in;
+            c[4] += out;
         }
     }
 
@@ -349,6 +362,13 @@ impl GenMetrics {
                 .iter_mut()
                 .filter(|(_, n)| **n > 0)
                 .map(|(k, n)| (*k, std::mem::take(n))),
+        );
+        into.compression.extend(
+            self.compression
+                .iter_mut()
+                .enumerate()
+                .filter(|(_, c)| c.iter().any(|&n| n > 0))
+                .map(|(i, c)| (RouteId(i as u16), std::mem::take(c))),
         );
     }
 }
@@ -428,6 +448,7 @@ impl GenDelta {
             targets: Vec::new(),
             ratelimited: Vec::new(),
             auth: Vec::new(),
+            compression: Vec::new(),
             breaker: Vec::new(),
             budget_refused: Vec::new(),
         }
@@ -443,6 +464,7 @@ impl GenDelta {
             && self.targets.is_empty()
             && self.ratelimited.is_empty()
             && self.auth.is_empty()
+            && self.compression.is_empty()
             && self.breaker.is_empty()
             && self.budget_refused.is_empty()
     }
@@ -496,6 +518,8 @@ pub struct GenDelta {
     pub ratelimited: Vec<(RouteId, RateLimitId, u64)>,
     /// Authentication decisions since the last snapshot.
     pub auth: Vec<((RouteId, AuthId, AuthOutcome), u64)>,
+    /// Compression by route: see `GenMetrics::record_compression`.
+    pub compression: Vec<(RouteId, [u64; 5])>,
     /// Circuit-breaker refusals by upstream and limit.
     pub breaker: Vec<(UpstreamId, [u64; 3])>,
     /// Retries the budget refused, by upstream.

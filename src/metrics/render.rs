@@ -289,6 +289,37 @@ pub fn prometheus(agg: &Aggregate, process: &Process) -> String {
     }
     header(
         &mut out,
+        "ringway_compressed_responses_total",
+        "counter",
+        "Responses compressed by the gateway, by route and algorithm.",
+    );
+    for (route, c) in &agg.compression {
+        for (coding, n) in crate::config::Coding::ALL.iter().zip(c) {
+            let _ = writeln!(
+                out,
+                "ringway_compressed_responses_total{{route=\"{}\",algorithm=\"{}\"}} {n}",
+                esc(agg.route_name(*route)),
+                coding.token()
+            );
+        }
+    }
+    header(
+        &mut out,
+        "ringway_compression_bytes_total",
+        "counter",
+        "Bytes into and out of the gateway's compressors, by route.",
+    );
+    for (route, c) in &agg.compression {
+        for (direction, n) in [("in", c[3]), ("out", c[4])] {
+            let _ = writeln!(
+                out,
+                "ringway_compression_bytes_total{{route=\"{}\",direction=\"{direction}\"}} {n}",
+                esc(agg.route_name(*route)),
+            );
+        }
+    }
+    header(
+        &mut out,
         "ringway_ratelimit_keys",
         "gauge",
         "Keys held in a worker's table for a rate limit (at most max_keys).",
