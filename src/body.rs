@@ -50,7 +50,7 @@ pub trait BodyHook {
 pub struct Plain;
 
 impl BodyHook for Plain {
-    #[inline]
+    #[inline(always)]
     fn data(&mut self, data: &[u8], out: &mut Vec<u8>, reframe: Reframe) {
         frame(out, data, reframe);
     }
@@ -65,7 +65,7 @@ impl BodyHook for Plain {
 
 /// Appends `data` to `out` in the receiver's framing (an empty chunk would end the body, so
 /// empty data writes nothing).
-#[inline]
+#[inline(always)]
 pub fn frame(out: &mut Vec<u8>, data: &[u8], reframe: Reframe) {
     if reframe == Reframe::Chunked {
         if data.is_empty() {

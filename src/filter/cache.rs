@@ -26,9 +26,11 @@ use bytes::Bytes;
 mod answer;
 mod key;
 
-use super::{compress, BodyStep, Ctx, Done, Flow, RequestInfo, ResponseOut, ResponseView, Slot};
+use super::{
+    compress, BodyStep, Ctx, Done, Flow, RequestInfo, ResponseOut, ResponseView, Slot, SlotRef,
+};
 use crate::auth::{Consumers, Identity};
-use crate::cache::policy::{self, CacheControl};
+use crate::cache::policy;
 use crate::cache::record::{add_validators, new_entry, refreshed, Recorded, Request};
 use crate::cache::{url_hash, variant_hash, Entry, WorkerCache};
 use crate::config::{Coding, Implicit, Route, RouteCache};
@@ -254,35 +256,6 @@ fn final_coding<'a>(buf: &'a [u8], head: &'a ResponseHead, edits: &'a HeaderEdit
     .unwrap_or(b"identity")
 }
 
-/// What the request asks of the cache.
-struct Asks {
-    cc: CacheControl,
-    authorized: bool,
-    conditional: bool,
-}
-
-fn asks(req: &RequestInfo<'_>) -> Asks {
-    let mut a = Asks {
-        cc: CacheControl::default(),
-        authorized: false,
-        conditional: false,
-    };
-    let buf = req.view.buf;
-    for h in &req.view.head.headers {
-        let name = h.name.get(buf);
-        if name.eq_ignore_ascii_case(b"cache-control") || name.eq_ignore_ascii_case(b"pragma") {
-            a.cc.add(h.value.get(buf));
-        } else if name.eq_ignore_ascii_case(b"authorization") {
-            a.authorized = true;
-        } else if name.eq_ignore_ascii_case(b"if-none-match")
-            || name.eq_ignore_ascii_case(b"if-modified-since")
-        {
-            a.conditional = true;
-        }
-    }
-    a
-}
-
 impl Cache {
     /// `authenticated`: the route has `auth`, so every request that reaches the cache has an
     /// identity.
@@ -311,7 +284,7 @@ impl Cache {
         cx: &Ctx<'_>,
         req: &RequestInfo<'_>,
         lines: &mut Vec<u8>,
-        slot: &mut Slot,
+        slot: SlotRef<'_>,
         identity: Option<&Identity>,
     ) -> Result<Flow, ProxyError> {
         let Some(cache) = cx.cache else {
@@ -319,7 +292,7 @@ impl Cache {
         };
         let head = req.view.head;
         let method = head.method;
-        let asked = asks(req);
+        let asked = Asked::read(req);
         let directives = policy::request_directives(&asked.cc);
         let eligible =
             matches!(method, Method::Get | Method::Head) && head.body == BodyLength::None;
@@ -331,7 +304,7 @@ impl Cache {
             lines.extend_from_slice(b"x-cache: BYPASS\r\n");
             cx.metrics.borrow_mut().record_cache(CacheOutcome::Bypass);
             if !method.is_safe() {
-                *slot = Slot::Cache(Box::new(CacheSlot::invalidating(req)));
+                slot.set(Slot::Cache(Box::new(CacheSlot::invalidating(req))));
             }
             return Ok(Flow::Continue);
         };
@@ -358,11 +331,11 @@ impl Cache {
         let found = cache.get(url, |e| variant_of(&e.vary));
         if let Some(entry) = &found {
             if entry.is_fresh(now) && !directives.revalidate {
-                return Ok(self.hit(cx, req, entry, CacheOutcome::Hit, lines, now));
+                return Ok(self.hit(cx, &asked, entry, CacheOutcome::Hit, lines, now));
             }
             if !directives.revalidate && entry.may_serve_stale(now) {
                 self.revalidate_in_background(cx, cache, entry);
-                return Ok(self.hit(cx, req, entry, CacheOutcome::Stale, lines, now));
+                return Ok(self.hit(cx, &asked, entry, CacheOutcome::Stale, lines, now));
             }
         }
         if directives.only_if_cached {
@@ -385,7 +358,7 @@ impl Cache {
                 if let Some(entry) = again.filter(|e| e.is_fresh(Instant::now())) {
                     return Ok(self.hit(
                         cx,
-                        req,
+                        &asked,
                         &entry,
                         CacheOutcome::Coalesced,
                         lines,
@@ -419,7 +392,7 @@ impl Cache {
         s.stale = found;
         s.flight = leading.then_some(flight_key);
         s.coding = coding;
-        *slot = Slot::Cache(Box::new(s));
+        slot.set(Slot::Cache(Box::new(s)));
         Ok(Flow::Continue)
     }
 
@@ -428,15 +401,14 @@ impl Cache {
     fn hit(
         &self,
         cx: &Ctx<'_>,
-        req: &RequestInfo<'_>,
+        asked: &Asked<'_>,
         entry: &Entry,
         outcome: CacheOutcome,
         lines: &mut Vec<u8>,
         now: Instant,
     ) -> Flow {
         cx.metrics.borrow_mut().record_cache(outcome);
-        let asked = Asked::read(req);
-        Flow::Reply(answer::reply(entry, outcome, Some(&asked), lines, now))
+        Flow::Reply(answer::reply(entry, outcome, Some(asked), lines, now))
     }
 
     /// Starts revalidating `entry` off the request path (stale-while-revalidate), once per entry
@@ -460,16 +432,16 @@ impl Cache {
 }
 
 /// The validators of the stale entry being revalidated.
-pub fn on_upstream_request(slot: &Slot, edits: &mut HeaderEdits) {
-    if let Slot::Cache(s) = slot {
+pub fn on_upstream_request(slot: Option<&Slot>, edits: &mut HeaderEdits) {
+    if let Some(Slot::Cache(s)) = slot {
         edits.append_lines(&s.conditional);
     }
 }
 
 /// `Invalidate::on_request`: an unsafe request may change what its URL returns.
-pub fn invalidate_on_request(req: &RequestInfo<'_>, slot: &mut Slot) {
+pub fn invalidate_on_request(req: &RequestInfo<'_>, slot: SlotRef<'_>) {
     if !req.view.head.method.is_safe() {
-        *slot = Slot::Cache(Box::new(CacheSlot::invalidating(req)));
+        slot.set(Slot::Cache(Box::new(CacheSlot::invalidating(req))));
     }
 }
 

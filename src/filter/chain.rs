@@ -4,7 +4,7 @@ use std::rc::Rc;
 
 use super::{
     cache, compress, Auth, Cache, Compress, Cors, Ctx, Done, Filter, Flow, HeaderRules, Phases,
-    RateLimit, Reply, RequestInfo, RequestOut, ResponseOut, ResponseView, Slot,
+    RateLimit, Reply, RequestInfo, RequestOut, ResponseOut, ResponseView, Slot, SlotRef,
 };
 use crate::auth::Consumers;
 use crate::config::{Config, Route, RouteAction};
@@ -131,23 +131,6 @@ impl Chain {
         self.phases.done
     }
 
-    /// Gives the request one empty slot per filter, on routes whose filters keep state (the
-    /// connection's previous request on the same route left the right number: emptied, not
-    /// rebuilt).
-    #[inline]
-    pub fn prepare_slots(&self, slots: &mut Vec<Slot>) {
-        if !self.phases.needs_slot() {
-            slots.clear();
-        } else if slots.len() == self.filters.len() {
-            for s in slots.iter_mut().filter(|s| !s.is_empty()) {
-                *s = Slot::Empty;
-            }
-        } else {
-            slots.clear();
-            slots.resize_with(self.filters.len(), Slot::default);
-        }
-    }
-
     pub fn on_response(&self, req: &RequestInfo<'_>, edits: &mut HeaderEdits) {
         for f in self.filters.iter() {
             f.on_response(req, edits);
@@ -159,12 +142,16 @@ impl Chain {
         &self,
         cx: &Ctx<'_>,
         req: &RequestInfo<'_>,
-        slots: &mut [Slot],
+        slots: &mut Vec<Slot>,
         out: &mut RequestOut<'_>,
     ) -> Result<Flow, ProxyError> {
-        let mut empty = Slot::Empty;
-        for (i, f) in self.filters.iter().enumerate() {
-            let slot = slots.get_mut(i).unwrap_or(&mut empty);
+        let filters = self.filters.len();
+        for (index, f) in self.filters.iter().enumerate() {
+            let slot = SlotRef {
+                slots: &mut *slots,
+                index,
+                filters,
+            };
             let flow = match f {
                 Filter::Cache(c) => {
                     c.on_request(cx, req, out.lines, slot, out.identity.as_ref())
@@ -195,7 +182,7 @@ impl Chain {
         edits: &mut HeaderEdits,
     ) {
         for (i, f) in self.filters.iter().enumerate() {
-            f.on_upstream_request(req, slots.get(i).unwrap_or(&Slot::Empty), edits);
+            f.on_upstream_request(req, slots.get(i), edits);
         }
     }
 

@@ -15,7 +15,7 @@
 
 use std::io::Write;
 
-use super::{BodyStep, Done, Flow, RequestInfo, ResponseOut, ResponseView, Slot};
+use super::{BodyStep, Done, Flow, RequestInfo, ResponseOut, ResponseView, Slot, SlotRef};
 use crate::config::{Coding, Compression};
 use crate::http::{list_items, HeaderEdits};
 
@@ -202,17 +202,17 @@ impl Compress {
     }
 
     /// Negotiates; a Range request is never compressed (its parts are of the identity body).
-    pub fn on_request(&self, req: &RequestInfo<'_>, slot: &mut Slot) {
+    pub fn on_request(&self, req: &RequestInfo<'_>, slot: SlotRef<'_>) {
         if req.view.header(b"range").is_some() {
             return;
         }
-        *slot = Slot::Compress(Box::new(CompressSlot {
+        slot.set(Slot::Compress(Box::new(CompressSlot {
             coding: self.coding_for(req),
             encoder: None,
             compressed: None,
             bytes_in: 0,
             bytes_out: 0,
-        }));
+        })));
     }
 
     /// Whether the response is one to compress, whatever the client accepts.

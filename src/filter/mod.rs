@@ -214,6 +214,24 @@ impl Slot {
     }
 }
 
+/// Where `on_request` may leave a filter's state. The exchange's slots are made (one per filter
+/// of the route) only when a filter first keeps some: a request no filter keeps state for (a
+/// cache hit, a route without such filters) has none, and the later phases skip them.
+pub struct SlotRef<'a> {
+    slots: &'a mut Vec<Slot>,
+    index: usize,
+    filters: usize,
+}
+
+impl SlotRef<'_> {
+    pub fn set(self, slot: Slot) {
+        if self.slots.len() < self.filters {
+            self.slots.resize_with(self.filters, Slot::default);
+        }
+        self.slots[self.index] = slot;
+    }
+}
+
 pub enum Filter {
     /// `ip_allow` / `ip_deny`: 403 for a client outside or inside them.
     IpRules {
@@ -259,11 +277,6 @@ impl Phases {
             body: self.body | o.body,
             done: self.done | o.done,
         }
-    }
-
-    /// Whether a filter acting in these phases keeps per-request state in a slot.
-    fn needs_slot(self) -> bool {
-        self.upstream_response | self.body | self.done
     }
 }
 
@@ -340,7 +353,7 @@ impl Filter {
         &self,
         cx: &Ctx<'_>,
         req: &RequestInfo<'_>,
-        slot: &mut Slot,
+        slot: SlotRef<'_>,
         out: &mut RequestOut<'_>,
     ) -> Result<Flow, ProxyError> {
         match self {
@@ -369,7 +382,12 @@ impl Filter {
     }
 
     #[inline]
-    fn on_upstream_request(&self, req: &RequestInfo<'_>, slot: &Slot, edits: &mut HeaderEdits) {
+    fn on_upstream_request(
+        &self,
+        req: &RequestInfo<'_>,
+        slot: Option<&Slot>,
+        edits: &mut HeaderEdits,
+    ) {
         match self {
             Filter::Headers {
                 request: Some(rules),

@@ -51,8 +51,8 @@ pub(crate) struct Exchange {
     pub resp_edits: HeaderEdits,
     /// The filters' edits to the upstream's response head (`on_upstream_response`).
     pub upstream_edits: HeaderEdits,
-    /// The route's filters' per-request state, one slot per filter (empty on routes whose
-    /// filters keep none).
+    /// The route's filters' per-request state, one slot per filter, made when a filter first
+    /// keeps some (`filter::SlotRef`); empty otherwise.
     pub slots: Vec<Slot>,
 }
 
@@ -107,7 +107,9 @@ impl Exchange {
         self.up_edits.clear();
         self.resp_edits.clear();
         self.upstream_edits.clear();
-        // The slots are emptied by the route's chain (`Chain::prepare_slots`).
+        if !self.slots.is_empty() {
+            self.slots.clear();
+        }
         stays
     }
 

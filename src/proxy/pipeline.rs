@@ -41,7 +41,6 @@ pub(super) async fn run<S: Io>(c: &mut Session<'_, S>, w: &Rc<Worker>) -> Result
     if c.head.identity || c.head.forwarding {
         drop_untrusted_headers(c, w, &gen, route);
     }
-    route.chain.prepare_slots(&mut c.ex.slots);
     let result = filters_and_terminal(c, w, &gen, id, route).await;
     // `on_done` is for the filters that kept state for this request (a cache hit keeps none).
     if !route.chain.runs_on_done() || c.ex.slots.iter().all(Slot::is_empty) {

@@ -6,7 +6,7 @@
 use std::time::Instant;
 
 use super::RequestInfo;
-use crate::cache::policy;
+use crate::cache::policy::{self, CacheControl};
 use crate::cache::range::{self, Ranged};
 use crate::cache::Entry;
 use crate::filter::Reply;
@@ -16,9 +16,16 @@ use crate::metrics::CacheOutcome;
 /// The largest `Age` sent: larger ages are sent as 2^31 (RFC 9111 §1.2.2).
 const MAX_AGE_SHOWN: u64 = 1 << 31;
 
-/// The request fields an answer from the cache depends on, read in one pass over the head.
+/// What the request asks of the cache, read in one pass over its head: its cache directives and
+/// credentials (whether and how it may be answered from the cache), and the fields an answer
+/// depends on (its conditions and range).
 #[derive(Default)]
 pub(super) struct Asked<'a> {
+    /// `Cache-Control` and `Pragma`, every line.
+    pub cc: CacheControl,
+    pub authorized: bool,
+    /// The client's own validators: a stale entry is not revalidated with the cache's.
+    pub conditional: bool,
     if_none_match: &'a [u8],
     if_modified_since: &'a [u8],
     range: &'a [u8],
@@ -35,18 +42,32 @@ impl<'a> Asked<'a> {
         };
         for h in &head.headers {
             let name = h.name.get(buf);
-            // The length picks the one candidate; the first line of each counts.
-            let slot = match name.len() {
-                13 if name.eq_ignore_ascii_case(b"if-none-match") => &mut a.if_none_match,
-                17 if name.eq_ignore_ascii_case(b"if-modified-since") => &mut a.if_modified_since,
-                5 if name.eq_ignore_ascii_case(b"range") => &mut a.range,
-                8 if name.eq_ignore_ascii_case(b"if-range") => &mut a.if_range,
+            let is = |n: &[u8]| name.eq_ignore_ascii_case(n);
+            // The length picks the candidates; the first line of each field below counts.
+            let field = match name.len() {
+                13 if is(b"cache-control") => {
+                    a.cc.add(h.value.get(buf));
+                    continue;
+                }
+                6 if is(b"pragma") => {
+                    a.cc.add(h.value.get(buf));
+                    continue;
+                }
+                13 if is(b"authorization") => {
+                    a.authorized = true;
+                    continue;
+                }
+                13 if is(b"if-none-match") => &mut a.if_none_match,
+                17 if is(b"if-modified-since") => &mut a.if_modified_since,
+                5 if is(b"range") => &mut a.range,
+                8 if is(b"if-range") => &mut a.if_range,
                 _ => continue,
             };
-            if slot.is_empty() {
-                *slot = h.value.get(buf);
+            if field.is_empty() {
+                *field = h.value.get(buf);
             }
         }
+        a.conditional = !a.if_none_match.is_empty() || !a.if_modified_since.is_empty();
         a
     }
 }
