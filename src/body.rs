@@ -219,13 +219,7 @@ pub async fn copy_body<R: AsyncReadRent, W: AsyncWriteRent>(
             matches!(body, BodyReader::Length(n) if out.len() as u64 + *n <= COALESCE_BYTES);
         if !rest_is_small {
             hook.flush(out, reframe);
-            if !out.is_empty() {
-                t.sent.set(t.sent.get() + out.len() as u64);
-                send(dst, out, t.deadline, t.write_timeout)
-                    .await
-                    .map_err(BodyError::Write)?;
-                out.clear();
-            }
+            deliver(dst, out, t).await?;
         }
         if !streaming {
             rbuf.reserve_for_streaming();
@@ -244,6 +238,15 @@ pub async fn copy_body<R: AsyncReadRent, W: AsyncWriteRent>(
             Ok(Err(e)) => return Err(BodyError::Read(e)),
         }
     }
+    deliver(dst, out, t).await
+}
+
+/// Sends what `out` holds, if anything, counting it.
+async fn deliver<W: AsyncWriteRent>(
+    dst: &mut W,
+    out: &mut Vec<u8>,
+    t: &Transfer<'_>,
+) -> Result<(), BodyError> {
     if !out.is_empty() {
         t.sent.set(t.sent.get() + out.len() as u64);
         send(dst, out, t.deadline, t.write_timeout)

@@ -282,11 +282,13 @@ impl Worker {
         self.metrics.borrow_mut().record_rejection(r);
     }
 
-    /// Takes an accepted connection unless the worker is at `max_connections`; the guard
-    /// counts it as active until dropped.
-    pub fn admit_connection(&self) -> Option<ConnectionGuard<'_>> {
+    /// Takes a connection accepted from `peer` unless the worker is at `max_connections`
+    /// (counted and logged); the guard counts it as active until dropped. The one admission
+    /// of every listener, cleartext or TLS (before its handshake).
+    pub fn admit_connection(&self, peer: std::net::SocketAddr) -> Option<ConnectionGuard<'_>> {
         if self.connections_active.get() >= self.limits.max_connections {
             self.count_rejection(Reject::ConnectionLimit);
+            tracing::debug!(worker = self.id, reason = "connection_limit", %peer, "connection rejected at accept");
             return None;
         }
         self.connections_active

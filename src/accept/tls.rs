@@ -34,8 +34,7 @@ pub async fn serve(
     w: Rc<Worker>,
     first: FirstRequest,
 ) {
-    let Some(_active) = w.admit_connection() else {
-        debug!(worker = w.id, reason = "connection_limit", %peer, "connection rejected at accept");
+    let Some(_active) = w.admit_connection(peer) else {
         return;
     };
     let Some((config, timeout)) = w.tls_config(listener) else {

@@ -17,7 +17,7 @@ use std::io::Write;
 
 use super::{BodyStep, Done, Flow, RequestInfo, ResponseOut, ResponseView, Slot, SlotRef};
 use crate::config::{Coding, Compression};
-use crate::http::{list_items, HeaderEdits};
+use crate::http::{list_items, BodyLength, HeaderEdits, ResponseHead};
 
 /// Levels: fast ones (nginx's `gzip_comp_level` default is 1 too; Envoy's brotli default is 3).
 const GZIP_LEVEL: u32 = 1;
@@ -32,6 +32,10 @@ pub struct Compress {
     min_bytes: u64,
     /// Lower-case `type/subtype`, or `type/` for `type/*`.
     types: Box<[Box<[u8]>]>,
+    /// The fields a compressed head replaces, as `HeaderEdits::remove_encoded` takes them.
+    content_length: Box<[u8]>,
+    etag: Box<[u8]>,
+    vary: Box<[u8]>,
 }
 
 /// One request's compression.
@@ -187,6 +191,9 @@ impl Compress {
                 .iter()
                 .map(|t| t.strip_suffix('*').unwrap_or(t).as_bytes().into())
                 .collect(),
+            content_length: encoded(b"content-length"),
+            etag: encoded(b"etag"),
+            vary: encoded(b"vary"),
         }
     }
 
@@ -221,7 +228,7 @@ impl Compress {
         if matches!(head.status, 100..=199 | 204 | 206 | 304) {
             return false;
         }
-        if let crate::http::BodyLength::Length(n) = head.body {
+        if let BodyLength::Length(n) = head.body {
             if n < self.min_bytes || n == 0 {
                 return false;
             }
@@ -265,76 +272,74 @@ impl Compress {
         };
         if resp.head.status == 304 && s.coding.is_some() {
             // It revalidates what this client would get compressed: its tag stays weak.
-            weaken_etag(resp.buf, resp.head, out.edits);
+            self.weaken_etag(resp.buf, resp.head, out.edits);
         }
         if !self.compressible(resp) {
             return Flow::Continue;
         }
         let (buf, head) = (resp.buf, resp.head);
-        merge_vary(buf, head, out.edits);
+        self.merge_vary(buf, head, out.edits);
         let Some(coding) = s.coding else {
             return Flow::Continue;
         };
         let edits = &mut *out.edits;
         // A HEAD's answer gets the headers GET's would: no length (the body would go chunked).
-        edits.remove_encoded(&encoded(b"content-length"));
+        edits.remove_encoded(&self.content_length);
         edits.append_lines(b"content-encoding: ");
         edits.append_lines(coding.token().as_bytes());
         edits.append_lines(b"\r\n");
-        weaken_etag(buf, head, edits);
+        self.weaken_etag(buf, head, edits);
         s.compressed = Some(coding);
-        if head.body != crate::http::BodyLength::None {
+        if head.body != BodyLength::None {
             s.encoder = Encoder::new(coding);
             out.reframes = s.encoder.is_some();
         }
         Flow::Continue
     }
-}
 
-/// A strong ETag made weak: the compressed body is not the upstream's byte for byte.
-fn weaken_etag(buf: &[u8], head: &crate::http::ResponseHead, edits: &mut HeaderEdits) {
-    let etag = head
-        .headers
-        .iter()
-        .find(|h| h.name.get(buf).eq_ignore_ascii_case(b"etag"))
-        .map(|h| h.value.get(buf));
-    if let Some(tag) = etag.filter(|t| t.starts_with(b"\"")) {
-        edits.remove_encoded(&encoded(b"etag"));
-        edits.append_lines(b"etag: W/");
-        edits.append_lines(tag);
-        edits.append_lines(b"\r\n");
+    /// A strong ETag made weak: the compressed body is not the upstream's byte for byte.
+    fn weaken_etag(&self, buf: &[u8], head: &ResponseHead, edits: &mut HeaderEdits) {
+        let etag = head
+            .headers
+            .iter()
+            .find(|h| h.name.get(buf).eq_ignore_ascii_case(b"etag"))
+            .map(|h| h.value.get(buf));
+        if let Some(tag) = etag.filter(|t| t.starts_with(b"\"")) {
+            edits.remove_encoded(&self.etag);
+            edits.append_lines(b"etag: W/");
+            edits.append_lines(tag);
+            edits.append_lines(b"\r\n");
+        }
+    }
+
+    /// `Vary: Accept-Encoding` on a response that depends on it, merged into the upstream's own
+    /// (unless that says it already, or `*`).
+    fn merge_vary(&self, buf: &[u8], head: &ResponseHead, edits: &mut HeaderEdits) {
+        let varies = head
+            .headers
+            .iter()
+            .filter(|h| h.name.get(buf).eq_ignore_ascii_case(b"vary"));
+        let items = || varies.clone().flat_map(|h| list_items(h.value.get(buf)));
+        if items().any(|i| i == b"*" || i.eq_ignore_ascii_case(b"accept-encoding")) {
+            return;
+        }
+        if varies.clone().next().is_some() {
+            edits.remove_encoded(&self.vary);
+        }
+        edits.append_lines(b"vary: ");
+        for item in items() {
+            edits.append_lines(item);
+            edits.append_lines(b", ");
+        }
+        edits.append_lines(b"Accept-Encoding\r\n");
     }
 }
 
 /// The name list `HeaderEdits::remove_encoded` takes, for one name.
-fn encoded(name: &[u8]) -> Vec<u8> {
+fn encoded(name: &[u8]) -> Box<[u8]> {
     let mut list = Vec::with_capacity(1 + 2 * name.len());
     HeaderEdits::encode_name(&mut list, name);
-    list
-}
-
-/// `Vary: Accept-Encoding` on a response that depends on it, merged into the upstream's own.
-fn merge_vary(buf: &[u8], head: &crate::http::ResponseHead, edits: &mut HeaderEdits) {
-    let mut existing: Vec<&[u8]> = Vec::new();
-    for h in &head.headers {
-        if h.name.get(buf).eq_ignore_ascii_case(b"vary") {
-            for item in list_items(h.value.get(buf)) {
-                if item == b"*" || item.eq_ignore_ascii_case(b"accept-encoding") {
-                    return;
-                }
-                existing.push(item);
-            }
-        }
-    }
-    if !existing.is_empty() {
-        edits.remove_encoded(&encoded(b"vary"));
-    }
-    edits.append_lines(b"vary: ");
-    for item in existing {
-        edits.append_lines(item);
-        edits.append_lines(b", ");
-    }
-    edits.append_lines(b"Accept-Encoding\r\n");
+    list.into()
 }
 
 /// One body step through the slot's encoder, what it produced handed to `pass` (the filters

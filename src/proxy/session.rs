@@ -66,8 +66,7 @@ pub async fn serve_accepted<S: Io>(
     w: Rc<Worker>,
     first: FirstRequest,
 ) {
-    let Some(_active) = w.admit_connection() else {
-        debug!(worker = w.id, reason = "connection_limit", %peer, "connection rejected at accept");
+    let Some(_active) = w.admit_connection(peer) else {
         return;
     };
     serve_admitted(io, peer, listener, &w, first).await;
