@@ -291,7 +291,7 @@ def jwt_token(secret=JWT_SECRET):
 
 
 def ringway_config(tmp, port, driver="io_uring", workers=1, routes=1, respond=False, cache=False,
-                   rate_limit=False, transforms=False, jwt=False):
+                   rate_limit=False, transforms=False, jwt=False, compression=False):
     cores = "[0]" if workers == 1 else "[0, 1]"
     route_extra = ""
     lines = [f"""[runtime]
@@ -323,6 +323,9 @@ max_idle_per_target = 64
                      f'secret = {{ file = "{secret}" }}\n'
                      f'claims_to_headers = {{ "x-tenant" = "org.tenant" }}\n')
         route_extra += 'auth = ["idp"]\n'
+    if compression:
+        route_extra += ('compression = { algorithms = ["zstd", "br", "gzip"], '
+                        'types = ["text/*", "application/json"] }\n')
     if transforms:
         # Three header transforms: two on the request, one on the response.
         route_extra += ('request_headers = { set = { "x-env" = "prod" }, add = { "x-tag" = "a" } }\n'
@@ -347,11 +350,13 @@ def ringway(tmp, name, port, binary=RINGWAY, **kw):
                  headers=headers)
 
 
-def wrk(port, path, seconds, connections=50, close=False, cpus=LOAD_CPU):
+def wrk(port, path, seconds, connections=50, close=False, cpus=LOAD_CPU, headers=()):
     argv = ["taskset", "-c", cpus, "wrk", "-t1" if cpus == LOAD_CPU else "-t2",
             f"-c{connections}", f"-d{seconds}s", "--latency", f"http://127.0.0.1:{port}{path}"]
     if close:
         argv[5:5] = ["-H", "Connection: close"]
+    for h in headers:
+        argv[5:5] = ["-H", h]
     out = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 30).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     total = int(re.search(r"(\d+) requests in", out).group(1))
@@ -541,6 +546,9 @@ def main():
     ap.add_argument("--one-write-origin", action="store_true",
                     help="the origin sends each response's head and body in one write (sendfile "
                          "off) rather than two segments, which cost the proxy a pure ACK each")
+    ap.add_argument("--compression", action="store_true",
+                    help="CPU per response and bytes out for a 20 KiB JSON: ringway's gzip, br and "
+                         "zstd against nginx's gzip at the same level, alternating")
     ap.add_argument("--record", action="store_true",
                     help="with --guard: write the figures measured now into loadtest/guard.json")
     args = ap.parse_args()
@@ -550,8 +558,10 @@ def main():
     # a second copy of it.
     sys.modules.setdefault("compare", sys.modules[__name__])
     if (args.guard or args.callgrind_only or args.cpu_only or args.auth_cost or args.latency_only
-            or args.paired):
+            or args.paired or args.compression):
         import modes  # the single-purpose modes, in loadtest/modes.py
+        if args.compression:
+            return modes.compression(args)
         if args.guard:
             return modes.guard(args)
         if args.paired:

@@ -1,5 +1,5 @@
 """The load-test kit's single-purpose modes (see compare.py's docstring): `--callgrind-only`,
-`--cpu-only`, `--paired` (with `--baseline`: two builds), `--latency-only`, `--auth-cost` and the regression guard `--guard`,
+`--cpu-only`, `--paired` (with `--baseline`: two builds), `--latency-only`, `--auth-cost`, `--compression` and the regression guard `--guard`,
 built on compare.py's helpers."""
 
 import contextlib
@@ -14,6 +14,7 @@ import threading
 
 import compare
 from compare import (LOAD_CPU, ORIGIN_PORT, PER_REQUEST, PROXY_CPU, RINGWAY, ROOT, Measure,
+                     measured,
                      Proxy, alternate, callgrind, cpu_model, log, median, medians,
                      nginx_proxy_config, oha_fixed_rate, oha_fixed_rates, origin_config, per_request, ringway,
                      throughput, wait_port, wrk, write)
@@ -428,3 +429,72 @@ def guard(args):
         print("\n*** instructions per request rose more than 5% over loadtest/guard.json ***")
         sys.exit(1)
     return 0
+
+
+def json_document(size=20 * 1024):
+    """A JSON array of small records, `size` bytes: what an API answers."""
+    items, n = [], 0
+    while sum(map(len, items)) + len(items) < size - 2:
+        items.append(f'{{"id":{n},"name":"item {n}","price":{n * 7 % 1000}.{n % 100:02d},'
+                     f'"tags":["a{n % 13}","b{n % 7}"],"active":{"true" if n % 3 else "false"}}}')
+        n += 1
+    return ("[" + ",".join(items) + "]")[:size - 1] + "]"
+
+
+def compressed_size(port, coding):
+    """The body bytes of one response for `Accept-Encoding: coding`."""
+    out = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{size_download}",
+                          "-H", f"Accept-Encoding: {coding}",
+                          f"http://127.0.0.1:{port}/api.json"],
+                         capture_output=True, text=True, timeout=10).stdout
+    return int(out or 0)
+
+
+def compression(args):
+    """Response compression's cost: CPU µs per response and bytes out for a 20 KiB JSON, ringway
+    (gzip, br, zstd at its levels) against nginx's `gzip on` at the same gzip level (1, nginx's
+    default), and both sending it uncompressed; proxies alternating in every rep."""
+    nginx_gzip = ("gzip on; gzip_comp_level 1; gzip_min_length 1024; gzip_proxied any; "
+                  "gzip_types text/plain application/json;")
+    runs, sizes = {}, {}
+    with nginx_origin("ringway-compression-") as tmp:
+        write(os.path.join(tmp, "www", "api.json"), json_document())
+        port = 18700
+        variants = [("ringway gzip", "gzip"), ("nginx gzip", "gzip"), ("ringway br", "br"),
+                    ("ringway zstd", "zstd"), ("ringway identity", "identity"),
+                    ("nginx identity", "identity")]
+        for rep in range(args.reps):
+            for name, coding in alternate(variants, rep):
+                port += 1
+                if name.startswith("nginx"):
+                    conf = nginx_proxy_config(tmp, port)
+                    with open(conf) as f:
+                        text = f.read()
+                    write(conf, text.replace("location / {", nginx_gzip + " location / {"))
+                    p = Proxy(name, port, ["nginx", "-c", conf])
+                else:
+                    p = ringway(tmp, name, port, compression=True)
+                p.start()
+                try:
+                    header = [f"Accept-Encoding: {coding}"]
+                    sizes[name] = compressed_size(port, coding)
+                    measured(p, lambda: wrk(port, "/api.json", 2, headers=header))  # warm-up
+                    r = measured(p, lambda: wrk(port, "/api.json", args.seconds, headers=header))
+                finally:
+                    p.stop()
+                runs.setdefault(name, []).append(r)
+                log(f"   {name:18} {r['rps']:8.0f} rps  {r['cpu_us_per_req']:6.1f} CPU µs/resp  "
+                    f"{sizes[name]} bytes")
+    md = ["| proxy | responses/s | CPU µs per response | vs nginx gzip | bytes out |",
+          "|---|---:|---:|---:|---:|"]
+    for name, rs in runs.items():
+        m = medians(rs)
+        vs = median([a["cpu_us_per_req"] / b["cpu_us_per_req"]
+                     for a, b in zip(rs, runs["nginx gzip"])])
+        md.append(f"| {name} | {m['rps']:.0f} | {m['cpu_us_per_req']:.1f} | {vs:.2f} | "
+                  f"{sizes[name]} |")
+    publish("compression", "Response compression: CPU and bytes per 20 KiB JSON response",
+            f"A 20 KiB JSON from the nginx origin, 50 keep-alive connections (wrk, with "
+            f"`Accept-Encoding`), proxy on CPU {PROXY_CPU}, origin and wrk on CPU {LOAD_CPU}; "
+            f"{args.seconds} s runs, {args.reps} reps, alternating, medians; \"vs nginx gzip\" is "
+            "the median of each rep's ratio. nginx: `gzip on; gzip_comp_level 1`.", md, runs)
