@@ -10,6 +10,8 @@ mod file;
 mod headers;
 mod health;
 mod jwt;
+mod limits;
+mod model;
 mod route;
 mod tls;
 mod trust;
@@ -30,13 +32,17 @@ use file::{File, PinCores, Workers};
 pub use headers::{HeaderTransform, Template, TemplatePart, TlsVar};
 pub use health::{HealthCheck, Limit, Outlier, Probe, Retries, RetryOn, UpstreamLimits};
 pub use jwt::{JwksSource, JwtSettings, Secret};
+pub use limits::Limits;
+pub use model::{
+    HostMatch, Implicit, PathMatch, Redirect, Respond, Route, RouteAction, RouteCache,
+};
 pub use tls::{ClientAuth, ListenerTls, TlsVersion, UpstreamTls};
 use toml::Spanned;
 pub use upstream::{HashKey, Target, Upstream};
 
 use crate::cidr::Cidr;
 use crate::http::path::EncodedSlashes;
-use crate::http::{ParseLimits, MAX_HEADERS_CEILING};
+use crate::http::MAX_HEADERS_CEILING;
 
 /// Index of a listener in `Config::listeners`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -124,57 +130,6 @@ pub struct RuntimeSettings {
 }
 
 #[derive(Debug, Clone)]
-pub struct Limits {
-    pub max_request_line_bytes: usize,
-    pub max_header_bytes: usize,
-    pub max_headers: usize,
-    pub max_chunk_extension_bytes: usize,
-    pub max_trailer_bytes: usize,
-    /// Per worker; connections past it are closed at accept.
-    pub max_connections: usize,
-    pub header_read_timeout: Duration,
-    pub body_read_timeout: Duration,
-    pub keepalive_timeout: Duration,
-    pub write_timeout: Duration,
-    pub tunnel_idle_timeout: Duration,
-    /// What `%2F` and `%5C` in a request path do (see `http::path`).
-    pub encoded_slashes: EncodedSlashes,
-}
-
-impl Limits {
-    /// The part of the limits the HTTP codec enforces.
-    pub fn codec(&self) -> ParseLimits {
-        ParseLimits {
-            max_request_line_bytes: self.max_request_line_bytes,
-            max_header_bytes: self.max_header_bytes,
-            max_headers: self.max_headers,
-            max_chunk_extension_bytes: self.max_chunk_extension_bytes,
-            max_trailer_bytes: self.max_trailer_bytes,
-        }
-    }
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        let f = file::LimitsFile::default();
-        Limits {
-            max_request_line_bytes: *f.max_request_line_bytes.get_ref(),
-            max_header_bytes: *f.max_header_bytes.get_ref(),
-            max_headers: *f.max_headers.get_ref(),
-            max_chunk_extension_bytes: *f.max_chunk_extension_bytes.get_ref(),
-            max_trailer_bytes: *f.max_trailer_bytes.get_ref(),
-            max_connections: *f.max_connections.get_ref(),
-            header_read_timeout: ms(*f.header_read_timeout_ms.get_ref()),
-            body_read_timeout: ms(*f.body_read_timeout_ms.get_ref()),
-            keepalive_timeout: ms(*f.keepalive_timeout_ms.get_ref()),
-            write_timeout: ms(*f.write_timeout_ms.get_ref()),
-            tunnel_idle_timeout: ms(*f.tunnel_idle_timeout_ms.get_ref()),
-            encoded_slashes: EncodedSlashes::Reject,
-        }
-    }
-}
-
-#[derive(Debug, Clone)]
 pub struct CacheSettings {
     /// For the whole process (a body held by several workers counts once).
     pub max_bytes: usize,
@@ -185,41 +140,6 @@ pub struct CacheSettings {
 
 /// Rate limits a route may apply.
 pub const MAX_LIMITS_PER_ROUTE: usize = 8;
-
-/// What stands in for freshness when a response gives none.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Implicit {
-    /// The route's `default_ttl_ms`.
-    pub ttl: Duration,
-    /// The route's `heuristic_percent`: this share of the time since `Last-Modified`, at most
-    /// `ttl` (RFC 9111 §4.2.2), for heuristically cacheable statuses.
-    pub heuristic_percent: Option<u32>,
-}
-
-impl Implicit {
-    pub fn ttl(ttl: Duration) -> Implicit {
-        Implicit {
-            ttl,
-            heuristic_percent: None,
-        }
-    }
-}
-
-/// A route's caching.
-#[derive(Debug, Clone)]
-pub struct RouteCache {
-    /// Freshness when the upstream's response gives none: `default_ttl_ms`, or a share of the
-    /// time since `Last-Modified` with `heuristic_percent`.
-    pub implicit: Implicit,
-    /// Lower-cased request headers that are part of the cache key.
-    pub key_headers: Vec<String>,
-    /// How long past freshness a stored response may answer when the upstream fails (beyond
-    /// what its own `stale-if-error` allows).
-    pub serve_stale_on_error: Duration,
-    /// On a route with `auth`, the consumer is part of the key (else entries are shared, and
-    /// only what RFC 9111 §3.5 lets a shared cache store for an authenticated request is).
-    pub per_consumer: bool,
-}
 
 #[derive(Debug, Clone)]
 pub struct AccessLogConfig {
@@ -244,85 +164,6 @@ impl Listener {
     pub fn same_socket(&self, other: &Listener) -> bool {
         self.addr == other.addr && (self.addr.port() != 0 || self.name == other.name)
     }
-}
-
-#[derive(Debug, Clone)]
-pub struct Route {
-    pub name: String,
-    pub listener: ListenerId,
-    pub host: HostMatch,
-    pub path: PathMatch,
-    pub methods: Option<Vec<String>>,
-    pub strip_prefix: Option<String>,
-    pub action: RouteAction,
-    pub max_body_bytes: Option<u64>,
-    pub rate_limits: Vec<RateLimitId>,
-    pub cache: Option<RouteCache>,
-    /// Edits to the head sent upstream.
-    pub request_headers: Option<HeaderTransform>,
-    /// Edits to every response head the client gets on this route.
-    pub response_headers: Option<HeaderTransform>,
-    /// Providers tried in order; empty: no authentication.
-    pub auth: Vec<AuthId>,
-    /// Consumers in none of these groups get 403 (empty: any consumer).
-    pub allow_groups: Vec<String>,
-    /// Consumers in any of these groups get 403.
-    pub deny_groups: Vec<String>,
-    /// Clients outside these ranges get 403 (empty: any client).
-    pub ip_allow: Vec<Cidr>,
-    /// Clients inside these ranges get 403.
-    pub ip_deny: Vec<Cidr>,
-    pub cors: Option<CorsPolicy>,
-    /// Response compression (proxied routes).
-    pub compression: Option<Compression>,
-    /// Proxied routes: the longest the upstream exchange may take up to the response head,
-    /// retries included.
-    pub timeout: Option<Duration>,
-    /// Client-sent copies of the headers the gateway vouches for are kept on this route.
-    pub trust_identity_headers: bool,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum HostMatch {
-    Any,
-    /// Lower-case host without port.
-    Exact(String),
-    /// `*.example.com` is stored as `.example.com`.
-    Suffix(String),
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum PathMatch {
-    Exact(String),
-    Prefix(String),
-    Regex(String),
-}
-
-#[derive(Debug, Clone)]
-pub enum RouteAction {
-    Proxy(UpstreamId),
-    Respond(Respond),
-    Redirect(Redirect),
-}
-
-/// A redirect to the same path and query on another scheme, host or port.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Redirect {
-    /// 301, 302, 303, 307 or 308.
-    pub status: u16,
-    /// `"https"` or `"http"`.
-    pub scheme: String,
-    /// The host to send clients to; the request's own host (without its port) when unset.
-    pub host: Option<String>,
-    /// Written only when it is not the scheme's default port.
-    pub port: Option<u16>,
-}
-
-#[derive(Debug, Clone)]
-pub struct Respond {
-    pub status: u16,
-    pub headers: Vec<(String, String)>,
-    pub body: String,
 }
 
 /// Whether two listening addresses would take the same port (port 0 never clashes: each bind

@@ -9,6 +9,7 @@ pub mod aggregate;
 pub mod render;
 mod resilience;
 pub mod status;
+mod status_json;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -5,15 +5,14 @@
 //! client's stream; upstream connections come from `upstream::client`.
 
 use std::cell::Cell;
-use std::future::Future;
 use std::pin::pin;
 use std::rc::Rc;
-use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use monoio::io::AsyncWriteRent;
 use tracing::debug;
 
+use super::duplex::{stream_both_ways, ClientSide, Streaming};
 use super::pipeline::{request_info, Who};
 use super::response::{
     read_final_head, send_response, HeadWait, ResponseCtx, ResponseDone, ResponseFailure,
@@ -22,8 +21,8 @@ use super::response::{
 use super::retry::{self, Tried};
 use super::session::Session;
 use super::{body_failure, tunnel, Failure, Io, Next};
-use crate::body::{copy_body, BodyError, BodyReader, Plain, Reframe, Transfer};
-use crate::buffer::{send, write_out, ReadBuf};
+use crate::body::{BodyReader, Plain, Reframe};
+use crate::buffer::{send, write_out};
 use crate::config::HashKey;
 use crate::config::RetryOn;
 use crate::error::ProxyError;
@@ -403,102 +402,11 @@ async fn forward<S: Io>(
     }))
 }
 
-/// The client connection's parts a streaming exchange borrows, each on its own, so that the
-/// request pump and the response side can hold theirs at once.
-struct ClientSide<'a, S: Io> {
-    r: &'a mut S::Read,
-    w: &'a mut S::Write,
-    rbuf: &'a mut ReadBuf,
-    out: &'a mut Vec<u8>,
-    up_out: &'a mut Vec<u8>,
-    resp: &'a mut ResponseHead,
-}
-
-/// A request body still arriving.
-struct Streaming<'a> {
-    reader: &'a mut BodyReader,
-    reframe: Reframe,
-    /// Body bytes seen so far, for the route's `max_body_bytes` and the access log.
-    seen: &'a mut u64,
-    max: Option<u64>,
-}
-
-/// Sends the head (in `up_out`), then pumps the rest of the request body up while the response
-/// comes down. Returns how the response ended and whether the request body was complete.
-async fn stream_both_ways<S: Io>(
-    c: ClientSide<'_, S>,
-    conn: &mut UpstreamConn,
-    body: Streaming<'_>,
+pub(super) fn response_failure(
+    f: ResponseFailure,
     ctx: &ResponseCtx<'_>,
-    st: &mut ResponseState<'_>,
-    w: &Worker,
-) -> Result<(ResponseDone, bool), Failure> {
-    if send(&mut conn.w, c.up_out, ctx.deadline, w.limits.write_timeout)
-        .await
-        .is_err()
-    {
-        return Err(Failure::MidBody(ProxyError::UpstreamUnreachable(
-            "write failed",
-        )));
-    }
-    c.up_out.clear();
-    let pump_deadline = w.deadlines.slot();
-    let pump_sent = Cell::new(0);
-    let transfer = Transfer {
-        read_timeout: w.limits.body_read_timeout,
-        write_timeout: w.limits.write_timeout,
-        max: body.max,
-        deadline: &pump_deadline,
-        sent: &pump_sent,
-    };
-    let UpstreamConn {
-        r: ur,
-        w: uw,
-        rbuf: urbuf,
-        ..
-    } = conn;
-    let ClientSide {
-        r: cr,
-        w: cw,
-        rbuf: crbuf,
-        out,
-        up_out,
-        resp,
-    } = c;
-    let Streaming {
-        reader,
-        reframe,
-        seen,
-        ..
-    } = body;
-    let pump = async {
-        let r = copy_body(
-            cr, crbuf, uw, up_out, reader, reframe, seen, &transfer, &mut Plain,
-        )
-        .await;
-        if r.is_ok() {
-            // The request is complete: the wait for the response head starts now.
-            ctx.deadline.arm(ctx.request_timeout);
-        }
-        r
-    };
-    let response = async {
-        read_final_head(ur, urbuf, cw, out, resp, ctx, HeadWait::AfterBody).await?;
-        send_response(ur, urbuf, cw, out, resp, ctx, st).await
-    };
-    match full_duplex(pump, response).await {
-        (pumped, Some(Ok(done))) => Ok((done, matches!(pumped, Some(Ok(()))))),
-        (_, Some(Err(f))) => Err(response_failure(f, ctx, false)),
-        (Some(Err(e)), None) if ctx.sent.get() > 0 => {
-            debug!(error = ?e, "request body failed after the response began");
-            Err(Failure::Abort)
-        }
-        (Some(Err(e)), None) => Err(body_failure(e)),
-        (_, None) => Err(Failure::Abort),
-    }
-}
-
-fn response_failure(f: ResponseFailure, ctx: &ResponseCtx<'_>, body_complete: bool) -> Failure {
+    body_complete: bool,
+) -> Failure {
     debug!(error = ?f.error, "upstream exchange failed");
     if ctx.sent.get() > 0 {
         Failure::Abort
@@ -507,46 +415,6 @@ fn response_failure(f: ResponseFailure, ctx: &ResponseCtx<'_>, body_complete: bo
     } else {
         Failure::MidBody(f.error)
     }
-}
-
-/// Runs the request-body pump and the response side together until the response is done, or
-/// the pump fails on the client's side (the client broke the body or went away). A pump that
-/// fails writing upstream does not stop the response: the upstream may still answer.
-async fn full_duplex<P, R>(
-    pump: P,
-    response: R,
-) -> (
-    Option<Result<(), BodyError>>,
-    Option<Result<ResponseDone, ResponseFailure>>,
-)
-where
-    P: Future<Output = Result<(), BodyError>>,
-    R: Future<Output = Result<ResponseDone, ResponseFailure>>,
-{
-    let mut pump = pin!(pump);
-    let mut response = pin!(response);
-    let mut pumped = None;
-    let mut responded = None;
-    std::future::poll_fn(|cx| {
-        if pumped.is_none() {
-            if let Poll::Ready(r) = pump.as_mut().poll(cx) {
-                pumped = Some(r);
-            }
-        }
-        if responded.is_none() {
-            if let Poll::Ready(r) = response.as_mut().poll(cx) {
-                responded = Some(r);
-            }
-        }
-        let client_broke = matches!(pumped, Some(Err(ref e)) if !matches!(e, BodyError::Write(_)));
-        if responded.is_some() || client_broke {
-            Poll::Ready(())
-        } else {
-            Poll::Pending
-        }
-    })
-    .await;
-    (pumped, responded)
 }
 
 /// Sends a fully buffered request and forwards the response. A pooled connection that turns

@@ -18,6 +18,7 @@
 //! which); after it, the client connection is closed, so a truncated response never looks
 //! whole. Every head the client gets is written by `http::write`, with the route's edits.
 
+mod duplex;
 mod exchange;
 mod forward;
 mod pipeline;

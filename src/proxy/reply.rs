@@ -54,10 +54,14 @@ pub(super) async fn error<S: Io>(
         "request_id": String::from_utf8_lossy(&c.ex.request_id),
     }))
     .unwrap_or_default();
-    c.ex.log.status = status;
-    write_generated(c, status, &headers, &body, keep_alive);
-    let log = &c.ex.log;
-    log.bytes_out.set(log.bytes_out.get() + c.out.len() as u64);
+    let reply = Reply {
+        status,
+        headers: headers.into(),
+        body: body.into(),
+        ..Reply::default()
+    };
+    // An error body is small: all of it is rendered into `out`.
+    let _ = render_reply(c, &reply, keep_alive);
     send(&mut c.w, &mut c.out, &c.deadline, w.limits.write_timeout)
         .await
         .is_ok()
@@ -147,8 +151,10 @@ fn render_reply<S: Io>(c: &mut Session<'_, S>, reply: &Reply, keep_alive: bool) 
             request_id: &c.ex.request_id,
         },
     );
-    c.ex.log.status = reply.status;
-    c.ex.log.bytes_out.set((c.out.len() + rest.len()) as u64);
+    let log = &mut c.ex.log;
+    log.status = reply.status;
+    log.bytes_out
+        .set(log.bytes_out.get() + (c.out.len() + rest.len()) as u64);
     rest
 }
 
@@ -256,35 +262,4 @@ fn without_port(authority: &[u8]) -> &[u8] {
         Some(i) => &authority[..i],
         None => authority,
     }
-}
-
-/// Writes a gateway-generated response with a standard reason phrase into `out`, with the
-/// gateway's lines and the route's edits.
-fn write_generated<S: Io>(
-    c: &mut Session<'_, S>,
-    status: u16,
-    headers: &[u8],
-    body: &[u8],
-    keep_alive: bool,
-) {
-    c.out.clear();
-    write::generated_response(
-        &mut c.out,
-        &Generated {
-            status,
-            reason: b"",
-            headers,
-            only: None,
-            extra: &c.ex.extra,
-            edits: &c.ex.resp_edits,
-            body,
-            // RFC 9110 §8.6: none on a 204 (or 1xx), and a gateway's own 304 describes no
-            // representation whose length it could repeat.
-            content_length: (!matches!(status, 100..=199 | 204 | 304)).then_some(body.len() as u64),
-            head_only: c.head.method == Method::Head,
-            keep_alive,
-            client_version: c.head.version,
-            request_id: &c.ex.request_id,
-        },
-    );
 }

@@ -5,12 +5,11 @@
 
 use std::cell::Cell;
 use std::io;
+use std::rc::Rc;
 use std::time::Duration;
 
 use monoio::io::{AsyncReadRent, AsyncWriteRent};
 use tracing::debug;
-
-use std::rc::Rc;
 
 use super::reply::{self, ReplyHead};
 use crate::body::{copy_body, frame, BodyHook, BodyReader, Plain, Reframe, Transfer};
