@@ -61,13 +61,9 @@ pub(super) async fn proxy<S: Io>(
 ) -> Result<Next, Failure> {
     let key = balance_key(up, c);
     let up_cx = w.upstream_ctx();
-    let _in_flight = match &up.breaker {
-        Some(b) => Some(b.admit().map_err(|limit| {
-            up.stats.borrow_mut().record_breaker(limit);
-            Failure::BeforeBody(ProxyError::Overloaded(limit.reason()))
-        })?),
-        None => None,
-    };
+    let _in_flight = up
+        .admit()
+        .map_err(|limit| Failure::BeforeBody(ProxyError::Overloaded(limit.reason())))?;
     up.earn_retry_budget();
     let mut tried = Tried::default();
     let mut retries = 0;
@@ -77,10 +73,7 @@ pub(super) async fn proxy<S: Io>(
     loop {
         let left = give_up.map(|at| at.saturating_duration_since(Instant::now()));
         if left == Some(Duration::ZERO) {
-            return Err(match prepared {
-                Some(_) => Failure::AfterBody(ProxyError::UpstreamTimeout),
-                None => Failure::BeforeBody(ProxyError::UpstreamTimeout),
-            });
+            return Err(failed(prepared.is_some(), ProxyError::UpstreamTimeout));
         }
         // Retrying is possible while attempts and budget remain; `forward` says whether this
         // attempt's failure is one to retry.
@@ -93,12 +86,7 @@ pub(super) async fn proxy<S: Io>(
             Ok(Pick::Connect(t)) => {
                 let connecting =
                     connect_untried(up, &up_cx, key, &c.deadline, |t| tried.contains(t), t);
-                match left {
-                    None => connecting.await,
-                    Some(left) => monoio::time::timeout(left, connecting)
-                        .await
-                        .unwrap_or(Err(ProxyError::UpstreamTimeout)),
-                }
+                within(left, connecting).await
             }
             Err(e) => Err(e),
         };
@@ -108,10 +96,8 @@ pub(super) async fn proxy<S: Io>(
             Err(e) => match may_retry
                 .filter(|r| r.on.connect_failure && !matches!(e, ProxyError::NoHealthyTarget))
             {
-                Some(r) => {
-                    retries += 1;
-                    up.spend_retry();
-                    retry::wait(r.backoff, &w.rng, left).await;
+                Some(_) => {
+                    retry::take(up, &w.rng, left, &mut retries).await;
                     continue;
                 }
                 None => {
@@ -119,11 +105,7 @@ pub(super) async fn proxy<S: Io>(
                     if budget_short.is_some_and(|r| r.on.connect_failure && connect_failed) {
                         up.stats.borrow_mut().record_budget_refusal();
                     }
-                    // Past the first attempt the whole request has been read.
-                    return Err(match prepared {
-                        Some(_) => Failure::AfterBody(e),
-                        None => Failure::BeforeBody(e),
-                    });
+                    return Err(failed(prepared.is_some(), e));
                 }
             },
         };
@@ -143,19 +125,14 @@ pub(super) async fn proxy<S: Io>(
         let timeout = left.map_or(up.request_timeout, |l| l.min(up.request_timeout));
         let attempt = forward(c, w, route, up, &lease, conn, &head_at, p, on, timeout).await;
         let latency_us = head_at.get().map(|at: Stamp| at.micros_since(started));
-        let outcome = match (&attempt, latency_us) {
-            (_, Some(_)) => Some(UpstreamOutcome::Response),
-            (Attempt::Done(Err(f)), None) => f.upstream_outcome(),
-            (Attempt::Retry(e), None) => Failure::AfterBody(e.clone()).upstream_outcome(),
-            (Attempt::Done(Ok(_)), None) => None,
-        };
-        if let Some(outcome) = outcome {
+        if let Some(outcome) = attempt.outcome(latency_us) {
             client::record(up, lease.target, outcome, latency_us, c.resp.status);
         }
         c.ex.log.upstream = Some((up.id, lease.target));
         c.ex.log.upstream_us = latency_us;
         match attempt {
             Attempt::Done(result) => {
+                // A failure a retry would have followed, but for the budget, is counted.
                 let on = budget_short.and_then(|r| retry::after_send(r.on, c.head.method));
                 let retryable = on.is_some_and(|on| match &result {
                     Ok(_) => latency_us.is_some() && on.status(c.resp.status),
@@ -169,11 +146,7 @@ pub(super) async fn proxy<S: Io>(
             Attempt::Retry(_) => {
                 up.stats.borrow_mut().record_retry(lease.target);
                 tried.push(lease.target);
-                retries += 1;
-                up.spend_retry();
-                if let Some(r) = &up.retries {
-                    retry::wait(r.backoff, &w.rng, left).await;
-                }
+                retry::take(up, &w.rng, left, &mut retries).await;
             }
         }
     }
@@ -183,6 +156,42 @@ pub(super) async fn proxy<S: Io>(
 enum Attempt {
     Done(Result<Next, Failure>),
     Retry(ProxyError),
+}
+
+impl Attempt {
+    /// What the target's passive health and metrics learn from it (`latency_us`: the final
+    /// head came after this long).
+    fn outcome(&self, latency_us: Option<u64>) -> Option<UpstreamOutcome> {
+        match (self, latency_us) {
+            (_, Some(_)) => Some(UpstreamOutcome::Response),
+            (Attempt::Done(Err(f)), None) => f.upstream_outcome(),
+            (Attempt::Retry(e), None) => Failure::AfterBody(e.clone()).upstream_outcome(),
+            (Attempt::Done(Ok(_)), None) => None,
+        }
+    }
+}
+
+/// `f`, bounded by what is `left` of the route's `timeout_ms`, if it has one.
+async fn within<T>(
+    left: Option<Duration>,
+    f: impl std::future::Future<Output = Result<T, ProxyError>>,
+) -> Result<T, ProxyError> {
+    match left {
+        None => f.await,
+        Some(left) => monoio::time::timeout(left, f)
+            .await
+            .unwrap_or(Err(ProxyError::UpstreamTimeout)),
+    }
+}
+
+/// A failure before any attempt sent the request (its head still unread), or after one did
+/// (past the first attempt the whole request has been read).
+fn failed(sent: bool, e: ProxyError) -> Failure {
+    if sent {
+        Failure::AfterBody(e)
+    } else {
+        Failure::BeforeBody(e)
+    }
 }
 
 /// The request as the first attempt prepared it: the head and any buffered body are in

@@ -7,7 +7,7 @@ use crate::config::RetryOn;
 use crate::error::ProxyError;
 use crate::http::Method;
 use crate::rng::Rng;
-use crate::upstream::TargetId;
+use crate::upstream::{TargetId, UpstreamState};
 
 /// The targets a request has been tried on (at most the first attempt and 5 retries).
 #[derive(Default)]
@@ -32,7 +32,16 @@ impl Tried {
 /// The pause before a retry: `backoff` jittered to between half and one and a half times it,
 /// so that retries from many requests do not land together; never past the route's time
 /// `left`. No timer at all for a zero backoff.
-pub(super) async fn wait(backoff: Duration, rng: &Rng, left: Option<Duration>) {
+/// Takes a retry on `up`: counted against its attempts and its budget, after its backoff.
+pub(super) async fn take(up: &UpstreamState, rng: &Rng, left: Option<Duration>, retries: &mut u32) {
+    *retries += 1;
+    up.spend_retry();
+    if let Some(r) = &up.retries {
+        wait(r.backoff, rng, left).await;
+    }
+}
+
+async fn wait(backoff: Duration, rng: &Rng, left: Option<Duration>) {
     let ms = backoff.as_millis() as usize;
     if ms == 0 {
         return;

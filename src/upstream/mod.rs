@@ -275,6 +275,17 @@ impl UpstreamState {
             .then(|| TargetId(rng.below(self.primaries)))
     }
 
+    /// Admits a request past the upstream's breaker (`max_requests`), if it has one: it counts
+    /// as in flight until the guard is dropped. A refusal is counted by its limit.
+    pub fn admit(&self) -> Result<Option<breaker::InFlight<'_>>, crate::config::Limit> {
+        let Some(b) = &self.breaker else {
+            return Ok(None);
+        };
+        b.admit().map(Some).inspect_err(|&limit| {
+            self.stats.borrow_mut().record_breaker(limit);
+        })
+    }
+
     /// A request starts: it earns the retry budget its share.
     #[inline]
     pub fn earn_retry_budget(&self) {
