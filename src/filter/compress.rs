@@ -285,6 +285,14 @@ impl Compress {
         let Some(coding) = s.coding else {
             return Flow::Continue;
         };
+        // The encoder first: a head must not say a coding its body will not have.
+        let encoder = match head.body {
+            BodyLength::None => None,
+            _ => match Encoder::new(coding) {
+                Some(e) => Some(e),
+                None => return Flow::Continue,
+            },
+        };
         let edits = &mut *out.edits;
         // A HEAD's answer gets the headers GET's would: no length (the body would go chunked).
         edits.remove_encoded(&self.content_length);
@@ -292,11 +300,10 @@ impl Compress {
         edits.append_lines(coding.token().as_bytes());
         edits.append_lines(b"\r\n");
         self.weaken_etag(buf, head, edits);
-        s.compressed = Some(coding);
-        if head.body != BodyLength::None {
-            s.encoder = Encoder::new(coding);
-            out.reframes = s.encoder.is_some();
-        }
+        // A HEAD's answer says what GET's would, and counts as nothing compressed.
+        s.compressed = encoder.is_some().then_some(coding);
+        out.reframes = encoder.is_some();
+        s.encoder = encoder;
         Flow::Continue
     }
 
